@@ -1,0 +1,1 @@
+"""Framework integrations (Django, Flask, Pyramid, WSGI, jobs, logging): one module each."""
