@@ -1,0 +1,1 @@
+"""Wire protocols: how our events look on the wire."""

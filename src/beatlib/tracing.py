@@ -1,0 +1,364 @@
+"""Transactions and spans: ids, sampling, span limits, `capture_span`, W3C trace context.
+
+The request thread only records names, references and two clock readings per segment;
+turning them into intake events happens later, on the transport's worker thread.
+Ids are kept as integers and formatted as hex only when encoded or propagated.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import random
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from beatlib import context
+from beatlib.context import get_active, set_active
+
+if TYPE_CHECKING:
+    from beatlib.config import Config
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_getrandbits = random.getrandbits
+_perf_ns = time.perf_counter_ns
+_wall_ns = time.time_ns
+
+OUTCOMES = ("success", "failure", "unknown")
+
+
+class TraceParent:
+    """A parsed W3C `traceparent` (and its `tracestate`)."""
+
+    __slots__ = ("trace_id", "span_id", "sampled", "tracestate")
+
+    def __init__(
+        self, trace_id: str, span_id: str, sampled: bool, tracestate: str | None = None
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.sampled = sampled
+        self.tracestate = tracestate
+
+    def __repr__(self) -> str:
+        return f"TraceParent({format_traceparent(self.trace_id, self.span_id, self.sampled)!r})"
+
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
+def parse_traceparent(header: Any, tracestate: Any = None) -> TraceParent | None:
+    """Parse a `traceparent` header; anything invalid gives None (a new trace), never an error."""
+    if not isinstance(header, str):
+        return None
+    match = _TRACEPARENT.match(header.strip())
+    if match is None:
+        return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    # Version ff is forbidden; version 00 has exactly four fields; later versions may add more.
+    if version == "ff" or (version == "00" and rest) or trace_id == _ZERO_TRACE:
+        return None
+    if span_id == _ZERO_SPAN:
+        return None
+    state = tracestate.strip() if isinstance(tracestate, str) and tracestate.strip() else None
+    return TraceParent(trace_id, span_id, bool(int(flags, 16) & 1), state)
+
+
+def format_traceparent(trace_id: str, span_id: str, sampled: bool) -> str:
+    return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+
+
+class Transaction:
+    """One request or job: the root of a trace in this service."""
+
+    __slots__ = (
+        "tracer", "id", "trace_id", "parent_id", "name", "type", "result", "outcome",
+        "sampled", "sample_rate", "tracestate", "timestamp", "start", "duration", "ended",
+        "spans", "spans_dropped", "labels", "context", "leaf",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        transaction_type: str,
+        trace_parent: TraceParent | None,
+    ) -> None:
+        self.tracer = tracer
+        self.id = _getrandbits(64) or 1
+        self.type = transaction_type
+        self.name: str | None = None
+        self.result: str | None = None
+        self.outcome: str | None = None
+        self.duration: float | None = None
+        self.ended = False
+        self.spans: list[Span] = []
+        self.spans_dropped = 0
+        self.labels: dict[str, Any] | None = None
+        self.context: dict[str, Any] | None = None
+        self.leaf = False
+        rate = tracer.sample_rate
+        if trace_parent is None:
+            self.trace_id = "%032x" % (_getrandbits(128) or 1)
+            self.parent_id: str | None = None
+            self.sampled = rate >= 1.0 or random.random() < rate
+            self.tracestate: str | None = None
+        else:
+            self.trace_id = trace_parent.trace_id
+            self.parent_id = trace_parent.span_id
+            self.sampled = trace_parent.sampled
+            self.tracestate = trace_parent.tracestate
+        # The rate goes with the data so a server can extrapolate counts.
+        self.sample_rate = (rate if trace_parent is None else None) if self.sampled else 0.0
+        self.timestamp = _wall_ns() // 1000
+        self.start = _perf_ns()
+
+    @property
+    def transaction(self) -> Transaction:
+        return self
+
+    @property
+    def parent(self) -> None:
+        return None
+
+    def traceparent(self) -> str:
+        """The `traceparent` header value naming this transaction."""
+        return format_traceparent(self.trace_id, "%016x" % self.id, self.sampled)
+
+    def set_label(self, key: str, value: Any) -> None:
+        if self.labels is None:
+            self.labels = {}
+        self.labels[key] = value
+
+    def set_context(self, key: str, value: Any) -> None:
+        if self.context is None:
+            self.context = {}
+        self.context[key] = value
+
+    def end(self, name: str | None = None, result: str | None = None) -> None:
+        """End the transaction and hand it to the tracer's queue; ending twice does nothing."""
+        if self.ended:
+            return
+        end = _perf_ns()
+        if name is not None:
+            self.name = name
+        if result is not None:
+            self.result = result
+        self.duration = (end - self.start) / 1e6
+        for span in self.spans:
+            if span.duration is None:
+                # Still open: ended here so the trace stays consistent; the label says so.
+                span.duration = (end - span.start) / 1e6
+                span.outcome = span.outcome or "unknown"
+                span.set_label("unfinished", True)
+        self.ended = True
+        active = get_active()
+        if active is not None and active.transaction is self:
+            set_active(None)
+        self.tracer.queue(self)
+
+
+class Span:
+    """A timed piece of work inside a transaction: a query, an HTTP call, a template render."""
+
+    __slots__ = (
+        "id", "parent", "transaction", "name", "type", "subtype", "action", "start",
+        "duration", "outcome", "labels", "context", "leaf", "sync", "stacktrace",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        parent: Transaction | Span,
+        name: str,
+        span_type: str,
+        subtype: str | None,
+        action: str | None,
+        labels: dict[str, Any] | None,
+        leaf: bool,
+    ) -> None:
+        self.id = _getrandbits(64) or 1
+        self.parent = parent
+        self.transaction = parent.transaction
+        self.name = name
+        self.type = span_type
+        self.subtype = subtype
+        self.action = action
+        self.labels = labels
+        self.context: dict[str, Any] | None = None
+        self.leaf = leaf
+        self.sync: bool | None = None
+        self.duration: float | None = None
+        self.outcome: str | None = None
+        self.stacktrace: Any = None
+        self.start = _perf_ns()
+
+    @property
+    def ended(self) -> bool:
+        return self.duration is not None
+
+    def traceparent(self) -> str:
+        """The `traceparent` header value naming this span as the caller."""
+        tx = self.transaction
+        return format_traceparent(tx.trace_id, "%016x" % self.id, tx.sampled)
+
+    def set_label(self, key: str, value: Any) -> None:
+        if self.labels is None:
+            self.labels = {}
+        self.labels[key] = value
+
+    def set_context(self, key: str, value: Any) -> None:
+        if self.context is None:
+            self.context = {}
+        self.context[key] = value
+
+    def end(self, exc: BaseException | None = None) -> None:
+        """End the span (outcome failure when `exc` is given); later calls do nothing."""
+        if self.duration is not None or self.transaction.ended:
+            return
+        self.duration = duration = (_perf_ns() - self.start) / 1e6
+        if self.outcome is None:
+            self.outcome = "failure" if exc is not None else "success"
+        tracer = self.transaction.tracer
+        if 0 <= tracer.stack_trace_min_ms <= duration:
+            self.stacktrace = tracer.capture_stack()
+        if get_active() is self:
+            set_active(self.parent)
+
+
+def start_span(
+    name: str,
+    span_type: str = "code.custom",
+    subtype: str | None = None,
+    action: str | None = None,
+    labels: dict[str, Any] | None = None,
+    leaf: bool = False,
+) -> Span | None:
+    """Open a span under the active segment and make it active.
+
+    Returns None, having built nothing, when there is no open sampled transaction, when the
+    active span is a leaf (an exit span's own internals are not traced again), or when the
+    transaction already has `transaction_max_spans` spans (that one is counted as dropped).
+    """
+    parent = get_active()
+    if parent is None or parent.leaf:
+        return None
+    tx = parent.transaction
+    if not tx.sampled or tx.ended:
+        return None
+    if len(tx.spans) >= tx.tracer.max_spans:
+        tx.spans_dropped += 1
+        return None
+    span = Span(parent, name, span_type, subtype, action, labels, leaf)
+    tx.spans.append(span)
+    set_active(span)
+    return span
+
+
+class capture_span:  # noqa: N801 - lower case: it reads as a function at call sites
+    """Record a span around a block (`with capture_span(...)`) or a function (decorator).
+
+    As a decorator it works on plain and `async def` functions; each call gets its own span,
+    named after the function unless a name is given.
+    """
+
+    __slots__ = ("name", "span_type", "span_subtype", "span_action", "labels", "leaf", "span")
+
+    def __init__(
+        self,
+        name: str | None = None,
+        span_type: str = "code.custom",
+        span_subtype: str | None = None,
+        span_action: str | None = None,
+        labels: dict[str, Any] | None = None,
+        leaf: bool = False,
+    ) -> None:
+        self.name = name
+        self.span_type = span_type
+        self.span_subtype = span_subtype
+        self.span_action = span_action
+        self.labels = labels
+        self.leaf = leaf
+        self.span: Span | None = None
+
+    def __enter__(self) -> Span | None:
+        self.span = start_span(
+            self.name or "code",
+            self.span_type,
+            self.span_subtype,
+            self.span_action,
+            dict(self.labels) if self.labels else None,
+            self.leaf,
+        )
+        return self.span
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        span = self.span
+        if span is not None:
+            self.span = None
+            span.end(exc)
+
+    async def __aenter__(self) -> Span | None:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def __call__(self, func: F) -> F:
+        name = self.name or getattr(func, "__qualname__", None) or repr(func)
+        args = (name, self.span_type, self.span_subtype, self.span_action, self.labels, self.leaf)
+
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def run_async(*a: Any, **kw: Any) -> Any:
+                with capture_span(*args):
+                    return await func(*a, **kw)
+
+            return run_async  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def run(*a: Any, **kw: Any) -> Any:
+            with capture_span(*args):
+                return func(*a, **kw)
+
+        return run  # type: ignore[return-value]
+
+
+class Tracer:
+    """Begins and ends transactions for one client, with that client's settings."""
+
+    def __init__(
+        self,
+        config: Config,
+        queue: Callable[[Transaction], None],
+        capture_stack: Callable[[], Any],
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.capture_stack = capture_stack
+        self.sample_rate = config.transaction_sample_rate
+        self.max_spans = config.transaction_max_spans
+        threshold = config.span_stack_trace_min_duration
+        self.stack_trace_min_ms = threshold * 1000.0 if threshold >= 0 else -1.0
+
+    def begin_transaction(
+        self, transaction_type: str, trace_parent: TraceParent | str | None = None
+    ) -> Transaction:
+        if trace_parent is not None and not isinstance(trace_parent, TraceParent):
+            trace_parent = parse_traceparent(trace_parent)
+        tx = Transaction(self, transaction_type, trace_parent)
+        set_active(tx)
+        return tx
+
+    def end_transaction(
+        self, name: str | None = None, result: str | None = None
+    ) -> Transaction | None:
+        tx = context.current_transaction()
+        if tx is None or tx.tracer is not self:
+            return None
+        tx.end(name, result)
+        return tx

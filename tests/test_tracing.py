@@ -1,0 +1,277 @@
+"""Transactions, spans, sampling, span limits and W3C trace context, encoded and validated."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from beatlib import context
+from beatlib.config import Config
+from beatlib.protocol import intake_v2
+from beatlib.tracing import (
+    Tracer,
+    capture_span,
+    format_traceparent,
+    parse_traceparent,
+    start_span,
+)
+from tests.schemas import validate
+
+
+class Recorder:
+    """A tracer whose queue is a list, with the events encoded and schema-checked."""
+
+    def __init__(self, **settings):
+        self.ended = []
+        self.tracer = Tracer(Config(**settings, environ={}), self.ended.append, lambda: None)
+
+    def events(self, tx):
+        return (
+            validate("transaction", intake_v2.transaction(tx)),
+            [validate("span", intake_v2.span(s, tx)) for s in tx.spans],
+        )
+
+
+@pytest.fixture
+def rec():
+    yield Recorder()
+    context.set_active(None)
+
+
+def test_transaction_with_nested_spans(rec):
+    tx = rec.tracer.begin_transaction("task")
+    assert context.current_transaction() is tx
+    with capture_span("outer", "db", "sqlite", "query") as outer:
+        with capture_span("inner", "template", "jinja2", "render") as inner:
+            assert context.current_span() is inner
+        assert context.current_span() is outer
+    rec.tracer.end_transaction("nightly", "success")
+
+    assert rec.ended == [tx] and context.current_transaction() is None
+    event, spans = rec.events(tx)
+    assert event["name"] == "nightly" and event["result"] == "success"
+    assert event["span_count"] == {"started": 2, "dropped": 0}
+    assert event["duration"] > 0 and event["sampled"] is True
+    by_name = {s["name"]: s for s in spans}
+    assert by_name["outer"]["parent_id"] == event["id"]
+    assert by_name["inner"]["parent_id"] == by_name["outer"]["id"]
+    assert all(s["trace_id"] == event["trace_id"] for s in spans)
+    assert all(s["transaction_id"] == event["id"] for s in spans)
+    assert by_name["outer"]["type"] == "db" and by_name["outer"]["subtype"] == "sqlite"
+    assert event["timestamp"] <= by_name["outer"]["timestamp"] <= by_name["inner"]["timestamp"]
+    assert by_name["inner"]["duration"] <= by_name["outer"]["duration"] <= event["duration"]
+
+
+def test_span_outcome_follows_exception(rec):
+    rec.tracer.begin_transaction("task")
+    with pytest.raises(KeyError):
+        with capture_span("boom"):
+            raise KeyError("x")
+    with capture_span("fine"):
+        pass
+    tx = rec.tracer.end_transaction()
+    _, spans = rec.events(tx)
+    assert [s["outcome"] for s in spans] == ["failure", "success"]
+
+
+def test_capture_span_as_decorator_sync_and_async(rec):
+    @capture_span(span_type="code", labels={"k": "v"})
+    def work(x):
+        return x * 2
+
+    @capture_span("async work")
+    async def async_work(x):
+        await asyncio.sleep(0)
+        return x + 1
+
+    rec.tracer.begin_transaction("task")
+    assert work(2) == 4
+    assert asyncio.run(async_work(1)) == 2
+    tx = rec.tracer.end_transaction()
+    _, spans = rec.events(tx)
+    assert [s["name"] for s in spans][0].endswith("work")
+    assert spans[0]["context"]["tags"] == {"k": "v"}
+    assert spans[1]["name"] == "async work"
+    assert work.__name__ == "work"
+
+
+def test_no_transaction_no_span():
+    assert start_span("x") is None
+    with capture_span("nothing") as span:
+        assert span is None
+
+
+def test_max_spans_counts_dropped_without_building():
+    rec = Recorder(transaction_max_spans=3)
+    rec.tracer.begin_transaction("task")
+    for i in range(10):
+        with capture_span(f"s{i}"):
+            pass
+    tx = rec.tracer.end_transaction()
+    event, spans = rec.events(tx)
+    assert len(tx.spans) == 3
+    assert event["span_count"] == {"started": 3, "dropped": 7}
+
+
+def test_unsampled_transaction_is_slim_and_builds_no_spans():
+    rec = Recorder(transaction_sample_rate=0)
+    tx = rec.tracer.begin_transaction("request")
+    with capture_span("query") as span:
+        assert span is None
+    context.current_transaction().set_label("a", 1)
+    rec.tracer.end_transaction("GET /", "HTTP 2xx")
+    event, spans = rec.events(tx)
+    assert spans == [] and event["sampled"] is False and "context" not in event
+    assert event["span_count"]["started"] == 0 and event["sample_rate"] == 0.0
+
+
+def test_sample_rate_is_honoured_roughly():
+    rec = Recorder(transaction_sample_rate=0.25)
+    for _ in range(2000):
+        rec.tracer.begin_transaction("t")
+        rec.tracer.end_transaction()
+    sampled = sum(tx.sampled for tx in rec.ended)
+    assert 350 < sampled < 650
+
+
+def test_ending_with_open_spans_ends_and_marks_them(rec):
+    rec.tracer.begin_transaction("task")
+    outer = start_span("left open")
+    start_span("also open")
+    tx = rec.tracer.end_transaction()
+    assert context.get_active() is None
+    _, spans = rec.events(tx)
+    assert all(s["context"]["tags"]["unfinished"] is True for s in spans)
+    assert all(s["outcome"] == "unknown" for s in spans)
+    outer.end()  # ending later is harmless and changes nothing
+    assert rec.events(tx)[1] == spans
+
+
+def test_ending_twice_queues_once(rec):
+    tx = rec.tracer.begin_transaction("task")
+    tx.end("a")
+    tx.end("b")
+    assert rec.ended == [tx] and tx.name == "a"
+    assert rec.tracer.end_transaction() is None
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", True),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00", False),
+        (" 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03 ", True),
+        ("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra", True),
+    ],
+)
+def test_traceparent_valid(header, expected):
+    parsed = parse_traceparent(header, "es=s:0.5,other=x")
+    assert parsed is not None and parsed.sampled is expected
+    assert parsed.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert parsed.span_id == "b7ad6b7169203331" and parsed.tracestate == "es=s:0.5,other=x"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None, 42, "", "garbage",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        "00-0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01",
+        "0-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    ],
+)  # fmt: skip
+def test_traceparent_invalid_is_ignored(header, rec):
+    assert parse_traceparent(header) is None
+    tx = rec.tracer.begin_transaction("request", header)
+    assert tx.parent_id is None and len(tx.trace_id) == 32 and tx.sampled
+
+
+def test_transaction_continues_the_callers_trace(rec):
+    header = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    tx = rec.tracer.begin_transaction("request", header)
+    assert tx.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert tx.parent_id == "b7ad6b7169203331" and tx.sampled is False
+    rec.tracer.end_transaction()
+    event, _ = rec.events(tx)
+    assert event["parent_id"] == "b7ad6b7169203331"
+
+
+def test_traceparent_of_a_span_names_the_span(rec):
+    tx = rec.tracer.begin_transaction("task")
+    with capture_span("call") as span:
+        header = span.traceparent()
+    parsed = parse_traceparent(header)
+    assert parsed.trace_id == tx.trace_id and parsed.span_id == "%016x" % span.id
+    assert parsed.sampled is True
+    assert format_traceparent(parsed.trace_id, parsed.span_id, True) == header
+    assert parse_traceparent(tx.traceparent()).span_id == "%016x" % tx.id
+    rec.tracer.end_transaction()
+
+
+def test_threads_do_not_share_transactions():
+    rec = Recorder()
+    lock = threading.Lock()
+    seen = []
+
+    def worker(n):
+        for i in range(500):
+            tx = rec.tracer.begin_transaction("task")
+            tx.set_label("thread", n)
+            for j in range(3):
+                with capture_span(f"t{n}-{i}-{j}"):
+                    assert context.current_transaction() is tx
+            rec.tracer.end_transaction(f"t{n}")
+        with lock:
+            seen.append(n)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == list(range(8)) and len(rec.ended) == 4000
+    for tx in rec.ended:
+        n = tx.labels["thread"]
+        assert tx.name == f"t{n}" and len(tx.spans) == 3
+        assert all(s.name.startswith(f"t{n}-") and s.transaction is tx for s in tx.spans)
+        assert all(s.parent is tx for s in tx.spans)
+
+
+def test_asyncio_tasks_inherit_and_do_not_mix():
+    rec = Recorder()
+
+    async def child(tx, i):
+        assert context.current_transaction() is tx
+        with capture_span(f"child-{i}") as span:
+            await asyncio.sleep(0.001)
+            assert context.current_span() is span
+        return i
+
+    async def handle(i):
+        tx = rec.tracer.begin_transaction("request")
+        with capture_span(f"req-{i}"):
+            await asyncio.sleep(0)
+            got = await asyncio.gather(child(tx, i), asyncio.create_task(child(tx, i)))
+        rec.tracer.end_transaction(f"req-{i}")
+        return tx, got
+
+    async def main():
+        return await asyncio.gather(*(handle(i) for i in range(200)))
+
+    results = asyncio.run(main())
+    assert len(rec.ended) == 200
+    for tx, got in results:
+        i = got[0]
+        names = sorted(s.name for s in tx.spans)
+        assert names == [f"child-{i}", f"child-{i}", f"req-{i}"]
+        req = next(s for s in tx.spans if s.name == f"req-{i}")
+        assert all(s.parent is req for s in tx.spans if s is not req)
+        for s in tx.spans:
+            assert s.duration is not None and not s.labels
