@@ -1,0 +1,69 @@
+"""Encoding to intake v2: app data made to fit the schemas, never raising."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from beatlib import context
+from beatlib.config import Config
+from beatlib.protocol import intake_v2
+from beatlib.tracing import Tracer, capture_span
+from tests.schemas import validate
+
+
+def _tracer(**settings):
+    ended = []
+    return Tracer(Config(**settings, environ={}), ended.append, lambda: None), ended
+
+
+class Unprintable:
+    def __str__(self):
+        raise RuntimeError("no")
+
+    __repr__ = __str__
+
+
+def test_labels_are_normalised():
+    out = intake_v2.labels({
+        "a.b": 1, 'q"*': "x", "big": 2**70, "nan": math.nan, "obj": Unprintable(),
+        "long": "y" * 5000, "ok": True, "none": None, "f": 1.5,
+    })  # fmt: skip
+    assert out["a_b"] == 1 and out["q__"] == "x" and out["big"] == str(2**70)
+    assert out["nan"] == "nan" and out["obj"].startswith("<unprintable")
+    assert len(out["long"]) == 1024 and out["ok"] is True and out["none"] is None
+    assert out["f"] == 1.5
+
+
+def test_transaction_with_hostile_context_is_valid_json_and_schema():
+    tracer, _ = _tracer()
+    tx = tracer.begin_transaction("t" * 3000)
+    cyclic: dict = {}
+    cyclic["self"] = cyclic
+    tx.set_context("custom", {"cycle": cyclic, "bytes": b"\xff\xfe", "odd": Unprintable(),
+                              "inf": math.inf, "nested": [[[[[[[[[[1]]]]]]]]]]})
+    tx.set_context("user", {"id": 2**80, "email": "e" * 2000, "username": Unprintable()})
+    tx.labels = {"surrogate": "\udcff"}
+    with capture_span("n" * 2000, "t" * 2000, "s" * 2000, "a" * 2000):
+        pass
+    tx.end("\udcffname", "r" * 5000)
+    lines = [intake_v2.line("transaction", intake_v2.transaction(tx))]
+    lines += [intake_v2.line("span", intake_v2.span(s, tx)) for s in tx.spans]
+    for raw in lines:
+        (kind, event), = json.loads(raw).items()
+        validate(kind, event)
+    event = json.loads(lines[0])["transaction"]
+    assert len(event["type"]) == 1024 and event["context"]["user"]["id"] == str(2**80)
+    context.set_active(None)
+
+
+def test_metadata_is_valid_and_names_the_agent():
+    meta = intake_v2.metadata(
+        Config(service_name="shop", service_version="1.2", environment="prod", environ={}),
+        framework=("flask", "3.1"),
+    )
+    validate("metadata", meta)
+    assert meta["service"]["agent"]["name"] == "beatlib"
+    assert meta["service"]["framework"] == {"name": "flask", "version": "3.1"}
+    assert meta["service"]["version"] == "1.2" and meta["service"]["environment"] == "prod"
+    assert meta["process"]["pid"] > 0
