@@ -1,0 +1,169 @@
+"""Sending one gzip NDJSON batch to the APM server's intake v2 endpoint.
+
+`Sender` owns the urllib3 pool and maps each answer to what the worker should do with the
+batch; `Backoff` spaces out retries; `RateLimitedLog` keeps an outage to a few log lines.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+
+from beatlib.version import __version__
+
+logger = logging.getLogger("beatlib.transport")
+
+INTAKE_PATH = "/intake/v2/events"
+
+
+class RateLimitedLog:
+    """Logs each kind of message at most once per `interval` seconds, counting the rest."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def log(self, key: str, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            msg += " (%d similar messages suppressed)"
+            args += (suppressed,)
+        logger.log(level, msg, *args, exc_info=exc_info)
+
+    def reset(self, key: str) -> None:
+        """Forget `key`, so the next message of that kind is logged at once."""
+        self._last.pop(key, None)
+        self._suppressed.pop(key, None)
+
+
+class Verdict(enum.Enum):
+    SENT = "sent"  # 2xx: the server has the batch
+    RETRY = "retry"  # server away, overloaded or refusing our credentials: keep and back off
+    DROP = "drop"  # the server will never take this batch (400 and other 4xx)
+
+
+@dataclass
+class Answer:
+    verdict: Verdict
+    retry_after: float | None = None
+
+
+class Backoff:
+    """Exponential backoff with jitter, capped; a server's Retry-After wins when it gives one."""
+
+    def __init__(self, base: float = 1.0, cap: float = 60.0) -> None:
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+
+    def next_delay(self, retry_after: float | None = None) -> float:
+        self.failures += 1
+        if retry_after is not None:
+            # Slightly later than asked, so many clients told the same time do not stampede.
+            return min(retry_after, 300.0) * random.uniform(1.0, 1.1)
+        delay = min(self.cap, self.base * 2 ** min(self.failures - 1, 30))
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Sender:
+    """POSTs compressed batches with one pooled, TLS-verifying urllib3 PoolManager."""
+
+    def __init__(self, config: Any, log: RateLimitedLog) -> None:
+        self.url = config.server_url + INTAKE_PATH
+        self.timeout = config.server_timeout
+        self._log = log
+        self.headers = {
+            "Content-Type": "application/x-ndjson",
+            "Content-Encoding": "gzip",
+            "Accept": "application/json",
+            "User-Agent": f"beatlib/{__version__} ({config.service_name})",
+        }
+        if config.api_key:
+            self.headers["Authorization"] = f"ApiKey {config.api_key}"
+        elif config.secret_token:
+            self.headers["Authorization"] = f"Bearer {config.secret_token}"
+        self._pool_kwargs: dict[str, Any] = {"maxsize": 1}
+        if config.server_url.startswith("https:"):
+            if config.verify_server_cert:
+                self._pool_kwargs["cert_reqs"] = "CERT_REQUIRED"
+                if config.server_ca_cert_file:
+                    self._pool_kwargs["ca_certs"] = config.server_ca_cert_file
+            else:
+                self._pool_kwargs["cert_reqs"] = "CERT_NONE"
+                self._pool_kwargs["assert_hostname"] = False
+        self.reset_pool()
+
+    def reset_pool(self) -> None:
+        """A fresh pool; used after fork, where the parent's sockets must not be shared."""
+        self.pool = urllib3.PoolManager(**self._pool_kwargs)
+
+    def send(self, body: bytes, timeout: float | None = None) -> Answer:
+        """One attempt; never raises. `timeout` caps both connect and read (default
+        server_timeout)."""
+        timeout = self.timeout if timeout is None else min(timeout, self.timeout)
+        try:
+            resp = self.pool.request(
+                "POST",
+                self.url,
+                body=body,
+                headers=self.headers,
+                timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                retries=False,
+                redirect=False,
+            )
+        except Exception as exc:  # refused, reset, timeout, TLS: all mean "try later"
+            self._log.log("unreachable", logging.WARNING,
+                          "APM server %s unreachable (%s); will retry", self.url, exc)
+            return Answer(Verdict.RETRY)
+        status = resp.status
+        if 200 <= status < 300:
+            return Answer(Verdict.SENT)
+        text = resp.data.decode("utf-8", "replace")
+        if status in (401, 403):
+            self._log.log("auth", logging.ERROR,
+                          "APM server token rejected (HTTP %d: %s); check secret_token/api_key; "
+                          "will retry", status, text.strip()[:500])
+            return Answer(Verdict.RETRY)
+        if status == 429 or status >= 500:
+            self._log.log("unavailable", logging.WARNING,
+                          "APM server busy or failing (HTTP %d: %s); will retry",
+                          status, text.strip()[:500])
+            return Answer(Verdict.RETRY, _retry_after(resp.headers.get("Retry-After")))
+        # 400 (and other 4xx): the batch itself is wrong; sending it again cannot help.
+        self._log.log("rejected", logging.ERROR,
+                      "APM server rejected a batch (HTTP %d), dropping it: %s",
+                      status, _server_message(text)[:2000])
+        return Answer(Verdict.DROP)
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:  # an HTTP date; rare enough to fall back to our own backoff
+        return None
+
+
+def _server_message(text: str) -> str:
+    """The first error messages of an intake error body, or the raw text."""
+    try:
+        errors = json.loads(text).get("errors") or []
+        return "; ".join(str(e.get("message")) for e in errors[:3]) or text.strip()
+    except Exception:
+        return text.strip()

@@ -1,0 +1,408 @@
+"""The background transport: a bounded queue that one daemon thread drains into gzip NDJSON
+batches, ships, and holds (bounded by max_buffer_size) while the server is away.
+
+The request thread only appends to a deque; encoding, compression and HTTP happen here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+import zlib
+from collections import deque
+from collections.abc import Callable
+from time import monotonic
+from typing import Any
+
+from beatlib.transport.http import Backoff, RateLimitedLog, Sender, Verdict
+
+logger = logging.getLogger("beatlib.transport")
+
+STAT_KEYS = (
+    "queued", "sent_events", "sent_requests", "retried", "dropped_queue_full",
+    "dropped_buffer_full", "dropped_rejected", "dropped_encode_error", "dropped_at_close",
+    "buffered_bytes",
+)
+
+# Every live transport, for the fork and exit hooks; weak so short-lived ones are collected.
+_transports: weakref.WeakSet[Transport] = weakref.WeakSet()
+
+
+class _Marker:
+    """A flush() or close() request, queued behind the items it covers."""
+
+    __slots__ = ("done", "ok", "losses_at_call", "deadline")
+
+    def __init__(self, losses: int, deadline: float | None = None) -> None:
+        self.done = threading.Event()
+        self.ok = True
+        self.losses_at_call = losses
+        self.deadline = deadline  # set only on the close marker
+
+
+class _Batch:
+    """One request body being written (gzip stream) or, once sealed, waiting to be sent."""
+
+    __slots__ = ("_gzip", "chunks", "size", "items", "markers", "body")
+
+    def __init__(self, level: int, metadata: bytes) -> None:
+        self._gzip = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip wrapper
+        self.chunks: list[bytes] = []
+        self.size = 0  # compressed bytes so far (lags the input by zlib's internal buffer)
+        self.items = 0
+        self.markers: list[_Marker] = []
+        self.body = b""
+        self.write(metadata)
+
+    def write(self, data: bytes) -> None:
+        out = self._gzip.compress(data)
+        if out:
+            self.chunks.append(out)
+            self.size += len(out)
+
+    def seal(self) -> None:
+        self.chunks.append(self._gzip.flush())
+        self.body = b"".join(self.chunks)
+        self.size = len(self.body)
+        self.chunks = []
+
+
+class Transport:
+    """Queues items from any thread and ships them in the background; see docs/ for the rules.
+
+    `encode(item)` returns NDJSON lines (bytes ending in b"\\n"), `metadata()` the metadata
+    line; both run on the worker thread. The keyword arguments tune retry spacing and
+    compression (tests use short backoffs); the defaults suit production.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        encode: Callable[[object], list[bytes]],
+        metadata: Callable[[], bytes],
+        *,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        compress_level: int = 1,
+        log_interval: float = 60.0,
+    ) -> None:
+        self._encode = encode
+        self._metadata = metadata
+        self._max_queue_events = config.max_queue_events
+        # Wake the worker early only when this many items wait; otherwise the flush tick does.
+        self._wake_at = max(1, min(config.max_queue_events // 4, 256))
+        self._flush_interval = max(config.flush_interval, 0.01)
+        self._max_request_size = config.max_request_size
+        self._max_buffer_size = config.max_buffer_size
+        self._shutdown_timeout = config.shutdown_timeout
+        self._compress_level = compress_level
+        self._backoff_args = (backoff_base, backoff_max)
+        self._log = RateLimitedLog(log_interval)
+        self._sender = Sender(config, self._log)
+        self._accepting = bool(config.enabled)
+        self._closed_ok = True
+        self._reset()
+        _transports.add(self)
+
+    def _reset(self) -> None:
+        """(Re)creates all per-process state: at construction and in a forked child."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._queue: deque[object] = deque()
+        self._wakeup = threading.Event()
+        self._idle = False
+        self._worker: threading.Thread | None = None
+        self._dropped_queue_full = 0
+        # Below: touched by the worker thread only.
+        self._counts = dict.fromkeys(STAT_KEYS, 0)
+        self._losses = 0  # bumped on every loss, so a flush can tell whether it lost anything
+        self._batch: _Batch | None = None
+        self._pending: deque[_Batch] = deque()
+        self._pending_bytes = 0
+        self._backoff = Backoff(*self._backoff_args)
+        self._retry_at = 0.0
+        self._next_flush = 0.0
+        self._metadata_line: bytes | None = None
+
+    # --- any thread -------------------------------------------------------------------
+
+    def queue(self, item: object) -> None:
+        """Hands `item` to the worker. Never blocks, never raises; drops it if the queue is full."""
+        try:
+            if not self._accepting:
+                return
+            if self._pid != os.getpid():
+                self._after_fork()
+            q = self._queue
+            n = len(q)
+            if n >= self._max_queue_events:
+                with self._lock:
+                    self._dropped_queue_full += 1
+                return
+            q.append(item)
+            if self._worker is None:
+                self._start_worker()
+            elif n >= self._wake_at and self._idle:
+                self._idle = False
+                self._wakeup.set()
+        except Exception:  # e.g. no thread can be started at interpreter shutdown
+            pass
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Sends what is queued now; True when all of it was accepted within `timeout` seconds
+        (default shutdown_timeout). Respects a running backoff."""
+        try:
+            if self._worker is None or not self._worker.is_alive():
+                return not self._queue
+            marker = _Marker(self._losses)
+            self._queue.append(marker)
+            self._wakeup.set()
+            timeout = self._shutdown_timeout if timeout is None else timeout
+            return marker.done.wait(timeout) and marker.ok
+        except Exception:
+            return False
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stops accepting items, makes one last attempt to send everything (even during a
+        backoff), stops the worker and logs what was lost. True if nothing was lost."""
+        try:
+            self._accepting = False
+            worker = self._worker
+            if worker is None or not worker.is_alive() or worker is threading.current_thread():
+                return self._closed_ok
+            timeout = self._shutdown_timeout if timeout is None else timeout
+            start = monotonic()
+            # The worker stops a little early so join() sees it finish within `timeout`.
+            marker = _Marker(self._losses, deadline=start + timeout * 0.95)
+            self._queue.append(marker)
+            self._wakeup.set()
+            worker.join(max(0.0, start + timeout - monotonic()))
+            if worker.is_alive():
+                logger.warning("beatlib: transport close timed out after %.1fs; up to %d queued "
+                               "events may be lost", timeout, self._unsent_items())
+                self._closed_ok = False
+            else:
+                self._closed_ok = marker.ok
+            return self._closed_ok
+        except Exception:
+            return False
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start (in this process); items, except buffered_bytes."""
+        stats = dict(self._counts)
+        stats["queued"] = self._counts["queued"] + len(self._queue)
+        stats["dropped_queue_full"] = self._dropped_queue_full
+        batch = self._batch
+        stats["buffered_bytes"] = self._pending_bytes + (batch.size if batch else 0)
+        return stats
+
+    def _start_worker(self) -> None:
+        with self._lock:
+            if self._worker is None:
+                self._next_flush = monotonic() + self._flush_interval
+                worker = threading.Thread(
+                    target=_run, args=(weakref.ref(self),), name="beatlib-transport", daemon=True
+                )
+                worker.start()
+                self._worker = worker
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's queue, batches and sockets (the parent
+        still sends them) and start a worker of our own on the next queue()."""
+        self._reset()
+        self._sender.reset_pool()
+
+    def _unsent_items(self) -> int:
+        batch = self._batch
+        return (len(self._queue) + sum(b.items for b in list(self._pending))
+                + (batch.items if batch else 0))
+
+    # --- worker thread ----------------------------------------------------------------
+
+    def _work(self) -> float | None:
+        """One round of the worker loop; returns how long to sleep, or None to stop."""
+        close = self._drain()
+        if close is not None:
+            self._shut_down(close)
+            return None
+        now = monotonic()
+        if now >= self._next_flush:
+            self._seal()
+            self._next_flush = now + self._flush_interval
+        if self._pending and now >= self._retry_at:
+            self._send_head()
+        now = monotonic()
+        wait = self._next_flush - now
+        if self._pending:
+            wait = min(wait, self._retry_at - now)
+        return max(wait, 0.0)
+
+    def _drain(self) -> _Marker | None:
+        q = self._queue
+        while q:
+            item = q.popleft()
+            if type(item) is _Marker:
+                if item.deadline is not None:
+                    return item
+                self._seal()
+                self._attach(item)
+            else:
+                self._counts["queued"] += 1
+                self._add(item)
+        return None
+
+    def _add(self, item: object) -> None:
+        try:
+            lines = self._encode(item)
+        except Exception:
+            self._lose("dropped_encode_error", 1)
+            self._log.log("encode", logging.ERROR, "beatlib: could not encode %r; dropped it",
+                          type(item), exc_info=True)
+            return
+        batch = self._batch
+        if batch is None:
+            metadata = self._metadata_or_none()
+            if metadata is None:
+                self._lose("dropped_encode_error", 1)
+                return
+            batch = self._batch = _Batch(self._compress_level, metadata)
+        for line in lines:
+            batch.write(line)
+        batch.items += 1
+        if batch.size >= self._max_request_size:
+            self._seal()
+
+    def _metadata_or_none(self) -> bytes | None:
+        try:
+            self._metadata_line = self._metadata()
+        except Exception:  # keep sending with the last good metadata, if there is one
+            self._log.log("metadata", logging.ERROR, "beatlib: could not build the metadata "
+                          "line", exc_info=True)
+        return self._metadata_line
+
+    def _seal(self) -> None:
+        """Closes the current batch and queues it for sending, within max_buffer_size."""
+        batch = self._batch
+        if batch is None:
+            return
+        self._batch = None
+        batch.seal()
+        self._pending.append(batch)
+        self._pending_bytes += batch.size
+        dropped = 0
+        while self._pending_bytes > self._max_buffer_size and len(self._pending) > 1:
+            oldest = self._pending.popleft()
+            self._pending_bytes -= oldest.size
+            self._drop(oldest, "dropped_buffer_full")
+            dropped += oldest.items
+        if dropped:
+            self._log.log("buffer_full", logging.WARNING, "beatlib: unsent data exceeds "
+                          "max_buffer_size (%d bytes); dropped the oldest %d events",
+                          self._max_buffer_size, dropped)
+
+    def _attach(self, marker: _Marker) -> None:
+        """A flush marker is done when the newest batch (holding its last item) is sent."""
+        marker.ok = self._losses == marker.losses_at_call
+        if self._pending:
+            self._pending[-1].markers.append(marker)
+        else:
+            marker.done.set()
+
+    def _send_head(self, timeout: float | None = None) -> Verdict:
+        batch = self._pending[0]
+        answer = self._sender.send(batch.body, timeout)
+        if answer.verdict is Verdict.RETRY:
+            self._counts["retried"] += 1
+            self._retry_at = monotonic() + self._backoff.next_delay(answer.retry_after)
+            return answer.verdict
+        self._pending.popleft()
+        self._pending_bytes -= batch.size
+        if self._backoff.failures:
+            logger.info("beatlib: APM server is taking data again after %d failed attempts",
+                        self._backoff.failures)
+            self._backoff.reset()
+            for key in ("unreachable", "unavailable", "auth"):
+                self._log.reset(key)
+        self._retry_at = 0.0
+        if answer.verdict is Verdict.DROP:
+            self._drop(batch, "dropped_rejected")
+        else:
+            self._counts["sent_requests"] += 1
+            self._counts["sent_events"] += batch.items
+            for marker in batch.markers:
+                marker.done.set()
+        return answer.verdict
+
+    def _lose(self, reason: str, items: int) -> None:
+        self._counts[reason] += items
+        self._losses += 1
+
+    def _drop(self, batch: _Batch, reason: str) -> None:
+        """Drops a batch that left the head of the buffer; every flush waiting on it or on a
+        later batch now fails."""
+        self._lose(reason, batch.items)
+        for marker in batch.markers:
+            marker.ok = False
+            marker.done.set()
+        for later in self._pending:
+            for marker in later.markers:
+                marker.ok = False
+
+    def _shut_down(self, close: _Marker) -> None:
+        self._drain()  # items that raced with close()
+        self._seal()
+        deadline = close.deadline or monotonic()
+        while self._pending and monotonic() < deadline:
+            if self._send_head(deadline - monotonic()) is Verdict.RETRY:
+                break
+        lost = 0
+        while self._pending:
+            batch = self._pending.popleft()
+            self._pending_bytes -= batch.size
+            self._drop(batch, "dropped_at_close")
+            lost += batch.items
+        if lost:
+            logger.warning("beatlib: could not reach the APM server before shutdown; %d events "
+                           "were lost", lost)
+        close.ok = self._losses == close.losses_at_call
+        close.done.set()
+
+
+def _run(ref: weakref.ref[Transport]) -> None:
+    """The worker thread. Holds its transport weakly between rounds, so an abandoned
+    transport is collected and its worker ends."""
+    while True:
+        transport = ref()
+        if transport is None:
+            return
+        transport._idle = False
+        try:
+            wait = transport._work()
+        except Exception:  # a bug here must not kill shipping for the rest of the process
+            logger.exception("beatlib: transport worker error")
+            wait = 1.0
+        if wait is None:
+            return
+        wakeup = transport._wakeup
+        transport._idle = True
+        del transport
+        wakeup.wait(wait)
+        wakeup.clear()
+
+
+def _reinit_in_child() -> None:
+    for transport in list(_transports):
+        transport._after_fork()
+
+
+def _close_all_at_exit() -> None:
+    for transport in list(_transports):
+        if transport._worker is not None:
+            transport.close()
+
+
+os.register_at_fork(after_in_child=_reinit_in_child)
+atexit.register(_close_all_at_exit)
