@@ -181,7 +181,13 @@ def metadata(config: Config, framework: tuple[str, str] | None = None) -> dict[s
         service["environment"] = keyword(config.environment)
     if framework:
         service["framework"] = {"name": framework[0], "version": framework[1]}
-    hostname = config.hostname or socket.gethostname()
+    system = {
+        "detected_hostname": keyword(socket.gethostname()),
+        "architecture": platform.machine(),
+        "platform": sys.platform,
+    }
+    if config.hostname:
+        system["configured_hostname"] = keyword(config.hostname)
     title = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
     return {
         "service": service,
@@ -191,9 +197,5 @@ def metadata(config: Config, framework: tuple[str, str] | None = None) -> dict[s
             "title": keyword(title),
             "argv": [keyword(a) for a in sys.argv[:50]],
         },
-        "system": {
-            "detected_hostname": keyword(hostname),
-            "architecture": platform.machine(),
-            "platform": sys.platform,
-        },
+        "system": system,
     }

@@ -1,0 +1,232 @@
+"""`Client`: one configured pipeline from the app's calls to the transport, and the default.
+
+The client wires config, tracer and transport together, captures errors on the calling
+thread (frames only) and owns the encoding step the worker thread runs for every event.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from types import TracebackType
+from typing import Any
+
+from beatlib import context, stacks
+from beatlib.config import Config
+from beatlib.errors import ErrorSnapshot
+from beatlib.metrics import LatencyMetrics
+from beatlib.protocol import intake_v2
+from beatlib.sanitize import Sanitizer
+from beatlib.tracing import Span, TraceParent, Tracer, Transaction
+from beatlib.transport import Transport
+
+logger = logging.getLogger("beatlib")
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+_default_client: Client | None = None
+
+
+class TraceRef:
+    """The ids and transaction fields an error event carries, read when it is captured."""
+
+    __slots__ = ("trace_id", "transaction_id", "parent_id", "transaction")
+
+    def __init__(self, segment: Transaction | Span) -> None:
+        tx = segment.transaction
+        self.trace_id = tx.trace_id
+        self.transaction_id = "%016x" % tx.id
+        self.parent_id = "%016x" % segment.id
+        self.transaction = {"name": tx.name, "type": tx.type, "sampled": tx.sampled}
+
+# Context keys the intake schema knows for transactions and errors; others go under custom.
+_CONTEXT_KEYS = frozenset({"request", "response", "user", "custom", "message", "service", "page"})
+
+
+def get_client() -> Client | None:
+    """The process default client: the last one created and not closed."""
+    return _default_client
+
+
+class Client:
+    """Records transactions, spans and errors and ships them to the APM server.
+
+    Settings come as keywords (see the configuration reference) or a ready `Config`;
+    `BEATLIB_*` environment variables win over both.
+    """
+
+    def __init__(self, config: Config | None = None, **settings: Any) -> None:
+        global _default_client
+        self.config = config if config is not None else Config(**settings)
+        self.sanitizer = Sanitizer(self.config.sanitize_field_names)
+        self.metrics = LatencyMetrics()
+        self.framework: tuple[str, str] | None = None
+        self._metadata: tuple[int, bytes] | None = None
+        self._metrics_due = time.monotonic() + self.config.flush_interval
+        self.transport = Transport(self.config, self._encode, self._metadata_line)
+        self.tracer = Tracer(self.config, self.transport.queue, self._capture_span_stack)
+        _default_client = self
+
+    # -- transactions --------------------------------------------------------------------
+
+    def begin_transaction(
+        self, transaction_type: str, trace_parent: TraceParent | str | None = None
+    ) -> Transaction:
+        """Begin a transaction in the current thread or task, continuing `trace_parent`."""
+        return self.tracer.begin_transaction(transaction_type, trace_parent)
+
+    def end_transaction(
+        self, name: str | None = None, result: str | None = None
+    ) -> Transaction | None:
+        """End the current transaction (None if there was none) and queue it for sending."""
+        return self.tracer.end_transaction(name, result)
+
+    # -- errors --------------------------------------------------------------------------
+
+    def capture_exception(
+        self,
+        exc_info: ExcInfo | BaseException | None = None,
+        handled: bool = True,
+        **context_data: Any,
+    ) -> str | None:
+        """Record an exception (the one being handled by default); returns the error id.
+
+        Extra keywords become error context: `request`, `response`, `user`, `custom`,
+        `labels`, and anything else under `custom`.
+        """
+        try:
+            trace, ctx = self._trace_ref(context_data)
+            snapshot = ErrorSnapshot.from_exception(
+                exc_info,  # type: ignore[arg-type]
+                self.config,
+                handled=handled,
+                trace=trace,
+                context=ctx,
+            )
+            if snapshot is None:
+                return None
+            self.transport.queue(snapshot)
+            return snapshot.id
+        except Exception:
+            logger.debug("beatlib: could not capture an exception", exc_info=True)
+            return None
+
+    def capture_message(
+        self,
+        message: str | None = None,
+        level: str = "info",
+        param_message: str | None = None,
+        stack: bool = True,
+        **context_data: Any,
+    ) -> str | None:
+        """Record a message as an error event; returns the error id.
+
+        `param_message` is the message before formatting ("disk %s almost full"), so that
+        messages differing only in their parameters group together.
+        """
+        try:
+            trace, ctx = self._trace_ref(context_data)
+            snapshot = ErrorSnapshot.from_message(
+                message,
+                level=level,
+                param_message=param_message,
+                config=self.config,
+                trace=trace,
+                stack=stack,
+                context=ctx,
+                skip=1,
+            )
+            self.transport.queue(snapshot)
+            return snapshot.id
+        except Exception:
+            logger.debug("beatlib: could not capture a message", exc_info=True)
+            return None
+
+    def _trace_ref(self, extra: dict[str, Any]) -> tuple[TraceRef | None, dict[str, Any]]:
+        """What an error needs of the current trace, taken now: ids, names and context."""
+        segment = context.get_active()
+        tx = None if segment is None else segment.transaction
+        ctx: dict[str, Any] = {}
+        labels: dict[str, Any] = {}
+        ref = None
+        if tx is not None and not tx.ended:
+            ref = TraceRef(segment)  # type: ignore[arg-type]
+            if tx.context:
+                ctx.update(tx.context)
+            if tx.labels:
+                labels.update(tx.labels)
+        for key, value in extra.items():
+            if key in ("labels", "tags") and isinstance(value, dict):
+                labels.update(value)
+            elif key in _CONTEXT_KEYS:
+                ctx[key] = value
+            else:
+                ctx["custom"] = {**ctx.get("custom", {}), key: value}
+        if labels:
+            ctx["tags"] = intake_v2.labels(labels)
+        return ref, ctx
+
+    # -- shipping ------------------------------------------------------------------------
+
+    def queue(self, event: Any) -> None:
+        """Hand an event to the transport; never blocks, never raises."""
+        self.transport.queue(event)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send everything queued so far; True when the server accepted all of it."""
+        return self.transport.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush (at most `timeout`, default shutdown_timeout) and stop the worker thread."""
+        global _default_client
+        if _default_client is self:
+            _default_client = None
+        return self.transport.close(timeout)
+
+    def _capture_span_stack(self) -> Any:
+        return stacks.capture_stack(self.config, skip=2)
+
+    def _metadata_line(self) -> bytes:
+        pid = os.getpid()
+        cached = self._metadata
+        if cached is None or cached[0] != pid:
+            cached = self._metadata = (
+                pid,
+                intake_v2.line("metadata", intake_v2.metadata(self.config, self.framework)),
+            )
+        return cached[1]
+
+    def _encode(self, item: Any) -> list[bytes]:
+        """Turn one queued item into NDJSON lines (worker thread)."""
+        line = intake_v2.line
+        if isinstance(item, Transaction):
+            self.metrics.record(item.name, item.type, item.duration or 0.0)
+            lines = [line("transaction", intake_v2.transaction(item))]
+            config, sanitizer = self.config, self.sanitizer
+            for span in item.spans:
+                frames = span.stacktrace
+                if frames:
+                    frames = stacks.frames_to_intake(frames, config, sanitizer)
+                lines.append(line("span", intake_v2.span(span, item, frames)))
+        elif isinstance(item, ErrorSnapshot):
+            lines = [line("error", item.to_intake(self.config, self.sanitizer))]
+        else:
+            lines = [line("metricset", item)]
+        now = time.monotonic()
+        if now >= self._metrics_due:
+            self._metrics_due = now + self.config.flush_interval
+            lines.extend(line("metricset", m) for m in self.collect_metrics())
+        return lines
+
+    def collect_metrics(self) -> list[dict[str, Any]]:
+        """Latency, process and transport metricsets since the last call (worker thread)."""
+        sets = self.metrics.collect()
+        stats = self.transport.stats()
+        sets.append({
+            "samples": {
+                f"beatlib.transport.{name}": {"type": "counter", "value": value}
+                for name, value in stats.items()
+            }
+        })
+        return sets

@@ -1,0 +1,156 @@
+"""The client end to end: the public API, events at a real receiver, errors tied to traces."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import beatlib
+from beatlib import context
+
+
+@pytest.fixture
+def client(receiver):
+    c = beatlib.Client(
+        service_name="shop", server_url=receiver.url, flush_interval="200ms", environ={}
+    )
+    yield c
+    c.close(5)
+    context.set_active(None)
+
+
+def test_transaction_and_spans_arrive_valid(client, receiver):
+    client.begin_transaction("task")
+    beatlib.label(order_id=42, **{"weird.key": "x"})
+    beatlib.set_user(id=7, email="a@b.c")
+    beatlib.set_context({"items": 3}, "cart")
+    with beatlib.capture_span("charge card", span_type="external", span_subtype="stripe"):
+        with beatlib.capture_span("SELECT FROM cards", "db", "sqlite", "query"):
+            pass
+    tx = client.end_transaction("charge order", "success")
+    assert client.flush(5)
+
+    (event,) = receiver.events("transaction")
+    assert event["id"] == "%016x" % tx.id and event["name"] == "charge order"
+    assert event["context"]["tags"] == {"order_id": 42, "weird_key": "x"}
+    assert event["context"]["user"] == {"id": 7, "email": "a@b.c"}
+    assert event["context"]["custom"] == {"cart": {"items": 3}}
+    spans = receiver.events("span")
+    assert {s["name"] for s in spans} == {"charge card", "SELECT FROM cards"}
+    meta = receiver.metadata[0]
+    assert meta["service"]["name"] == "shop" and meta["service"]["agent"]["name"] == "beatlib"
+
+
+def test_error_inside_a_transaction_is_tied_to_it(client, receiver):
+    tx = client.begin_transaction("request")
+    with beatlib.capture_span("work") as span:
+        try:
+            {}["missing"]
+        except KeyError:
+            error_id = client.capture_exception(custom_note="hi", labels={"shard": 3})
+    client.end_transaction("GET /orders", "HTTP 5xx")
+    assert client.flush(5)
+
+    (error,) = receiver.events("error")
+    assert error["id"] == error_id
+    assert error["trace_id"] == tx.trace_id
+    assert error["transaction_id"] == "%016x" % tx.id
+    assert error["parent_id"] == "%016x" % span.id
+    assert error["transaction"] == {"type": "request", "sampled": True}
+    assert error["exception"]["type"] == "KeyError" and error["exception"]["handled"] is True
+    assert error["culprit"].endswith("in test_error_inside_a_transaction_is_tied_to_it")
+    assert error["context"]["custom"] == {"custom_note": "hi"}
+    assert error["context"]["tags"] == {"shard": 3}
+
+
+def test_message_and_error_outside_any_transaction(client, receiver):
+    client.capture_message("disk %s almost full" % "/var", param_message="disk %s almost full",
+                           level="warning")
+    assert client.capture_exception() is None  # nothing being handled
+    assert client.capture_exception(ValueError("given")) is not None
+    assert client.flush(5)
+    errors = receiver.events("error")
+    log = next(e for e in errors if "log" in e)["log"]
+    assert log["message"] == "disk /var almost full" and log["level"] == "warning"
+    assert log["param_message"] == "disk %s almost full"
+    assert "trace_id" not in errors[0]
+    assert next(e for e in errors if "exception" in e)["exception"]["message"] == "given"
+
+
+def test_metrics_follow_the_flush_interval(client, receiver):
+    for _ in range(5):
+        client.begin_transaction("task")
+        client.end_transaction("job")
+    time.sleep(0.3)
+    client.begin_transaction("task")
+    client.end_transaction("job")
+    assert client.flush(5)
+    sets = receiver.events("metricset")
+    histograms = [m for m in sets if m.get("transaction", {}).get("name") == "job"]
+    assert sum(m["samples"]["transaction.duration.count"]["value"] for m in histograms) >= 5
+    assert any("beatlib.transport.queued" in m["samples"] for m in sets)
+    assert any("system.process.memory.rss.bytes" in m["samples"] for m in sets)
+
+
+def test_asyncio_transaction_per_task(client, receiver):
+    async def handle(i):
+        client.begin_transaction("request")
+        with beatlib.capture_span(f"work-{i}"):
+            await asyncio.sleep(0.001)
+        client.end_transaction(f"req-{i}")
+
+    async def main():
+        await asyncio.gather(*(handle(i) for i in range(50)))
+
+    asyncio.run(main())
+    assert client.flush(5)
+    names = {t["id"]: t["name"] for t in receiver.events("transaction")}
+    assert len(names) == 50
+    for span in receiver.events("span"):
+        assert names[span["transaction_id"]] == "req-" + span["name"].split("-")[1]
+
+
+def test_disabled_client_sends_nothing(receiver):
+    c = beatlib.Client(server_url=receiver.url, enabled=False, environ={})
+    c.begin_transaction("task")
+    c.end_transaction("x")
+    c.capture_message("nothing")
+    assert c.flush(1)
+    c.close(1)
+    assert receiver.events("transaction") == [] and receiver.events("error") == []
+
+
+def test_default_client_is_the_newest_open_one(receiver):
+    a = beatlib.Client(server_url=receiver.url, environ={})
+    b = beatlib.Client(server_url=receiver.url, environ={})
+    assert beatlib.get_client() is b
+    b.close(1)
+    assert beatlib.get_client() is None
+    a.close(1)
+
+
+def test_bad_setting_raises_config_error_naming_it():
+    with pytest.raises(beatlib.ConfigError, match="flush_interval"):
+        beatlib.Client(flush_interval="10 parsecs", environ={})
+    with pytest.raises(beatlib.ConfigError, match="BEATLIB_SERVER_URL"):
+        beatlib.Client(environ={"BEATLIB_SERVER_URL": "ftp://x"})
+
+
+def test_begin_end_never_block_while_the_server_is_down(receiver):
+    receiver.stop()
+    c = beatlib.Client(server_url=receiver.url, flush_interval="50ms", environ={})
+    slowest = 0.0
+    for i in range(2000):
+        start = time.perf_counter()
+        c.begin_transaction("task")
+        with beatlib.capture_span("step"):
+            pass
+        c.end_transaction(f"job-{i % 7}")
+        slowest = max(slowest, time.perf_counter() - start)
+    assert slowest < 0.05, f"a begin/end pair took {slowest * 1000:.1f} ms"
+    receiver.start()
+    assert c.close(20)
+    ids = [t["id"] for t in receiver.events("transaction")]
+    assert len(ids) == 2000 and len(set(ids)) == 2000
