@@ -2,6 +2,7 @@
 
 import builtins
 import json
+import math
 import re
 import sys
 import time
@@ -80,6 +81,7 @@ def test_builtin_exception_has_no_module_and_exc_info_forms() -> None:
         assert exc["type"] == "KeyError" and "module" not in exc
         assert exc["message"] == "'missing'"
     assert ErrorSnapshot.from_exception(None, config()) is None  # nothing being handled
+    assert ErrorSnapshot.from_exception("garbage", config()) is None  # type: ignore[arg-type]
 
 
 def test_culprit_skips_library_frames() -> None:
@@ -221,8 +223,8 @@ def test_trace_correlation_and_context() -> None:
             "cookies": {"sessionid": "s", "theme": "dark"},
             "body": {"password": "p", "item": 1},
         },
-        "user": {"id": 7, "email": "e" * 5000},
-        "tags": {"order": 42, "note": "n" * 5000},
+        "user": {"id": 7, "email": "e" * 5000, "username": 12},
+        "tags": {"order": 42, "note": "n" * 5000, "a.b*c": math.nan},
         "custom": {"api_key": "k", "big": list(range(100))},
     }
     snap = capture(checkout, trace=trace, context=context)
@@ -237,7 +239,8 @@ def test_trace_correlation_and_context() -> None:
     assert req["cookies"] == {"sessionid": REDACTED, "theme": "dark"}
     assert req["body"] == {"password": REDACTED, "item": 1}
     assert len(event["context"]["user"]["email"]) == 1024
-    assert event["context"]["tags"]["order"] == 42
+    assert event["context"]["user"]["id"] == 7 and event["context"]["user"]["username"] == "12"
+    assert event["context"]["tags"]["order"] == 42 and event["context"]["tags"]["a_b_c"] == "nan"
     assert event["context"]["custom"]["api_key"] == REDACTED
     assert len(event["context"]["custom"]["big"]) == 11
     # a trace without a parent/transaction id cannot be sent (the schema ties them together)

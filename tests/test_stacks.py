@@ -120,6 +120,7 @@ def test_capture_stack_starts_at_the_caller_without_locals() -> None:
     assert frames[0].function == "caller" and frames[1].function.startswith("test_capture")
     assert all(f.locals is None for f in frames)
     assert caller(skip=1)[0].function == frames[1].function
+    assert caller(skip=10**6) == []
     encode(frames, config())
 
 

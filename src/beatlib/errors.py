@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import random
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -20,7 +21,10 @@ from beatlib.stacks import FrameSnapshot, capture_stack, capture_tb_frames, fram
 
 # Python 3.11+: the members of an exception group are reported as its causes.
 _GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
-MAX_CHAIN_DEPTH = 10  # chained exceptions kept (causes, contexts and group members together)
+MAX_CHAIN_DEPTH = 10
+_TAG_KEY = re.compile(
+    r'[.*"]'
+)  # chained exceptions kept (causes, contexts and group members together)
 
 ExcInfo = tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
 
@@ -72,7 +76,9 @@ def _chain(exc: BaseException, config: Any) -> ExceptionSnapshot:
     while queue and budget > 0:
         current, snap = queue.pop(0)
         behind: list[BaseException] = []
-        nxt = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+        nxt = current.__cause__
+        if nxt is None and not current.__suppress_context__:
+            nxt = current.__context__
         if nxt is not None:
             behind.append(nxt)
         if isinstance(current, _GROUP):
@@ -135,7 +141,10 @@ class ErrorSnapshot:
             exc_info = sys.exc_info()
         if isinstance(exc_info, BaseException):
             exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
-        exc_type, exc, tb = exc_info
+        try:
+            exc_type, exc, tb = exc_info
+        except (TypeError, ValueError):  # not an exc_info triple: nothing we can report
+            return None
         if exc is None and exc_type is None:
             return None
         snap = cls(trace, context)
@@ -227,6 +236,8 @@ def _keyword(value: Any, width: int) -> Any:
     """Keyword fields: strings cut to the schema's maxLength; numbers and bools as they are."""
     if isinstance(value, str):
         return truncate(value, width)
+    if isinstance(value, float) and value - value != 0:  # nan and inf are not JSON
+        return str(value)
     if value is None or isinstance(value, bool | int | float):
         return value
     return truncate(str(value), width)
@@ -240,8 +251,16 @@ def _context(ctx: Mapping[str, Any], config: Any, sanitizer: Sanitizer) -> dict[
     for key, value in ctx.items():
         if not isinstance(value, Mapping):
             continue
-        if key in ("tags", "user"):
-            out[key] = {truncate(str(k), width): _keyword(v, width) for k, v in value.items()}
+        if key == "tags":  # the APM server refuses label keys containing . * or "
+            out[key] = {
+                _TAG_KEY.sub("_", str(k))[:width]: _keyword(v, width) for k, v in value.items()
+            }
+        elif key == "user":  # only the id may be a number
+            out[key] = {
+                str(k): _keyword(v if k == "id" and isinstance(v, int) else str(v), width)
+                for k, v in value.items()
+                if v is not None
+            }
         elif key == "request":
             out[key] = _request(value, width, config.max_message_length, sanitizer)
         else:

@@ -155,7 +155,10 @@ def capture_tb_frames(
 def capture_stack(config: Any, skip: int = 0) -> list[FrameSnapshot]:
     """The caller's stack (innermost first, without locals), for span and message stacks."""
     entries = []
-    frame: FrameType | None = sys._getframe(skip + 1)
+    try:
+        frame: FrameType | None = sys._getframe(skip + 1)
+    except ValueError:  # skip is deeper than the stack
+        return []
     while frame is not None:
         entries.append((frame, frame.f_lineno))
         frame = frame.f_back
