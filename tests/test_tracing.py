@@ -10,6 +10,7 @@ import pytest
 from beatlib import context
 from beatlib.config import Config
 from beatlib.protocol import intake_v2
+from beatlib.sanitize import Sanitizer
 from beatlib.tracing import (
     Tracer,
     capture_span,
@@ -25,11 +26,13 @@ class Recorder:
 
     def __init__(self, **settings):
         self.ended = []
-        self.tracer = Tracer(Config(**settings, environ={}), self.ended.append, lambda: None)
+        self.config = Config(**settings, environ={})
+        self.sanitizer = Sanitizer(self.config.sanitize_field_names)
+        self.tracer = Tracer(self.config, self.ended.append, lambda: None)
 
     def events(self, tx):
         return (
-            validate("transaction", intake_v2.transaction(tx)),
+            validate("transaction", intake_v2.transaction(tx, self.config, self.sanitizer)),
             [validate("span", intake_v2.span(s, tx)) for s in tx.spans],
         )
 

@@ -202,8 +202,8 @@ class Client:
         line = intake_v2.line
         if isinstance(item, Transaction):
             self.metrics.record(item.name, item.type, item.duration or 0.0)
-            lines = [line("transaction", intake_v2.transaction(item))]
             config, sanitizer = self.config, self.sanitizer
+            lines = [line("transaction", intake_v2.transaction(item, config, sanitizer))]
             for span in item.spans:
                 frames = span.stacktrace
                 if frames:

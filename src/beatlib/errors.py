@@ -9,22 +9,20 @@ from __future__ import annotations
 import builtins
 import hashlib
 import random
-import re
 import sys
 import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from beatlib.sanitize import Sanitizer, shorten, truncate
+from beatlib.protocol import intake_v2
+from beatlib.protocol.intake_v2 import scalar
+from beatlib.sanitize import Sanitizer, truncate
 from beatlib.stacks import FrameSnapshot, capture_stack, capture_tb_frames, frames_to_intake
 
 # Python 3.11+: the members of an exception group are reported as its causes.
 _GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
-MAX_CHAIN_DEPTH = 10
-_TAG_KEY = re.compile(
-    r'[.*"]'
-)  # chained exceptions kept (causes, contexts and group members together)
+MAX_CHAIN_DEPTH = 10  # chained exceptions kept (causes, contexts and group members together)
 
 ExcInfo = tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
 
@@ -212,7 +210,7 @@ class ErrorSnapshot:
         out: dict[str, Any] = {"id": self.id, "timestamp": self.timestamp}
         for key, value in self.trace.items():
             if key == "transaction":
-                out[key] = {k: _keyword(v, width) for k, v in value.items() if v is not None}
+                out[key] = {k: scalar(v, width) for k, v in value.items() if v is not None}
             else:
                 out[key] = truncate(value, width)
         culprit = self.culprit()
@@ -222,78 +220,13 @@ class ErrorSnapshot:
             out["exception"] = self.exception.to_intake(config, sanitizer)
             out["exception"]["handled"] = self.handled
         if self.log is not None:
-            log = {k: _keyword(v, width) for k, v in self.log.items() if v is not None}
+            log = {k: scalar(v, width) for k, v in self.log.items() if v is not None}
             log["message"] = truncate(self.log["message"], config.max_message_length)
             if self.log_frames is not None:
                 log["stacktrace"] = frames_to_intake(self.log_frames, config, sanitizer)
             out["log"] = log
         if self.context:
-            out["context"] = _context(self.context, config, sanitizer)
+            ctx = intake_v2.context(self.context, None, config, sanitizer)
+            if ctx:
+                out["context"] = ctx
         return out
-
-
-def _keyword(value: Any, width: int) -> Any:
-    """Keyword fields: strings cut to the schema's maxLength; numbers and bools as they are."""
-    if isinstance(value, str):
-        return truncate(value, width)
-    if isinstance(value, float) and value - value != 0:  # nan and inf are not JSON
-        return str(value)
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    return truncate(str(value), width)
-
-
-def _context(ctx: Mapping[str, Any], config: Any, sanitizer: Sanitizer) -> dict[str, Any]:
-    """Context as given by the caller, made safe: keyword fields cut, secrets redacted."""
-    width = config.max_string_length
-    lists = (config.local_var_list_max_length, config.local_var_dict_max_length)
-    out: dict[str, Any] = {}
-    for key, value in ctx.items():
-        if not isinstance(value, Mapping):
-            continue
-        if key == "tags":  # the APM server refuses label keys containing . * or "
-            out[key] = {
-                _TAG_KEY.sub("_", str(k))[:width]: _keyword(v, width) for k, v in value.items()
-            }
-        elif key == "user":  # only the id may be a number
-            out[key] = {
-                str(k): _keyword(v if k == "id" and isinstance(v, int) else str(v), width)
-                for k, v in value.items()
-                if v is not None
-            }
-        elif key == "request":
-            out[key] = _request(value, width, config.max_message_length, sanitizer)
-        else:
-            out[key] = shorten(value, *lists, config.max_message_length, sanitizer.is_sensitive)
-    return out
-
-
-def _request(
-    req: Mapping[str, Any], width: int, max_body: int, sanitizer: Sanitizer
-) -> dict[str, Any]:
-    out = dict(req)
-    out["method"] = _keyword(req.get("method") or "UNKNOWN", width)
-    for key in ("headers", "cookies", "env"):
-        if isinstance(req.get(key), Mapping):
-            clean = sanitizer.headers(req[key]) if key == "headers" else sanitizer.mapping(req[key])
-            out[key] = {str(k): _header_value(v, width) for k, v in clean.items()}
-    if isinstance(req.get("url"), Mapping):
-        url = dict(req["url"])
-        for part in ("full", "raw"):
-            if isinstance(url.get(part), str):
-                url[part] = sanitizer.url(url[part])
-        if isinstance(url.get("search"), str):
-            url["search"] = sanitizer.query_string(url["search"])
-        out["url"] = {k: _keyword(v, width) for k, v in url.items()}
-    body = req.get("body")
-    if isinstance(body, Mapping):
-        out["body"] = sanitizer.mapping(body)
-    elif body is not None:
-        out["body"] = truncate(body if isinstance(body, str) else str(body), max_body)
-    return out
-
-
-def _header_value(value: Any, width: int) -> str | list[str]:
-    if isinstance(value, list | tuple):
-        return [truncate(str(v), width) for v in value]
-    return truncate(value if isinstance(value, str) else str(value), width)

@@ -8,13 +8,17 @@ import math
 from beatlib import context
 from beatlib.config import Config
 from beatlib.protocol import intake_v2
+from beatlib.sanitize import Sanitizer
 from beatlib.tracing import Tracer, capture_span
 from tests.schemas import validate
 
+CONFIG = Config(environ={})
+SANITIZER = Sanitizer(CONFIG.sanitize_field_names)
 
-def _tracer(**settings):
+
+def _tracer():
     ended = []
-    return Tracer(Config(**settings, environ={}), ended.append, lambda: None), ended
+    return Tracer(CONFIG, ended.append, lambda: None), ended
 
 
 class Unprintable:
@@ -47,7 +51,7 @@ def test_transaction_with_hostile_context_is_valid_json_and_schema():
     with capture_span("n" * 2000, "t" * 2000, "s" * 2000, "a" * 2000):
         pass
     tx.end("\udcffname", "r" * 5000)
-    lines = [intake_v2.line("transaction", intake_v2.transaction(tx))]
+    lines = [intake_v2.line("transaction", intake_v2.transaction(tx, CONFIG, SANITIZER))]
     lines += [intake_v2.line("span", intake_v2.span(s, tx)) for s in tx.spans]
     for raw in lines:
         (kind, event), = json.loads(raw).items()

@@ -16,13 +16,15 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from beatlib.sanitize import Sanitizer, shorten, truncate
 from beatlib.version import __version__
 
 if TYPE_CHECKING:
     from beatlib.config import Config
     from beatlib.tracing import Span, Transaction
 
-KEYWORD_LENGTH = 1024
+KEYWORD_LENGTH = 1024  # the schemas' maxLength for keyword fields
+_INT_LIMIT = 2**63  # Elasticsearch longs; bigger integers travel as text
 _dumps = json.JSONEncoder(separators=(",", ":"), default=repr).encode
 _LABEL_KEY_TABLE = str.maketrans({".": "_", "*": "_", '"': "_"})
 _USER_FIELDS = ("id", "username", "email", "domain")
@@ -34,79 +36,124 @@ def line(kind: str, event: Mapping[str, Any]) -> bytes:
 
 
 def keyword(value: Any, limit: int = KEYWORD_LENGTH) -> str:
-    """A keyword field: text, at most `limit` characters (the schemas' maxLength)."""
+    """A keyword field: text, at most `limit` characters, always valid UTF-8."""
     if not isinstance(value, str):
-        value = _text(value)
-    return value if len(value) <= limit else value[: limit - 1] + "…"
+        value = safe_str(value)
+    return truncate(value, min(limit, KEYWORD_LENGTH))
 
 
-def _text(value: Any) -> str:
+def safe_str(value: Any) -> str:
     try:
         return str(value)
     except Exception:
         return f"<unprintable {type(value).__name__} object>"
 
 
-def labels(raw: Mapping[Any, Any]) -> dict[str, Any]:
+def scalar(value: Any, limit: int = KEYWORD_LENGTH) -> Any:
+    """A label or user value: None, bool and JSON-safe numbers as they are, the rest as text."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and -_INT_LIMIT < value < _INT_LIMIT:
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return keyword(value, limit)
+
+
+def labels(raw: Mapping[Any, Any], limit: int = KEYWORD_LENGTH) -> dict[str, Any]:
     """Labels as the schema allows them: keys without `.`, `*`, `"`; flat scalar values."""
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if not isinstance(value, (str, bool, int, float)) and value is not None:
-            value = keyword(value)
-        elif isinstance(value, str):
-            value = keyword(value)
-        elif isinstance(value, float) and not math.isfinite(value):
-            value = str(value)
-        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
-            value = str(value)
-        out[keyword(key).translate(_LABEL_KEY_TABLE)] = value
-    return out
+    return {
+        keyword(key, limit).translate(_LABEL_KEY_TABLE): scalar(value, limit)
+        for key, value in raw.items()
+    }
 
 
-def user(raw: Mapping[str, Any]) -> dict[str, Any]:
+def user(raw: Mapping[str, Any], limit: int = KEYWORD_LENGTH) -> dict[str, Any]:
+    """id, username, email, domain; only the id may stay a number."""
     out: dict[str, Any] = {}
     for field in _USER_FIELDS:
         value = raw.get(field)
-        if value is None:
-            continue
-        if field == "id" and isinstance(value, int) and not isinstance(value, bool):
-            out[field] = value if abs(value) < 2**63 else str(value)
-        else:
-            out[field] = keyword(value)
+        if value is not None:
+            out[field] = scalar(value, limit) if field == "id" else keyword(value, limit)
     return out
 
 
-def _context(raw: Mapping[str, Any] | None, labels_raw: Mapping[str, Any] | None) -> dict | None:
-    ctx: dict[str, Any] = {}
-    if raw:
-        for key, value in raw.items():
-            if key == "user":
-                ctx["user"] = user(value)
-            elif key == "custom":
-                ctx["custom"] = _json_safe(value)
-            else:
-                ctx[key] = value
-    if labels_raw:
-        ctx["tags"] = labels(labels_raw)
-    return ctx or None
+def context(
+    raw: Mapping[str, Any] | None,
+    raw_labels: Mapping[str, Any] | None,
+    config: Config,
+    sanitizer: Sanitizer,
+) -> dict[str, Any] | None:
+    """Context given by the app or an integration, made to fit: keyword fields cut, secrets
+    redacted, free-form data bounded (transactions and errors alike)."""
+    width = config.max_string_length
+    out: dict[str, Any] = {}
+    for key, value in (raw or {}).items():
+        if not isinstance(value, Mapping):
+            continue
+        if key == "tags":
+            out[key] = labels(value, width)
+        elif key == "user":
+            out[key] = user(value, width)
+        elif key == "request":
+            out[key] = request(value, config, sanitizer)
+        elif key == "response" and isinstance(value.get("headers"), Mapping):
+            out[key] = {**value, "headers": _headers(value["headers"], width, sanitizer)}
+        else:
+            out[key] = shorten(
+                value,
+                config.local_var_list_max_length,
+                config.local_var_dict_max_length,
+                config.max_message_length,
+                sanitizer.is_sensitive,
+            )
+    if raw_labels:
+        out["tags"] = {**out.get("tags", {}), **labels(raw_labels, width)}
+    return out or None
 
 
-def _json_safe(value: Any, depth: int = 0) -> Any:
-    """Free-form data (custom context) as plain JSON values, cycles and odd types included."""
-    if value is None or isinstance(value, (str, bool, int)):
-        return value if not isinstance(value, str) else keyword(value, 10000)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if depth >= 8:
-        return keyword(value)
-    if isinstance(value, Mapping):
-        return {keyword(k): _json_safe(v, depth + 1) for k, v in list(value.items())[:200]}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_json_safe(v, depth + 1) for v in list(value)[:200]]
-    return keyword(value)
+def request(req: Mapping[str, Any], config: Config, sanitizer: Sanitizer) -> dict[str, Any]:
+    """An HTTP request context: headers, cookies, env, URL and body redacted and cut."""
+    width = config.max_string_length
+    out = dict(req)
+    out["method"] = keyword(req.get("method") or "UNKNOWN", width)
+    if isinstance(req.get("headers"), Mapping):
+        out["headers"] = _headers(req["headers"], width, sanitizer)
+    for key in ("cookies", "env"):
+        if isinstance(req.get(key), Mapping):
+            clean = sanitizer.mapping(req[key])
+            out[key] = {keyword(k, width): _header_value(v, width) for k, v in clean.items()}
+    if isinstance(req.get("url"), Mapping):
+        url = dict(req["url"])
+        for part in ("full", "raw"):
+            if isinstance(url.get(part), str):
+                url[part] = sanitizer.url(url[part])
+        if isinstance(url.get("search"), str):
+            url["search"] = sanitizer.query_string(url["search"])
+        out["url"] = {k: scalar(v, width) for k, v in url.items()}
+    body = req.get("body")
+    if isinstance(body, Mapping):
+        out["body"] = shorten(
+            sanitizer.mapping(body), 50, 50, config.max_message_length, sanitizer.is_sensitive
+        )
+    elif body is not None:
+        text = body if isinstance(body, str) else safe_str(body)
+        out["body"] = truncate(text, config.max_message_length)
+    return out
 
 
-def transaction(tx: Transaction) -> dict[str, Any]:
+def _headers(headers: Mapping[str, Any], width: int, sanitizer: Sanitizer) -> dict[str, Any]:
+    clean = sanitizer.headers(headers)
+    return {keyword(k, width): _header_value(v, width) for k, v in clean.items()}
+
+
+def _header_value(value: Any, width: int) -> str | list[str]:
+    if isinstance(value, list | tuple):
+        return [keyword(v, width) for v in value]
+    return keyword(value, width)
+
+
+def transaction(tx: Transaction, config: Config, sanitizer: Sanitizer) -> dict[str, Any]:
     """The value under `transaction`; unsampled ones carry no context, only the counts."""
     event: dict[str, Any] = {
         "id": "%016x" % tx.id,
@@ -126,8 +173,8 @@ def transaction(tx: Transaction) -> dict[str, Any]:
         event["parent_id"] = tx.parent_id
     if tx.sample_rate is not None:
         event["sample_rate"] = tx.sample_rate
-    if tx.sampled:
-        ctx = _context(tx.context, tx.labels)
+    if tx.sampled and (tx.context or tx.labels):
+        ctx = context(tx.context, tx.labels, config, sanitizer)
         if ctx:
             event["context"] = ctx
     return event
@@ -156,9 +203,12 @@ def span(sp: Span, tx: Transaction, frames: Any = None) -> dict[str, Any]:
     if tx.sample_rate is not None:
         event["sample_rate"] = tx.sample_rate
     if sp.context or sp.labels:
-        ctx = _context(sp.context, sp.labels)
-        if ctx:
-            event["context"] = ctx
+        # Span context (db, http, destination) is built by our instrumentation; only the
+        # app's labels need normalising.
+        ctx = dict(sp.context) if sp.context else {}
+        if sp.labels:
+            ctx["tags"] = labels(sp.labels)
+        event["context"] = ctx
     if frames:
         event["stacktrace"] = frames
     return event
