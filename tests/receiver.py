@@ -295,7 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         request = {"headers": dict(self.headers), "compressed_size": len(body), "raw_size": 0,
-                   "status": 0}
+                   "status": 0, "time": time.monotonic()}
         auth = self.headers.get("Authorization", "")
         expected = ([f"Bearer {receiver.secret_token}"] if receiver.secret_token else []) + (
             [f"ApiKey {receiver.api_key}"] if receiver.api_key else [])

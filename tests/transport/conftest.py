@@ -3,7 +3,9 @@ valid intake lines, and a factory that closes every transport it made."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,12 +23,20 @@ def metadata() -> bytes:
 
 
 def encode(item: object) -> list[bytes]:
-    """`item` is an int n (a minimal transaction whose id encodes n) or a dict to send as is."""
+    """`item` is an int n (a minimal transaction whose id encodes n), (n, pad) (the same
+    with `pad` random hex digits) or a dict to send as is."""
     if isinstance(item, dict):
         return [json.dumps(item).encode() + b"\n"]
+    pad = 0
+    if isinstance(item, tuple):  # (n, pad): a transaction carrying `pad` random hex digits
+        item, pad = item
     assert isinstance(item, int)
-    tx = {"id": f"{item:016x}", "trace_id": f"{item:032x}", "type": "task", "duration": 1.0,
-          "span_count": {"started": 0}}
+    tx: dict[str, Any] = {
+        "id": f"{item:016x}", "trace_id": f"{item:032x}", "type": "task", "duration": 1.0,
+        "name": hashlib.sha256(b"%d" % item).hexdigest(), "span_count": {"started": 0},
+    }
+    if pad:
+        tx["context"] = {"custom": {"pad": os.urandom(pad // 2).hex()}}
     return [json.dumps({"transaction": tx}, separators=(",", ":")).encode() + b"\n"]
 
 

@@ -139,12 +139,12 @@ class Sender:
         if status in (401, 403):
             self._log.log("auth", logging.ERROR,
                           "APM server token rejected (HTTP %d: %s); check secret_token/api_key; "
-                          "will retry", status, text.strip()[:500])
+                          "will retry", status, " ".join(text.split())[:500])
             return Answer(Verdict.RETRY)
         if status == 429 or status >= 500:
             self._log.log("unavailable", logging.WARNING,
                           "APM server busy or failing (HTTP %d: %s); will retry",
-                          status, text.strip()[:500])
+                          status, " ".join(text.split())[:500])
             return Answer(Verdict.RETRY, _retry_after(resp.headers.get("Retry-After")))
         # 400 (and other 4xx): the batch itself is wrong; sending it again cannot help.
         self._log.log("rejected", logging.ERROR,

@@ -46,22 +46,32 @@ class _Marker:
 class _Batch:
     """One request body being written (gzip stream) or, once sealed, waiting to be sent."""
 
-    __slots__ = ("_gzip", "chunks", "size", "items", "markers", "body")
+    __slots__ = ("_gzip", "chunks", "size", "raw", "raw_out", "items", "markers", "body")
 
     def __init__(self, level: int, metadata: bytes) -> None:
         self._gzip = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip wrapper
         self.chunks: list[bytes] = []
-        self.size = 0  # compressed bytes so far (lags the input by zlib's internal buffer)
+        self.size = 0  # compressed bytes out so far
+        self.raw = 0  # bytes in
+        self.raw_out = 0  # bytes in when zlib last gave output
         self.items = 0
         self.markers: list[_Marker] = []
         self.body = b""
         self.write(metadata)
 
     def write(self, data: bytes) -> None:
+        self.raw += len(data)
         out = self._gzip.compress(data)
         if out:
             self.chunks.append(out)
             self.size += len(out)
+            self.raw_out = self.raw
+
+    def estimated_size(self) -> int:
+        """zlib holds back ~100 kB of input; guess its compressed size from the ratio so far
+        (a conservative 0.3 until there is a real ratio)."""
+        ratio = self.size / self.raw_out if self.raw_out > 16384 else 0.3
+        return self.size + int((self.raw - self.raw_out) * ratio)
 
     def seal(self) -> None:
         self.chunks.append(self._gzip.flush())
@@ -234,15 +244,20 @@ class Transport:
             self._next_flush = now + self._flush_interval
         if self._pending and now >= self._retry_at:
             self._send_head()
+        if self._queue:
+            return 0.0
         now = monotonic()
         wait = self._next_flush - now
         if self._pending:
             wait = min(wait, self._retry_at - now)
         return max(wait, 0.0)
 
-    def _drain(self) -> _Marker | None:
+    def _drain(self, limit: int = 1000) -> _Marker | None:
+        """Encodes up to `limit` queued items (a bound so a busy app cannot starve sending);
+        returns the close marker if it came."""
         q = self._queue
-        while q:
+        while q and limit:
+            limit -= 1
             item = q.popleft()
             if type(item) is _Marker:
                 if item.deadline is not None:
@@ -272,7 +287,7 @@ class Transport:
         for line in lines:
             batch.write(line)
         batch.items += 1
-        if batch.size >= self._max_request_size:
+        if batch.estimated_size() >= self._max_request_size:
             self._seal()
 
     def _metadata_or_none(self) -> bytes | None:
@@ -352,7 +367,7 @@ class Transport:
                 marker.ok = False
 
     def _shut_down(self, close: _Marker) -> None:
-        self._drain()  # items that raced with close()
+        self._drain(len(self._queue))  # items that raced with close()
         self._seal()
         deadline = close.deadline or monotonic()
         while self._pending and monotonic() < deadline:
