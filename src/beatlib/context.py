@@ -7,12 +7,12 @@ was created. A span points at its transaction, so one lookup answers both questi
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
     from beatlib.tracing import Span, Transaction
 
-    Segment = Transaction | Span
+    Segment: TypeAlias = Transaction | Span
 
 active: ContextVar[Segment | None] = ContextVar("beatlib_active", default=None)
 

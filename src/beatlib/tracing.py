@@ -182,7 +182,7 @@ class Span:
     ) -> None:
         self.id = _getrandbits(64) or 1
         self.parent = parent
-        self.transaction = parent.transaction
+        self.transaction: Transaction = parent.transaction
         self.name = name
         self.type = span_type
         self.subtype = subtype
