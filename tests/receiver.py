@@ -13,8 +13,10 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
 import time
+import traceback
 import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -142,8 +144,8 @@ class Receiver:
             pass
 
         Handler.receiver = receiver
-        server = ThreadingHTTPServer((self.host, self.port), Handler)
-        server.daemon_threads = True
+        server = _Server((self.host, self.port), Handler)
+        server.receiver = self
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -250,6 +252,19 @@ def check_body(raw: bytes) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple
         else:
             valid.append((kind, event))
     return valid, invalid
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    receiver: Receiver
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # the client went away or we reset it on purpose
+            return
+        # A bug in the receiver must fail the test, not scroll by on stderr.
+        with self.receiver._cond:
+            self.receiver.invalid.append(("<receiver>", traceback.format_exc()))
 
 
 class _Handler(BaseHTTPRequestHandler):

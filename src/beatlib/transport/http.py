@@ -11,7 +11,6 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import urllib3
@@ -56,12 +55,6 @@ class Verdict(enum.Enum):
     DROP = "drop"  # the server will never take this batch (400 and other 4xx)
 
 
-@dataclass
-class Answer:
-    verdict: Verdict
-    retry_after: float | None = None
-
-
 class Backoff:
     """Exponential backoff with jitter, capped; a server's Retry-After wins when it gives one."""
 
@@ -99,24 +92,19 @@ class Sender:
             self.headers["Authorization"] = f"ApiKey {config.api_key}"
         elif config.secret_token:
             self.headers["Authorization"] = f"Bearer {config.secret_token}"
-        self._pool_kwargs: dict[str, Any] = {"maxsize": 1}
-        if config.server_url.startswith("https:"):
-            if config.verify_server_cert:
-                self._pool_kwargs["cert_reqs"] = "CERT_REQUIRED"
-                if config.server_ca_cert_file:
-                    self._pool_kwargs["ca_certs"] = config.server_ca_cert_file
-            else:
-                self._pool_kwargs["cert_reqs"] = "CERT_NONE"
-                self._pool_kwargs["assert_hostname"] = False
+        # urllib3 verifies TLS by default (system CAs); only an explicit opt-out turns it off.
+        self._pool_kwargs: dict[str, Any] = {"maxsize": 1, "ca_certs": config.server_ca_cert_file}
+        if not config.verify_server_cert:
+            self._pool_kwargs.update(cert_reqs="CERT_NONE", assert_hostname=False)
         self.reset_pool()
 
     def reset_pool(self) -> None:
         """A fresh pool; used after fork, where the parent's sockets must not be shared."""
         self.pool = urllib3.PoolManager(**self._pool_kwargs)
 
-    def send(self, body: bytes, timeout: float | None = None) -> Answer:
-        """One attempt; never raises. `timeout` caps both connect and read (default
-        server_timeout)."""
+    def send(self, body: bytes, timeout: float | None = None) -> tuple[Verdict, float | None]:
+        """One attempt; never raises. Returns the verdict and the server's Retry-After, if any.
+        `timeout` caps both connect and read (default server_timeout)."""
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         try:
             resp = self.pool.request(
@@ -131,26 +119,26 @@ class Sender:
         except Exception as exc:  # refused, reset, timeout, TLS: all mean "try later"
             self._log.log("unreachable", logging.WARNING,
                           "APM server %s unreachable (%s); will retry", self.url, exc)
-            return Answer(Verdict.RETRY)
+            return Verdict.RETRY, None
         status = resp.status
         if 200 <= status < 300:
-            return Answer(Verdict.SENT)
+            return Verdict.SENT, None
         text = resp.data.decode("utf-8", "replace")
         if status in (401, 403):
             self._log.log("auth", logging.ERROR,
                           "APM server token rejected (HTTP %d: %s); check secret_token/api_key; "
                           "will retry", status, " ".join(text.split())[:500])
-            return Answer(Verdict.RETRY)
+            return Verdict.RETRY, None
         if status == 429 or status >= 500:
             self._log.log("unavailable", logging.WARNING,
                           "APM server busy or failing (HTTP %d: %s); will retry",
                           status, " ".join(text.split())[:500])
-            return Answer(Verdict.RETRY, _retry_after(resp.headers.get("Retry-After")))
+            return Verdict.RETRY, _retry_after(resp.headers.get("Retry-After"))
         # 400 (and other 4xx): the batch itself is wrong; sending it again cannot help.
         self._log.log("rejected", logging.ERROR,
                       "APM server rejected a batch (HTTP %d), dropping it: %s",
                       status, _server_message(text)[:2000])
-        return Answer(Verdict.DROP)
+        return Verdict.DROP, None
 
 
 def _retry_after(value: str | None) -> float | None:
