@@ -186,3 +186,17 @@ def test_abandoned_transport_is_collected_and_its_worker_ends(make_transport, re
     assert ref() is None
     worker.join(2)
     assert not worker.is_alive()
+
+
+def test_on_tick_items_ship_every_flush_interval(make_transport, receiver):
+    ticks = []
+
+    def on_tick():  # e.g. the client's metricsets
+        ticks.append(len(ticks) + 1)
+        return [1000 + ticks[-1]]
+
+    transport = make_transport(receiver, transport_kwargs={"on_tick": on_tick})
+    transport.queue(0)  # starts the worker
+    assert receiver.wait_for("transaction", 4, timeout=3)
+    got = sent_numbers(receiver)
+    assert got[0] == 0 and got[1:4] == [1001, 1002, 1003]

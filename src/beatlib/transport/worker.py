@@ -13,7 +13,7 @@ import threading
 import weakref
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from time import monotonic
 from typing import Any
 
@@ -82,8 +82,9 @@ class Transport:
     """Queues items from any thread and ships them in the background; see docs/ for the rules.
 
     `encode(item)` returns NDJSON lines (bytes ending in b"\\n"), `metadata()` the metadata
-    line; both run on the worker thread. The keyword arguments tune retry spacing and
-    compression (tests use short backoffs); the defaults suit production.
+    line; both run on the worker thread. `on_tick()` (worker thread, every flush_interval)
+    returns items to send with that tick, e.g. metricsets. The other keyword arguments tune
+    retry spacing, compression and log rate (tests use short backoffs).
     """
 
     def __init__(
@@ -96,8 +97,10 @@ class Transport:
         backoff_max: float = 60.0,
         compress_level: int = 2,  # measured: as fast as 1, smaller output; 6 is 2x slower
         log_interval: float = 60.0,
+        on_tick: Callable[[], Iterable[object]] | None = None,
     ) -> None:
         self._encode = encode
+        self._on_tick = on_tick
         self._metadata = metadata
         self._max_queue_events = config.max_queue_events
         # Wake the worker early only when this many items wait; otherwise the flush tick does.
@@ -239,6 +242,7 @@ class Transport:
         self._drain()
         now = monotonic()
         if now >= self._next_flush:
+            self._tick()
             self._seal()
             self._next_flush = now + self._flush_interval
         if self._pending and now >= self._retry_at:
@@ -250,6 +254,18 @@ class Transport:
         if self._pending:
             wait = min(wait, self._retry_at - now)
         return max(wait, 0.0)
+
+    def _tick(self) -> None:
+        """Periodic items (e.g. metricsets) join the batch sent at each flush_interval."""
+        if self._on_tick is None:
+            return
+        try:
+            items = list(self._on_tick())
+        except Exception:
+            self._log.log("tick", logging.ERROR, "beatlib: on_tick failed", exc_info=True)
+            return
+        for item in items:
+            self._add(item)
 
     def _drain(self, limit: int = 1000) -> None:
         """Encodes up to `limit` queued items: a bound, so a busy app cannot starve sending."""
