@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from types import TracebackType
 from typing import Any
 
@@ -59,12 +58,15 @@ class Client:
     def __init__(self, config: Config | None = None, **settings: Any) -> None:
         global _default_client
         self.config = config if config is not None else Config(**settings)
+        if self.config.log_level:
+            logger.setLevel(self.config.log_level.upper())
         self.sanitizer = Sanitizer(self.config.sanitize_field_names)
         self.metrics = LatencyMetrics()
         self.framework: tuple[str, str] | None = None
         self._metadata: tuple[int, bytes] | None = None
-        self._metrics_due = time.monotonic() + self.config.flush_interval
-        self.transport = Transport(self.config, self._encode, self._metadata_line)
+        self.transport = Transport(
+            self.config, self._encode, self._metadata_line, on_tick=self.collect_metrics
+        )
         self.tracer = Tracer(self.config, self.transport.queue, self._capture_span_stack)
         _default_client = self
 
@@ -213,14 +215,11 @@ class Client:
             lines = [line("error", item.to_intake(self.config, self.sanitizer))]
         else:
             lines = [line("metricset", item)]
-        now = time.monotonic()
-        if now >= self._metrics_due:
-            self._metrics_due = now + self.config.flush_interval
-            lines.extend(line("metricset", m) for m in self.collect_metrics())
         return lines
 
     def collect_metrics(self) -> list[dict[str, Any]]:
-        """Latency, process and transport metricsets since the last call (worker thread)."""
+        """Latency, process and transport metricsets since the last call; the transport asks
+        for them every flush interval and at close (worker thread)."""
         sets = self.metrics.collect()
         stats = self.transport.stats()
         sets.append({

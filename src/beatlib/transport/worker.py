@@ -386,6 +386,7 @@ class Transport:
             else:
                 unencoded += 1
         self._counts["queued"] += unencoded
+        self._tick()  # the last metrics go out with the last batch
         self._seal()
         while self._pending and monotonic() < deadline:
             if self._send_head(deadline - monotonic()) is Verdict.RETRY:
