@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -138,8 +139,14 @@ def test_bad_setting_raises_config_error_naming_it():
         beatlib.Client(environ={"BEATLIB_SERVER_URL": "ftp://x"})
 
 
-def test_begin_end_never_block_while_the_server_is_down(receiver):
-    receiver.stop()
+@pytest.mark.parametrize("outage", ["down", "503", "429"])
+def test_begin_end_never_block_during_an_outage_and_nothing_is_lost(receiver, outage):
+    if outage == "down":
+        receiver.stop()
+    elif outage == "503":
+        receiver.respond_with(503, {"accepted": 0, "errors": [{"message": "queue is full"}]})
+    else:
+        receiver.respond_with(429, headers={"Retry-After": "30"})
     c = beatlib.Client(server_url=receiver.url, flush_interval="50ms", environ={})
     slowest = 0.0
     for i in range(2000):
@@ -149,8 +156,41 @@ def test_begin_end_never_block_while_the_server_is_down(receiver):
             pass
         c.end_transaction(f"job-{i % 7}")
         slowest = max(slowest, time.perf_counter() - start)
+        if i % 500 == 0:
+            time.sleep(0.06)  # let the worker try, and fail, while the app goes on
     assert slowest < 0.05, f"a begin/end pair took {slowest * 1000:.1f} ms"
-    receiver.start()
+    assert c.transport.stats()["sent_events"] == 0
+    if outage == "down":
+        receiver.start()
+    else:
+        receiver.behave()
     assert c.close(20)
     ids = [t["id"] for t in receiver.events("transaction")]
     assert len(ids) == 2000 and len(set(ids)) == 2000
+    assert len(receiver.events("span")) == 2000
+
+
+def test_forked_child_ships_its_own_events(receiver):
+    c = beatlib.Client(server_url=receiver.url, flush_interval="50ms", environ={})
+    c.begin_transaction("task")
+    c.end_transaction("before fork")
+    assert c.flush(5)
+    pid = os.fork()
+    if pid == 0:  # the child: record, ship, and report through the exit code
+        ok = False
+        try:
+            for _ in range(5):
+                c.begin_transaction("task")
+                c.end_transaction("in child")
+            ok = c.close(5)
+        finally:
+            os._exit(0 if ok else 1)
+    c.begin_transaction("task")
+    c.end_transaction("in parent")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert c.close(5)
+    names = sorted(t["name"] for t in receiver.events("transaction"))
+    assert names == ["before fork", "in child", "in child", "in child", "in child", "in child",
+                     "in parent"]
+    assert {m["process"]["pid"] for m in receiver.metadata} == {os.getpid(), pid}

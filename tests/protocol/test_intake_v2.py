@@ -71,3 +71,32 @@ def test_metadata_is_valid_and_names_the_agent():
     assert meta["service"]["framework"] == {"name": "flask", "version": "3.1"}
     assert meta["service"]["version"] == "1.2" and meta["service"]["environment"] == "prod"
     assert meta["process"]["pid"] > 0
+
+
+def test_request_context_is_redacted_and_cut():
+    tracer, _ = _tracer()
+    tx = tracer.begin_transaction("request")
+    tx.set_context("request", {
+        "method": "POST",
+        "headers": {"Authorization": "Bearer abc", "X-Api-Key": "k", "Accept": "text/html",
+                    "Cookie": "sessionid=s3cr3t; theme=dark"},
+        "cookies": {"sessionid": "s3cr3t", "theme": "dark"},
+        "url": {"full": "https://bob:hunter2@shop.example/pay?card_number=4111&page=2",
+                "search": "card_number=4111&page=2", "hostname": "shop.example"},
+        "body": {"password": "hunter2", "amount": 12, "note": "n" * 20000},
+    })  # fmt: skip
+    tx.set_context("response", {"status_code": 200, "headers": {"Set-Cookie": "sid=1"}})
+    tx.end("POST /pay", "HTTP 2xx")
+    event = validate("transaction", intake_v2.transaction(tx, CONFIG, SANITIZER))
+    req = event["context"]["request"]
+    text = json.dumps(event)
+    assert "abc" not in text and "s3cr3t" not in text and "hunter2" not in text
+    assert "4111" not in text
+    assert req["headers"]["Accept"] == "text/html"
+    assert req["headers"]["Authorization"] == "[REDACTED]"
+    assert req["cookies"] == {"sessionid": "[REDACTED]", "theme": "dark"}
+    assert req["url"]["full"].startswith("https://bob:[REDACTED]@shop.example/pay?")
+    assert "page=2" in req["url"]["search"]
+    assert req["body"]["amount"] == 12 and len(req["body"]["note"]) <= CONFIG.max_message_length
+    assert event["context"]["response"]["headers"]["Set-Cookie"] == "[REDACTED]"
+    context.set_active(None)
