@@ -73,13 +73,31 @@ def format_traceparent(trace_id: str, span_id: str, sampled: bool) -> str:
     return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
 
 
-class Transaction:
+class Segment:
+    """What transactions and spans share: labels and context set by the app or integrations."""
+
+    __slots__ = ("labels", "context")
+    labels: dict[str, Any] | None
+    context: dict[str, Any] | None
+
+    def set_label(self, key: str, value: Any) -> None:
+        if self.labels is None:
+            self.labels = {}
+        self.labels[key] = value
+
+    def set_context(self, key: str, value: Any) -> None:
+        if self.context is None:
+            self.context = {}
+        self.context[key] = value
+
+
+class Transaction(Segment):
     """One request or job: the root of a trace in this service."""
 
     __slots__ = (
         "tracer", "id", "trace_id", "parent_id", "name", "type", "result", "outcome",
         "sampled", "sample_rate", "tracestate", "timestamp", "start", "duration", "ended",
-        "spans", "spans_dropped", "labels", "context", "leaf",
+        "spans", "spans_dropped", "leaf",
     )  # fmt: skip
 
     def __init__(
@@ -98,8 +116,8 @@ class Transaction:
         self.ended = False
         self.spans: list[Span] = []
         self.spans_dropped = 0
-        self.labels: dict[str, Any] | None = None
-        self.context: dict[str, Any] | None = None
+        self.labels = None
+        self.context = None
         self.leaf = False
         rate = tracer.sample_rate
         if trace_parent is None:
@@ -126,18 +144,8 @@ class Transaction:
         return None
 
     def traceparent(self) -> str:
-        """The `traceparent` header value naming this transaction."""
+        """The `traceparent` header value naming this transaction as the caller."""
         return format_traceparent(self.trace_id, "%016x" % self.id, self.sampled)
-
-    def set_label(self, key: str, value: Any) -> None:
-        if self.labels is None:
-            self.labels = {}
-        self.labels[key] = value
-
-    def set_context(self, key: str, value: Any) -> None:
-        if self.context is None:
-            self.context = {}
-        self.context[key] = value
 
     def end(self, name: str | None = None, result: str | None = None) -> None:
         """End the transaction and hand it to the tracer's queue; ending twice does nothing."""
@@ -162,12 +170,12 @@ class Transaction:
         self.tracer.queue(self)
 
 
-class Span:
+class Span(Segment):
     """A timed piece of work inside a transaction: a query, an HTTP call, a template render."""
 
     __slots__ = (
         "id", "parent", "transaction", "name", "type", "subtype", "action", "start",
-        "duration", "outcome", "labels", "context", "leaf", "sync", "stacktrace",
+        "duration", "outcome", "leaf", "sync", "stacktrace",
     )  # fmt: skip
 
     def __init__(
@@ -188,7 +196,7 @@ class Span:
         self.subtype = subtype
         self.action = action
         self.labels = labels
-        self.context: dict[str, Any] | None = None
+        self.context = None
         self.leaf = leaf
         self.sync: bool | None = None
         self.duration: float | None = None
@@ -204,16 +212,6 @@ class Span:
         """The `traceparent` header value naming this span as the caller."""
         tx = self.transaction
         return format_traceparent(tx.trace_id, "%016x" % self.id, tx.sampled)
-
-    def set_label(self, key: str, value: Any) -> None:
-        if self.labels is None:
-            self.labels = {}
-        self.labels[key] = value
-
-    def set_context(self, key: str, value: Any) -> None:
-        if self.context is None:
-            self.context = {}
-        self.context[key] = value
 
     def end(self, exc: BaseException | None = None) -> None:
         """End the span (outcome failure when `exc` is given); later calls do nothing."""
