@@ -133,6 +133,19 @@ def test_connection_resets_are_retried(make_transport, receiver):
     assert transport.stats()["retried"] == 3
 
 
+def test_huge_garbage_reply_is_read_bounded_and_retried(make_transport, receiver):
+    transport = make_transport(receiver)
+    receiver.respond_with(502, body=b"<html>" + b"x" * 5_000_000, times=1)
+    receiver.respond_with(200, body=b"y" * 200_000, times=1)  # odd, but a success
+    for n in range(10):
+        transport.queue(n)
+    assert transport.flush(5)
+    for n in range(10, 20):
+        transport.queue(n)
+    assert transport.flush(5)
+    assert transport.stats()["retried"] == 1 and transport.stats()["sent_events"] == 20
+
+
 def test_long_outage_drops_oldest_within_max_buffer_size(make_transport, receiver):
     buffer_size = 256 * 1024
     transport = make_transport(receiver, max_buffer_size=buffer_size, max_request_size="16kb",

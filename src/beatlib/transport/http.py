@@ -75,6 +75,9 @@ class Backoff:
         self.failures = 0
 
 
+_MAX_REPLY = 64 * 1024  # bytes of a server reply we read; error bodies are small
+
+
 class Sender:
     """POSTs compressed batches with one pooled, TLS-verifying urllib3 PoolManager."""
 
@@ -115,7 +118,14 @@ class Sender:
                 timeout=urllib3.Timeout(connect=timeout, read=timeout),
                 retries=False,
                 redirect=False,
+                preload_content=False,
             )
+            # Read a bounded reply: a broken proxy must not make us hold megabytes.
+            data = resp.read(_MAX_REPLY + 1)
+            if len(data) > _MAX_REPLY:
+                resp.close()  # the rest stays unread, so this connection cannot be reused
+            else:
+                resp.release_conn()
         except Exception as exc:  # refused, reset, timeout, TLS: all mean "try later"
             self._log.log("unreachable", logging.WARNING,
                           "APM server %s unreachable (%s); will retry", self.url, exc)
@@ -123,7 +133,7 @@ class Sender:
         status = resp.status
         if 200 <= status < 300:
             return Verdict.SENT, None
-        text = resp.data.decode("utf-8", "replace")
+        text = data[:_MAX_REPLY].decode("utf-8", "replace")
         if status in (401, 403):
             self._log.log("auth", logging.ERROR,
                           "APM server token rejected (HTTP %d: %s); check secret_token/api_key; "
