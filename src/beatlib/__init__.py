@@ -11,6 +11,7 @@ from beatlib.client import Client, get_client
 from beatlib.config import Config, ConfigError
 from beatlib.context import current_span as get_current_span
 from beatlib.context import current_transaction as get_current_transaction
+from beatlib.instrumentation.registry import instrument, uninstrument
 from beatlib.tracing import (
     OUTCOMES,
     Span,
@@ -25,8 +26,9 @@ from beatlib.version import __version__
 __all__ = [
     "Client", "Config", "ConfigError", "Span", "TraceParent", "Transaction", "__version__",
     "capture_span", "format_traceparent", "get_client", "get_current_span",
-    "get_current_transaction", "label", "parse_traceparent", "set_context",
+    "get_current_transaction", "instrument", "label", "parse_traceparent", "set_context",
     "set_transaction_name", "set_transaction_outcome", "set_transaction_result", "set_user",
+    "uninstrument",
 ]  # fmt: skip
 
 

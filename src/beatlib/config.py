@@ -266,6 +266,9 @@ class Config:
     span_stack_trace_min_duration: float = _setting(
         -1, duration(zero=True, off=True), "Spans this long get a stack trace; 0: all, -1: none")
     log_level: str | None = _setting(None, choice(*_LOG_LEVELS), "Level of beatlib's own logger")
+    instrument: bool = _setting(True, boolean(), "False: `instrument()` patches nothing")
+    disabled_instrumentations: tuple[str, ...] = _setting(
+        (), names(lower=True), "Instrumentations left off, e.g. jinja2,requests")
 
     def __init__(self, *, environ: Mapping[str, str] | None = None, **kwargs: object) -> None:
         self._load(kwargs, environ)

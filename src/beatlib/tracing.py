@@ -256,6 +256,20 @@ def start_span(
     return span
 
 
+def outgoing_headers() -> dict[str, str] | None:
+    """`traceparent` (and `tracestate`) naming the active span or transaction, for a call to
+    another service; also for unsampled transactions, so the callee follows our decision.
+    None outside a transaction."""
+    segment = get_active()
+    if segment is None or segment.transaction.ended:
+        return None
+    headers = {"traceparent": segment.traceparent()}
+    tracestate = segment.transaction.tracestate
+    if tracestate:
+        headers["tracestate"] = tracestate
+    return headers
+
+
 class capture_span:  # noqa: N801 - lower case: it reads as a function at call sites
     """Record a span around a block (`with capture_span(...)`) or a function (decorator).
 

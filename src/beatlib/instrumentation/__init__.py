@@ -1,0 +1,1 @@
+"""Automatic instrumentation: one module per library, patched by `registry.instrument()`."""

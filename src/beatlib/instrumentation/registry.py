@@ -1,0 +1,173 @@
+"""`instrument()` / `uninstrument()`: patch every supported library, whatever the import order.
+
+Each library has one small module here with an `Instrumentation` subclass that names the
+module to hook, the supported versions and what it wraps. Patching happens in a wrapt
+post-import hook, so a library imported after `instrument()` is patched when it arrives.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import logging
+import re
+import sys
+import threading
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, ClassVar
+
+import wrapt
+
+logger = logging.getLogger("beatlib.instrumentation")
+
+# "module:Class" of every instrumentation; each module imports nothing of its library.
+AVAILABLE = (
+    "beatlib.instrumentation.sqlite3:SQLite3",
+    "beatlib.instrumentation.psycopg:Psycopg",
+    "beatlib.instrumentation.psycopg2:Psycopg2",
+    "beatlib.instrumentation.pymysql:PyMySQL",
+    "beatlib.instrumentation.sqlalchemy:SQLAlchemy",
+    "beatlib.instrumentation.requests:Requests",
+    "beatlib.instrumentation.urllib3:Urllib3",
+    "beatlib.instrumentation.httpx:Httpx",
+    "beatlib.instrumentation.jinja2:Jinja2",
+    "beatlib.instrumentation.mako:Mako",
+    "beatlib.instrumentation.django_templates:DjangoTemplates",
+)
+
+Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
+
+
+class Instrumentation:
+    """One library: which module to hook, which versions, and what `patch()` wraps.
+
+    Subclasses set the class attributes and implement `patch(module)` with `self.wrap(...)`
+    calls; `unpatch()` puts back exactly what `wrap` replaced.
+    """
+
+    name: ClassVar[str]  # the key in disabled_instrumentations
+    module: ClassVar[str]  # the import that triggers patching
+    distribution: ClassVar[str | None] = None  # the installed package whose version is checked
+    versions: ClassVar[tuple[str, str | None]] = ("0", None)  # [lowest, below) supported
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.patched = False
+        self._replaced: list[tuple[Any, str, Any, bool]] = []
+
+    def patch(self, module: ModuleType) -> None:
+        raise NotImplementedError
+
+    def wrap(self, owner: Any, path: str, wrapper: Wrapper) -> None:
+        """Wrap `owner.<path>` (e.g. "Session.send") with a wrapt function wrapper."""
+        parent, attribute, original = wrapt.resolve_path(owner, path)
+        own = attribute in vars(parent)  # else it came from a base class: delete, not restore
+        wrapt.wrap_function_wrapper(owner, path, wrapper)
+        self._replaced.append((parent, attribute, original, own))
+
+    def unpatch(self) -> None:
+        while self._replaced:
+            parent, attribute, original, own = self._replaced.pop()
+            if own:
+                setattr(parent, attribute, original)
+            else:
+                delattr(parent, attribute)
+
+    def supported(self) -> tuple[bool, str | None]:
+        """(whether the installed version is supported, that version)."""
+        if self.distribution is None:
+            return True, None
+        try:
+            version = importlib.metadata.version(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return True, None  # vendored or built in: trust the import
+        lowest, below = self.versions
+        found = _parse(version)
+        return found >= _parse(lowest) and (below is None or found < _parse(below)), version
+
+
+def _parse(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+_lock = threading.RLock()
+_instances: dict[str, Instrumentation] = {}
+_hooked: set[str] = set()
+
+
+def _all() -> list[Instrumentation]:
+    if not _instances:
+        for spec in AVAILABLE:
+            module_name, class_name = spec.split(":")
+            try:
+                cls = getattr(importlib.import_module(module_name), class_name)
+            except Exception:  # our own bug; the other libraries are still instrumented
+                logger.error("beatlib: instrumentation %s failed to load", spec, exc_info=True)
+                continue
+            _instances[cls.name] = cls()
+    return list(_instances.values())
+
+
+def instrument(config: Any = None) -> list[str]:
+    """Patch every supported library that is importable now or imported later.
+
+    Idempotent and thread-safe. Honours `instrument` and `disabled_instrumentations` (from
+    `config`, else the default client's, else the environment). Returns the names enabled.
+    """
+    if config is None:
+        from beatlib.client import get_client
+        from beatlib.config import Config
+
+        client = get_client()
+        config = client.config if client is not None else Config()
+    if not config.instrument:
+        return []
+    with _lock:
+        enabled = []
+        for inst in _all():
+            if inst.name in config.disabled_instrumentations:
+                continue
+            inst.enabled = True
+            enabled.append(inst.name)
+            if inst.module in sys.modules:
+                _on_import(inst, sys.modules[inst.module])
+            if inst.name not in _hooked:
+                _hooked.add(inst.name)
+                wrapt.register_post_import_hook(functools.partial(_on_import, inst), inst.module)
+        return enabled
+
+
+def uninstrument() -> None:
+    """Put every patched function back; hooks stay registered but do nothing until the next
+    `instrument()`."""
+    with _lock:
+        for inst in _instances.values():
+            inst.enabled = False
+            if inst.patched:
+                inst.unpatch()
+                inst.patched = False
+
+
+def instrumented() -> list[str]:
+    """Names of the libraries patched right now."""
+    with _lock:
+        return [inst.name for inst in _instances.values() if inst.patched]
+
+
+def _on_import(inst: Instrumentation, module: ModuleType) -> None:
+    with _lock:
+        if not inst.enabled or inst.patched:
+            return
+        ok, version = inst.supported()
+        if not ok:
+            logger.debug("beatlib: %s %s is not supported (%s to %s); not instrumented",
+                         inst.name, version, *inst.versions)
+            return
+        try:
+            inst.patch(module)
+            inst.patched = True
+        except Exception:
+            logger.debug("beatlib: could not instrument %s", inst.name, exc_info=True)
+            inst.unpatch()

@@ -1,0 +1,172 @@
+"""SQL span names: a short signature of a statement ("SELECT FROM items", "INSERT INTO orders").
+
+A small tokenizer skips comments, string literals and quoting, so names stay few (no values
+in them) and no table name is invented: when the statement is not understood, the signature
+is just its first keyword.
+"""
+
+from __future__ import annotations
+
+import re
+
+_TOKEN = re.compile(
+    r"""
+      (?P<space>\s+)
+    | (?P<comment>--[^\n]*|\#[^\n]*|/\*.*?(?:\*/|\Z))
+    | (?P<string>'(?:[^']|'')*(?:'|\Z)
+                |[eE]'(?:[^'\\]|\\.|'')*(?:'|\Z)
+                |\$(?P<tag>\w*)\$.*?(?:\$(?P=tag)\$|\Z))
+    | (?P<quoted>"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^\]]*\]?)
+    | (?P<word>[^\W\d]\w*(?:\$\w*)*)
+    | (?P<number>\d[\w.]*)
+    | (?P<punct>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_INSERT_MODIFIERS = frozenset(
+    ("INTO", "IGNORE", "OR", "REPLACE", "LOW_PRIORITY", "DELAYED", "HIGH_PRIORITY", "ROLLBACK",
+     "ABORT", "FAIL")
+)
+_MAX_TOKENS = 2000  # signatures come from the start of a statement; enough for long CTEs
+
+
+Token = tuple[str, str, str]  # (kind, upper-cased text, text as written)
+
+
+def _tokens(sql: str) -> list[Token]:
+    """word, ident (a quoted name, unquoted), punct, string or number tokens."""
+    out: list[Token] = []
+    for match in _TOKEN.finditer(sql):
+        kind = match.lastgroup
+        if kind == "tag":  # the dollar-quote tag group ends inside a string match
+            kind = "string"
+        if kind in ("space", "comment"):
+            continue
+        text = match.group()
+        if kind == "quoted":
+            text = text[1:-1] if len(text) > 1 else ""
+            out.append(("ident", text, text))
+        elif kind in ("word", "punct"):
+            out.append((kind, text.upper(), text))
+        else:
+            out.append((kind or "punct", "", ""))
+        if len(out) >= _MAX_TOKENS:
+            break
+    return out
+
+
+def signature(sql: str) -> str:
+    """The signature of one statement; "" for an empty one."""
+    try:
+        return _signature(_tokens(sql), 0)
+    except Exception:  # never let naming a span break a query
+        return ""
+
+
+def _name(tokens: list[Token], i: int) -> str | None:
+    """A possibly dotted table name starting at tokens[i], as written, or None."""
+    parts = []
+    while i < len(tokens) and tokens[i][0] in ("word", "ident"):
+        parts.append(tokens[i][2])
+        if i + 1 < len(tokens) and tokens[i + 1][1] == ".":
+            i += 2
+        else:
+            break
+    return ".".join(parts) if parts else None
+
+
+def _closing(tokens: list[Token], i: int) -> int:
+    """Index just past the parenthesis closing the one at tokens[i]."""
+    depth = 0
+    for j in range(i, len(tokens)):
+        if tokens[j][1] == "(":
+            depth += 1
+        elif tokens[j][1] == ")":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    return len(tokens)
+
+
+def _signature(tokens: list[Token], i: int) -> str:
+    while i < len(tokens) and tokens[i][1] == "(":
+        i += 1  # "(SELECT ...) UNION (...)": the first branch names it
+    if i >= len(tokens) or tokens[i][0] != "word":
+        return ""
+    keyword = tokens[i][1]
+    if keyword == "WITH":
+        return _signature(tokens, _after_ctes(tokens, i + 1))
+    if keyword == "SELECT":
+        return _select(tokens, i + 1)
+    if keyword in ("INSERT", "REPLACE", "MERGE"):
+        j = i + 1
+        while j < len(tokens) and tokens[j][1] in _INSERT_MODIFIERS:
+            j += 1
+        table = _name(tokens, j)
+        return f"{keyword} INTO {table}" if table else keyword
+    if keyword == "UPDATE":
+        j = i + 1
+        while j < len(tokens) and tokens[j][1] in ("ONLY", "LOW_PRIORITY", "IGNORE", "OR"):
+            j += 1
+        table = _name(tokens, j)
+        return f"UPDATE {table}" if table else keyword
+    if keyword == "DELETE":
+        j = i + 1
+        if j < len(tokens) and tokens[j][1] == "FROM":
+            j += 1
+        while j < len(tokens) and tokens[j][1] == "ONLY":
+            j += 1
+        table = _name(tokens, j)
+        return f"DELETE FROM {table}" if table else keyword
+    if keyword in ("CALL", "EXEC", "EXECUTE"):
+        proc = _name(tokens, i + 1)
+        return f"{keyword} {proc}" if proc else keyword
+    if keyword in ("CREATE", "DROP", "ALTER", "TRUNCATE") and i + 1 < len(tokens):
+        j = i + 1
+        while j < len(tokens) and tokens[j][1] in ("TEMP", "TEMPORARY", "UNIQUE", "OR", "REPLACE"):
+            j += 1
+        if j < len(tokens) and tokens[j][1] in ("TABLE", "INDEX", "VIEW", "SCHEMA", "DATABASE"):
+            kind = tokens[j][1]
+            j += 1
+            while j < len(tokens) and tokens[j][1] in ("IF", "NOT", "EXISTS", "CONCURRENTLY"):
+                j += 1
+            name = _name(tokens, j)
+            return f"{keyword} {kind} {name}" if name else f"{keyword} {kind}"
+    return keyword
+
+
+def _after_ctes(tokens: list[Token], i: int) -> int:
+    """Skip `[RECURSIVE] name [(cols)] AS [NOT] [MATERIALIZED] (...) [, ...]`."""
+    if i < len(tokens) and tokens[i][1] == "RECURSIVE":
+        i += 1
+    while i < len(tokens):
+        while i < len(tokens) and tokens[i][1] != "(":
+            i += 1  # the name, column list opener, AS, MATERIALIZED
+        if i < len(tokens) and tokens[i - 1][1] not in ("AS", "MATERIALIZED"):
+            i = _closing(tokens, i)  # a column list: the body's parenthesis comes next
+            continue
+        i = _closing(tokens, i)
+        if i < len(tokens) and tokens[i][1] == ",":
+            i += 1
+            continue
+        return i
+    return i
+
+
+def _select(tokens: list[Token], i: int) -> str:
+    depth = 0
+    while i < len(tokens):
+        token = tokens[i][1]
+        if token == "(":
+            depth += 1
+        elif token == ")":
+            depth -= 1
+        elif depth == 0 and token == "FROM" and tokens[i][0] == "word":
+            if i + 1 < len(tokens) and tokens[i + 1][1] == "(":
+                inner = _signature(tokens, i + 2)  # FROM (subquery): its table names it
+                table = inner.split(" FROM ", 1)[1] if " FROM " in inner else None
+            else:
+                table = _name(tokens, i + 1)
+            return f"SELECT FROM {table}" if table else "SELECT"
+        i += 1
+    return "SELECT"

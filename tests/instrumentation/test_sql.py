@@ -1,0 +1,62 @@
+"""SQL signatures name DB spans: few distinct names, no values, no invented tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from beatlib.instrumentation.sql import signature
+
+
+@pytest.mark.parametrize(
+    "sql, expected",
+    [
+        ("SELECT * FROM items WHERE id = 1", "SELECT FROM items"),
+        ("select a, b from public.Items i join authors a on a.id = i.author_id",
+         "SELECT FROM public.Items"),
+        ('SELECT "x" FROM "My Table"', "SELECT FROM My Table"),
+        ("SELECT `a` FROM `shop`.`orders`", "SELECT FROM shop.orders"),
+        ("SELECT [a] FROM [dbo].[users]", "SELECT FROM dbo.users"),
+        ("SELECT 1", "SELECT"),
+        ("SELECT count(*) FROM (SELECT id FROM orders WHERE x > 2) AS t", "SELECT FROM orders"),
+        ("SELECT (SELECT max(id) FROM a) AS m FROM b", "SELECT FROM b"),
+        ("SELECT 'FROM fake' AS s, x FROM real_table", "SELECT FROM real_table"),
+        ("-- FROM comment\nSELECT /* FROM c */ x FROM t", "SELECT FROM t"),
+        ("SELECT $$FROM nope$$, x FROM t2", "SELECT FROM t2"),
+        ("SELECT $tag$ FROM nope $tag$ FROM t3", "SELECT FROM t3"),
+        ("SELECT E'it\\'s FROM x' FROM t4", "SELECT FROM t4"),
+        ("(SELECT a FROM x) UNION (SELECT a FROM y)", "SELECT FROM x"),
+        ("INSERT INTO orders (a, b) VALUES (?, ?)", "INSERT INTO orders"),
+        ("insert or replace into kv values (1)", "INSERT INTO kv"),
+        ("INSERT IGNORE INTO logs SET a=1", "INSERT INTO logs"),
+        ("REPLACE INTO kv VALUES (1)", "REPLACE INTO kv"),
+        ("UPDATE users SET name = 'x' WHERE id = 3", "UPDATE users"),
+        ("UPDATE ONLY parent SET x = 1", "UPDATE parent"),
+        ("DELETE FROM sessions WHERE expires < now()", "DELETE FROM sessions"),
+        ("WITH recent AS (SELECT * FROM orders WHERE d > 1) SELECT * FROM recent",
+         "SELECT FROM recent"),
+        ("WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM t) SELECT n FROM t",
+         "SELECT FROM t"),
+        ("WITH a AS (SELECT 1), b AS MATERIALIZED (SELECT 2) UPDATE c SET x = 1", "UPDATE c"),
+        ("CALL refresh_stats(1)", "CALL refresh_stats"),
+        ("CREATE TABLE IF NOT EXISTS items (id int)", "CREATE TABLE items"),
+        ("CREATE UNIQUE INDEX ix_a ON a (b)", "CREATE INDEX ix_a"),
+        ("DROP TABLE items", "DROP TABLE items"),
+        ("BEGIN", "BEGIN"),
+        ("commit", "COMMIT"),
+        ("SAVEPOINT sa_1", "SAVEPOINT"),
+        ("", ""),
+        ("   ", ""),
+        ("42", ""),
+        ("SELECT 'unterminated FROM x", "SELECT"),
+        ("SELECT a FROM", "SELECT"),
+        ("INSERT", "INSERT"),
+    ],
+)  # fmt: skip
+def test_signature(sql, expected):
+    assert signature(sql) == expected
+
+
+def test_signature_of_huge_or_hostile_input_is_bounded():
+    assert signature("SELECT " + "a, " * 100_000 + "b FROM t") == "SELECT"
+    assert signature("SELECT x FROM t WHERE " + "(" * 5000) == "SELECT FROM t"
+    assert signature("\x00\udcff SELECT") == ""
