@@ -8,6 +8,9 @@ is just its first keyword.
 from __future__ import annotations
 
 import re
+from typing import Any
+
+STATEMENT_LENGTH = 10000  # characters of a statement kept in span context
 
 _TOKEN = re.compile(
     r"""
@@ -170,3 +173,32 @@ def _select(tokens: list[Token], i: int) -> str:
             return f"SELECT FROM {table}" if table else "SELECT"
         i += 1
     return "SELECT"
+
+
+def span_context(
+    statement: str,
+    subtype: str,
+    instance: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    rows_affected: int | None = None,
+) -> dict[str, Any]:
+    """`context` of a SQL span: the statement (cut, never its parameters), the database
+    instance, rows affected by DML, and where the database is (destination, service target)."""
+    db: dict[str, Any] = {"type": "sql", "statement": statement[:STATEMENT_LENGTH]}
+    if instance:
+        db["instance"] = instance
+    if rows_affected is not None and rows_affected >= 0:
+        db["rows_affected"] = rows_affected
+    target: dict[str, Any] = {"type": subtype}
+    if instance:
+        target["name"] = instance
+    context: dict[str, Any] = {"db": db, "service": {"target": target}}
+    destination: dict[str, Any] = {}
+    if host:
+        destination["address"] = host
+    if port:
+        destination["port"] = port
+    if destination:
+        context["destination"] = destination
+    return context
