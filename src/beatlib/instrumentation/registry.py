@@ -131,11 +131,12 @@ def instrument(config: Any = None) -> list[str]:
                 continue
             inst.enabled = True
             enabled.append(inst.name)
-            if inst.module in sys.modules:
-                _on_import(inst, sys.modules[inst.module])
             if inst.name not in _hooked:
                 _hooked.add(inst.name)
+                # wrapt runs the hook at once when the module is already imported.
                 wrapt.register_post_import_hook(functools.partial(_on_import, inst), inst.module)
+            elif inst.module in sys.modules:
+                _on_import(inst, sys.modules[inst.module])
         return enabled
 
 
