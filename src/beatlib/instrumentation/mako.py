@@ -1,0 +1,35 @@
+"""Mako: a `template`/`mako`/`render` span per `Template.render` and `render_unicode`,
+named by the template's lookup uri, else its file's base name, else `<string>`."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
+
+from beatlib.instrumentation.registry import Instrumentation
+from beatlib.instrumentation.templates import render_wrapper
+
+
+def _name(template: Any) -> str | None:
+    uri: str = template.uri
+    if uri.startswith("memory:"):  # Mako's made-up uri of a string template: an id, no name
+        return None
+    filename = template.filename
+    # A template made from a file without a uri gets the file's whole path as its uri; the
+    # base name is enough to know it and keeps machine-specific paths out of span names.
+    if filename and uri == os.path.normpath(os.path.splitdrive(filename)[1]).replace(os.sep, "/"):
+        return os.path.basename(filename)
+    return uri
+
+
+class Mako(Instrumentation):
+    name = "mako"
+    module = "mako.template"
+    distribution = "Mako"
+    versions = ("1.1", "2")
+
+    def patch(self, module: ModuleType) -> None:
+        # Inheritance, <%include> and namespaces render through mako.runtime, not these.
+        self.wrap(module, "Template.render", render_wrapper("mako", _name))
+        self.wrap(module, "Template.render_unicode", render_wrapper("mako", _name))

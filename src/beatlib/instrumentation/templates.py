@@ -1,0 +1,60 @@
+"""Template render spans, shared by the Jinja2, Mako and Django template instrumentations.
+
+One span per outermost render of an engine: type `template`, subtype the engine, action
+`render`, named by the template (`<string>` when it has no name). A render nested in a render
+of the same engine is part of the outer span (see `start_render`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from beatlib.context import get_active
+from beatlib.instrumentation.registry import Wrapper
+from beatlib.tracing import Span, start_span
+
+UNNAMED = "<string>"
+
+
+def template_name(name_of: Callable[[Any], Any], template: Any) -> str:
+    """The span name for `template`; never raises (a library that changed shape gets UNNAMED)."""
+    try:
+        name = name_of(template)
+        return str(name) if name else UNNAMED
+    except Exception:
+        return UNNAMED
+
+
+def start_render(engine: str, name: str) -> Span | None:
+    """Open a render span, unless a render of the same engine is already the active span.
+
+    Nested renders are then counted once: Django's `{% include %}` calls `Template.render`
+    again, and Jinja2's sync `render` of an async environment runs `render_async`; neither
+    is a separate piece of work the user asked for. (Jinja2's own `extends`/`include` and
+    Mako's inheritance/`<%include>` do not go through the wrapped methods at all.)
+    """
+    active = get_active()
+    if getattr(active, "subtype", None) == engine and getattr(active, "type", None) == "template":
+        return None
+    return start_span(name, "template", engine, "render")
+
+
+def render_wrapper(engine: str, name_of: Callable[[Any], Any]) -> Wrapper:
+    """A wrapper for a plain (sync, non-generator) render method."""
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if get_active() is None:
+            return wrapped(*args, **kwargs)
+        span = start_render(engine, template_name(name_of, instance))
+        if span is None:
+            return wrapped(*args, **kwargs)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.end()
+        return result
+
+    return wrapper
