@@ -1,0 +1,86 @@
+"""What the HTTP client instrumentations (requests, urllib3, httpx) share: the exit span for one
+outgoing request (name `GET host[:port]`, redacted URL, destination, service target), its end
+(status code, outcome failure on 5xx or an exception) and the W3C trace headers to add.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from beatlib.client import get_client
+from beatlib.sanitize import Sanitizer
+from beatlib.tracing import Span, outgoing_headers, start_span
+
+logger = logging.getLogger("beatlib.instrumentation")
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+_default_sanitizer: Sanitizer | None = None
+
+
+def _sanitizer() -> Sanitizer:
+    global _default_sanitizer
+    client = get_client()
+    if client is not None:
+        return client.sanitizer
+    if _default_sanitizer is None:
+        from beatlib.config import Config
+
+        _default_sanitizer = Sanitizer(Config(environ={}).sanitize_field_names)
+    return _default_sanitizer
+
+
+def start(method: Any, url: Any) -> Span | None:
+    """Open the exit span (a leaf: the library underneath records nothing more), or None when
+    nothing is recorded. Never raises: a URL we cannot read gives no span, the call still runs.
+    The name shows the port only when it is not the scheme's default: `GET example.com`,
+    `GET 127.0.0.1:8081`; the service target always has it: `example.com:443`."""
+    try:
+        method = method.decode("ascii") if isinstance(method, bytes) else str(method)
+        method = method.upper()
+        url = url.decode("utf-8", "replace") if isinstance(url, bytes) else str(url)
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        default = DEFAULT_PORTS.get(parts.scheme.lower())
+        port = parts.port or default
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
+        name = f"{method} {shown}" if port == default else f"{method} {shown}:{port}"
+        context: dict[str, Any] = {
+            "http": {"url": _sanitizer().url(url), "method": method},
+            "destination": {"address": host, "port": port},
+            "service": {"target": {"type": "http", "name": f"{shown}:{port}"}},
+        }
+    except Exception:
+        logger.debug("beatlib: no span for an HTTP request to %r", url, exc_info=True)
+        return None
+    span = start_span(name, "external", "http", method, leaf=True)
+    if span is not None:
+        span.context = context
+    return span
+
+
+def end(span: Span | None, status: Any = None, exc: BaseException | None = None) -> None:
+    """End the span with the response's status code (5xx: failure) or the exception raised."""
+    if span is None:
+        return
+    if isinstance(status, int) and span.context is not None:
+        span.context["http"]["response"] = {"status_code": status}
+        if status >= 500:
+            span.outcome = "failure"
+    span.end(exc)
+
+
+def trace_headers(headers: Iterable[Any] | None) -> dict[str, str] | None:
+    """`traceparent` (and `tracestate`) naming the active span or transaction, or None when
+    outside a transaction or when the caller already set a `traceparent` (theirs wins)."""
+    try:
+        for key in headers or ():
+            key = key.decode("latin-1") if isinstance(key, bytes) else key
+            if isinstance(key, str) and key.lower() == "traceparent":
+                return None
+        return outgoing_headers()
+    except Exception:
+        logger.debug("beatlib: no trace headers for an HTTP request", exc_info=True)
+        return None

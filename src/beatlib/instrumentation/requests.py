@@ -1,0 +1,50 @@
+"""requests: one `external`/`http` span per `Session.send` (redirects followed inside it), and
+W3C trace headers on the request. See `http_spans` for what the span holds."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from beatlib.context import get_active
+from beatlib.instrumentation import http_spans
+from beatlib.instrumentation.registry import Instrumentation
+
+
+class Requests(Instrumentation):
+    name = "requests"
+    module = "requests"
+    distribution = "requests"
+    versions = ("2.20", "3")
+
+    def patch(self, module: ModuleType) -> None:
+        self.wrap(module, "Session.send", _send)
+
+
+def _send(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if get_active() is None:
+        return wrapped(*args, **kwargs)
+    request: Any = args[0] if args else kwargs.get("request")
+    span = http_spans.start(getattr(request, "method", ""), getattr(request, "url", ""))
+    extra = http_spans.trace_headers(getattr(request, "headers", None))
+    if extra:
+        try:
+            # A copy, so the caller's PreparedRequest is left as it was (re-sending it later
+            # must not carry this span's id); `response.request` is the copy, as sent.
+            request = request.copy()
+            request.headers.update(extra)
+            if args:
+                args = (request, *args[1:])
+            else:
+                kwargs = {**kwargs, "request": request}
+        except Exception:
+            pass  # an odd request object: send it untouched
+    try:
+        # With stream=True the span ends here, once the headers are in; the body stays
+        # readable after that (not timed).
+        response = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        http_spans.end(span, exc=exc)
+        raise
+    http_spans.end(span, getattr(response, "status_code", None))
+    return response

@@ -1,0 +1,74 @@
+"""urllib3: one `external`/`http` span per `HTTPConnectionPool.urlopen` (retries and same-pool
+redirects inside it; a PoolManager's cross-host redirect is a new urlopen, so a new span), and
+W3C trace headers on the request. Under requests nothing is recorded here (its span is a leaf).
+
+beatlib's own transport sends with urllib3 from its worker thread, where no transaction is
+ever active, so the fast path lets it through untraced and without trace headers.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from beatlib.context import get_active
+from beatlib.instrumentation import http_spans
+from beatlib.instrumentation.registry import Instrumentation
+
+_HEADERS = 3  # position of `headers` in urlopen(method, url, body, headers, ...)
+
+
+class Urllib3(Instrumentation):
+    name = "urllib3"
+    module = "urllib3"
+    distribution = "urllib3"
+    versions = ("1.26", "3")
+
+    def patch(self, module: ModuleType) -> None:
+        self.wrap(module, "HTTPConnectionPool.urlopen", _urlopen)
+
+
+def _url(pool: Any, url: str) -> str:
+    if "://" in url:  # absolute: a request through a proxy
+        return url
+    host = f"[{pool.host}]" if ":" in pool.host else pool.host
+    port = f":{pool.port}" if pool.port else ""
+    return f"{pool.scheme}://{host}{port}{url}"
+
+
+def _urlopen(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if get_active() is None:
+        return wrapped(*args, **kwargs)
+    method = args[0] if args else kwargs.get("method", "")
+    url = args[1] if len(args) > 1 else kwargs.get("url", "")
+    try:
+        full_url = _url(instance, url)
+    except Exception:
+        full_url = ""  # no span; the trace headers still go out
+    span = http_spans.start(method, full_url) if full_url else None
+    positional = len(args) > _HEADERS
+    headers: Any = args[_HEADERS] if positional else kwargs.get("headers")
+    if headers is None:
+        headers = getattr(instance, "headers", None)  # what urlopen itself falls back to
+    extra = http_spans.trace_headers(headers)
+    if extra:
+        try:
+            # A copy of the same type: the caller's mapping (requests passes its own
+            # request.headers, the pool its defaults) is left as it was.
+            headers = headers.copy() if hasattr(headers, "copy") else dict(headers)
+            headers.update(extra)
+            if positional:
+                args = (*args[:_HEADERS], headers, *args[_HEADERS + 1 :])
+            else:
+                kwargs = {**kwargs, "headers": headers}
+        except Exception:
+            pass  # an odd headers object: send it untouched
+    try:
+        # With preload_content=False the span ends here, once the headers are in; the body
+        # stays readable after that (not timed).
+        response = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        http_spans.end(span, exc=exc)
+        raise
+    http_spans.end(span, getattr(response, "status", None))
+    return response
