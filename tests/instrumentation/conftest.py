@@ -8,6 +8,7 @@ import pytest
 
 import beatlib
 from beatlib import context
+from tests.databases import mariadb, postgres  # noqa: F401
 
 
 class Traced:

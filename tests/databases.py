@@ -1,0 +1,192 @@
+"""Real database servers for tests: `postgres` and `mariadb`, started once per session.
+
+Each fixture finds Debian's server binaries (installed by .ci/run), creates a data directory
+under pytest's temporary directory, starts the server on 127.0.0.1 and a free port (as
+`nobody` when we are root, since both servers refuse to run as root), creates a user and a
+database, and stops the server at the end. Tests are skipped only when the binaries are absent.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+USER = "beatlib"
+PASSWORD = "beatlib-secret"
+DBNAME = "beatlib"
+READY_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class DatabaseServer:
+    """Where a running test server listens and how to log in; `startup` is seconds to ready."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    dbname: str
+    startup: float
+
+    def url(self, scheme: str) -> str:
+        """A SQLAlchemy-style URL, e.g. `url("postgresql+psycopg")`."""
+        return f"{scheme}://{self.user}:{self.password}@{self.host}:{self.port}/{self.dbname}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_as() -> dict[str, Any]:
+    """Popen arguments that drop root to `nobody` (the servers refuse root)."""
+    if os.geteuid() != 0:
+        return {}
+    return {"user": "nobody", "group": "nogroup", "extra_groups": []}
+
+
+def _data_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A fresh directory the server user owns; when we are root, the pytest directories above
+    it get the traverse bit only (no listing) so `nobody` can reach it."""
+    path = tmp_path_factory.mktemp(name)
+    if os.geteuid() == 0:
+        shutil.chown(path, "nobody", "nogroup")
+        for parent in path.parents:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod(mode | 0o001)
+    return path
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait(proc: subprocess.Popen[bytes], ready: Any, log: Path, what: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc, signal.SIGKILL)
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            pytest.fail(f"{what} did not start (exit {proc.returncode}):\n{tail}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer]:
+    """A PostgreSQL server from Debian's `postgresql` package, with user and database."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=_version)
+    if not found:
+        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): "
+                    "install Debian's postgresql package (.ci/run does)")
+    bindir = Path(found[-1]).parent
+    started = time.monotonic()
+    home = _data_dir(tmp_path_factory, "postgres")
+    data, log, pwfile = home / "data", home / "server.log", home / "password"
+    pwfile.write_text(PASSWORD)
+    os.chmod(pwfile, 0o644)
+    subprocess.run(
+        [bindir / "initdb", "-D", data, "-U", USER, f"--pwfile={pwfile}", "-A", "scram-sha-256",
+         "-E", "UTF8", "--no-locale", "--no-sync"],
+        check=True, capture_output=True, **_run_as(),
+    )
+    port = _free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [bindir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port), "-k", "",
+             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             "-c", "shared_buffers=16MB", "-c", "max_connections=30"],
+            stdout=out, stderr=subprocess.STDOUT, **_run_as(),
+        )
+    env = dict(os.environ, PGPASSWORD=PASSWORD)
+    isready = [bindir / "pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", USER]
+    try:
+        _wait(proc, lambda: subprocess.run(isready, env=env).returncode == 0, log, "PostgreSQL")
+        subprocess.run(
+            [bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", USER, DBNAME],
+            check=True, capture_output=True, env=env,
+        )
+        yield DatabaseServer("127.0.0.1", port, USER, PASSWORD, DBNAME,
+                             time.monotonic() - started)
+    finally:
+        _stop(proc, signal.SIGINT)  # "fast" shutdown: ends sessions, no waiting on clients
+
+
+def _version(path: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in Path(path).parent.parent.name.split(".") if p.isdigit())
+
+
+def _which(*names: str) -> str | None:
+    for name in names:
+        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        if found:
+            return found
+    return None
+
+
+def _greets(port: int) -> bool:
+    """The MySQL protocol starts with the server's handshake: bytes back means it is up."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            return len(s.recv(4)) > 0
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer]:
+    """A MariaDB server from Debian's `mariadb-server` package, with user and database."""
+    server = _which("mariadbd", "mysqld")
+    install = _which("mariadb-install-db", "mysql_install_db")
+    if server is None or install is None:
+        pytest.skip("MariaDB server binaries not found (mariadbd, mariadb-install-db): "
+                    "install Debian's mariadb-server package (.ci/run does)")
+    started = time.monotonic()
+    home = _data_dir(tmp_path_factory, "mariadb")
+    data, log, init = home / "data", home / "server.log", home / "init.sql"
+    # Run once at startup, before connections are accepted: the test user and database.
+    init.write_text(
+        f"CREATE DATABASE IF NOT EXISTS {DBNAME};\n"
+        f"CREATE USER IF NOT EXISTS '{USER}'@'%' IDENTIFIED BY '{PASSWORD}';\n"
+        f"GRANT ALL ON *.* TO '{USER}'@'%';\n"
+    )
+    os.chmod(init, 0o644)
+    user = ["--user=nobody"] if os.geteuid() == 0 else []
+    subprocess.run(
+        [install, "--no-defaults", f"--datadir={data}", "--skip-test-db",
+         "--auth-root-authentication-method=normal", *user],
+        check=True, capture_output=True,
+    )
+    port = _free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [server, "--no-defaults", f"--datadir={data}", "--bind-address=127.0.0.1",
+             f"--port={port}", f"--socket={home / 'mysqld.sock'}", f"--init-file={init}",
+             f"--pid-file={home / 'mysqld.pid'}", "--skip-name-resolve", "--skip-log-bin",
+             "--innodb-buffer-pool-size=16M", "--innodb-flush-log-at-trx-commit=0"],
+            stdout=out, stderr=subprocess.STDOUT, **_run_as(),
+        )
+    try:
+        _wait(proc, lambda: _greets(port), log, "MariaDB")
+        yield DatabaseServer("127.0.0.1", port, USER, PASSWORD, DBNAME,
+                             time.monotonic() - started)
+    finally:
+        _stop(proc, signal.SIGTERM)
