@@ -1,5 +1,5 @@
 """Mako: a `template`/`mako`/`render` span per `Template.render` and `render_unicode`,
-named by the template's lookup uri, else its file's base name, else `<string>`."""
+named by the template's lookup uri ("page.mako"), else its file's base name, else `<string>`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from beatlib.instrumentation.templates import render_wrapper
 
 
 def _name(template: Any) -> str | None:
+    # A DefTemplate (Template.get_def) has no uri of its own: it is named by its template.
+    template = getattr(template, "parent", None) or template
     uri: str = template.uri
     if uri.startswith("memory:"):  # Mako's made-up uri of a string template: an id, no name
         return None
@@ -20,7 +22,8 @@ def _name(template: Any) -> str | None:
     # base name is enough to know it and keeps machine-specific paths out of span names.
     if filename and uri == os.path.normpath(os.path.splitdrive(filename)[1]).replace(os.sep, "/"):
         return os.path.basename(filename)
-    return uri
+    # As Mako does for its module names: "/page.mako" and "page.mako" are the same template.
+    return uri.replace("\\", "/").lstrip("/")
 
 
 class Mako(Instrumentation):
