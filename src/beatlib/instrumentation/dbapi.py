@@ -1,0 +1,269 @@
+"""What the DB-API drivers share: connection and cursor proxies that record one `db` span per
+`execute`/`executemany`/`callproc`, and a span around `connect`.
+
+C types (sqlite3, psycopg2) cannot be patched, so each driver's `connect` is wrapped to return
+wrapt proxies; all four drivers work the same way. Commit and rollback are not recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+import wrapt
+
+from beatlib.context import get_active
+from beatlib.instrumentation import sql
+from beatlib.instrumentation.registry import Instrumentation
+from beatlib.tracing import Span, start_span
+
+_DML = frozenset(("INSERT", "UPDATE", "DELETE", "REPLACE", "MERGE"))
+_STATEMENT_KEYWORDS = ("query", "sql", "operation", "procname")
+
+
+class Database:
+    """Where one connection goes; shared by its proxy and its cursors' proxies."""
+
+    __slots__ = ("subtype", "instance", "host", "port", "raw")
+
+    def __init__(self, subtype: str, instance: str | None = None, host: str | None = None,
+                 port: int | None = None, raw: Any = None) -> None:
+        self.subtype = subtype
+        self.instance = instance
+        self.host = host
+        self.port = port
+        self.raw = raw  # the driver's own connection: psycopg renders sql.Composed with it
+
+
+def _text(statement: Any, raw: Any) -> str:
+    if isinstance(statement, str):
+        return statement
+    if isinstance(statement, (bytes, bytearray, memoryview)):
+        return bytes(statement).decode("utf-8", "replace")
+    as_string = getattr(statement, "as_string", None)  # psycopg's sql.Composable
+    return as_string(raw) if as_string is not None else str(statement)
+
+
+def _begin(db: Database, args: tuple[Any, ...], kwargs: dict[str, Any],
+           proc: bool = False) -> tuple[Span | None, str]:
+    try:
+        statement = args[0] if args else next(
+            (kwargs[k] for k in _STATEMENT_KEYWORDS if k in kwargs), "")
+        text = _text(statement, db.raw)
+        name = sql.signature(f"CALL {text}" if proc else text) or db.subtype
+        return start_span(name, "db", db.subtype, "query", leaf=True), text
+    except Exception:  # never let recording break the query
+        return None, ""
+
+
+def _end(span: Span, db: Database, text: str, cursor: Any, exc: BaseException | None) -> None:
+    try:
+        rows = None
+        if exc is None and span.action == "query" and span.name.split(" ", 1)[0] in _DML:
+            rows = getattr(cursor, "rowcount", None)
+        span.context = sql.span_context(text, db.subtype, db.instance, db.host, db.port,
+                                        rows if isinstance(rows, int) else None)
+        if not text:  # a connect span: no statement to show
+            del span.context["db"]["statement"]
+        span.end(exc)
+    except Exception:
+        pass
+
+
+def call_traced(db: Database, method: Callable[..., Any], args: tuple[Any, ...],
+          kwargs: dict[str, Any], cursor: Any = None, proc: bool = False) -> Any:
+    """`method(*args, **kwargs)` in a span; `cursor` None means the result is the cursor."""
+    if get_active() is None:
+        return method(*args, **kwargs)
+    span, text = _begin(db, args, kwargs, proc)
+    if span is None:
+        return method(*args, **kwargs)
+    try:
+        result = method(*args, **kwargs)
+    except BaseException as exc:
+        _end(span, db, text, None, exc)
+        raise
+    _end(span, db, text, result if cursor is None else cursor, None)
+    return result
+
+
+async def acall_traced(db: Database, method: Callable[..., Awaitable[Any]],
+                       args: tuple[Any, ...], kwargs: dict[str, Any], cursor: Any = None) -> Any:
+    if get_active() is None:
+        return await method(*args, **kwargs)
+    span, text = _begin(db, args, kwargs)
+    if span is None:
+        return await method(*args, **kwargs)
+    try:
+        result = await method(*args, **kwargs)
+    except BaseException as exc:
+        _end(span, db, text, None, exc)
+        raise
+    _end(span, db, text, result if cursor is None else cursor, None)
+    return result
+
+
+class CursorProxy(wrapt.ObjectProxy):  # type: ignore[misc]
+    """A cursor whose statements are recorded; everything else is the driver's cursor."""
+
+    def __init__(self, cursor: Any, db: Database, connection: Any = None) -> None:
+        super().__init__(cursor)
+        self._self_db = db
+        self._self_connection = connection
+
+    def _self_same(self, result: Any) -> Any:
+        # execute() returning the cursor itself (sqlite3, psycopg) keeps chaining traced.
+        return self if result is self.__wrapped__ else result
+
+    @property
+    def connection(self) -> Any:
+        conn = self.__wrapped__.connection
+        owner = self._self_connection
+        return owner if owner is not None and conn is owner.__wrapped__ else conn
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        cursor = self.__wrapped__
+        return self._self_same(call_traced(self._self_db, cursor.execute, args, kwargs, cursor))
+
+    def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        cursor = self.__wrapped__
+        method = cursor.executemany
+        return self._self_same(call_traced(self._self_db, method, args, kwargs, cursor))
+
+    def __enter__(self) -> Any:
+        return self._self_same(self.__wrapped__.__enter__())
+
+    def __next__(self) -> Any:
+        return next(self.__wrapped__)
+
+
+class ProcCursorProxy(CursorProxy):
+    """Cursors of drivers that have `callproc` (psycopg2, pymysql)."""
+
+    def callproc(self, *args: Any, **kwargs: Any) -> Any:
+        cursor = self.__wrapped__
+        return call_traced(self._self_db, cursor.callproc, args, kwargs, cursor, proc=True)
+
+
+class AsyncCursorProxy(CursorProxy):
+    """psycopg's async cursors: the same spans, awaited."""
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        cursor = self.__wrapped__
+        method = cursor.execute
+        return self._self_same(await acall_traced(self._self_db, method, args, kwargs, cursor))
+
+    async def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        cursor = self.__wrapped__
+        method = cursor.executemany
+        return self._self_same(await acall_traced(self._self_db, method, args, kwargs, cursor))
+
+    async def __aenter__(self) -> Any:
+        return self._self_same(await self.__wrapped__.__aenter__())
+
+    def __aiter__(self) -> Any:
+        return self.__wrapped__.__aiter__()
+
+
+class ConnectionProxy(wrapt.ObjectProxy):  # type: ignore[misc]
+    """A connection whose cursors are proxies."""
+
+    cursor_proxy: ClassVar[type[CursorProxy]] = CursorProxy
+
+    def __init__(self, connection: Any, db: Database) -> None:
+        super().__init__(connection)
+        self._self_db = db
+
+    def _self_cursor(self, cursor: Any) -> Any:
+        return self.cursor_proxy(cursor, self._self_db, self)
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        return self._self_cursor(self.__wrapped__.cursor(*args, **kwargs))
+
+    def __enter__(self) -> Any:
+        result = self.__wrapped__.__enter__()
+        return self if result is self.__wrapped__ else result
+
+
+class ExecuteConnectionProxy(ConnectionProxy):
+    """Connections with an `execute` shortcut that returns a new cursor (sqlite3, psycopg)."""
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        method = self.__wrapped__.execute
+        return self._self_cursor(call_traced(self._self_db, method, args, kwargs))
+
+
+class ProcConnectionProxy(ConnectionProxy):
+    cursor_proxy = ProcCursorProxy
+
+
+class AsyncConnectionProxy(ConnectionProxy):
+    cursor_proxy = AsyncCursorProxy
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        method = self.__wrapped__.execute
+        return self._self_cursor(await acall_traced(self._self_db, method, args, kwargs))
+
+    async def __aenter__(self) -> Any:
+        result = await self.__wrapped__.__aenter__()
+        return self if result is self.__wrapped__ else result
+
+
+def unwrap(value: Any) -> Any:
+    """The driver's own object behind one of our proxies (for C code that checks types)."""
+    return value.__wrapped__ if isinstance(value, (ConnectionProxy, CursorProxy)) else value
+
+
+def unwrapping(wrapped: Any, instance: Any, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+    """A wrapper handing the driver's own objects to a function that rejects proxies."""
+    return wrapped(*map(unwrap, args), **{k: unwrap(v) for k, v in kwargs.items()})
+
+
+class DBAPIInstrumentation(Instrumentation):
+    """A driver: its `connect` returns a proxy, in a `connect` span inside a transaction."""
+
+    subtype: ClassVar[str]
+    connection_proxy: ClassVar[type[ConnectionProxy]] = ExecuteConnectionProxy
+
+    def where(self, connection: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> tuple[str | None, str | None, int | None]:
+        """(database name, host, port) of a new connection."""
+        return None, None, None
+
+    def _wrap(self, connection: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+              proxy: type[ConnectionProxy], span: Span | None) -> Any:
+        try:
+            db = Database(self.subtype, *self.where(connection, args, kwargs), raw=connection)
+        except Exception:
+            db = Database(self.subtype, raw=connection)
+        if span is not None:
+            _end(span, db, "", None, None)
+        return proxy(connection, db)
+
+    def _connect_span(self) -> Span | None:
+        if get_active() is None:
+            return None
+        return start_span(f"{self.name}.connect", "db", self.subtype, "connect", leaf=True)
+
+    def connect(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
+        span = self._connect_span()
+        try:
+            connection = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            if span is not None:
+                _end(span, Database(self.subtype), "", None, exc)
+            raise
+        return self._wrap(connection, args, kwargs, self.connection_proxy, span)
+
+    async def aconnect(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
+        span = self._connect_span()
+        try:
+            connection = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            if span is not None:
+                _end(span, Database(self.subtype), "", None, exc)
+            raise
+        return self._wrap(connection, args, kwargs, AsyncConnectionProxy, span)
