@@ -1,0 +1,116 @@
+"""Run Jinja2's and Mako's own test suites, from their sdists, without and with beatlib.
+
+    python tests/libsuites/run.py [--workdir DIR] [--only jinja2|mako] [-- extra pytest args]
+
+The sdists of the installed versions are fetched with `pip download --no-binary :all:`,
+unpacked, and each suite runs twice with the same pytest: plain, then with
+beatlib_suite_plugin (instrumentation on, a transaction around every test). The outcome of
+every test must be the same both times, and the instrumented run must have recorded template
+spans with no invalid events. Exit status 0 only then. Used by `tox -e libtests`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# distribution -> (directory of its tests inside the sdist, package dir to remove so that the
+# tests import the installed package, the one beatlib patches, not the unpacked copy)
+SUITES = {"jinja2": ("tests", "src/jinja2"), "mako": ("test", "mako")}
+
+
+def fetch(dist: str, version: str, workdir: Path) -> Path:
+    root = workdir / f"{dist}-{version}"
+    if root.exists():
+        return root
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+         "--quiet", "--dest", str(workdir), f"{dist}=={version}"],
+        check=True,
+    )  # fmt: skip
+    [archive] = [p for p in workdir.iterdir() if p.name.lower().startswith(f"{dist}-{version}.")]
+    with tarfile.open(archive) as tar:
+        tar.extractall(workdir, filter="data")
+    [unpacked] = [p for p in workdir.iterdir() if p.is_dir() and p.name.lower() == root.name]
+    unpacked.rename(root)
+    return root
+
+
+def run_suite(root: Path, tests: str, plugin: bool, extra: list[str]) -> dict:
+    """Run pytest in the sdist; returns {"outcomes": {test id: outcome}, "report": ...}."""
+    label = "beatlib" if plugin else "plain"
+    junit, report = root / f"junit-{label}.xml", root / f"report-{label}.json"
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    args = [sys.executable, "-m", "pytest", tests, "-p", "no:cacheprovider", "-q",
+            f"--junitxml={junit}", *extra]  # fmt: skip
+    if plugin:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+        env["BEATLIB_SUITE_REPORT"] = str(report)
+        args[3:3] = ["-p", "beatlib_suite_plugin"]
+    log = root / f"pytest-{label}.log"
+    with log.open("w") as out:
+        code = subprocess.run(args, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code not in (0, 1):  # 1: some tests failed (compared below); anything else is broken
+        sys.exit(f"pytest exited {code} in {root} ({label}); see {log}")
+    outcomes = {}
+    for case in ET.parse(junit).iter("testcase"):
+        kinds = {child.tag for child in case} & {"failure", "error", "skipped"}
+        outcomes[f"{case.get('classname')}::{case.get('name')}"] = min(kinds, default="passed")
+    return {"outcomes": outcomes, "report": json.loads(report.read_text()) if plugin else None,
+            "log": str(log)}  # fmt: skip
+
+
+def counts(outcomes: dict[str, str]) -> dict[str, int]:
+    result = dict.fromkeys(("passed", "failure", "error", "skipped"), 0)
+    for outcome in outcomes.values():
+        result[outcome] += 1
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, help="keep sdists here (default: a temp dir)")
+    parser.add_argument("--only", choices=sorted(SUITES))
+    parser.add_argument("pytest_args", nargs="*")
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="beatlib-libsuites-") as tmp:
+        workdir = opts.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        ok = True
+        for dist, (tests, package) in SUITES.items():
+            if opts.only and dist != opts.only:
+                continue
+            version = importlib.metadata.version(dist)
+            root = fetch(dist, version, workdir)
+            shutil.rmtree(root / package, ignore_errors=True)
+            plain = run_suite(root, tests, False, opts.pytest_args)
+            traced = run_suite(root, tests, True, opts.pytest_args)
+            differ = sorted(t for t in plain["outcomes"].keys() | traced["outcomes"].keys()
+                            if plain["outcomes"].get(t) != traced["outcomes"].get(t))  # fmt: skip
+            report = traced["report"]
+            spans = report["spans"].get(f"template/{dist}", 0)
+            print(f"{dist} {version}: plain {counts(plain['outcomes'])}")
+            print(f"{dist} {version}: beatlib {counts(traced['outcomes'])}")
+            print(f"{dist} {version}: beatlib recorded {json.dumps(report)}")
+            for test in differ[:20]:
+                print(f"  differs: {test}: {plain['outcomes'].get(test)} -> "
+                      f"{traced['outcomes'].get(test)}")  # fmt: skip
+            if differ or not spans or report["invalid_lines"] or dist not in report["instrumented"]:
+                ok = False
+                print(f"{dist}: NOT transparent; logs: {plain['log']} {traced['log']}")
+        return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
