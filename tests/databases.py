@@ -9,11 +9,14 @@ database, and stops the server at the end. Tests are skipped only when the binar
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +41,12 @@ class DatabaseServer:
     password: str
     dbname: str
     startup: float
+
+    @property
+    def login(self) -> dict[str, Any]:
+        """host, port, user, password, dbname (psycopg's and psycopg2's keyword names)."""
+        return {"host": self.host, "port": self.port, "user": self.user,
+                "password": self.password, "dbname": self.dbname}
 
     def url(self, scheme: str) -> str:
         """A SQLAlchemy-style URL, e.g. `url("postgresql+psycopg")`."""
@@ -190,3 +199,23 @@ def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer
                              time.monotonic() - started)
     finally:
         _stop(proc, signal.SIGTERM)
+
+
+def run_instrumented(code: str, receiver_url: str, server: DatabaseServer | None = None) -> None:
+    """Run `code` in a fresh interpreter right after `beatlib.instrument()`, with `client` (an
+    instrumented Client sending to `receiver_url`) and `db` (the server's login as a dict, or
+    {}) defined; it must exit 0. Shows that instrumenting before a driver's import works."""
+    prelude = textwrap.dedent("""
+        import json, os, sys
+        import beatlib
+        client = beatlib.Client(service_name="before-import", server_url=os.environ[
+            "RECEIVER_URL"], flush_interval="100ms", environ={})
+        beatlib.instrument(client.config)
+        db = json.loads(os.environ["DATABASE"])
+    """)
+    login = {} if server is None else server.login
+    env = {**os.environ, "RECEIVER_URL": receiver_url, "DATABASE": json.dumps(login)}
+    code = prelude + textwrap.dedent(code) + "\nassert client.flush(10)\nclient.close(5)\n"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

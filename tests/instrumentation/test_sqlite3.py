@@ -1,0 +1,146 @@
+"""sqlite3 through beatlib's connection/cursor proxies: spans, errors, transparency."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+import beatlib
+from tests.databases import run_instrumented
+
+ORIGINAL_CONNECT = sqlite3.connect
+
+
+def queries(spans):
+    return [s for s in spans if s["action"] == "query"]
+
+
+def test_spans_name_type_and_context(traced, tmp_path):
+    traced.begin()
+    conn = sqlite3.connect(str(tmp_path / "shop.db"))
+    conn.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+    cur = conn.cursor()
+    cur.executemany("INSERT INTO items (name) VALUES (?)", [("a",), ("b",), ("c",)])
+    assert cur.execute("SELECT name FROM items WHERE id > ?", (1,)).fetchall() == [("b",), ("c",)]
+    conn.execute("UPDATE items SET name = ? WHERE id = ?", ("secret-value", 1))
+    conn.executemany("DELETE FROM items WHERE id = ?", [(2,), (3,)])
+    conn.commit()
+    traced.end()
+
+    connect, *spans = traced.spans()
+    assert (connect["name"], connect["type"], connect["subtype"], connect["action"]) == (
+        "sqlite3.connect", "db", "sqlite", "connect")
+    assert connect["context"]["db"] == {"type": "sql", "instance": "shop.db"}
+    assert [s["name"] for s in spans] == [
+        "CREATE TABLE items", "INSERT INTO items", "SELECT FROM items", "UPDATE items",
+        "DELETE FROM items"]
+    for span in spans:
+        assert (span["type"], span["subtype"], span["action"]) == ("db", "sqlite", "query")
+        assert span["outcome"] == "success"
+        assert span["context"]["db"]["instance"] == "shop.db"
+        assert span["context"]["service"]["target"] == {"type": "sqlite", "name": "shop.db"}
+        assert "destination" not in span["context"]
+        assert "secret-value" not in str(span)  # parameters are never recorded
+    rows = [s["context"]["db"].get("rows_affected") for s in spans]
+    assert rows == [None, 3, None, 1, 2]
+    assert spans[2]["context"]["db"]["statement"] == "SELECT name FROM items WHERE id > ?"
+
+
+def test_memory_instance_and_uri(traced):
+    traced.begin()
+    sqlite3.connect(":memory:").execute("SELECT 1")
+    sqlite3.connect("file:mem1?mode=memory&cache=shared", uri=True).execute("SELECT 2")
+    sqlite3.connect("file:/tmp/x.db?mode=memory", uri=True).execute("SELECT 3")
+    traced.end()
+    spans = queries(traced.spans())
+    assert [s["context"]["db"]["instance"] for s in spans] == [":memory:"] * 3
+
+
+def test_error_gives_failed_span_and_the_same_exception(traced):
+    boom = ValueError("boom")
+
+    class Bad:
+        def __conform__(self, protocol):
+            raise boom
+
+    conn = sqlite3.connect(":memory:")
+    traced.begin()
+    with pytest.raises(ValueError) as info:
+        conn.execute("SELECT ?", (Bad(),))
+    assert info.value is boom
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        conn.cursor().execute("SELECT * FROM missing")
+    traced.end()
+    bad, missing = traced.spans()
+    assert bad["outcome"] == missing["outcome"] == "failure"
+    assert missing["name"] == "SELECT FROM missing"
+    assert missing["context"]["db"]["statement"] == "SELECT * FROM missing"
+
+
+def test_nothing_outside_a_transaction(traced):
+    conn = sqlite3.connect(":memory:")  # made outside: still traced inside one later
+    conn.execute("CREATE TABLE t (a)")
+    conn.cursor().executemany("INSERT INTO t VALUES (?)", [(1,), (2,)])
+    assert traced.spans() == []
+    traced.begin()
+    conn.execute("SELECT a FROM t")
+    traced.end()
+    assert [s["name"] for s in traced.spans()] == ["SELECT FROM t"]
+
+
+def test_uninstrument_restores_connect(traced):
+    assert sqlite3.connect is not ORIGINAL_CONNECT
+    assert sqlite3.connect.__wrapped__ is ORIGINAL_CONNECT
+    beatlib.uninstrument()
+    assert sqlite3.connect is ORIGINAL_CONNECT and sqlite3.dbapi2.connect is ORIGINAL_CONNECT
+    assert type(sqlite3.connect(":memory:")) is sqlite3.Connection
+
+
+def test_instrument_before_import(receiver):
+    run_instrumented("""
+        assert "sqlite3" not in sys.modules
+        import sqlite3
+        client.begin_transaction("script")
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE TABLE t (a)")
+        conn.cursor().execute("INSERT INTO t VALUES (1)")
+        client.end_transaction("job", "success")
+    """, receiver.url)
+    assert receiver.wait_for("span", 3)
+    names = sorted(s["name"] for s in receiver.events("span"))
+    assert names == ["CREATE TABLE t", "INSERT INTO t", "sqlite3.connect"]
+
+
+def test_transparency(traced, tmp_path):
+    class Point:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+    sqlite3.register_adapter(Point, lambda p: f"{p.x};{p.y}")
+    traced.begin()
+    with sqlite3.connect(":memory:") as conn:
+        assert isinstance(conn, sqlite3.Connection)
+        conn.row_factory = sqlite3.Row
+        conn.execute("CREATE TABLE t (a INTEGER, p TEXT)")
+        cur = conn.cursor()
+        assert isinstance(cur, sqlite3.Cursor) and cur.connection is conn
+        cur.executemany("INSERT INTO t VALUES (?, ?)", [(i, Point(i, -i)) for i in range(10)])
+        assert cur.rowcount == 10
+        assert cur.execute("INSERT INTO t VALUES (10, 'x')").lastrowid == 11
+        cur.execute("SELECT a, p FROM t ORDER BY a")
+        assert [d[0] for d in cur.description] == ["a", "p"]
+        first = next(cur)
+        assert (first["a"], first["p"]) == (0, "0;0")
+        assert [r["a"] for r in cur.fetchmany(3)] == [1, 2, 3]
+        assert [r["a"] for r in cur] == [4, 5, 6, 7, 8, 9, 10]
+        conn.executescript("CREATE TABLE u (b); INSERT INTO u VALUES (1);")
+        conn.create_function("double", 1, lambda v: v * 2)
+        assert conn.execute("SELECT double(21)").fetchone()[0] == 42
+        target = sqlite3.connect(str(tmp_path / "copy.db"))
+        conn.backup(target)  # the C code wants a real Connection: the proxy is unwrapped
+        assert target.execute("SELECT count(*) FROM t").fetchone()[0] == 11
+    traced.end()
+    assert conn.in_transaction is False  # `with conn` committed
+    names = [s["name"] for s in traced.spans()]
+    assert names.count("SELECT FROM t") == 2 and "SELECT" in names
