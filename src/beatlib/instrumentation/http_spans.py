@@ -6,7 +6,7 @@ outgoing request (name `GET host[:port]`, redacted URL, destination, service tar
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,15 +72,33 @@ def end(span: Span | None, status: Any = None, exc: BaseException | None = None)
     span.end(exc)
 
 
-def trace_headers(headers: Iterable[Any] | None) -> dict[str, str] | None:
-    """`traceparent` (and `tracestate`) naming the active span or transaction, or None when
-    outside a transaction or when the caller already set a `traceparent` (theirs wins)."""
+def call(span: Span | None, wrapped: Callable[..., Any], args: tuple[Any, ...],
+         kwargs: dict[str, Any], status: str) -> Any:
+    """`wrapped(*args, **kwargs)` timed by `span`; the response's `status` attribute is the
+    status code. The library's exception goes up unchanged. A streamed response ends the
+    span when the call returns it (headers in); its body stays readable, untimed."""
     try:
+        response = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        end(span, exc=exc)
+        raise
+    end(span, getattr(response, status, None))
+    return response
+
+
+def trace_headers(headers: Iterable[Any] | None) -> dict[str, str] | None:
+    """`traceparent` (and `tracestate`) naming the active span or transaction, less any the
+    caller already set (theirs win); None outside a transaction or when they set traceparent."""
+    try:
+        present = set()
         for key in headers or ():
             key = key.decode("latin-1") if isinstance(key, bytes) else key
-            if isinstance(key, str) and key.lower() == "traceparent":
-                return None
-        return outgoing_headers()
+            if isinstance(key, str):
+                present.add(key.lower())
+        if "traceparent" in present:
+            return None
+        ours = outgoing_headers()
+        return {k: v for k, v in ours.items() if k not in present} if ours else None
     except Exception:
         logger.debug("beatlib: no trace headers for an HTTP request", exc_info=True)
         return None

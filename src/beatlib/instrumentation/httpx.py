@@ -23,18 +23,28 @@ class Httpx(Instrumentation):
         self.wrap(module, "AsyncClient.send", _send_async)
 
 
-def _start(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Span | None:
+def _start(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Span | None, Any, Any]:
+    """The span, and the request with the trace headers added to it (or None, None)."""
     request: Any = args[0] if args else kwargs.get("request")
     span = http_spans.start(getattr(request, "method", ""), getattr(request, "url", ""))
     extra = http_spans.trace_headers(getattr(request, "headers", None))
     if extra:
         try:
-            # Set on the request itself, as httpx's own auth flows do: it is what is sent,
-            # what redirects copy their headers from, and what `response.request` shows.
+            # On the request itself, as httpx's auth flows do: redirects and auth retries
+            # copy their headers from it. Taken off again by _restore when send() returns.
             request.headers.update(extra)
+            return span, request, extra
         except Exception:
             pass  # an odd request object: send it untouched
-    return span
+    return span, None, None
+
+
+def _restore(request: Any, added: Any) -> None:
+    """Leave the caller's Request as it was, so sending it again later (maybe in another
+    transaction) gets fresh trace headers rather than keeping this span's."""
+    if request is not None:
+        for name in added:
+            request.headers.pop(name, None)
 
 
 # Without stream=True, send() reads the body, so the span includes it; with stream=True the
@@ -44,14 +54,11 @@ def _start(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Span | None:
 def _send(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if get_active() is None:
         return wrapped(*args, **kwargs)
-    span = _start(args, kwargs)
+    span, request, added = _start(args, kwargs)
     try:
-        response = wrapped(*args, **kwargs)
-    except BaseException as exc:
-        http_spans.end(span, exc=exc)
-        raise
-    http_spans.end(span, getattr(response, "status_code", None))
-    return response
+        return http_spans.call(span, wrapped, args, kwargs, "status_code")
+    finally:
+        _restore(request, added)
 
 
 async def _send_async(
@@ -59,11 +66,13 @@ async def _send_async(
 ) -> Any:
     if get_active() is None:
         return await wrapped(*args, **kwargs)
-    span = _start(args, kwargs)
+    span, request, added = _start(args, kwargs)
     try:
         response = await wrapped(*args, **kwargs)
     except BaseException as exc:
         http_spans.end(span, exc=exc)
         raise
+    finally:
+        _restore(request, added)
     http_spans.end(span, getattr(response, "status_code", None))
     return response

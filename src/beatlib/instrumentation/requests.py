@@ -39,12 +39,4 @@ def _send(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, 
                 kwargs = {**kwargs, "request": request}
         except Exception:
             pass  # an odd request object: send it untouched
-    try:
-        # With stream=True the span ends here, once the headers are in; the body stays
-        # readable after that (not timed).
-        response = wrapped(*args, **kwargs)
-    except BaseException as exc:
-        http_spans.end(span, exc=exc)
-        raise
-    http_spans.end(span, getattr(response, "status_code", None))
-    return response
+    return http_spans.call(span, wrapped, args, kwargs, "status_code")  # stream=True: see call

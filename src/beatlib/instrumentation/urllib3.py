@@ -1,6 +1,6 @@
-"""urllib3: one `external`/`http` span per `HTTPConnectionPool.urlopen` (retries and same-pool
-redirects inside it; a PoolManager's cross-host redirect is a new urlopen, so a new span), and
-W3C trace headers on the request. Under requests nothing is recorded here (its span is a leaf).
+"""urllib3: one `external`/`http` span per `HTTPConnectionPool.urlopen` (retries and redirects
+it follows itself inside it; a PoolManager follows redirects with one urlopen per hop, so one
+span per hop), and W3C trace headers on the request. Under requests nothing is recorded here.
 
 beatlib's own transport sends with urllib3 from its worker thread, where no transaction is
 ever active, so the fast path lets it through untraced and without trace headers.
@@ -63,12 +63,4 @@ def _urlopen(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[st
                 kwargs = {**kwargs, "headers": headers}
         except Exception:
             pass  # an odd headers object: send it untouched
-    try:
-        # With preload_content=False the span ends here, once the headers are in; the body
-        # stays readable after that (not timed).
-        response = wrapped(*args, **kwargs)
-    except BaseException as exc:
-        http_spans.end(span, exc=exc)
-        raise
-    http_spans.end(span, getattr(response, "status", None))
-    return response
+    return http_spans.call(span, wrapped, args, kwargs, "status")  # preload_content=False too
