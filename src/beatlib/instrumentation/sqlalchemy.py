@@ -1,0 +1,136 @@
+"""SQLAlchemy: one `db` exit span per statement sent to the database, Core, ORM and asyncio alike.
+
+The patch is on `Connection` itself (the class every engine's connections are made of, also
+under an AsyncEngine), so engines created before `instrument()` are covered and nothing is
+registered on them. The span is a leaf: the DB-API driver's own instrumentation under it
+records nothing, so each statement gives one span.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+from typing import Any
+
+from beatlib.context import get_active
+from beatlib.instrumentation import sql
+from beatlib.instrumentation.registry import Instrumentation
+from beatlib.tracing import Span, start_span
+
+logger = logging.getLogger("beatlib.instrumentation")
+
+_DML = ("INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE")
+
+
+class SQLAlchemy(Instrumentation):
+    name = "sqlalchemy"
+    module = "sqlalchemy"
+    distribution = "sqlalchemy"
+    versions = ("1.4", "3")
+
+    def patch(self, module: ModuleType) -> None:
+        from sqlalchemy.engine import base
+        from sqlalchemy.pool import base as pool
+
+        # A new pooled connection: the driver's connect, on-connect hooks and the dialect's
+        # first-connect queries, as one span (the driver's own connect span is under it).
+        self.wrap(pool, "Pool._create_connection", _create_connection)
+
+        if hasattr(base.Connection, "_exec_single_context"):
+            # 2.x: called once the execution context (the final SQL) is built; one cursor
+            # execute/executemany, or all the batches of one "insertmanyvalues" statement.
+            self.wrap(base, "Connection._exec_single_context", _exec_context)
+            self.wrap(base, "Connection._exec_insertmany_context", _exec_context)
+        else:
+            # 1.4: one method builds the context and runs the cursor.
+            self.wrap(base, "Connection._execute_context", _execute_context_14)
+
+
+def _create_connection(
+    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    active = get_active()
+    # The engine's dialect; None for a pool made without an engine.
+    subtype = getattr(getattr(instance, "_dialect", None), "name", None)
+    if active is None or active.leaf or not isinstance(subtype, str):
+        return wrapped(*args, **kwargs)
+    span = start_span("sqlalchemy.connect", "db", subtype, "connect", leaf=True)
+    if span is None:
+        return wrapped(*args, **kwargs)
+    try:
+        record = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        span.end(exc)
+        raise
+    span.end()
+    return record
+
+
+def _exec_context(
+    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    active = get_active()
+    if active is None or active.leaf or not active.transaction.sampled:
+        return wrapped(*args, **kwargs)
+    context = args[1] if len(args) > 1 else kwargs.get("context")
+    return _traced(wrapped, instance, args, kwargs, getattr(context, "statement", None))
+
+
+def _execute_context_14(
+    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    active = get_active()
+    if active is None or active.leaf or not active.transaction.sampled:
+        return wrapped(*args, **kwargs)
+    # (dialect, constructor, statement, ...): a string, or a Compiled whose final SQL (with
+    # expanded IN lists) is known only afterwards, from the result's execution context.
+    statement = args[2] if len(args) > 2 else kwargs.get("statement")
+    return _traced(wrapped, instance, args, kwargs, getattr(statement, "string", statement))
+
+
+def _traced(
+    wrapped: Any, connection: Any, args: tuple[Any, ...], kwargs: dict[str, Any], statement: Any
+) -> Any:
+    span = None
+    try:
+        if not isinstance(statement, str):
+            statement = ""
+        span = start_span(sql.signature(statement) or "SQL", "db",
+                          connection.dialect.name, "query", leaf=True)
+    except Exception:
+        logger.debug("beatlib: no span for a SQLAlchemy statement", exc_info=True)
+    if span is None:
+        return wrapped(*args, **kwargs)
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        _describe(span, connection, getattr(exc, "statement", None) or statement, None)
+        span.end(exc)
+        raise
+    execution = getattr(result, "context", None)
+    _describe(span, connection, getattr(execution, "statement", None) or statement, execution)
+    span.end()
+    return result
+
+
+def _describe(span: Span, connection: Any, statement: Any, execution: Any) -> None:
+    """Fill in `span.context`: statement, database, where it is, rows affected by DML."""
+    try:
+        url = connection.engine.url
+        subtype = connection.dialect.name
+        instance = url.database
+        if subtype == "sqlite":
+            instance = os.path.basename(instance) if instance else ":memory:"
+        rows = None
+        if execution is not None and span.name.startswith(_DML):
+            try:
+                rows = execution.rowcount
+            except Exception:  # a driver that forgets rowcount once the cursor is closed
+                pass
+        span.context = sql.span_context(
+            statement if isinstance(statement, str) else "", subtype, instance,
+            url.host, url.port, rows if isinstance(rows, int) else None,
+        )
+    except Exception:
+        logger.debug("beatlib: no context for a SQLAlchemy span", exc_info=True)

@@ -1,0 +1,401 @@
+"""SQLAlchemy spans: Core, ORM and asyncio engines on SQLite, PostgreSQL and MariaDB; errors,
+streaming, engines made before `instrument()`, leaf spans, uninstrument, import order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event, orm
+from sqlalchemy.engine import base
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+import beatlib
+from beatlib.context import get_active
+
+SECRET = "s3cret-param-value"  # a bound value: must never reach an event
+
+
+class Base(orm.DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    name: orm.Mapped[str] = orm.mapped_column(sa.String(50))
+    orders: orm.Mapped[list[Order]] = orm.relationship(back_populates="user")
+
+
+class Order(Base):
+    __tablename__ = "orders"
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    user_id: orm.Mapped[int] = orm.mapped_column(sa.ForeignKey("users.id"))
+    total: orm.Mapped[int]
+    user: orm.Mapped[User] = orm.relationship(back_populates="orders")
+
+
+def cursor_calls(engine: sa.Engine) -> list[str]:
+    """Statements sent to the driver, as SQLAlchemy's own event sees them."""
+    seen: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    return seen
+
+
+def executions(engine: sa.Engine) -> list[object]:
+    """Statement executions (an insertmanyvalues statement is one, whatever its batches)."""
+    seen: list[object] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda *a: seen.append(a[4]) if all(a[4] is not c for c in seen) else None)
+    return seen
+
+
+def queries(spans: list[dict]) -> list[dict]:
+    """The statement spans, without `sqlalchemy.connect` ones."""
+    return [s for s in spans if s["action"] == "query"]
+
+
+def db(span: dict) -> dict:
+    return span["context"]["db"]
+
+
+def check_db_span(span: dict, name: str, subtype: str = "sqlite") -> None:
+    assert (span["name"], span["type"], span["subtype"], span["action"]) == (
+        name, "db", subtype, "query")
+    assert db(span)["type"] == "sql"
+
+
+@pytest.fixture
+def engine(tmp_path):
+    e = sa.create_engine(f"sqlite:///{tmp_path / 'shop.db'}")
+    Base.metadata.create_all(e)
+    yield e
+    e.dispose()
+
+
+def test_core_statements_one_span_each(traced, engine):
+    seen = cursor_calls(engine)
+    users = Base.metadata.tables["users"]
+    orders = Base.metadata.tables["orders"]
+    tx = traced.begin()
+    with engine.begin() as conn:
+        conn.execute(users.insert(), [{"id": 1, "name": SECRET}, {"id": 2, "name": "b"}])
+        conn.execute(orders.insert().values(id=1, user_id=1, total=5))
+        rows = conn.execute(
+            sa.select(users.c.name, orders.c.total).join(orders).where(users.c.name == SECRET)
+        ).all()
+        updated = conn.execute(users.update().where(users.c.id > 0).values(name="x")).rowcount
+        conn.execute(orders.delete().where(orders.c.id == 1))
+        conn.exec_driver_sql("UPDATE users SET name = 'y' WHERE id = 2")
+    traced.end()
+    assert rows == [(SECRET, 5)] and updated == 2
+    spans = traced.spans()
+    assert [s["name"] for s in spans] == [
+        "INSERT INTO users", "INSERT INTO orders", "SELECT FROM users", "UPDATE users",
+        "DELETE FROM orders", "UPDATE users"]
+    assert len(spans) == len(seen)  # one span per cursor call, none doubled
+    for span in spans:
+        check_db_span(span, span["name"])
+        assert span["parent_id"] == "%016x" % tx.id and span["outcome"] == "success"
+        assert db(span)["instance"] == "shop.db"
+        assert span["context"]["service"]["target"] == {"type": "sqlite", "name": "shop.db"}
+        assert "destination" not in span["context"]  # a file has no address
+    assert [db(s).get("rows_affected") for s in spans] == [2, 1, None, 2, 1, 1]
+    assert db(spans[2])["statement"] == seen[2]  # the SQL as sent, placeholders and all
+    assert "JOIN orders" in db(spans[2])["statement"]
+    assert SECRET not in json.dumps(spans)
+    assert get_active() is None
+
+
+def test_orm_session(traced, engine):
+    seen = executions(engine)
+    traced.begin()
+    with orm.Session(engine) as session:
+        session.add_all([User(id=i, name=f"u{i}", orders=[Order(total=i)]) for i in range(1, 6)])
+        session.commit()
+        found = session.scalars(
+            sa.select(User).join(User.orders).where(Order.total > 2).order_by(User.id)
+        ).all()
+        found[0].name = "renamed"
+        session.delete(session.get(Order, 5))
+        session.commit()
+        assert [u.id for u in found] == [3, 4, 5]
+    traced.end()
+    names = [s["name"] for s in traced.spans()]
+    assert names[:2] == ["INSERT INTO users", "INSERT INTO orders"]  # bulk: one per statement
+    assert "SELECT FROM users" in names and "UPDATE users" in names
+    assert "DELETE FROM orders" in names
+    assert len(names) == len(seen)
+
+
+def test_memory_database_and_text_statements(traced):
+    engine = sa.create_engine("sqlite://")
+    traced.begin()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1 + :x"), {"x": 1}).scalar() == 2
+        conn.exec_driver_sql("/* app */ WITH t AS (SELECT 1 AS a) SELECT a FROM t")
+    traced.end()
+    connect, first, second = traced.spans()
+    assert (connect["name"], connect["action"], connect["subtype"]) == (
+        "sqlalchemy.connect", "connect", "sqlite")
+    check_db_span(first, "SELECT")
+    check_db_span(second, "SELECT FROM t")
+    assert db(first)["instance"] == ":memory:"
+
+
+def test_executemany_and_insertmanyvalues(traced, engine):
+    users = Base.metadata.tables["users"]
+    traced.begin()
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO users (id, name) VALUES (?, ?)", [(i, "n") for i in range(10)])
+        conn.execute(users.insert().returning(users.c.id),
+                     [{"id": i, "name": "m"} for i in range(10, 20)])
+    traced.end()
+    spans = traced.spans()
+    assert [s["name"] for s in spans] == ["INSERT INTO users"] * 2
+    assert db(spans[0])["rows_affected"] == 10
+
+
+def test_engine_created_before_instrument(traced, tmp_path):
+    beatlib.uninstrument()
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'early.db'}")
+    conn = engine.connect()  # a pooled DB-API connection already open
+    conn.exec_driver_sql("CREATE TABLE t (a INTEGER)")
+    beatlib.instrument(traced.client.config)
+    traced.begin()
+    conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    conn.close()
+    traced.end()
+    [span] = traced.spans()
+    check_db_span(span, "INSERT INTO t")
+    assert db(span)["instance"] == "early.db"
+
+
+def test_nothing_recorded_outside_a_transaction(traced, engine):
+    with orm.Session(engine) as session:
+        session.add(User(id=1, name="a"))
+        session.commit()
+        assert session.scalars(sa.select(User)).one().name == "a"
+    traced.begin()
+    traced.end()
+    assert traced.spans() == []
+
+
+def test_bad_sql_gives_a_failed_span_and_the_same_exception(traced, engine):
+    raised = []
+    event.listen(engine, "handle_error", lambda ctx: raised.append(ctx.sqlalchemy_exception))
+    traced.begin()
+    with engine.connect() as conn:
+        with pytest.raises(sa.exc.OperationalError) as info:
+            conn.exec_driver_sql("SELECT * FROM nowhere")
+        assert info.value is raised[0]
+        conn.rollback()
+        assert conn.exec_driver_sql("SELECT 7").scalar() == 7  # still usable
+    with orm.Session(engine) as session:
+        session.add_all([User(id=1, name="a")])
+        session.commit()
+        session.add(User(id=1, name="dup"))
+        with pytest.raises(sa.exc.IntegrityError) as dup:
+            session.commit()
+        assert dup.value is raised[1]
+        session.rollback()
+        assert session.get(User, 1).name == "a"
+    assert get_active() is not None and get_active().transaction is get_active()
+    traced.end()
+    spans = traced.spans()
+    failed = [s for s in spans if s["outcome"] == "failure"]
+    assert [s["name"] for s in failed] == ["SELECT FROM nowhere", "INSERT INTO users"]
+    assert db(failed[0])["statement"] == "SELECT * FROM nowhere"
+    assert all(s["outcome"] == "success" for s in spans if s not in failed)
+
+
+def test_span_is_a_leaf_driver_level_work_is_not_doubled(traced, engine):
+    def inner(*args):
+        with beatlib.capture_span("driver-level"):  # what a DB-API instrumentation would do
+            pass
+
+    event.listen(engine, "before_cursor_execute", inner)
+    traced.begin()
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    traced.end()
+    assert [s["name"] for s in traced.spans()] == ["SELECT"]
+
+
+def test_sqlite3_driver_instrumentation_underneath_records_nothing(traced, tmp_path):
+    if "sqlite3" not in beatlib.instrumentation.registry.instrumented():
+        pytest.skip("sqlite3 instrumentation not available")
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'leaf.db'}")
+    traced.begin()
+    with engine.connect() as conn:  # a new connection: sqlite3.connect runs under our span
+        conn.exec_driver_sql("SELECT 1")
+    traced.end()
+    assert [(s["name"], s["subtype"]) for s in traced.spans()] == [
+        ("sqlalchemy.connect", "sqlite"), ("SELECT", "sqlite")]
+
+
+def test_streaming_results_still_stream(traced, engine):
+    with orm.Session(engine) as session:
+        session.add_all([User(id=i, name=f"u{i}") for i in range(10)])
+        session.commit()
+    traced.begin()
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True).execute(sa.select(User.id))
+        assert [[r.id for r in part] for part in result.partitions(3)] == [
+            [0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    with orm.Session(engine) as session:
+        ids = [u.id for u in session.scalars(sa.select(User).execution_options(yield_per=3))]
+        assert ids == list(range(10))
+    traced.end()
+    assert [s["name"] for s in traced.spans()] == ["SELECT FROM users"] * 2
+
+
+def test_async_engine_core_orm_and_stream(traced, tmp_path):
+    async def main() -> tuple[list[int], list[int], bool]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'async.db'}")
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        tx = traced.begin()
+        async with AsyncSession(engine) as session:
+            session.add_all([User(id=i, name="a") for i in range(4)])
+            await session.commit()
+            ids = list(await session.scalars(sa.select(User.id).order_by(User.id)))
+        async with engine.connect() as conn:
+            streamed = [r.id async for r in await conn.stream(sa.select(User.id))]
+        restored = get_active() is tx
+        traced.end()
+        await engine.dispose()
+        return ids, streamed, restored
+
+    ids, streamed, restored = asyncio.run(main())
+    assert ids == streamed == [0, 1, 2, 3] and restored
+    spans = traced.spans()
+    assert [s["name"] for s in spans] == ["INSERT INTO users", "SELECT FROM users",
+                                          "SELECT FROM users"]
+    for span in spans:
+        check_db_span(span, span["name"])
+        assert db(span)["instance"] == "async.db"
+        assert span["parent_id"] == spans[0]["transaction_id"]
+
+
+def test_async_concurrent_tasks_keep_their_own_transactions(traced, tmp_path):
+    async def task(engine, n: int) -> None:
+        traced.begin()
+        async with engine.connect() as conn:
+            for _ in range(3):
+                await conn.exec_driver_sql(f"SELECT {n}")
+                await asyncio.sleep(0)
+        traced.end(f"task {n}")
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'tasks.db'}")
+        await asyncio.gather(*(task(engine, n) for n in range(3)))
+        await engine.dispose()
+
+    asyncio.run(main())
+    transactions, spans, _ = traced.shipped()
+    by_id = {t["id"]: t["name"] for t in transactions}
+    spans = queries(spans)
+    for span in spans:
+        assert by_id[span["parent_id"]] == f"task {db(span)['statement'][-1]}"
+    assert len(spans) == 9
+
+
+def test_uninstrument_restores_the_originals(traced):
+    names = ("_exec_single_context", "_exec_insertmany_context")
+    originals = {n: vars(base.Connection)[n].__wrapped__ for n in names}
+    beatlib.uninstrument()
+    assert all(vars(base.Connection)[n] is originals[n] for n in names)
+    assert not hasattr(vars(base.Connection)["_exec_single_context"], "__wrapped__")
+
+
+def test_instrument_before_import(receiver, tmp_path):
+    script = (
+        "import beatlib\n"
+        "client = beatlib.Client(service_name='sub')\n"
+        "beatlib.instrument()\n"
+        "import sqlalchemy as sa\n"
+        "engine = sa.create_engine('sqlite://')\n"
+        "client.begin_transaction('script')\n"
+        "with engine.connect() as conn:\n"
+        "    conn.exec_driver_sql('CREATE TABLE things (a INTEGER)')\n"
+        "client.end_transaction('sql', 'success')\n"
+        "assert client.flush(10)\n"
+    )
+    environ = dict(os.environ, BEATLIB_SERVER_URL=receiver.url)
+    subprocess.run([sys.executable, "-c", script], env=environ, check=True, timeout=60)
+    [span] = queries(receiver.events("span"))
+    check_db_span(span, "CREATE TABLE things")
+
+
+def test_postgresql_psycopg_sync_and_async(traced, postgres):
+    engine = sa.create_engine(postgres.url("postgresql+psycopg"))
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    traced.begin()
+    with orm.Session(engine) as session:
+        session.add_all([User(id=i, name="p", orders=[Order(total=i)]) for i in range(3)])
+        session.commit()
+        session.execute(sa.update(User).where(User.id < 2).values(name="q"))
+        session.commit()
+
+    async def run_async() -> list[int]:
+        aengine = create_async_engine(postgres.url("postgresql+psycopg_async"))
+        async with aengine.connect() as conn:
+            rows = (await conn.execute(sa.select(User.id).where(User.id.in_([1, 2])))).all()
+        await aengine.dispose()
+        return [r.id for r in rows]
+
+    assert asyncio.run(run_async()) == [1, 2]
+    traced.end()
+    engine.dispose()
+    spans = queries(traced.spans())
+    names = [s["name"] for s in spans]
+    assert names[:2] == ["INSERT INTO users", "INSERT INTO orders"]
+    assert names[-2:] == ["UPDATE users", "SELECT FROM users"]
+    for span in spans:
+        check_db_span(span, span["name"], "postgresql")
+        assert db(span)["instance"] == postgres.dbname
+        assert span["context"]["destination"] == {"address": "127.0.0.1", "port": postgres.port}
+        assert span["context"]["service"]["target"] == {"type": "postgresql",
+                                                        "name": postgres.dbname}
+        assert postgres.password not in json.dumps(span)
+    assert db(spans[-2])["rows_affected"] == 2
+    assert "POSTCOMPILE" not in db(spans[-1])["statement"]  # the expanded IN list as sent
+
+
+def test_postgresql_error_and_server_side_cursor(traced, postgres):
+    engine = sa.create_engine(postgres.url("postgresql+psycopg"))
+    traced.begin()
+    with engine.connect() as conn:
+        with pytest.raises(sa.exc.ProgrammingError):
+            conn.exec_driver_sql("SELECT * FROM no_such_table")
+        conn.rollback()
+        result = conn.execution_options(stream_results=True).execute(
+            sa.text("SELECT generate_series(1, 50) AS n"))
+        assert sum(r.n for r in result) == 1275
+    traced.end()
+    engine.dispose()
+    failed, streamed = queries(traced.spans())
+    assert (failed["name"], failed["outcome"]) == ("SELECT FROM no_such_table", "failure")
+    assert (streamed["name"], streamed["outcome"]) == ("SELECT", "success")
+
+
+def test_mysql_pymysql(traced, mariadb):
+    pytest.importorskip("pymysql")
+    engine = sa.create_engine(mariadb.url("mysql+pymysql"))
+    traced.begin()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    traced.end()
+    engine.dispose()
+    [span] = queries(traced.spans())
+    check_db_span(span, "SELECT", "mysql")
+    assert db(span)["instance"] == mariadb.dbname
+    assert span["context"]["destination"]["port"] == mariadb.port
