@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import random
 import re
 import time
@@ -23,7 +24,11 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_getrandbits = random.getrandbits
+# Our own generator: ids drawn from the global one would shift an app's seeded sequences
+# (`random.seed(...)` in its code or tests). Reseeded in a forked child, as the global one is.
+_random = random.Random()
+os.register_at_fork(after_in_child=_random.seed)
+_getrandbits = _random.getrandbits
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
 
@@ -123,7 +128,7 @@ class Transaction(Segment):
         if trace_parent is None:
             self.trace_id = "%032x" % (_getrandbits(128) or 1)
             self.parent_id: str | None = None
-            self.sampled = rate >= 1.0 or random.random() < rate
+            self.sampled = rate >= 1.0 or _random.random() < rate
             self.tracestate: str | None = None
         else:
             self.trace_id = trace_parent.trace_id
