@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import random
 import subprocess
 import sys
 
@@ -206,6 +207,22 @@ def test_generate_async(traced):
     spans = by_name(traced.spans())
     assert spans["mark x"]["parent_id"] == spans["stream.html"]["id"]
     assert spans["stream.html"]["outcome"] == "success"
+
+
+def test_a_seeded_random_sequence_is_not_shifted_by_tracing(traced):
+    # Jinja2's own test_random: span ids must not be drawn from the app's global generator.
+    state = random.getstate()
+    try:
+        random.seed("jinja")
+        expected = [random.choice("1234567890") for _ in range(10)]
+        random.seed("jinja")
+        traced.begin()
+        template = jinja2.Template('{{ "1234567890"|random }}')
+        assert [template.render() for _ in expected] == expected
+        traced.end()
+    finally:
+        random.setstate(state)
+    assert len(traced.spans()) == 10
 
 
 def test_uninstrument_restores_the_originals(traced):
