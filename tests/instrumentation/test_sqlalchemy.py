@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, orm
 from sqlalchemy.engine import base
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.pool import base as pool_base
 
 import beatlib
 from beatlib.context import get_active
@@ -21,33 +22,39 @@ from beatlib.context import get_active
 SECRET = "s3cret-param-value"  # a bound value: must never reach an event
 
 
-class Base(orm.DeclarativeBase):
-    pass
+SA2 = hasattr(base.Connection, "_exec_single_context")  # else 1.4
+needs_sa2 = pytest.mark.skipif(not SA2, reason="psycopg 3 dialects arrived in SQLAlchemy 2.0")
+
+Base = orm.declarative_base()  # the classic style: the same models on 1.4 and 2.x
 
 
 class User(Base):
     __tablename__ = "users"
-    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
-    name: orm.Mapped[str] = orm.mapped_column(sa.String(50))
-    orders: orm.Mapped[list[Order]] = orm.relationship(back_populates="user")
+    id = sa.Column(sa.Integer, primary_key=True)
+    name = sa.Column(sa.String(50))
+    orders = orm.relationship("Order", back_populates="user")
 
 
 class Order(Base):
     __tablename__ = "orders"
-    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
-    user_id: orm.Mapped[int] = orm.mapped_column(sa.ForeignKey("users.id"))
-    total: orm.Mapped[int]
-    user: orm.Mapped[User] = orm.relationship(back_populates="orders")
+    id = sa.Column(sa.Integer, primary_key=True)
+    user_id = sa.Column(sa.ForeignKey("users.id"))
+    total = sa.Column(sa.Integer)
+    user = orm.relationship(User, back_populates="orders")
 
 
-def cursor_calls(engine: sa.Engine) -> list[str]:
+def create_engine(url: str) -> sa.engine.Engine:
+    return sa.create_engine(url, future=True)  # 2.0 style on 1.4 too
+
+
+def cursor_calls(engine: sa.engine.Engine) -> list[str]:
     """Statements sent to the driver, as SQLAlchemy's own event sees them."""
     seen: list[str] = []
     event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
     return seen
 
 
-def executions(engine: sa.Engine) -> list[object]:
+def executions(engine: sa.engine.Engine) -> list[object]:
     """Statement executions (an insertmanyvalues statement is one, whatever its batches)."""
     seen: list[object] = []
     event.listen(engine, "before_cursor_execute",
@@ -72,7 +79,7 @@ def check_db_span(span: dict, name: str, subtype: str = "sqlite") -> None:
 
 @pytest.fixture
 def engine(tmp_path):
-    e = sa.create_engine(f"sqlite:///{tmp_path / 'shop.db'}")
+    e = create_engine(f"sqlite:///{tmp_path / 'shop.db'}")
     Base.metadata.create_all(e)
     yield e
     e.dispose()
@@ -94,7 +101,7 @@ def test_core_statements_one_span_each(traced, engine):
         conn.exec_driver_sql("UPDATE users SET name = 'y' WHERE id = 2")
     traced.end()
     assert rows == [(SECRET, 5)] and updated == 2
-    spans = traced.spans()
+    spans = queries(traced.spans())
     assert [s["name"] for s in spans] == [
         "INSERT INTO users", "INSERT INTO orders", "SELECT FROM users", "UPDATE users",
         "DELETE FROM orders", "UPDATE users"]
@@ -126,7 +133,7 @@ def test_orm_session(traced, engine):
         session.commit()
         assert [u.id for u in found] == [3, 4, 5]
     traced.end()
-    names = [s["name"] for s in traced.spans()]
+    names = [s["name"] for s in queries(traced.spans())]
     assert names[:2] == ["INSERT INTO users", "INSERT INTO orders"]  # bulk: one per statement
     assert "SELECT FROM users" in names and "UPDATE users" in names
     assert "DELETE FROM orders" in names
@@ -134,7 +141,7 @@ def test_orm_session(traced, engine):
 
 
 def test_memory_database_and_text_statements(traced):
-    engine = sa.create_engine("sqlite://")
+    engine = create_engine("sqlite://")
     traced.begin()
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT 1 + :x"), {"x": 1}).scalar() == 2
@@ -154,17 +161,17 @@ def test_executemany_and_insertmanyvalues(traced, engine):
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO users (id, name) VALUES (?, ?)", [(i, "n") for i in range(10)])
-        conn.execute(users.insert().returning(users.c.id),
-                     [{"id": i, "name": "m"} for i in range(10, 20)])
+        insert = users.insert().returning(users.c.id) if SA2 else users.insert()
+        conn.execute(insert, [{"id": i, "name": "m"} for i in range(10, 20)])
     traced.end()
-    spans = traced.spans()
+    spans = queries(traced.spans())
     assert [s["name"] for s in spans] == ["INSERT INTO users"] * 2
     assert db(spans[0])["rows_affected"] == 10
 
 
 def test_engine_created_before_instrument(traced, tmp_path):
     beatlib.uninstrument()
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'early.db'}")
+    engine = create_engine(f"sqlite:///{tmp_path / 'early.db'}")
     conn = engine.connect()  # a pooled DB-API connection already open
     conn.exec_driver_sql("CREATE TABLE t (a INTEGER)")
     beatlib.instrument(traced.client.config)
@@ -172,7 +179,7 @@ def test_engine_created_before_instrument(traced, tmp_path):
     conn.exec_driver_sql("INSERT INTO t VALUES (1)")
     conn.close()
     traced.end()
-    [span] = traced.spans()
+    [span] = queries(traced.spans())
     check_db_span(span, "INSERT INTO t")
     assert db(span)["instance"] == "early.db"
 
@@ -225,13 +232,13 @@ def test_span_is_a_leaf_driver_level_work_is_not_doubled(traced, engine):
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
     traced.end()
-    assert [s["name"] for s in traced.spans()] == ["SELECT"]
+    assert [s["name"] for s in queries(traced.spans())] == ["SELECT"]
 
 
 def test_sqlite3_driver_instrumentation_underneath_records_nothing(traced, tmp_path):
     if "sqlite3" not in beatlib.instrumentation.registry.instrumented():
         pytest.skip("sqlite3 instrumentation not available")
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'leaf.db'}")
+    engine = create_engine(f"sqlite:///{tmp_path / 'leaf.db'}")
     traced.begin()
     with engine.connect() as conn:  # a new connection: sqlite3.connect runs under our span
         conn.exec_driver_sql("SELECT 1")
@@ -253,7 +260,7 @@ def test_streaming_results_still_stream(traced, engine):
         ids = [u.id for u in session.scalars(sa.select(User).execution_options(yield_per=3))]
         assert ids == list(range(10))
     traced.end()
-    assert [s["name"] for s in traced.spans()] == ["SELECT FROM users"] * 2
+    assert [s["name"] for s in queries(traced.spans())] == ["SELECT FROM users"] * 2
 
 
 def test_async_engine_core_orm_and_stream(traced, tmp_path):
@@ -275,7 +282,7 @@ def test_async_engine_core_orm_and_stream(traced, tmp_path):
 
     ids, streamed, restored = asyncio.run(main())
     assert ids == streamed == [0, 1, 2, 3] and restored
-    spans = traced.spans()
+    spans = queries(traced.spans())
     assert [s["name"] for s in spans] == ["INSERT INTO users", "SELECT FROM users",
                                           "SELECT FROM users"]
     for span in spans:
@@ -308,11 +315,13 @@ def test_async_concurrent_tasks_keep_their_own_transactions(traced, tmp_path):
 
 
 def test_uninstrument_restores_the_originals(traced):
-    names = ("_exec_single_context", "_exec_insertmany_context")
+    names = ("_exec_single_context", "_exec_insertmany_context") if SA2 else ("_execute_context",)
     originals = {n: vars(base.Connection)[n].__wrapped__ for n in names}
+    create = vars(pool_base.Pool)["_create_connection"].__wrapped__
     beatlib.uninstrument()
     assert all(vars(base.Connection)[n] is originals[n] for n in names)
-    assert not hasattr(vars(base.Connection)["_exec_single_context"], "__wrapped__")
+    assert vars(pool_base.Pool)["_create_connection"] is create
+    assert not any(hasattr(vars(base.Connection)[n], "__wrapped__") for n in names)
 
 
 def test_instrument_before_import(receiver, tmp_path):
@@ -334,8 +343,9 @@ def test_instrument_before_import(receiver, tmp_path):
     check_db_span(span, "CREATE TABLE things")
 
 
+@needs_sa2
 def test_postgresql_psycopg_sync_and_async(traced, postgres):
-    engine = sa.create_engine(postgres.url("postgresql+psycopg"))
+    engine = create_engine(postgres.url("postgresql+psycopg"))
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     traced.begin()
@@ -370,8 +380,9 @@ def test_postgresql_psycopg_sync_and_async(traced, postgres):
     assert "POSTCOMPILE" not in db(spans[-1])["statement"]  # the expanded IN list as sent
 
 
+@needs_sa2
 def test_postgresql_error_and_server_side_cursor(traced, postgres):
-    engine = sa.create_engine(postgres.url("postgresql+psycopg"))
+    engine = create_engine(postgres.url("postgresql+psycopg"))
     traced.begin()
     with engine.connect() as conn:
         with pytest.raises(sa.exc.ProgrammingError):
@@ -389,7 +400,7 @@ def test_postgresql_error_and_server_side_cursor(traced, postgres):
 
 def test_mysql_pymysql(traced, mariadb):
     pytest.importorskip("pymysql")
-    engine = sa.create_engine(mariadb.url("mysql+pymysql"))
+    engine = create_engine(mariadb.url("mysql+pymysql"))
     traced.begin()
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT 1").scalar() == 1
