@@ -8,8 +8,9 @@ from types import ModuleType
 from typing import Any
 
 from beatlib.context import get_active, set_active
-from beatlib.instrumentation.registry import Instrumentation
-from beatlib.instrumentation.templates import render_wrapper, start_render, template_name
+from beatlib.instrumentation.registry import Instrumentation, Wrapper
+from beatlib.instrumentation.templates import render_wrapper, start_render
+from beatlib.tracing import Span
 
 ENGINE = "jinja2"
 
@@ -27,8 +28,8 @@ class Jinja2(Instrumentation):
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "Template.render", render_wrapper(ENGINE, _name))
         self.wrap(module, "Template.render_async", _render_async)
-        self.wrap(module, "Template.generate", _generate)
-        self.wrap(module, "Template.generate_async", _generate_async)
+        self.wrap(module, "Template.generate", _streaming(_stream))
+        self.wrap(module, "Template.generate_async", _streaming(_stream_async))
 
 
 def _render_async(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
@@ -37,15 +38,13 @@ def _render_async(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs:
 
     # Still a coroutine: the span starts when it is awaited, which is when the work happens.
     async def render() -> Any:
-        span = start_render(ENGINE, template_name(_name, instance))
+        span = start_render(ENGINE, _name, instance)
         try:
             result = await wrapped(*args, **kwargs)
         except BaseException as exc:
-            if span is not None:
-                span.end(exc)
+            _end(span, exc)
             raise
-        if span is not None:
-            span.end()
+        _end(span)
         return result
 
     return render()
@@ -53,30 +52,33 @@ def _render_async(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs:
 
 # Streaming: the span covers the stream's life, from the first chunk asked for to exhaustion,
 # error or close, because that is when the template runs (creating the generator runs nothing).
-# The span is active only while the template produces a chunk: what the consumer does between
-# chunks (writing them to a socket) is not made a child of the template, though it is inside
-# the span's duration. A stream created outside a transaction is not traced.
+# It is active only while the template makes a chunk: what the consumer does between chunks
+# (writing them to a socket) is inside its duration but not made its child. A stream created
+# outside a transaction is not traced.
 
 
-def _generate(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-    if get_active() is None:
-        return wrapped(*args, **kwargs)
-    return _stream(wrapped(*args, **kwargs), template_name(_name, instance))
+def _streaming(stream: Callable[[Any, Any], Any]) -> Wrapper:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if get_active() is None:
+            return wrapped(*args, **kwargs)
+        return stream(wrapped(*args, **kwargs), instance)
+
+    return wrapper
 
 
-def _generate_async(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-    if get_active() is None:
-        return wrapped(*args, **kwargs)
-    return _stream_async(wrapped(*args, **kwargs), template_name(_name, instance))
+def _end(span: Span | None, exc: BaseException | None = None) -> None:
+    if span is not None:
+        span.end(exc)
 
 
-def _stream(chunks: Generator[str, None, None], name: str) -> Generator[str, None, None]:
-    span, started = None, False
+def _stream(chunks: Generator[str, None, None], template: Any) -> Generator[str, None, None]:
+    span: Span | None = None
+    started = False
     try:
         while True:
             caller = get_active()
             if not started:
-                started, span = True, start_render(ENGINE, name)
+                started, span = True, start_render(ENGINE, _name, template)
             elif span is not None:
                 set_active(span)
             try:
@@ -88,24 +90,24 @@ def _stream(chunks: Generator[str, None, None], name: str) -> Generator[str, Non
             yield chunk
     except GeneratorExit:
         chunks.close()
-        if span is not None:
-            span.end()
+        _end(span)
         raise
     except BaseException as exc:
-        if span is not None:
-            span.end(exc)
+        _end(span, exc)
         raise
-    if span is not None:
-        span.end()
+    _end(span)
 
 
-async def _stream_async(chunks: AsyncGenerator[str, None], name: str) -> AsyncGenerator[str, None]:
-    span, started = None, False
+async def _stream_async(
+    chunks: AsyncGenerator[str, None], template: Any
+) -> AsyncGenerator[str, None]:
+    span: Span | None = None
+    started = False
     try:
         while True:
             caller = get_active()
             if not started:
-                started, span = True, start_render(ENGINE, name)
+                started, span = True, start_render(ENGINE, _name, template)
             elif span is not None:
                 set_active(span)
             try:
@@ -117,12 +119,9 @@ async def _stream_async(chunks: AsyncGenerator[str, None], name: str) -> AsyncGe
             yield chunk
     except GeneratorExit:
         await chunks.aclose()
-        if span is not None:
-            span.end()
+        _end(span)
         raise
     except BaseException as exc:
-        if span is not None:
-            span.end(exc)
+        _end(span, exc)
         raise
-    if span is not None:
-        span.end()
+    _end(span)

@@ -1,8 +1,7 @@
 """Template render spans, shared by the Jinja2, Mako and Django template instrumentations.
 
 One span per outermost render of an engine: type `template`, subtype the engine, action
-`render`, named by the template (`<string>` when it has no name). A render nested in a render
-of the same engine is part of the outer span (see `start_render`).
+`render`, named by the template (`<string>` when it has no name).
 """
 
 from __future__ import annotations
@@ -17,26 +16,22 @@ from beatlib.tracing import Span, start_span
 UNNAMED = "<string>"
 
 
-def template_name(name_of: Callable[[Any], Any], template: Any) -> str:
-    """The span name for `template`; never raises (a library that changed shape gets UNNAMED)."""
-    try:
-        name = name_of(template)
-        return str(name) if name else UNNAMED
-    except Exception:
-        return UNNAMED
-
-
-def start_render(engine: str, name: str) -> Span | None:
+def start_render(engine: str, name_of: Callable[[Any], Any], template: Any) -> Span | None:
     """Open a render span, unless a render of the same engine is already the active span.
 
-    Nested renders are then counted once: Django's `{% include %}` calls `Template.render`
+    Nested renders are so counted once: Django's `{% include %}` calls `Template.render`
     again, and Jinja2's sync `render` of an async environment runs `render_async`; neither
-    is a separate piece of work the user asked for. (Jinja2's own `extends`/`include` and
-    Mako's inheritance/`<%include>` do not go through the wrapped methods at all.)
+    is a separate piece of work the user asked for. (Jinja2's `extends`/`include` and Mako's
+    inheritance/`<%include>` do not go through the wrapped methods at all.)
     """
     active = get_active()
-    if getattr(active, "subtype", None) == engine and getattr(active, "type", None) == "template":
+    if active is None or (getattr(active, "subtype", None) == engine
+                          and active.type == "template"):  # fmt: skip
         return None
+    try:  # a library that changed shape still renders, as UNNAMED
+        name = str(name_of(template) or UNNAMED)
+    except Exception:
+        name = UNNAMED
     return start_span(name, "template", engine, "render")
 
 
@@ -46,7 +41,7 @@ def render_wrapper(engine: str, name_of: Callable[[Any], Any]) -> Wrapper:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         if get_active() is None:
             return wrapped(*args, **kwargs)
-        span = start_render(engine, template_name(name_of, instance))
+        span = start_render(engine, name_of, instance)
         if span is None:
             return wrapped(*args, **kwargs)
         try:
