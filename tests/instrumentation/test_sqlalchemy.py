@@ -348,6 +348,7 @@ def test_postgresql_psycopg_sync_and_async(traced, postgres):
     engine = create_engine(postgres.url("postgresql+psycopg"))
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
+    seen = executions(engine)
     traced.begin()
     with orm.Session(engine) as session:
         session.add_all([User(id=i, name="p", orders=[Order(total=i)]) for i in range(3)])
@@ -369,6 +370,7 @@ def test_postgresql_psycopg_sync_and_async(traced, postgres):
     names = [s["name"] for s in spans]
     assert names[:2] == ["INSERT INTO users", "INSERT INTO orders"]
     assert names[-2:] == ["UPDATE users", "SELECT FROM users"]
+    assert len(spans) == len(seen) + 1  # + the async SELECT; psycopg's own spans: none
     for span in spans:
         check_db_span(span, span["name"], "postgresql")
         assert db(span)["instance"] == postgres.dbname
@@ -410,3 +412,24 @@ def test_mysql_pymysql(traced, mariadb):
     check_db_span(span, "SELECT", "mysql")
     assert db(span)["instance"] == mariadb.dbname
     assert span["context"]["destination"]["port"] == mariadb.port
+
+
+def test_postgresql_psycopg2_on_every_version(traced, postgres):
+    pytest.importorskip("psycopg2")
+    engine = create_engine(postgres.url("postgresql+psycopg2"))
+    seen = executions(engine)
+    traced.begin()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TEMPORARY TABLE tmp_items (n integer)")
+        conn.execute(sa.text("INSERT INTO tmp_items VALUES (:n)"), [{"n": i} for i in range(4)])
+        deleted = conn.execute(sa.text("DELETE FROM tmp_items WHERE n < :n"), {"n": 3}).rowcount
+    traced.end()
+    engine.dispose()
+    assert deleted == 3
+    spans = queries(traced.spans())
+    assert [s["name"] for s in spans][-3:] == [
+        "CREATE TABLE tmp_items", "INSERT INTO tmp_items", "DELETE FROM tmp_items"]
+    assert db(spans[-1])["rows_affected"] == 3
+    assert len(spans) == len(seen)  # psycopg2's own instrumentation adds nothing under ours
+    assert all(s["subtype"] == "postgresql" and s["context"]["destination"]["port"] == postgres.port
+               for s in spans)
