@@ -60,7 +60,7 @@ def run_suite(root: Path, tests: str, plugin: bool, extra: list[str]) -> dict:
         args[3:3] = ["-p", "beatlib_suite_plugin"]
     log = root / f"pytest-{label}.log"
     with log.open("w") as out:
-        code = subprocess.run(args, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(args, cwd=root, env=env, stdout=out, stderr=out).returncode
     if code not in (0, 1):  # 1: some tests failed (compared below); anything else is broken
         sys.exit(f"pytest exited {code} in {root} ({label}); see {log}")
     outcomes = {}
