@@ -22,6 +22,7 @@ STREAM_DELAY = 0.05  # seconds between chunks: the body arrives after the header
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
 
     def log_message(self, format: str, *args: object) -> None:  # quiet test output
         pass

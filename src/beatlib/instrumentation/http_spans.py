@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from beatlib.client import get_client
+from beatlib.context import get_active
 from beatlib.sanitize import Sanitizer
 from beatlib.tracing import Span, outgoing_headers, start_span
 
@@ -37,6 +38,9 @@ def start(method: Any, url: Any) -> Span | None:
     nothing is recorded. Never raises: a URL we cannot read gives no span, the call still runs.
     The name shows the port only when it is not the scheme's default: `GET example.com`,
     `GET 127.0.0.1:8081`; the service target always has it: `example.com:443`."""
+    active = get_active()
+    if active is None or active.leaf or not active.transaction.sampled:
+        return None  # start_span would say so too; this skips the URL work before it
     try:
         method = method.decode("ascii") if isinstance(method, bytes) else str(method)
         method = method.upper()
@@ -74,9 +78,8 @@ def end(span: Span | None, status: Any = None, exc: BaseException | None = None)
 
 def call(span: Span | None, wrapped: Callable[..., Any], args: tuple[Any, ...],
          kwargs: dict[str, Any], status: str) -> Any:
-    """`wrapped(*args, **kwargs)` timed by `span`; the response's `status` attribute is the
-    status code. The library's exception goes up unchanged. A streamed response ends the
-    span when the call returns it (headers in); its body stays readable, untimed."""
+    """`wrapped(*args, **kwargs)` timed by `span`, its exception re-raised unchanged. A streamed
+    response ends the span when the call returns it (headers in); the body stays readable."""
     try:
         response = wrapped(*args, **kwargs)
     except BaseException as exc:

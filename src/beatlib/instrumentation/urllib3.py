@@ -42,10 +42,9 @@ def _urlopen(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[st
     method = args[0] if args else kwargs.get("method", "")
     url = args[1] if len(args) > 1 else kwargs.get("url", "")
     try:
-        full_url = _url(instance, url)
+        span = http_spans.start(method, _url(instance, url))
     except Exception:
-        full_url = ""  # no span; the trace headers still go out
-    span = http_spans.start(method, full_url) if full_url else None
+        span = None  # an odd pool: no span; the trace headers still go out
     positional = len(args) > _HEADERS
     headers: Any = args[_HEADERS] if positional else kwargs.get("headers")
     if headers is None:
