@@ -8,6 +8,7 @@ database, and stops the server at the end. Tests are skipped only when the binar
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -66,17 +68,27 @@ def _run_as() -> dict[str, Any]:
     return {"user": "nobody", "group": "nogroup", "extra_groups": []}
 
 
-def _data_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """A fresh directory the server user owns; when we are root, the pytest directories above
-    it get the traverse bit only (no listing) so `nobody` can reach it."""
-    path = tmp_path_factory.mktemp(name)
-    if os.geteuid() == 0:
+@contextlib.contextmanager
+def _data_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A fresh directory the server user owns. As root, it is made in the system temporary
+    directory for `nobody`: pytest's own directory must stay root-only (each new pytest
+    session resets its mode, which would cut off a server another session is running)."""
+    if os.geteuid() != 0:
+        yield tmp_path_factory.mktemp(name)
+        return
+    path = Path(tempfile.mkdtemp(prefix=f"beatlib-{name}-"))
+    try:
         shutil.chown(path, "nobody", "nogroup")
-        for parent in path.parents:
-            mode = parent.stat().st_mode
-            if not mode & 0o001:
-                parent.chmod(mode | 0o001)
-    return path
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _run(args: list[Any], **kwargs: Any) -> None:
+    """Run a setup command; its output goes into the failure message."""
+    result = subprocess.run(args, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        pytest.fail(f"{args[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -107,16 +119,17 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServe
         pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): "
                     "install Debian's postgresql package (.ci/run does)")
     bindir = Path(found[-1]).parent
+    with _data_dir(tmp_path_factory, "postgres") as home:
+        yield from _postgres(bindir, home)
+
+
+def _postgres(bindir: Path, home: Path) -> Iterator[DatabaseServer]:
     started = time.monotonic()
-    home = _data_dir(tmp_path_factory, "postgres")
     data, log, pwfile = home / "data", home / "server.log", home / "password"
     pwfile.write_text(PASSWORD)
     os.chmod(pwfile, 0o644)
-    subprocess.run(
-        [bindir / "initdb", "-D", data, "-U", USER, f"--pwfile={pwfile}", "-A", "scram-sha-256",
-         "-E", "UTF8", "--no-locale", "--no-sync"],
-        check=True, capture_output=True, **_run_as(),
-    )
+    _run([bindir / "initdb", "-D", data, "-U", USER, f"--pwfile={pwfile}", "-A",
+          "scram-sha-256", "-E", "UTF8", "--no-locale", "--no-sync"], **_run_as())
     port = _free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -129,10 +142,8 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServe
     isready = [bindir / "pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", USER]
     try:
         _wait(proc, lambda: subprocess.run(isready, env=env).returncode == 0, log, "PostgreSQL")
-        subprocess.run(
-            [bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", USER, DBNAME],
-            check=True, capture_output=True, env=env,
-        )
+        _run([bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", USER, DBNAME],
+             env=env)
         yield DatabaseServer("127.0.0.1", port, USER, PASSWORD, DBNAME,
                              time.monotonic() - started)
     finally:
@@ -168,8 +179,12 @@ def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer
     if server is None or install is None:
         pytest.skip("MariaDB server binaries not found (mariadbd, mariadb-install-db): "
                     "install Debian's mariadb-server package (.ci/run does)")
+    with _data_dir(tmp_path_factory, "mariadb") as home:
+        yield from _mariadb(server, install, home)
+
+
+def _mariadb(server: str, install: str, home: Path) -> Iterator[DatabaseServer]:
     started = time.monotonic()
-    home = _data_dir(tmp_path_factory, "mariadb")
     data, log, init = home / "data", home / "server.log", home / "init.sql"
     # Run once at startup, before connections are accepted: the test user and database.
     init.write_text(
@@ -179,11 +194,8 @@ def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseServer
     )
     os.chmod(init, 0o644)
     user = ["--user=nobody"] if os.geteuid() == 0 else []
-    subprocess.run(
-        [install, "--no-defaults", f"--datadir={data}", "--skip-test-db",
-         "--auth-root-authentication-method=normal", *user],
-        check=True, capture_output=True,
-    )
+    _run([install, "--no-defaults", f"--datadir={data}", "--skip-test-db",
+          "--auth-root-authentication-method=normal", *user])
     port = _free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -8,7 +8,8 @@ wrapt proxies; all four drivers work the same way. Commit and rollback are not r
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from contextlib import suppress
+from typing import Any, ClassVar, NamedTuple
 
 import wrapt
 
@@ -21,18 +22,14 @@ _DML = frozenset(("INSERT", "UPDATE", "DELETE", "REPLACE", "MERGE"))
 _STATEMENT_KEYWORDS = ("query", "sql", "operation", "procname")
 
 
-class Database:
+class Database(NamedTuple):
     """Where one connection goes; shared by its proxy and its cursors' proxies."""
 
-    __slots__ = ("subtype", "instance", "host", "port", "raw")
-
-    def __init__(self, subtype: str, instance: str | None = None, host: str | None = None,
-                 port: int | None = None, raw: Any = None) -> None:
-        self.subtype = subtype
-        self.instance = instance
-        self.host = host
-        self.port = port
-        self.raw = raw  # the driver's own connection: psycopg renders sql.Composed with it
+    subtype: str
+    instance: str | None = None
+    host: str | None = None
+    port: int | None = None
+    raw: Any = None  # the driver's own connection: psycopg renders sql.Composed with it
 
 
 def _text(statement: Any, raw: Any) -> str:
@@ -46,18 +43,17 @@ def _text(statement: Any, raw: Any) -> str:
 
 def _begin(db: Database, args: tuple[Any, ...], kwargs: dict[str, Any],
            proc: bool = False) -> tuple[Span | None, str]:
-    try:
+    with suppress(Exception):
         statement = args[0] if args else next(
             (kwargs[k] for k in _STATEMENT_KEYWORDS if k in kwargs), "")
         text = _text(statement, db.raw)
         name = sql.signature(f"CALL {text}" if proc else text) or db.subtype
         return start_span(name, "db", db.subtype, "query", leaf=True), text
-    except Exception:  # never let recording break the query
-        return None, ""
+    return None, ""
 
 
 def _end(span: Span, db: Database, text: str, cursor: Any, exc: BaseException | None) -> None:
-    try:
+    with suppress(Exception):  # never let recording break the query
         rows = None
         if exc is None and span.action == "query" and span.name.split(" ", 1)[0] in _DML:
             rows = getattr(cursor, "rowcount", None)
@@ -65,13 +61,12 @@ def _end(span: Span, db: Database, text: str, cursor: Any, exc: BaseException | 
                                         rows if isinstance(rows, int) else None)
         if not text:  # a connect span: no statement to show
             del span.context["db"]["statement"]
+    with suppress(Exception):
         span.end(exc)
-    except Exception:
-        pass
 
 
 def call_traced(db: Database, method: Callable[..., Any], args: tuple[Any, ...],
-          kwargs: dict[str, Any], cursor: Any = None, proc: bool = False) -> Any:
+                kwargs: dict[str, Any], cursor: Any = None, proc: bool = False) -> Any:
     """`method(*args, **kwargs)` in a span; `cursor` None means the result is the cursor."""
     if get_active() is None:
         return method(*args, **kwargs)
@@ -115,6 +110,11 @@ class CursorProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         # execute() returning the cursor itself (sqlite3, psycopg) keeps chaining traced.
         return self if result is self.__wrapped__ else result
 
+    def _self_run(self, method: str, args: Any, kwargs: Any, proc: bool = False) -> Any:
+        cursor = self.__wrapped__
+        return self._self_same(
+            call_traced(self._self_db, getattr(cursor, method), args, kwargs, cursor, proc))
+
     @property
     def connection(self) -> Any:
         conn = self.__wrapped__.connection
@@ -122,13 +122,10 @@ class CursorProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         return owner if owner is not None and conn is owner.__wrapped__ else conn
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
-        cursor = self.__wrapped__
-        return self._self_same(call_traced(self._self_db, cursor.execute, args, kwargs, cursor))
+        return self._self_run("execute", args, kwargs)
 
     def executemany(self, *args: Any, **kwargs: Any) -> Any:
-        cursor = self.__wrapped__
-        method = cursor.executemany
-        return self._self_same(call_traced(self._self_db, method, args, kwargs, cursor))
+        return self._self_run("executemany", args, kwargs)
 
     def __enter__(self) -> Any:
         return self._self_same(self.__wrapped__.__enter__())
@@ -141,22 +138,22 @@ class ProcCursorProxy(CursorProxy):
     """Cursors of drivers that have `callproc` (psycopg2, pymysql)."""
 
     def callproc(self, *args: Any, **kwargs: Any) -> Any:
-        cursor = self.__wrapped__
-        return call_traced(self._self_db, cursor.callproc, args, kwargs, cursor, proc=True)
+        return self._self_run("callproc", args, kwargs, proc=True)
 
 
 class AsyncCursorProxy(CursorProxy):
     """psycopg's async cursors: the same spans, awaited."""
 
-    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+    async def _self_arun(self, method: str, args: Any, kwargs: Any) -> Any:
         cursor = self.__wrapped__
-        method = cursor.execute
-        return self._self_same(await acall_traced(self._self_db, method, args, kwargs, cursor))
+        return self._self_same(
+            await acall_traced(self._self_db, getattr(cursor, method), args, kwargs, cursor))
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._self_arun("execute", args, kwargs)
 
     async def executemany(self, *args: Any, **kwargs: Any) -> Any:
-        cursor = self.__wrapped__
-        method = cursor.executemany
-        return self._self_same(await acall_traced(self._self_db, method, args, kwargs, cursor))
+        return await self._self_arun("executemany", args, kwargs)
 
     async def __aenter__(self) -> Any:
         return self._self_same(await self.__wrapped__.__aenter__())
@@ -233,10 +230,9 @@ class DBAPIInstrumentation(Instrumentation):
 
     def _wrap(self, connection: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               proxy: type[ConnectionProxy], span: Span | None) -> Any:
-        try:
+        db = Database(self.subtype, raw=connection)
+        with suppress(Exception):
             db = Database(self.subtype, *self.where(connection, args, kwargs), raw=connection)
-        except Exception:
-            db = Database(self.subtype, raw=connection)
         if span is not None:
             _end(span, db, "", None, None)
         return proxy(connection, db)
