@@ -53,6 +53,8 @@ EXPECTED_DEFAULTS = {
     "exclude_paths": (),
     "span_stack_trace_min_duration": -1.0,
     "log_level": None,
+    "instrument": True,
+    "disabled_instrumentations": (),
 }
 
 

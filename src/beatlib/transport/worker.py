@@ -7,6 +7,7 @@ The request thread only appends to a deque; encoding, compression and HTTP happe
 from __future__ import annotations
 
 import atexit
+import contextvars
 import logging
 import os
 import threading
@@ -216,8 +217,13 @@ class Transport:
         with self._lock:
             if self._worker is None:
                 self._next_flush = monotonic() + self._flush_interval
+                # An empty context: the worker never sees (and never traces its own requests
+                # under) the transaction of the thread that happened to start it.
                 worker = threading.Thread(
-                    target=_run, args=(weakref.ref(self),), name="beatlib-transport", daemon=True
+                    target=contextvars.Context().run,
+                    args=(_run, weakref.ref(self)),
+                    name="beatlib-transport",
+                    daemon=True,
                 )
                 self._worker = worker  # before start(): the thread checks it is the worker
                 try:
