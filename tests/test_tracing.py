@@ -278,3 +278,18 @@ def test_asyncio_tasks_inherit_and_do_not_mix():
         assert all(s.parent is req for s in tx.spans if s is not req)
         for s in tx.spans:
             assert s.duration is not None and not s.labels
+
+
+def test_an_apps_seeded_random_sequence_is_not_shifted(rec):
+    import random
+
+    random.seed(7)
+    expected = [random.random() for _ in range(5)]
+    random.seed(7)
+    got = []
+    for _ in range(5):
+        rec.tracer.begin_transaction("task")
+        with capture_span("s"):
+            got.append(random.random())
+        rec.tracer.end_transaction()
+    assert got == expected

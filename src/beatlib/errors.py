@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import random
 import sys
 import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from beatlib import randomness
 from beatlib.protocol import intake_v2
 from beatlib.protocol.intake_v2 import scalar
 from beatlib.sanitize import Sanitizer, truncate
@@ -115,7 +115,7 @@ class ErrorSnapshot:
     __slots__ = ("id", "timestamp", "handled", "exception", "log", "log_frames", "trace", "context")
 
     def __init__(self, trace: Any, context: Mapping[str, Any] | None) -> None:
-        self.id = f"{random.getrandbits(128):032x}"
+        self.id = f"{randomness.getrandbits(128):032x}"
         self.timestamp = time.time_ns() // 1000
         self.handled: bool | None = None
         self.exception: ExceptionSnapshot | None = None

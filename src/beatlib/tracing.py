@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
-import random
 import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from beatlib import context
+from beatlib import context, randomness
 from beatlib.context import get_active, set_active
 
 if TYPE_CHECKING:
@@ -24,11 +22,8 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Our own generator: ids drawn from the global one would shift an app's seeded sequences
-# (`random.seed(...)` in its code or tests). Reseeded in a forked child, as the global one is.
-_random = random.Random()
-os.register_at_fork(after_in_child=_random.seed)
-_getrandbits = _random.getrandbits
+_getrandbits = randomness.getrandbits
+_random = randomness.generator
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
 

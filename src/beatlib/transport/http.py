@@ -9,12 +9,12 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import random
 import time
 from typing import Any
 
 import urllib3
 
+from beatlib import randomness
 from beatlib.version import __version__
 
 logger = logging.getLogger("beatlib.transport")
@@ -67,9 +67,9 @@ class Backoff:
         self.failures += 1
         if retry_after is not None:
             # Slightly later than asked, so many clients told the same time do not stampede.
-            return min(retry_after, 300.0) * random.uniform(1.0, 1.1)
+            return min(retry_after, 300.0) * randomness.generator.uniform(1.0, 1.1)
         delay = min(self.cap, self.base * 2 ** min(self.failures - 1, 30))
-        return random.uniform(delay / 2, delay)
+        return randomness.generator.uniform(delay / 2, delay)
 
     def reset(self) -> None:
         self.failures = 0
