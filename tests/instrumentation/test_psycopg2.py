@@ -109,6 +109,7 @@ def test_uninstrument_restores_originals(traced):
     assert psycopg2.connect is ORIGINAL_CONNECT
     assert psycopg2.extensions.register_type is ORIGINAL_REGISTER_TYPE
     assert psycopg2._json.register_type is ORIGINAL_REGISTER_TYPE
+    assert "as_string" in vars(sql.Literal) and not hasattr(sql.Literal.as_string, "__wrapped__")
 
 
 def test_instrument_before_import(receiver, postgres):
@@ -134,6 +135,8 @@ def test_transparency(traced, postgres):
     psycopg2.extras.register_uuid(conn_or_curs=conn)
     psycopg2.extras.register_default_jsonb(conn)
     assert sql.Identifier("x y").as_string(conn) == '"x y"'
+    assert sql.SQL("{} = {}").format(sql.Identifier("a"), sql.Literal("it's")).as_string(
+        conn) == '"a" = \'it\'\'s\''
     with conn:
         with conn.cursor() as cur:
             assert cur.connection is conn

@@ -3,6 +3,7 @@ own connection or cursor get the object behind our proxy."""
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import Any
 
@@ -23,6 +24,8 @@ class Psycopg2(DBAPIInstrumentation):
         for owner in ("extensions", "_json", "_range"):
             self.wrap(getattr(module, owner), "register_type", unwrapping)
         self.wrap(module.extensions, "quote_ident", unwrapping)
+        # sql.Literal prepares its C adapter with the connection; a small pure-Python module.
+        self.wrap(importlib.import_module("psycopg2.sql"), "Literal.as_string", unwrapping)
 
     def where(self, connection: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> tuple[str | None, str | None, int | None]:
