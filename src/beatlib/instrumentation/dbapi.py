@@ -225,8 +225,10 @@ class DBAPIInstrumentation(Instrumentation):
 
     def where(self, connection: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> tuple[str | None, str | None, int | None]:
-        """(database name, host, port) of a new connection."""
-        return None, None, None
+        """(database name, host, port) of a new connection; here from libpq's `info`, which
+        psycopg and psycopg2 share."""
+        info = connection.info
+        return info.dbname, info.host, info.port
 
     def _wrap(self, connection: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               proxy: type[ConnectionProxy], span: Span | None) -> Any:

@@ -4,7 +4,6 @@ in their spans."""
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
 
 from beatlib.instrumentation.dbapi import DBAPIInstrumentation
 
@@ -21,8 +20,3 @@ class Psycopg(DBAPIInstrumentation):
         self.wrap(module, "connect", self.connect)
         self.wrap(module, "Connection.connect", self.connect)
         self.wrap(module, "AsyncConnection.connect", self.aconnect)
-
-    def where(self, connection: Any, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> tuple[str | None, str | None, int | None]:
-        info = connection.info
-        return info.dbname, info.host, info.port

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any
 
 from beatlib.instrumentation.dbapi import DBAPIInstrumentation, ProcConnectionProxy, unwrapping
 
@@ -26,8 +25,3 @@ class Psycopg2(DBAPIInstrumentation):
         self.wrap(module.extensions, "quote_ident", unwrapping)
         # sql.Literal prepares its C adapter with the connection; a small pure-Python module.
         self.wrap(importlib.import_module("psycopg2.sql"), "Literal.as_string", unwrapping)
-
-    def where(self, connection: Any, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> tuple[str | None, str | None, int | None]:
-        info = connection.info
-        return info.dbname, info.host, info.port
