@@ -92,9 +92,14 @@ def test_nothing_outside_a_transaction(traced):
 def test_uninstrument_restores_connect(traced):
     assert sqlite3.connect is not ORIGINAL_CONNECT
     assert sqlite3.connect.__wrapped__ is ORIGINAL_CONNECT
+    earlier = sqlite3.connect(":memory:")
     beatlib.uninstrument()
     assert sqlite3.connect is ORIGINAL_CONNECT and sqlite3.dbapi2.connect is ORIGINAL_CONNECT
     assert type(sqlite3.connect(":memory:")) is sqlite3.Connection
+    traced.begin()
+    assert earlier.execute("SELECT 1").fetchone() == (1,)  # a proxy from before: now silent
+    traced.end()
+    assert traced.spans() == []
 
 
 def test_instrument_before_import(receiver):

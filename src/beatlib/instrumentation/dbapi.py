@@ -30,6 +30,7 @@ class Database(NamedTuple):
     host: str | None = None
     port: int | None = None
     raw: Any = None  # the driver's own connection: psycopg renders sql.Composed with it
+    source: Any = None  # the Instrumentation: after uninstrument(), old proxies record nothing
 
 
 def _text(statement: Any, raw: Any) -> str:
@@ -44,6 +45,8 @@ def _text(statement: Any, raw: Any) -> str:
 def _begin(db: Database, args: tuple[Any, ...], kwargs: dict[str, Any],
            proc: bool = False) -> tuple[Span | None, str]:
     with suppress(Exception):
+        if db.source is not None and not db.source.patched:
+            return None, ""
         statement = args[0] if args else next(
             (kwargs[k] for k in _STATEMENT_KEYWORDS if k in kwargs), "")
         text = _text(statement, db.raw)
@@ -232,9 +235,9 @@ class DBAPIInstrumentation(Instrumentation):
 
     def _wrap(self, connection: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               proxy: type[ConnectionProxy], span: Span | None) -> Any:
-        db = Database(self.subtype, raw=connection)
+        db = Database(self.subtype, raw=connection, source=self)
         with suppress(Exception):
-            db = Database(self.subtype, *self.where(connection, args, kwargs), raw=connection)
+            db = Database(self.subtype, *self.where(connection, args, kwargs), connection, self)
         if span is not None:
             _end(span, db, "", None, None)
         return proxy(connection, db)
