@@ -7,6 +7,7 @@ wrapt proxies; all four drivers work the same way. Commit and rollback are not r
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any, ClassVar, NamedTuple
@@ -14,7 +15,7 @@ from typing import Any, ClassVar, NamedTuple
 import wrapt
 
 from beatlib.context import get_active
-from beatlib.instrumentation import sql
+from beatlib.instrumentation import registry, sql
 from beatlib.instrumentation.registry import Instrumentation
 from beatlib.tracing import Span, start_span
 
@@ -220,6 +221,22 @@ def unwrapping(wrapped: Any, instance: Any, args: tuple[Any, ...],
     return wrapped(*map(unwrap, args), **{k: unwrap(v) for k, v in kwargs.items()})
 
 
+def _opened_by_traced_sqlalchemy() -> bool:
+    """Whether an instrumented SQLAlchemy pool is opening this connection. Its statement spans
+    already cover every query, so a proxy would only add cost (and a second span's work) to
+    each statement. Looked up on the stack: connects are rare, pooled."""
+    if not registry.is_instrumented("sqlalchemy"):
+        return False
+    frame = sys._getframe(2)
+    for _ in range(16):  # a dialect's connect, its adapters, the pool's creator
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__", "").startswith("sqlalchemy."):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class DBAPIInstrumentation(Instrumentation):
     """A driver: its `connect` returns a proxy, in a `connect` span inside a transaction."""
 
@@ -249,6 +266,8 @@ class DBAPIInstrumentation(Instrumentation):
 
     def connect(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
+        if _opened_by_traced_sqlalchemy():
+            return wrapped(*args, **kwargs)
         span = self._connect_span()
         try:
             connection = wrapped(*args, **kwargs)
@@ -260,6 +279,8 @@ class DBAPIInstrumentation(Instrumentation):
 
     async def aconnect(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Any:
+        if _opened_by_traced_sqlalchemy():
+            return await wrapped(*args, **kwargs)
         span = self._connect_span()
         try:
             connection = await wrapped(*args, **kwargs)

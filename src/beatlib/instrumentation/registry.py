@@ -157,6 +157,12 @@ def instrumented() -> list[str]:
         return [inst.name for inst in _instances.values() if inst.patched]
 
 
+def is_instrumented(name: str) -> bool:
+    """Whether the library `name` is patched right now (cheap; no lock)."""
+    inst = _instances.get(name)
+    return inst is not None and inst.patched
+
+
 def _on_import(inst: Instrumentation, module: ModuleType) -> None:
     with _lock:
         if not inst.enabled or inst.patched:

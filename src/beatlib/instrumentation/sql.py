@@ -58,12 +58,23 @@ def _tokens(sql: str) -> list[Token]:
     return out
 
 
+_cache: dict[str, str] = {}
+_CACHE_SIZE = 2048  # apps repeat a few hundred statements; inlined literals just churn it
+
+
 def signature(sql: str) -> str:
-    """The signature of one statement; "" for an empty one."""
+    """The signature of one statement; "" for an empty one. Cached: apps repeat statements."""
+    cached = _cache.get(sql)
+    if cached is not None:
+        return cached
     try:
-        return _signature(_tokens(sql), 0)
+        result = _signature(_tokens(sql), 0)
     except Exception:  # never let naming a span break a query
         return ""
+    if len(_cache) >= _CACHE_SIZE:
+        _cache.clear()
+    _cache[sql] = result
+    return result
 
 
 def _name(tokens: list[Token], i: int) -> str | None:
