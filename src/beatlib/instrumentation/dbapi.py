@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from types import FrameType
 from typing import Any, ClassVar, NamedTuple
 
 import wrapt
@@ -227,7 +228,7 @@ def _opened_by_traced_sqlalchemy() -> bool:
     each statement. Looked up on the stack: connects are rare, pooled."""
     if not registry.is_instrumented("sqlalchemy"):
         return False
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(16):  # a dialect's connect, its adapters, the pool's creator
         if frame is None:
             return False
