@@ -194,3 +194,14 @@ def test_forked_child_ships_its_own_events(receiver):
     assert names == ["before fork", "in child", "in child", "in child", "in child", "in child",
                      "in parent"]
     assert {m["process"]["pid"] for m in receiver.metadata} == {os.getpid(), pid}
+
+
+def test_the_same_exception_is_captured_once(client, receiver):
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as exc:
+        first = client.capture_exception()
+        assert client.capture_exception(exc) == first  # a second hook sees the same object
+        assert client.capture_exception(handled=False) == first
+    assert client.flush(5)
+    assert [e["id"] for e in receiver.events("error")] == [first]

@@ -55,6 +55,9 @@ EXPECTED_DEFAULTS = {
     "log_level": None,
     "instrument": True,
     "disabled_instrumentations": (),
+    "capture_body": "off",
+    "capture_headers": True,
+    "transaction_ignore_urls": (),
 }
 
 

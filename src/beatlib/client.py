@@ -6,8 +6,10 @@ thread (frames only) and owns the encoding step the worker thread runs for every
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from types import TracebackType
 from typing import Any
 
@@ -98,6 +100,14 @@ class Client:
         `labels`, and anything else under `custom`.
         """
         try:
+            if exc_info is None:
+                exc_info = sys.exc_info()  # type: ignore[assignment]
+            exc = exc_info if isinstance(exc_info, BaseException) else exc_info[1]  # type: ignore[index]
+            # The same exception seen by several hooks (a framework signal, a middleware, a
+            # logging handler) is one error: the first capture marks it.
+            previous = getattr(exc, "_beatlib_error_id", None)
+            if previous is not None or exc is None:
+                return previous
             trace, ctx = self._trace_ref(context_data)
             snapshot = ErrorSnapshot.from_exception(
                 exc_info,  # type: ignore[arg-type]
@@ -108,6 +118,8 @@ class Client:
             )
             if snapshot is None:
                 return None
+            with contextlib.suppress(Exception):  # some exception types refuse attributes
+                exc._beatlib_error_id = snapshot.id  # type: ignore[union-attr]
             self.transport.queue(snapshot)
             return snapshot.id
         except Exception:

@@ -267,6 +267,11 @@ class Config:
         -1, duration(zero=True, off=True), "Spans this long get a stack trace; 0: all, -1: none")
     log_level: str | None = _setting(None, choice(*_LOG_LEVELS), "Level of beatlib's own logger")
     instrument: bool = _setting(True, boolean(), "False: `instrument()` patches nothing")
+    capture_body: str = _setting("off", choice("off", "errors", "transactions", "all"),
+                                 "Request bodies recorded for errors, transactions or all")
+    capture_headers: bool = _setting(True, boolean(), "Record request and response headers")
+    transaction_ignore_urls: tuple[str, ...] = _setting(
+        (), names(), "URL path globs not traced, e.g. /health*,/static/*")
     disabled_instrumentations: tuple[str, ...] = _setting(
         (), names(lower=True), "Instrumentations left off, e.g. jinja2,requests")
 
