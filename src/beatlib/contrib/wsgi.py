@@ -1,0 +1,255 @@
+"""WSGI: `BeatMiddleware` for any WSGI app, and the request handling every web integration
+shares: a transaction per request (continuing an incoming `traceparent`), the request and
+response context, the result, errors captured with the request, and the end of the
+transaction when the response body is closed (so streaming responses are timed whole).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+from beatlib.client import Client, get_client
+from beatlib.config import Config
+from beatlib.instrumentation.registry import instrument
+from beatlib.tracing import Transaction, parse_traceparent
+
+BODY_LIMIT = 64 * 1024  # bytes of a request body kept; longer bodies are not read ahead
+_FORM = "application/x-www-form-urlencoded"
+_ignore_patterns: dict[tuple[str, ...], re.Pattern[str] | None] = {}
+
+
+def ignored(path: str, config: Config) -> bool:
+    """Whether `transaction_ignore_urls` (globs on the path, e.g. /health*) matches `path`."""
+    globs = config.transaction_ignore_urls
+    if not globs:
+        return False
+    pattern = _ignore_patterns.get(globs)
+    if pattern is None:
+        pattern = _ignore_patterns[globs] = re.compile(
+            "|".join(fnmatch.translate(g) for g in globs)
+        )
+    return pattern.match(path) is not None
+
+
+def _path(environ: dict[str, Any]) -> str:
+    # WSGI hands the path over as latin-1 decoded bytes; browsers send UTF-8.
+    raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return raw
+
+
+def begin_request(
+    client: Client, environ: dict[str, Any], name: str | None = None
+) -> Transaction | None:
+    """Begin the request's transaction (None when its path is ignored)."""
+    if ignored(_path(environ), client.config):
+        return None
+    parent = parse_traceparent(environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_TRACESTATE"))
+    tx = client.begin_transaction("request", parent)
+    tx.name = name or environ.get("REQUEST_METHOD", "GET")
+    if tx.sampled:
+        tx.set_context("request", request_context(environ, client.config, for_error=False))
+    return tx
+
+
+def request_context(environ: dict[str, Any], config: Config, for_error: bool) -> dict[str, Any]:
+    """The intake `context.request` of a WSGI environ (redacted and cut later, on the worker);
+    with the body read by `read_body` when `capture_body` asks for it here."""
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST") or environ.get("SERVER_NAME", "")
+    hostname, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+    port = port or str(environ.get("SERVER_PORT", ""))
+    path = _path(environ)
+    query = environ.get("QUERY_STRING", "")
+    full = f"{scheme}://{host}{quote(path, safe='/%;:@&=+$,!~*()')}"
+    url: dict[str, Any] = {"full": f"{full}?{query}" if query else full, "protocol": scheme + ":",
+                           "hostname": hostname, "pathname": path}
+    if port.isdigit():
+        url["port"] = int(port)
+    if query:
+        url["search"] = "?" + query
+    context: dict[str, Any] = {
+        "method": environ.get("REQUEST_METHOD", "GET"),
+        "url": url,
+        "socket": {"remote_address": environ.get("REMOTE_ADDR", "")},
+    }
+    protocol = environ.get("SERVER_PROTOCOL", "")
+    if protocol.startswith("HTTP/"):
+        context["http_version"] = protocol[5:]
+    if config.capture_headers:
+        context["headers"] = {
+            key[5:].replace("_", "-").title(): value
+            for key, value in environ.items()
+            if key.startswith("HTTP_")
+        }
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if environ.get(key):
+                context["headers"][key.replace("_", "-").title()] = environ[key]
+    cookie = environ.get("HTTP_COOKIE")
+    if cookie:
+        try:
+            context["cookies"] = {k: m.value for k, m in SimpleCookie(cookie).items()}
+        except CookieError:
+            pass
+    body = environ.get("beatlib.body")
+    if body is not None and config.capture_body in ("all", "errors" if for_error else
+                                                     "transactions"):
+        context["body"] = body
+    return context
+
+
+def read_body(environ: dict[str, Any], config: Config) -> None:
+    """With `capture_body` on, read a small request body ahead of the app (which then reads it
+    from a buffer) and keep it, parsed if form or JSON, as `environ["beatlib.body"]`."""
+    if config.capture_body == "off" or "beatlib.body" in environ:
+        return
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return
+    if not 0 < length <= BODY_LIMIT:
+        if length:
+            environ["beatlib.body"] = f"[body of {length} bytes not recorded]"
+        return
+    raw = environ["wsgi.input"].read(length)
+    environ["wsgi.input"] = io.BytesIO(raw)
+    environ["beatlib.body"] = body_value(raw, environ.get("CONTENT_TYPE", ""))
+
+
+def body_value(raw: bytes, content_type: str) -> str | dict[str, Any]:
+    """A form or JSON object body as a mapping (so its secret fields are redacted by name),
+    anything else as text."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        if content_type.startswith(_FORM):
+            return dict(parse_qsl(text, keep_blank_values=True))
+        if "json" in content_type:
+            value = json.loads(text)
+            if isinstance(value, dict):
+                return value
+    except ValueError:
+        pass
+    return text
+
+
+def end_request(
+    tx: Transaction | None,
+    status: int | str | None,
+    headers: Iterable[tuple[str, str]] | None = None,
+    name: str | None = None,
+) -> None:
+    """Result (`HTTP 2xx`), outcome (failure on 5xx), response context; then end `tx`."""
+    if tx is None or tx.ended:
+        return
+    try:
+        code = int(str(status).split(" ", 1)[0]) if status is not None else 500
+    except ValueError:
+        code = 500
+    if tx.result is None:
+        tx.result = f"HTTP {code // 100}xx"
+    if tx.outcome is None:
+        tx.outcome = "failure" if code >= 500 else "success"
+    if tx.sampled:
+        response: dict[str, Any] = {"status_code": code, "finished": True, "headers_sent": True}
+        if headers is not None and tx.tracer.config.capture_headers:
+            response["headers"] = dict(headers)
+        tx.set_context("response", response)
+    tx.end(name)
+
+
+def capture_request_error(
+    client: Client, environ: dict[str, Any], exc_info: Any = None
+) -> str | None:
+    """Capture the exception being handled (once, however many hooks see it), with the
+    request; the body is added when `capture_body` is errors or all."""
+    exc_info = exc_info or sys.exc_info()
+    request = request_context(environ, client.config, for_error=True)
+    return client.capture_exception(exc_info, handled=False, request=request)
+
+
+class BeatMiddleware:
+    """Traces a WSGI app: one transaction per request, errors captured with the request.
+
+    `namer(environ)` names transactions (default: the method, since raw WSGI knows no
+    routes). Uses `client` or the default client, or creates one from the environment.
+    """
+
+    def __init__(
+        self,
+        app: Callable[..., Iterable[bytes]],
+        client: Client | None = None,
+        namer: Callable[[dict[str, Any]], str] | None = None,
+    ) -> None:
+        self.app = app
+        self.client = client or get_client() or Client()
+        self.namer = namer
+        instrument(self.client.config)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        client = self.client
+        try:
+            read_body(environ, client.config)
+            tx = begin_request(client, environ, self.namer(environ) if self.namer else None)
+        except Exception:
+            tx = None  # never let tracing take the request down
+        if tx is None:
+            return self.app(environ, start_response)
+        status: list[Any] = []
+
+        def traced_start_response(code: str, headers: list[tuple[str, str]],
+                                  exc_info: Any = None) -> Any:
+            status[:] = [code, headers]
+            return start_response(code, headers, exc_info) if exc_info else start_response(
+                code, headers)
+
+        def failed() -> None:
+            capture_request_error(client, environ)
+            tx.outcome = "failure"
+
+        try:
+            body = self.app(environ, traced_start_response)
+        except BaseException:
+            failed()
+            end_request(tx, 500)
+            raise
+        return ClosingIterator(body, lambda: end_request(tx, *status[:2] or (500,)), failed)
+
+
+class ClosingIterator:
+    """The app's response body, passed through; `on_close` runs when the server closes it
+    (the end of a streamed response), `on_error` when producing it raises."""
+
+    def __init__(self, body: Iterable[bytes], on_close: Callable[[], None],
+                 on_error: Callable[[], Any]) -> None:
+        self.body = body
+        self.on_close = on_close
+        self.on_error = on_error
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self.body
+        except BaseException:
+            self.on_error()
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.on_close()

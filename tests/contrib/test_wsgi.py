@@ -1,0 +1,128 @@
+"""BeatMiddleware on a real WSGI server: transactions, trace continuation, errors once,
+streaming timed whole, ignored URLs, bodies redacted."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+import requests
+
+import beatlib
+from beatlib import context
+from beatlib.contrib.wsgi import BeatMiddleware
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/boom":
+        raise KeyError("no such order")
+    if path == "/stream":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return stream()
+    if path == "/form":
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return [b"got " + body]
+    start_response("200 OK", [("Content-Type", "text/plain"), ("X-Thing", "1")])
+    return [b"hello"]
+
+
+def stream() -> Iterator[bytes]:
+    for i in range(3):
+        with beatlib.capture_span(f"chunk {i}"):
+            time.sleep(0.05)
+        yield b"x"
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def served(receiver):
+    """Serve `app` behind BeatMiddleware on 127.0.0.1; yields (base URL, client)."""
+    servers = []
+
+    def start(**settings):
+        client = beatlib.Client(server_url=receiver.url, environ={}, **settings)
+        server = make_server("127.0.0.1", 0, BeatMiddleware(app, client), WSGIServer,
+                             handler_class=QuietHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append((server, client))
+        return f"http://127.0.0.1:{server.server_port}", client
+
+    yield start
+    for server, client in servers:
+        server.shutdown()
+        client.close(5)
+    beatlib.uninstrument()
+    context.set_active(None)
+
+
+def test_request_transaction_continues_the_trace(served, receiver):
+    url, client = served()
+    resp = requests.get(url + "/hello?x=1&token=abc", headers={"traceparent": PARENT,
+                                                               "Authorization": "Bearer s3"})
+    assert resp.text == "hello"
+    assert client.flush(5)
+    (tx,) = receiver.events("transaction")
+    assert tx["name"] == "GET" and tx["result"] == "HTTP 2xx" and tx["outcome"] == "success"
+    assert tx["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert tx["parent_id"] == "b7ad6b7169203331"
+    req = tx["context"]["request"]
+    assert req["method"] == "GET" and req["url"]["pathname"] == "/hello"
+    assert req["url"]["search"] == "?x=1&token=[REDACTED]"
+    assert req["headers"]["Authorization"] == "[REDACTED]"
+    assert req["socket"]["remote_address"] == "127.0.0.1"
+    assert tx["context"]["response"]["status_code"] == 200
+    assert tx["context"]["response"]["headers"]["X-Thing"] == "1"
+
+
+def test_an_exception_is_captured_once_with_the_request(served, receiver):
+    url, client = served()
+    assert requests.get(url + "/boom").status_code == 500
+    assert client.flush(5)
+    (tx,) = receiver.events("transaction")
+    (error,) = receiver.events("error")
+    assert tx["result"] == "HTTP 5xx" and tx["outcome"] == "failure"
+    assert error["exception"]["type"] == "KeyError" and error["exception"]["handled"] is False
+    assert error["transaction_id"] == tx["id"]
+    assert error["context"]["request"]["url"]["pathname"] == "/boom"
+
+
+def test_streaming_response_ends_when_the_body_is_closed(served, receiver):
+    url, client = served()
+    assert requests.get(url + "/stream").text == "xxx"
+    assert client.flush(5)
+    (tx,) = receiver.events("transaction")
+    assert tx["duration"] >= 150
+    spans = receiver.events("span")
+    assert sorted(s["name"] for s in spans) == ["chunk 0", "chunk 1", "chunk 2"]
+    assert all(s["transaction_id"] == tx["id"] for s in spans)
+
+
+def test_ignored_urls_are_not_traced(served, receiver):
+    url, client = served(transaction_ignore_urls="/health*,/static/*")
+    requests.get(url + "/healthz")
+    requests.get(url + "/static/app.css")
+    requests.get(url + "/hello")
+    assert client.flush(5)
+    assert [t["context"]["request"]["url"]["pathname"]
+            for t in receiver.events("transaction")] == ["/hello"]
+
+
+def test_form_body_recorded_and_redacted_when_asked(served, receiver):
+    url, client = served(capture_body="transactions")
+    resp = requests.post(url + "/form", data={"user": "ann", "password": "hunter2"})
+    assert resp.text == "got user=ann&password=hunter2"  # the app still reads its body
+    assert client.flush(5)
+    (tx,) = receiver.events("transaction")
+    assert tx["context"]["request"]["body"] == {"user": "ann", "password": "[REDACTED]"}
+    assert "hunter2" not in str(receiver.events())
