@@ -239,6 +239,8 @@ class ClosingIterator:
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self.body
+        except GeneratorExit:
+            raise  # left unfinished (a client gone, a test not reading): not the app's error
         except BaseException:
             self.on_error()
             raise
