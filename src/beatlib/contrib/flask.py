@@ -1,0 +1,165 @@
+"""Flask: `Beat(app)` or `Beat().init_app(app)`. A transaction per request named by its URL
+rule, begun on `request_started`, errors captured on `got_request_exception`, the response on
+`request_finished` (signals connected per app), ended when the server closes the response body.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+try:
+    from flask import Flask, g, got_request_exception, request, request_finished, request_started
+except ImportError as exc:  # pragma: no cover - only without Flask
+    raise ImportError(
+        "beatlib.contrib.flask needs Flask (pip install flask); it is not installed"
+    ) from exc
+
+from beatlib.client import Client, get_client
+from beatlib.config import Config
+from beatlib.contrib.wsgi import (
+    ClosingIterator,
+    begin_request,
+    capture_request_error,
+    end_request,
+    read_body,
+)
+from beatlib.instrumentation.registry import instrument
+from beatlib.tracing import Transaction
+
+logger = logging.getLogger("beatlib.contrib.flask")
+
+EXTENSION = "beatlib"  # app.extensions[EXTENSION] is the app's client
+_STATE = "beatlib.flask"  # environ key: the request's [transaction, status, headers]
+
+
+class Beat:
+    """Traces a Flask app (or, through `init_app`, each app of a factory).
+
+    Each app's client is `client` if given, else one made from `app.config["BEATLIB"]` (a
+    settings dict; `BEATLIB_*` environment variables win), else the default client.
+    """
+
+    def __init__(self, app: Flask | None = None, client: Client | None = None) -> None:
+        self._client = client
+        self.client: Client | None = client  # the client of the app set up last
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask, client: Client | None = None) -> None:
+        """Trace `app` (once; again does nothing). A bad setting raises `ConfigError` here."""
+        if EXTENSION in app.extensions:
+            return
+        client = client or self._client
+        if client is None:
+            settings = app.config.get("BEATLIB")
+            client = (Client(config=Config.from_mapping(settings)) if settings is not None
+                      else get_client() or Client())
+        if client.framework is None:
+            client.framework = ("flask", importlib.metadata.version("flask"))
+        self.client = app.extensions[EXTENSION] = client
+        instrument(client.config)
+        # Strong references: the signals hold the receivers as long as `app` lives.
+        request_started.connect(_started, sender=app, weak=False)
+        got_request_exception.connect(_failed, sender=app, weak=False)
+        request_finished.connect(_finished, sender=app, weak=False)
+        app.wsgi_app = _closing(app.wsgi_app, client)  # type: ignore[method-assign]
+
+
+def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callable[..., Any]:
+    """The WSGI side: the body read ahead for `capture_body`, and the end of the transaction
+    when the server closes the response body (after the last streamed chunk)."""
+
+    def traced_wsgi_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        # A list, filled by the signal receivers: a middleware copying environ still shares it.
+        state: list[Any] = []
+        environ[_STATE] = state
+        try:
+            read_body(environ, client.config)
+        except Exception:
+            logger.debug("beatlib: could not read the request body", exc_info=True)
+        try:
+            body = wsgi_app(environ, start_response)
+        except BaseException:
+            # Propagated by Flask (debug, testing, PROPAGATE_EXCEPTIONS): already captured.
+            if state:
+                _guarded(end_request, state[0], 500)
+            raise
+        if not state:
+            return body
+
+        def stream_failed() -> None:
+            _guarded(capture_request_error, client, environ)
+            state[0].outcome = "failure"
+
+        return ClosingIterator(body, lambda: _guarded(end_request, *state), stream_failed)
+
+    return traced_wsgi_app
+
+
+def _started(app: Flask, **_: Any) -> None:
+    try:
+        state = request.environ.get(_STATE)
+        if state is None:
+            return  # the app is served without our WSGI wrapper: nothing would end the transaction
+        rule = request.url_rule
+        name = f"{request.method} {rule.rule if rule is not None else 'unknown route'}"
+        tx = begin_request(app.extensions[EXTENSION], request.environ, name)
+        if tx is not None:
+            state[:] = [tx, 500, None]
+    except Exception:
+        logger.debug("beatlib: could not begin the request's transaction", exc_info=True)
+
+
+def _failed(app: Flask, exception: BaseException | None = None, **_: Any) -> None:
+    """An exception no errorhandler took: captured once, with the request and user."""
+    try:
+        tx = _transaction()
+        if tx is not None:
+            tx.outcome = "failure"
+            _set_user(tx)
+        exc_info = None if exception is None else (type(exception), exception,
+                                                   exception.__traceback__)
+        capture_request_error(app.extensions[EXTENSION], request.environ, exc_info)
+    except Exception:
+        logger.debug("beatlib: could not capture the request's exception", exc_info=True)
+
+
+def _finished(app: Flask, response: Any = None, **_: Any) -> None:
+    try:
+        state = request.environ.get(_STATE)
+        if state and response is not None:
+            state[1:] = [response.status_code, list(response.headers.items())]
+            _set_user(state[0])
+    except Exception:
+        logger.debug("beatlib: could not record the response", exc_info=True)
+
+
+def _transaction() -> Transaction | None:
+    state = request.environ.get(_STATE)
+    return state[0] if state else None
+
+
+def _set_user(tx: Transaction) -> None:
+    """Flask-Login's user, when the request loaded it (we never load it: no extra query)."""
+    user = g.get("_login_user")
+    if user is None or not tx.sampled or not getattr(user, "is_authenticated", False):
+        return
+    fields = {"id": _call(user, "get_id")}
+    for name in ("username", "email"):
+        fields[name] = getattr(user, name, None)
+    tx.set_context("user", {k: str(v) for k, v in fields.items() if v is not None})
+
+
+def _call(obj: Any, method: str) -> Any:
+    func = getattr(obj, method, None)
+    return func() if callable(func) else None
+
+
+def _guarded(func: Callable[..., Any], *args: Any) -> None:
+    try:
+        func(*args)
+    except Exception:
+        logger.debug("beatlib: %s failed", func.__name__, exc_info=True)
