@@ -1,0 +1,136 @@
+"""Pyramid 2.x: `config.include("beatlib.contrib.pyramid")` with `beatlib.*` settings.
+
+A tween over Pyramid's exception view tween traces each request (named by the route pattern),
+records the authenticated user, captures exceptions once (also those an exception view turned
+into a response) and ends the transaction when the response body is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextvars import ContextVar
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+try:
+    from pyramid.httpexceptions import HTTPException  # type: ignore[import-untyped,import-not-found]
+    from pyramid.tweens import EXCVIEW  # type: ignore[import-untyped,import-not-found]
+except ImportError as exc:  # pragma: no cover - only without Pyramid
+    raise ImportError(
+        "beatlib.contrib.pyramid needs Pyramid 2.x: pip install pyramid"
+    ) from exc
+
+from beatlib.client import Client
+from beatlib.config import Config
+from beatlib.contrib import wsgi
+from beatlib.instrumentation.registry import instrument
+from beatlib.tracing import Transaction
+
+logger = logging.getLogger("beatlib")
+
+PREFIX = "beatlib."
+REGISTRY_KEY = "beatlib.client"  # request.registry[REGISTRY_KEY] is the app's client
+
+Handler = Callable[[Any], Any]
+_inside: ContextVar[bool] = ContextVar("beatlib_pyramid_inside", default=False)
+
+
+def includeme(config: Any) -> None:
+    """Create the client from the `beatlib.*` settings (env vars win), instrument the
+    supported libraries and add the tween over the exception view tween."""
+    settings = config.get_settings() or {}
+    client = settings.get(REGISTRY_KEY)
+    if not isinstance(client, Client):
+        mapping = {key[len(PREFIX):]: value for key, value in settings.items()
+                   if key.startswith(PREFIX)}
+        client = Client(config=Config.from_mapping(mapping))
+    try:
+        client.framework = ("pyramid", version("pyramid"))
+    except PackageNotFoundError:  # pragma: no cover - a vendored Pyramid
+        client.framework = ("pyramid", "unknown")
+    config.registry[REGISTRY_KEY] = client
+    instrument(client.config)
+    config.add_tween("beatlib.contrib.pyramid.tween_factory", over=EXCVIEW)
+
+
+def tween_factory(handler: Handler, registry: Any) -> Handler:
+    """The tracing tween (Pyramid calls this with the next handler in the chain)."""
+    client: Client = registry[REGISTRY_KEY]
+
+    def beatlib_tween(request: Any) -> Any:
+        if _inside.get():  # a subrequest is part of its parent's transaction
+            return handler(request)
+        try:
+            wsgi.read_body(request.environ, client.config)
+            tx = wsgi.begin_request(client, request.environ, request.method)
+        except Exception:
+            logger.debug("beatlib: could not begin a request transaction", exc_info=True)
+            tx = None  # never let tracing take the request down
+        if tx is None:
+            return handler(request)
+        token = _inside.set(True)
+        try:
+            response = handler(request)
+        except BaseException as exc:
+            _finish(client, tx, request, exc)
+            raise
+        finally:
+            _inside.reset(token)
+        _finish(client, tx, request, None, response)
+        return response
+
+    return beatlib_tween
+
+
+def transaction_name(request: Any) -> str:
+    """`GET /posts/{id}`: the method and the matched route's pattern."""
+    route = getattr(request, "matched_route", None)
+    return f"{request.method} {route.pattern if route is not None else 'unknown route'}"
+
+
+def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException | None,
+            response: Any = None) -> None:
+    """Name, user and error on the transaction; it ends now if the handler raised, else when
+    the server closes the response body (so a streamed body is timed whole)."""
+    try:
+        name = tx.name = transaction_name(request)
+        _set_user(tx, request)
+        environ = request.environ
+        if raised is not None:
+            if not isinstance(raised, HTTPException):
+                wsgi.capture_request_error(client, environ)
+                tx.outcome = "failure"
+            wsgi.end_request(tx, 500, name=name)
+            return
+        # An exception view made this response: the exception is still the app's error.
+        handled = getattr(request, "exception", None)
+        if handled is not None and not isinstance(handled, HTTPException):
+            wsgi.capture_request_error(client, environ, request.exc_info)
+
+        def failed() -> None:
+            wsgi.capture_request_error(client, environ)
+            tx.outcome = "failure"
+
+        def wrap_body(request: Any) -> None:
+            # Finished callbacks run after response callbacks and NewResponse subscribers
+            # (which may set headers or replace the body) and before the server reads it.
+            response.app_iter = wsgi.ClosingIterator(response.app_iter, lambda: wsgi.end_request(
+                tx, response.status, response.headerlist, name), failed)
+
+        request.add_finished_callback(wrap_body)
+    except Exception:
+        logger.debug("beatlib: could not finish a request transaction", exc_info=True)
+        wsgi.end_request(tx, 500 if raised is not None else getattr(response, "status", None))
+
+
+def _set_user(tx: Transaction, request: Any) -> None:
+    if not tx.sampled:
+        return
+    try:
+        userid = request.authenticated_userid
+    except Exception:  # a security policy failing here is the app's business, not ours
+        logger.debug("beatlib: authenticated_userid failed", exc_info=True)
+        return
+    if userid is not None:
+        tx.set_context("user", {"id": userid if isinstance(userid, int | str) else str(userid)})
