@@ -1,0 +1,166 @@
+"""`TracingMiddleware`: one `request` transaction per request, named by the URL pattern
+(`GET posts/<int:pk>/`), with the request (and body when `capture_body` asks), the response
+and the authenticated user; streamed responses end when Django closes them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from django.core.exceptions import MiddlewareNotUsed  # type: ignore[import-untyped,import-not-found]
+from django.http import HttpRequest, HttpResponseBase  # type: ignore[import-untyped,import-not-found]
+from django.utils.functional import LazyObject, empty  # type: ignore[import-untyped,import-not-found]
+
+from beatlib.context import current_transaction
+from beatlib.contrib.django.apps import app_client
+from beatlib.contrib.wsgi import (
+    BODY_LIMIT,
+    begin_request,
+    body_value,
+    capture_request_error,
+    end_request,
+)
+from beatlib.tracing import Transaction
+
+logger = logging.getLogger("beatlib.contrib.django")
+
+
+class TracingMiddleware:
+    """Traces each request; put first in MIDDLEWARE (the app config does that for you)."""
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+        client = app_client()
+        if client is None or not client.config.enabled:
+            raise MiddlewareNotUsed("beatlib is disabled or its settings are invalid")
+        self.client = client
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        try:
+            if self.client.config.capture_body != "off":
+                _read_body(request)
+            tx = begin_request(self.client, request.META)
+        except Exception:
+            logger.debug("beatlib: could not begin the request's transaction", exc_info=True)
+            tx = None  # never let tracing take the request down
+        if tx is None:
+            return self.get_response(request)
+        unnamed = tx.name
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            _guarded(end_request, tx, 500)
+            raise
+        _guarded(self._finish, tx, unnamed, request, response)
+        return response
+
+    def _finish(self, tx: Transaction, unnamed: str | None, request: HttpRequest,
+                response: HttpResponseBase) -> None:
+        # A name set by the app (beatlib.set_transaction_name) is kept.
+        name = transaction_name(request, response) if tx.name == unnamed else None
+        record_user(request, tx)
+        status, headers = response.status_code, list(response.items())
+        if not response.streaming:
+            end_request(tx, status, headers, name)
+            return
+
+        def closed() -> None:
+            _guarded(end_request, tx, status, headers, name)
+
+        def failed() -> None:
+            tx.outcome = "failure"
+            capture_request_error(self.client, request.META)
+
+        if getattr(response, "file_to_stream", None) is None and not getattr(
+                response, "is_async", False):
+            response.streaming_content = _failing(  # type: ignore[attr-defined]
+                response.streaming_content, failed)  # type: ignore[attr-defined]
+        # HttpResponseBase.close() (called by the server, or by Django's file wrapper) runs
+        # these closers; older or unusual responses get their close() wrapped instead.
+        closers = getattr(response, "_resource_closers", None)
+        if isinstance(closers, list):
+            closers.append(closed)
+        else:
+            close = response.close
+
+            def traced_close() -> None:
+                try:
+                    close()
+                finally:
+                    closed()
+
+            response.close = traced_close  # type: ignore[method-assign]
+
+
+def transaction_name(request: HttpRequest, response: HttpResponseBase) -> str:
+    """`METHOD <route>`; else the view's dotted path; unresolved 404s are one name."""
+    method = request.method or "GET"
+    match = getattr(request, "resolver_match", None)
+    if match is None:
+        return f"{method} unknown route" if response.status_code == 404 else method
+    route = getattr(match, "route", None)
+    if isinstance(route, str):
+        return f"{method} {route or '/'}"
+    view = getattr(match, "_func_path", None)
+    return f"{method} {view}" if view else method
+
+
+def record_user(request: HttpRequest, tx: Transaction | None = None) -> None:
+    """The authenticated user as `context.user`, if the app already looked the user up
+    (a lazy `request.user` nobody touched stays untouched: no session query of ours)."""
+    tx = tx or current_transaction()
+    if tx is None or not tx.sampled or (tx.context and "user" in tx.context):
+        return
+    user = vars(request).get("_cached_user")
+    if user is None:
+        user = vars(request).get("user")
+        if isinstance(user, LazyObject):
+            wrapped = vars(user).get("_wrapped", empty)
+            user = None if wrapped is empty else wrapped
+    if user is None or getattr(user, "is_authenticated", False) is not True:
+        return
+    user_id = getattr(user, "pk", None)
+    get_username = getattr(user, "get_username", None)
+    fields = {
+        "id": user_id if isinstance(user_id, int) or user_id is None else str(user_id),
+        "username": str(get_username()) if callable(get_username) else None,
+        "email": getattr(user, "email", None) or None,
+    }
+    tx.set_context("user", {k: v for k, v in fields.items() if v is not None})
+
+
+def _read_body(request: HttpRequest) -> None:
+    """Keep a small form or JSON body (read ahead through `request.body`, which Django then
+    serves to the app) for `request_context`; bigger or multipart bodies only by size."""
+    meta = request.META
+    try:
+        length = int(meta.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return
+    if length <= 0 or "beatlib.body" in meta:
+        return
+    content_type = meta.get("CONTENT_TYPE", "")
+    if length > BODY_LIMIT or content_type.startswith("multipart/"):
+        meta["beatlib.body"] = f"[body of {length} bytes not recorded]"
+    else:
+        meta["beatlib.body"] = body_value(request.body, content_type)
+
+
+def _failing(content: Iterable[bytes], failed: Callable[[], None]) -> Iterator[bytes]:
+    try:
+        yield from content
+    except Exception:
+        _guarded(failed)
+        raise
+
+
+def _guarded(function: Callable[..., Any], *args: Any) -> None:
+    try:
+        function(*args)
+    except Exception:
+        logger.debug("beatlib: %s failed", getattr(function, "__name__", function),
+                     exc_info=True)
