@@ -58,6 +58,7 @@ EXPECTED_DEFAULTS = {
     "capture_body": "off",
     "capture_headers": True,
     "transaction_ignore_urls": (),
+    "assign_errors": True,
 }
 
 

@@ -13,7 +13,7 @@ import sys
 from types import TracebackType
 from typing import Any
 
-from beatlib import context, stacks
+from beatlib import context, release, stacks
 from beatlib.config import Config
 from beatlib.errors import ErrorSnapshot
 from beatlib.metrics import LatencyMetrics
@@ -60,6 +60,8 @@ class Client:
     def __init__(self, config: Config | None = None, **settings: Any) -> None:
         global _default_client
         self.config = config if config is not None else Config(**settings)
+        if self.config.service_version is None and self.config.enabled:
+            self.config.service_version = release.app_version()  # git, once per process
         if self.config.log_level:
             logger.setLevel(self.config.log_level.upper())
         self.sanitizer = Sanitizer(self.config.sanitize_field_names)
@@ -224,7 +226,10 @@ class Client:
                     frames = stacks.frames_to_intake(frames, config, sanitizer)
                 lines.append(line("span", intake_v2.span(span, item, frames)))
         elif isinstance(item, ErrorSnapshot):
-            lines = [line("error", item.to_intake(self.config, self.sanitizer))]
+            error = item.to_intake(self.config, self.sanitizer)
+            if self.config.assign_errors:
+                release.assign(error, item)
+            lines = [line("error", error)]
         else:
             lines = [line("metricset", item)]
         return lines

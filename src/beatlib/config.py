@@ -274,6 +274,8 @@ class Config:
         (), names(), "URL path globs not traced, e.g. /health*,/static/*")
     disabled_instrumentations: tuple[str, ...] = _setting(
         (), names(lower=True), "Instrumentations left off, e.g. jinja2,requests")
+    assign_errors: bool = _setting(True, boolean(), "Run git blame on an error's culprit line "
+                                   "for context.custom.assignee")
 
     def __init__(self, *, environ: Mapping[str, str] | None = None, **kwargs: object) -> None:
         self._load(kwargs, environ)
