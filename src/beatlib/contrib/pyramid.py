@@ -115,8 +115,10 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
         def wrap_body(request: Any) -> None:
             # Finished callbacks run after response callbacks and NewResponse subscribers
             # (which may set headers or replace the body) and before the server reads it.
+            length = response.content_length  # WebOb drops it when the body is replaced
             response.app_iter = wsgi.ClosingIterator(response.app_iter, lambda: wsgi.end_request(
                 tx, response.status, response.headerlist, name), failed)
+            response.content_length = length
 
         request.add_finished_callback(wrap_body)
     except Exception:
