@@ -82,7 +82,7 @@ def _request_failed(sender: Any, request: Any = None, **_: Any) -> None:
     """An exception Django turns into a 500 (or re-raises): captured once, with the request
     and the user; Django's own handling (500 page, handler500, debug page) runs unchanged."""
     try:
-        from beatlib.contrib.django.middleware import record_user
+        from beatlib.contrib.django.middleware import form_fields, record_user
 
         client = app_client()
         if client is None:
@@ -92,6 +92,7 @@ def _request_failed(sender: Any, request: Any = None, **_: Any) -> None:
             client.capture_exception(handled=False)
             return
         record_user(request)
+        form_fields(request)
         capture_request_error(client, meta)
     except Exception:
         logger.debug("beatlib: could not capture the request's exception", exc_info=True)

@@ -40,9 +40,9 @@ class TracingMiddleware:
         self.client = client
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        if self.client.config.capture_body != "off":
+            _guarded(_read_body, request)
         try:
-            if self.client.config.capture_body != "off":
-                _read_body(request)
             tx = begin_request(self.client, request.META)
         except Exception:
             logger.debug("beatlib: could not begin the request's transaction", exc_info=True)
@@ -63,6 +63,7 @@ class TracingMiddleware:
         # A name set by the app (beatlib.set_transaction_name) is kept.
         name = transaction_name(request, response) if tx.name == unnamed else None
         record_user(request, tx)
+        form_fields(request, tx)
         status, headers = response.status_code, list(response.items())
         if not response.streaming:
             end_request(tx, status, headers, name)
@@ -135,7 +136,8 @@ def record_user(request: HttpRequest, tx: Transaction | None = None) -> None:
 
 def _read_body(request: HttpRequest) -> None:
     """Keep a small form or JSON body (read ahead through `request.body`, which Django then
-    serves to the app) for `request_context`; bigger or multipart bodies only by size."""
+    serves to the app) for `request_context`; bigger bodies only by size. Multipart forms
+    are not parsed for us: `form_fields` takes their fields once the app (or CSRF) did."""
     meta = request.META
     try:
         length = int(meta.get("CONTENT_LENGTH") or 0)
@@ -144,10 +146,25 @@ def _read_body(request: HttpRequest) -> None:
     if length <= 0 or "beatlib.body" in meta:
         return
     content_type = meta.get("CONTENT_TYPE", "")
-    if length > BODY_LIMIT or content_type.startswith("multipart/"):
+    if length > BODY_LIMIT:
         meta["beatlib.body"] = f"[body of {length} bytes not recorded]"
-    else:
+    elif not content_type.startswith("multipart/"):
         meta["beatlib.body"] = body_value(request.body, content_type)
+
+
+def form_fields(request: HttpRequest, tx: Transaction | None = None) -> None:
+    """A multipart form's fields (no files), once Django parsed them, as the body."""
+    meta = request.META
+    if "beatlib.body" not in meta:
+        post = vars(request).get("_post")
+        if post is None or not meta.get("CONTENT_TYPE", "").startswith("multipart/"):
+            return
+        meta["beatlib.body"] = post.dict()
+    context = tx.context if tx is not None and tx.sampled else None
+    request_context = (context or {}).get("request")
+    if request_context is not None and "body" not in request_context and \
+            tx.tracer.config.capture_body in ("all", "transactions"):  # type: ignore[union-attr]
+        request_context["body"] = meta["beatlib.body"]
 
 
 def _failing(content: Iterable[bytes], failed: Callable[[], None]) -> Iterator[bytes]:

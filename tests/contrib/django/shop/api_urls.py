@@ -1,0 +1,5 @@
+from django.urls import path
+
+from tests.contrib.django.shop import views
+
+urlpatterns = [path("items/<slug:slug>/", views.item)]

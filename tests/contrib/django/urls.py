@@ -1,0 +1,20 @@
+from django.urls import include, path, re_path
+
+from tests.contrib.django.shop import views
+
+urlpatterns = [
+    path("", views.home),
+    path("posts/<int:pk>/", views.post_detail, name="post-detail"),
+    re_path(r"^archive/(?P<year>[0-9]{4})/$", views.archive),
+    path("api/", include("tests.contrib.django.shop.api_urls")),
+    path("boom/", views.boom),
+    path("stream/", views.stream),
+    path("download/", views.download),
+    path("signup/", views.signup),
+    path("anonymous/", views.anonymous),
+    path("logged/", views.logged),
+    path("renamed/", views.renamed),
+    path("health/", views.health),
+]
+
+handler500 = "tests.contrib.django.shop.views.server_error"
