@@ -134,6 +134,8 @@ def create_app(
                 with beatlib.capture_span(f"chunk {i}"):
                     time.sleep(0.05)
                 yield f"{request.path} {i}\n"
+            if request.args.get("fail"):
+                raise ConnectionError("the feed broke off")
 
         return app.response_class(stream_with_context(chunks()), mimetype="text/plain")
 

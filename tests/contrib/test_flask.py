@@ -170,6 +170,18 @@ def test_unread_response_is_no_error(apps, receiver):
     assert receiver.events("error") == []
 
 
+def test_exception_while_streaming(apps, receiver):
+    with pytest.raises(ConnectionError):
+        get(apps.make(), "/stream?fail=1")
+    apps.flush()
+    (tx,) = receiver.events("transaction")
+    assert (tx["result"], tx["outcome"]) == ("HTTP 2xx", "failure")  # headers were sent
+    (error,) = receiver.events("error")
+    assert error["exception"]["type"] == "ConnectionError"
+    assert error["transaction_id"] == tx["id"]
+    assert error["context"]["request"]["url"]["search"] == "?fail=1"
+
+
 def test_error_handling_unchanged(apps, receiver):
     plain, traced = apps.make(traced=False), apps.make()
     requests_ = [("/boom", {}), ("/no/such/page", {}), ("/posts/9", {}),
@@ -300,11 +312,15 @@ def test_incoming_traceparent_continues_the_trace(apps, receiver):
 
 
 def test_ignored_urls(apps, receiver):
-    app = apps.make(transaction_ignore_urls="/posts/*")
+    app = apps.make(transaction_ignore_urls="/posts/*,/boom")
     get(app, "/posts/1")
     get(app, "/posts")
+    get(app, "/boom")
     apps.flush()
     assert [t["name"] for t in receiver.events("transaction")] == ["GET /posts"]
+    (error,) = receiver.events("error")  # an ignored URL's exception is still an error
+    assert error["context"]["request"]["url"]["pathname"] == "/boom"
+    assert "transaction_id" not in error
 
 
 def test_import_without_flask_says_so():
