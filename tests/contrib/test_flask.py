@@ -3,6 +3,7 @@ client and a real werkzeug server; every event checked against the intake schema
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import subprocess
 import sys
@@ -321,6 +322,24 @@ def test_ignored_urls(apps, receiver):
     (error,) = receiver.events("error")  # an ignored URL's exception is still an error
     assert error["context"]["request"]["url"]["pathname"] == "/boom"
     assert "transaction_id" not in error
+
+
+def test_async_view_and_renamed_transaction(apps, receiver):
+    pytest.importorskip("asgiref")
+    app = apps.make()
+
+    @app.get("/async/<name>")
+    async def greet(name: str) -> str:
+        beatlib.set_transaction_name("greeting")
+        with beatlib.capture_span("awaited"):
+            await asyncio.sleep(0.01)
+        return f"hi {name}"
+
+    assert get(app, "/async/ann").text == "hi ann"
+    apps.flush()
+    (tx,) = receiver.events("transaction")
+    (span,) = receiver.events("span")
+    assert tx["name"] == "greeting" and span["parent_id"] == tx["id"]
 
 
 def test_import_without_flask_says_so():
