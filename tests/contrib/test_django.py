@@ -1,0 +1,108 @@
+"""The Django integration. Django can be configured once per process, so the test project's
+own tests (tests/contrib/django/) run in a pytest subprocess; here too: the middleware placed
+by the user, invalid settings, and `manage.py beatlib check` / `test` against the receiver."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("django")
+
+from tests.instrumentation.http_server import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+MANAGE = ROOT / "tests" / "contrib" / "django" / "manage.py"
+
+
+def env(**extra: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BEATLIB_")}
+    return {**clean, "DJANGO_SETTINGS_MODULE": "tests.contrib.django.settings",
+            "PYTHONPATH": str(ROOT), **extra}
+
+
+def run(args: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], env=env(**extra), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_django_project_tests():
+    result = run(["-m", "pytest", "tests/contrib/django", "-q", "-p", "no:cacheprovider"],
+                 BEATLIB_DJANGO_TESTS="1")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+def test_middleware_placed_by_the_user_is_not_inserted_again(receiver, tmp_path):
+    code = textwrap.dedent("""
+        import django
+        from django.conf import settings
+        django.setup()
+        from django.core.management import call_command
+        call_command("migrate", run_syncdb=True, verbosity=0)
+        placed = [m for m in settings.MIDDLEWARE if "beatlib" in m]
+        assert placed == ["beatlib.contrib.django.TracingMiddleware"], settings.MIDDLEWARE
+        assert settings.MIDDLEWARE.index(placed[0]) == 1
+        from django.test import Client
+        assert Client().get("/archive/2024/").status_code == 200
+        from beatlib import get_client
+        assert get_client().flush(10)
+    """)
+    result = run(["-c", code], DJANGO_SETTINGS_MODULE="tests.contrib.django.settings_placed",
+                 RECEIVER_URL=receiver.url, SHOP_DB=str(tmp_path / "db.sqlite3"))
+    assert result.returncode == 0, result.stderr
+    (tx,) = receiver.events("transaction")
+    assert tx["name"] == "GET ^archive/(?P<year>[0-9]{4})/$"
+    assert receiver.metadata[0]["service"]["framework"]["name"] == "django"
+
+
+def test_invalid_settings_stop_manage_py_check_but_not_the_site(tmp_path):
+    result = run([str(MANAGE), "check"], BEATLIB_TRANSACTION_SAMPLE_RATE="2")
+    assert result.returncode == 1
+    assert "(beatlib.E001) BEATLIB settings are invalid: transaction_sample_rate" in (
+        result.stderr)
+    code = textwrap.dedent("""
+        import django
+        django.setup()
+        from django.test import Client
+        assert Client().get("/health/").content == b"ok"
+    """)
+    result = run(["-c", code], BEATLIB_TRANSACTION_SAMPLE_RATE="2",
+                 SHOP_DB=str(tmp_path / "db.sqlite3"))
+    assert result.returncode == 0, result.stderr
+    assert "BEATLIB settings are invalid" in result.stderr  # logged once at startup
+
+
+def test_manage_py_beatlib_check(receiver):
+    result = run([str(MANAGE), "beatlib", "check"], RECEIVER_URL=receiver.url)
+    assert result.returncode == 0, result.stderr
+    assert "settings OK: service 'shop'" in result.stdout
+    assert f"APM server {receiver.url} reachable, version 8.99.0" in result.stdout
+
+
+def test_manage_py_beatlib_check_fails_when_the_server_is_down():
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run([str(MANAGE), "beatlib", "check"], RECEIVER_URL=url)
+    assert result.returncode == 1
+    assert f"APM server {url} unreachable" in result.stderr
+
+
+def test_manage_py_beatlib_check_reports_invalid_settings():
+    result = run([str(MANAGE), "beatlib", "check"], BEATLIB_SERVER_URL="ftp://nowhere")
+    assert result.returncode == 1
+    assert "BEATLIB settings are invalid: server_url: 'ftp://nowhere' (from " \
+           "BEATLIB_SERVER_URL) is not an http(s) URL" in result.stderr
+
+
+def test_manage_py_beatlib_test_sends_an_error(receiver):
+    result = run([str(MANAGE), "beatlib", "test"], RECEIVER_URL=receiver.url)
+    assert result.returncode == 0, result.stderr
+    (error,) = receiver.events("error")
+    assert error["exception"]["type"] == "BeatlibTestError"
+    assert f"sent test error {error['id']} to {receiver.url}" in result.stdout
+    assert "Services > shop > Errors" in result.stdout
