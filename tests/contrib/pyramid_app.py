@@ -103,6 +103,11 @@ def declined(exc: PaymentDeclined, request: Request) -> dict[str, str]:
     return {"error": str(exc)}
 
 
+def named(request: Request) -> Response:
+    beatlib.set_transaction_name("report by region")
+    return Response("named")
+
+
 def health(request: Request) -> Response:
     return Response("ok")
 
@@ -127,6 +132,7 @@ def make_app(settings: dict[str, Any]) -> Any:
             ("post", "/posts/{id}", post, "post.html"), ("pay", "/pay/{order}", pay, None),
             ("boom", "/boom", boom, None), ("stream", "/stream", stream, None),
             ("sub", "/sub", sub, None), ("health", "/health", health, None),
+            ("named", "/named", named, None),
         ]:
             config.add_route(name, pattern)
             config.add_view(view, route_name=name, renderer=renderer)

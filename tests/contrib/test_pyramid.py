@@ -205,3 +205,26 @@ def test_settings_from_the_ini_file_and_env_wins(receiver, weather, tmp_path, mo
     assert service["environment"] == "staging"
     (error,) = receiver.events("error")
     assert error["context"]["request"]["body"] == {"card": "[REDACTED]", "note": "hi"}
+
+
+def test_without_beatlib_settings_the_process_default_client_is_used(receiver, weather):
+    client = beatlib.Client(server_url=receiver.url, service_name="default", environ={})
+    try:
+        app = make_app({"shop.weather_url": weather.url("/ok")})
+        assert app.registry[REGISTRY_KEY] is client
+        webtest.TestApp(app).get("/posts/1")
+        assert client.flush(5)
+    finally:
+        client.close(5)
+        beatlib.uninstrument()
+        context.set_active(None)
+    (tx,) = receiver.events("transaction")
+    assert tx["name"] == "GET /posts/{id}"
+    assert receiver.metadata[0]["service"]["name"] == "default"
+
+
+def test_a_name_the_view_set_is_kept(shop, receiver):
+    app, client = shop()
+    webtest.TestApp(app).get("/named")
+    (tx,), _, _ = shipped(client, receiver)
+    assert tx["name"] == "report by region"

@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - only without Pyramid
         "beatlib.contrib.pyramid needs Pyramid 2.x: pip install pyramid"
     ) from exc
 
-from beatlib.client import Client
+from beatlib.client import Client, get_client
 from beatlib.config import Config
 from beatlib.contrib import wsgi
 from beatlib.instrumentation.registry import instrument
@@ -37,14 +37,16 @@ _inside: ContextVar[bool] = ContextVar("beatlib_pyramid_inside", default=False)
 
 
 def includeme(config: Any) -> None:
-    """Create the client from the `beatlib.*` settings (env vars win), instrument the
-    supported libraries and add the tween over the exception view tween."""
+    """Take the client from the `beatlib.client` setting, else make one from the `beatlib.*`
+    settings (env vars win), else use the process default client or make one from the env;
+    instrument the supported libraries and add the tween over the exception view tween."""
     settings = config.get_settings() or {}
     client = settings.get(REGISTRY_KEY)
     if not isinstance(client, Client):
         mapping = {key[len(PREFIX):]: value for key, value in settings.items()
                    if key.startswith(PREFIX)}
-        client = Client(config=Config.from_mapping(mapping))
+        client = (Client(config=Config.from_mapping(mapping)) if mapping
+                  else get_client() or Client())
     try:
         client.framework = ("pyramid", version("pyramid"))
     except PackageNotFoundError:  # pragma: no cover - a vendored Pyramid
@@ -94,7 +96,9 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
     """Name, user and error on the transaction; it ends now if the handler raised, else when
     the server closes the response body (so a streamed body is timed whole)."""
     try:
-        name = tx.name = transaction_name(request)
+        if tx.name == request.method:  # not named by the app (beatlib.set_transaction_name)
+            tx.name = transaction_name(request)
+        name = tx.name
         _set_user(tx, request)
         environ = request.environ
         if raised is not None:
