@@ -168,6 +168,8 @@ def test_release_failures(repo, release_server, capsys, monkeypatch):
     assert code == 2 and "--service-name" in err
     code, _, err = run(capsys, *base, "--path", str(repo.parent))  # not a repository
     assert code == 2 and "--version" in err
+    code, _, err = run(capsys, *base, "--previous", "v0.9", "--server-url", release_server.url)
+    assert code == 2 and "'v0.9' is no tag or commit" in err
 
 
 def test_release_dry_run_and_kibana_annotation(repo, capsys):

@@ -22,7 +22,7 @@ _CACHE_LIMIT = 4096
 _UNCOMMITTED = "0" * 40
 
 _lock = threading.Lock()
-_heads: dict[str, tuple[float, tuple[str, str] | None]] = {}  # dir -> (when, (top, HEAD))
+_heads: dict[str, tuple[float, str | None]] = {}  # folder -> (when asked, HEAD)
 _blames: dict[tuple[str, int, str], Assignee | None] = {}  # (file, line, HEAD) -> answer
 _app_version: list[str | None] = []  # the start-up detection, once per process
 
@@ -59,19 +59,14 @@ class Release:
 
     def to_json(self) -> dict[str, Any]:
         """The body of `POST /beatlib/v1/releases` (see docs/releases.md)."""
-        service = {"name": self.service}
-        if self.environment:
-            service["environment"] = self.environment
         out = dataclasses.asdict(self)
-        del out["environment"]
-        return {**out, "service": service}
+        env = out.pop("environment")
+        return {**out, "service": {"name": self.service, **({"environment": env} if env else {})}}
 
     def annotation(self) -> dict[str, Any]:
         """The same release as a Kibana APM annotation body."""
-        service = {"version": self.version}
-        if self.environment:
-            service["environment"] = self.environment
-        return {"@timestamp": self.deployed_at, "service": service,
+        env = {"environment": self.environment} if self.environment else {}
+        return {"@timestamp": self.deployed_at, "service": {"version": self.version, **env},
                 "message": f"Deployment {self.version} ({len(self.commits)} commits)"}
 
 
@@ -87,6 +82,12 @@ def _git(args: list[str], cwd: str | None, timeout: float = GIT_TIMEOUT) -> str 
     return done.stdout.decode("utf-8", "replace")
 
 
+def _git_line(args: list[str], cwd: str | None) -> str | None:
+    """The first line git prints, or None."""
+    out = _git(args, cwd)
+    return (out.strip().split("\n", 1)[0] or None) if out else None
+
+
 def app_dir() -> str:
     """The main script's folder, else the working directory."""
     main = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -96,93 +97,87 @@ def app_dir() -> str:
 def detect_revision(path: str | None = None) -> str | None:
     """`git describe --tags --always --dirty` in `path` (default: the working directory);
     lightweight tags count, as `previous_tag` counts them."""
-    out = _git(["describe", "--tags", "--always", "--dirty"], path)
-    return (out.strip() or None) if out else None
+    return _git_line(["describe", "--tags", "--always", "--dirty"], path)
 
 
 def app_version() -> str | None:
     """The app's revision, detected once per process: the default of `service_version`."""
     with _lock:
         if not _app_version:
-            found = detect_revision(app_dir())
-            if found is None and app_dir() != os.getcwd():
-                found = detect_revision(os.getcwd())
+            try:
+                found = detect_revision(app_dir()) or detect_revision(os.getcwd())
+            except OSError:  # a working directory deleted under the app
+                found = None
             _app_version.append(found)
         return _app_version[0]
 
 
 def current_branch(path: str | None = None) -> str | None:
     """The checked-out branch; None when detached or outside a repository."""
-    out = _git(["rev-parse", "--abbrev-ref", "HEAD"], path)
-    name = out.strip() if out else None
-    return name if name and name != "HEAD" else None
+    name = _git_line(["rev-parse", "--abbrev-ref", "HEAD"], path)
+    return name if name != "HEAD" else None
 
 
 def previous_tag(path: str | None = None) -> str | None:
     """The newest tag before HEAD (HEAD's own tag is the release being made, not the last)."""
-    out = _git(["describe", "--tags", "--abbrev=0", "HEAD^"], path)
-    return (out.strip() or None) if out else None
+    return _git_line(["describe", "--tags", "--abbrev=0", "HEAD^"], path)
 
 
 def commits_since(previous: str | None, path: str | None = None) -> list[Commit]:
     """Commits reachable from HEAD and not from `previous` (all, if None), newest first."""
     spec = [f"{previous}..HEAD"] if previous else ["HEAD"]
     out = _git(["log", f"--max-count={MAX_COMMITS}", "--format=%h%x1f%an%x1f%s", *spec], path)
-    commits = []
-    for row in (out or "").splitlines():
-        parts = row.split("\x1f")
-        if len(parts) == 3:
-            commits.append(Commit(*parts))
-    return commits
+    rows = [row.split("\x1f") for row in (out or "").splitlines()]
+    return [Commit(*row) for row in rows if len(row) == 3]
 
 
 def record_release(service: str, version: str | None = None, previous: str | None = None,
                    environment: str | None = None, path: str | None = None) -> Release:
-    """The release at `path`'s HEAD; raises ValueError outside a repository without `version`."""
-    head = _git(["rev-parse", "HEAD"], path)
+    """The release at `path`'s HEAD. ValueError outside a repository without `version`, or
+    when `previous` names no commit."""
+    head = _git_line(["rev-parse", "--verify", "HEAD"], path)
     version = version or detect_revision(path)
     if not version:
         raise ValueError("no version given and no git revision found in "
                          f"{os.path.abspath(path or '.')} (use --version)")
+    if previous and head and not _git_line(["rev-parse", "--verify", previous + "^{commit}"],
+                                           path):
+        raise ValueError(f"previous release {previous!r} is no tag or commit of the repository")
     previous = previous or (previous_tag(path) if head else None)
     commits = commits_since(previous, path) if head else []
     when = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-    return Release(service, version, current_branch(path), head.strip() if head else None,
-                   previous, commits, when, environment)
+    return Release(service, version, current_branch(path), head, previous, commits, when,
+                   environment)
 
 
-def _repository(directory: str, now: float) -> tuple[str, str] | None:
-    """(top-level folder, HEAD commit) of the repository holding `directory`, briefly cached."""
+def _head(directory: str, now: float) -> str | None:
+    """HEAD of the repository holding `directory` (None outside one), briefly cached."""
     cached = _heads.get(directory)
-    if cached is not None and now - cached[0] < _REVISION_TTL:
-        return cached[1]
-    out = _git(["rev-parse", "--show-toplevel", "HEAD"], directory)
-    lines = out.split() if out else []
-    found = (lines[0], lines[1]) if len(lines) == 2 else None
-    if len(_heads) > _CACHE_LIMIT:
-        _heads.clear()
-    _heads[directory] = (now, found)
-    return found
+    if cached is None or now - cached[0] >= _REVISION_TTL:
+        if len(_heads) > _CACHE_LIMIT:
+            _heads.clear()
+        cached = _heads[directory] = (now, _git_line(["rev-parse", "--verify", "HEAD"], directory))
+    return cached[1]
 
 
 def blame(path: str, lineno: int, timeout: float = GIT_TIMEOUT) -> Assignee | None:
     """Author, commit and date of line `lineno` of `path`; cached per (file, line, HEAD).
 
-    None outside a repository, for uncommitted lines, and when git is slower than `timeout`.
+    None outside a repository, for uncommitted lines, and when git is slower than `timeout`
+    (remembered too: a slow file must not stall the worker at every error).
     """
-    repo = _repository(os.path.dirname(os.path.abspath(path)), time.monotonic())
-    if repo is None:
+    directory = os.path.dirname(os.path.abspath(path))
+    head = _head(directory, time.monotonic())
+    if head is None:
         return None
-    key = (path, lineno, repo[1])
-    if key in _blames:
-        return _blames[key]
-    out = _git(["blame", "-L", f"{lineno},{lineno}", "--porcelain", "--", path],
-               os.path.dirname(os.path.abspath(path)), timeout)
-    found = _parse_porcelain(out) if out else None
-    if len(_blames) > _CACHE_LIMIT:
-        _blames.clear()
-    _blames[key] = found
-    return found
+    key = (path, lineno, head)
+    if key not in _blames:
+        out = _git(["blame", "-L", f"{lineno},{lineno}", "--porcelain", "--", path],
+                   directory, timeout)
+        if len(_blames) > _CACHE_LIMIT:
+            _blames.clear()
+        _blames[key] = _parse_porcelain(out) if out else None
+    return _blames[key]
 
 
 def _parse_porcelain(out: str) -> Assignee | None:
