@@ -1,0 +1,227 @@
+"""What the dashboard shows, read from the store: plain functions of a connection returning
+dicts. Percentiles are exact (nearest rank: the smallest duration with at least p% of the
+transactions at or below it), computed in SQL with window functions.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from typing import Any
+
+# Window choices of the transactions page: label -> seconds (None: everything stored).
+WINDOWS: dict[str, int | None] = {
+    "15m": 15 * 60, "1h": 3600, "24h": 86400, "7d": 7 * 86400, "all": None,
+}
+DEFAULT_WINDOW = "1h"
+
+
+def _rows(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+    return [dict(row) for row in conn.execute(sql, params)]
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def services(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every service with its latest version, counts and its latest process metrics."""
+    out = _rows(conn, """
+        SELECT s.*,
+               (SELECT count(*) FROM transactions t WHERE t.service = s.name) AS transactions,
+               (SELECT count(*) FROM errors e WHERE e.service = s.name) AS errors,
+               (SELECT count(*) FROM error_groups g WHERE g.service = s.name) AS error_groups
+        FROM services s ORDER BY s.last_seen DESC""")
+    for service in out:
+        service.update(process_metrics(conn, service["name"]))
+    return out
+
+
+def process_metrics(conn: sqlite3.Connection, service: str) -> dict[str, Any]:
+    """The latest CPU share and RSS the service reported in a metricset."""
+    row = conn.execute("""
+        SELECT samples FROM metricsets
+        WHERE service = ? AND transaction_name IS NULL AND transaction_type IS NULL
+              AND span_type IS NULL
+        ORDER BY timestamp DESC LIMIT 1""", (service,)).fetchone()
+    samples = json.loads(row["samples"]) if row else {}
+    cpu = samples.get("system.process.cpu.total.norm.pct", {}).get("value")
+    rss = samples.get("system.process.memory.rss.bytes", {}).get("value")
+    return {"cpu_pct": cpu * 100 if isinstance(cpu, int | float) else None,
+            "rss_bytes": rss if isinstance(rss, int | float) else None}
+
+
+def metricset_count(conn: sqlite3.Connection, service: str) -> int:
+    return int(conn.execute("SELECT count(*) FROM metricsets WHERE service = ?",
+                            (service,)).fetchone()[0])
+
+
+def transaction_groups(
+    conn: sqlite3.Connection, service: str, window: str = DEFAULT_WINDOW,
+    now_us: int | None = None,
+) -> list[dict[str, Any]]:
+    """Transactions of `service` by name and type within the window: count, throughput
+    (per minute), avg/p50/p95/p99 (ms) and error rate (failure / (success + failure), as
+    Kibana's failed transaction rate). Highest total time first."""
+    seconds = WINDOWS.get(window, WINDOWS[DEFAULT_WINDOW])
+    now = _now_us() if now_us is None else now_us
+    since = now - seconds * 1_000_000 if seconds is not None else -(2**63) + 1
+    groups = _rows(conn, """
+        WITH w AS (
+            SELECT name, type, duration, outcome, timestamp,
+                   row_number() OVER (PARTITION BY name, type ORDER BY duration) AS rn,
+                   count(*) OVER (PARTITION BY name, type) AS n
+            FROM transactions WHERE service = ? AND timestamp >= ?
+        )
+        SELECT name, type, n AS count, avg(duration) AS avg, sum(duration) AS total,
+               max(CASE WHEN rn = (n * 50 + 99) / 100 THEN duration END) AS p50,
+               max(CASE WHEN rn = (n * 95 + 99) / 100 THEN duration END) AS p95,
+               max(CASE WHEN rn = (n * 99 + 99) / 100 THEN duration END) AS p99,
+               sum(outcome = 'failure') AS failures,
+               sum(outcome IN ('success', 'failure')) AS with_outcome,
+               min(timestamp) AS first, max(timestamp) AS last
+        FROM w GROUP BY name, type ORDER BY total DESC""", (service, since))
+    if seconds is not None:
+        minutes = seconds / 60
+    elif groups:  # "all": over the time the data covers, at least a minute
+        span_us = max(g["last"] for g in groups) - min(g["first"] for g in groups)
+        minutes = max(span_us / 60e6, 1.0)
+    else:
+        minutes = 1.0
+    for group in groups:
+        group["tpm"] = group["count"] / minutes
+        group["error_rate"] = (group["failures"] / group["with_outcome"]
+                               if group["with_outcome"] else None)
+    return groups
+
+
+def transaction_samples(
+    conn: sqlite3.Connection, service: str, name: str, limit: int = 20
+) -> dict[str, list[dict[str, Any]]]:
+    """The latest and the slowest transactions of one name, to open in the waterfall."""
+    columns = "id, trace_id, name, type, result, outcome, timestamp, duration, spans_started"
+    latest = _rows(conn, f"""SELECT {columns} FROM transactions WHERE service = ? AND name = ?
+                             ORDER BY timestamp DESC LIMIT ?""", (service, name, limit))
+    slowest = _rows(conn, f"""SELECT {columns} FROM transactions WHERE service = ? AND name = ?
+                              ORDER BY duration DESC LIMIT ?""", (service, name, limit))
+    return {"latest": latest, "slowest": slowest}
+
+
+def transaction(conn: sqlite3.Connection, transaction_id: str) -> dict[str, Any] | None:
+    """One transaction with its spans in waterfall order (each with `offset` ms from the
+    transaction's start and `depth` in the span tree) and the errors raised in it."""
+    rows = _rows(conn, "SELECT * FROM transactions WHERE id = ?", (transaction_id,))
+    if not rows:
+        return None
+    tx = rows[0]
+    tx["context"] = _loads(tx["context"])
+    spans = _rows(conn, "SELECT * FROM spans WHERE transaction_id = ?", (transaction_id,))
+    for span in spans:
+        if span["timestamp"] is not None:
+            span["offset"] = (span["timestamp"] - tx["timestamp"]) / 1000
+        else:
+            span["offset"] = span["start"] or 0.0
+        span["context"] = _loads(span["context"])
+        span["stacktrace"] = _loads(span["stacktrace"])
+    tx["spans"] = _waterfall(tx["id"], spans)
+    tx["errors"] = _rows(conn, """SELECT id, service, grouping_key, type, message, culprit,
+                                  timestamp FROM errors WHERE transaction_id = ?
+                                  ORDER BY timestamp""", (transaction_id,))
+    return tx
+
+
+def _waterfall(root_id: str, spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Depth first from the transaction, children by start; orphans at the end."""
+    children: dict[str, list[dict[str, Any]]] = {}
+    for span in spans:
+        children.setdefault(span["parent_id"], []).append(span)
+    for siblings in children.values():
+        siblings.sort(key=lambda s: (s["offset"], s["id"]))
+    ordered: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    stack = [(span, 0) for span in reversed(children.get(root_id, []))]
+    while stack:
+        span, depth = stack.pop()
+        if span["id"] in seen:
+            continue
+        seen.add(span["id"])
+        span["depth"] = depth
+        ordered.append(span)
+        stack.extend((child, depth + 1) for child in reversed(children.get(span["id"], [])))
+    for span in sorted(spans, key=lambda s: s["offset"]):
+        if span["id"] not in seen:  # its parent never arrived
+            span["depth"] = 0
+            ordered.append(span)
+    return ordered
+
+
+def error_groups(
+    conn: sqlite3.Connection, service: str | None = None, assignee: str | None = None,
+    limit: int = 500,
+) -> list[dict[str, Any]]:
+    """Error groups, most recently seen first; `assignee` is an email or name as stored."""
+    where, params = [], []
+    if service:
+        where.append("service = ?")
+        params.append(service)
+    if assignee:
+        where.append("assignee_key = ?")
+        params.append(assignee)
+    sql = "SELECT * FROM error_groups"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return _rows(conn, sql + " ORDER BY last_seen DESC LIMIT ?", (*params, limit))
+
+
+def assignees(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Everyone errors are assigned to, with their number of groups."""
+    return _rows(conn, """
+        SELECT assignee_key AS key, max(assignee_name) AS name, max(assignee_email) AS email,
+               count(*) AS groups, sum(count) AS errors
+        FROM error_groups WHERE assignee_key IS NOT NULL
+        GROUP BY assignee_key ORDER BY groups DESC, key""")
+
+
+def error_group(
+    conn: sqlite3.Connection, service: str, key: str, occurrences: int = 20
+) -> dict[str, Any] | None:
+    """One group, its latest occurrence (the whole event, parsed) and recent occurrences."""
+    rows = _rows(conn, "SELECT * FROM error_groups WHERE service = ? AND grouping_key = ?",
+                 (service, key))
+    if not rows:
+        return None
+    group = rows[0]
+    latest = conn.execute("SELECT body FROM errors WHERE id = ?",
+                          (group["latest_error_id"],)).fetchone()
+    group["latest"] = _loads(latest["body"]) if latest else None
+    group["occurrences"] = _rows(conn, """
+        SELECT id, timestamp, message, culprit, service_version, transaction_id,
+               transaction_name, handled
+        FROM errors WHERE service = ? AND grouping_key = ?
+        ORDER BY timestamp DESC LIMIT ?""", (service, key, occurrences))
+    return group
+
+
+def releases(conn: sqlite3.Connection, service: str | None = None) -> list[dict[str, Any]]:
+    """Service versions, newest first, each with the error groups first seen in it and its
+    number of errors."""
+    where, params = ("WHERE service = ?", (service,)) if service else ("", ())
+    out = _rows(conn, f"""
+        SELECT r.*,
+               (SELECT count(*) FROM errors e
+                WHERE e.service = r.service AND e.service_version = r.version) AS errors,
+               (SELECT count(*) FROM transactions t
+                WHERE t.service = r.service AND t.service_version = r.version) AS transactions
+        FROM releases r {where} ORDER BY r.first_seen DESC""", params)
+    for release in out:
+        release["new_error_groups"] = _rows(conn, """
+            SELECT grouping_key, type, message, culprit, count, first_seen, assignee_name,
+                   assignee_email
+            FROM error_groups WHERE service = ? AND first_version = ?
+            ORDER BY first_seen""", (release["service"], release["version"]))
+    return out
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
