@@ -80,7 +80,7 @@ def test_a_view_that_raises_is_captured_once_and_django_answers_as_before(beat, 
     assert exception["message"] == "nothing left for ann"
     assert error["culprit"].startswith("tests.contrib.django.shop.views in boom")
     assert (error["transaction_id"], error["trace_id"]) == (tx["id"], tx["trace_id"])
-    assert error["transaction"] == {"name": "GET", "type": "request", "sampled": True}
+    assert error["transaction"] == {"name": "GET boom/", "type": "request", "sampled": True}
     assert error["context"]["request"]["url"]["full"] == "http://testserver/boom/?page=2"
     assert error["context"]["user"]["username"] == "ann"
     assert [s["name"] for s in spans if "shop_post" in s["name"]] == ["SELECT FROM shop_post"]

@@ -58,10 +58,16 @@ class TracingMiddleware:
         _guarded(self._finish, tx, unnamed, request, response)
         return response
 
+    def process_view(self, request: HttpRequest, *_: Any) -> None:
+        """Named as soon as the URL is resolved, so errors in the view carry the name."""
+        tx = current_transaction()
+        if tx is not None and tx.name == request.method:
+            _guarded(_name, tx, request)
+
     def _finish(self, tx: Transaction, unnamed: str | None, request: HttpRequest,
                 response: HttpResponseBase) -> None:
         # A name set by the app (beatlib.set_transaction_name) is kept.
-        name = transaction_name(request, response) if tx.name == unnamed else None
+        name = transaction_name(request, response.status_code) if tx.name == unnamed else None
         record_user(request, tx)
         form_fields(request, tx)
         status, headers = response.status_code, list(response.items())
@@ -97,12 +103,16 @@ class TracingMiddleware:
             response.close = traced_close  # type: ignore[method-assign]
 
 
-def transaction_name(request: HttpRequest, response: HttpResponseBase) -> str:
+def _name(tx: Transaction, request: HttpRequest) -> None:
+    tx.name = transaction_name(request, 200)
+
+
+def transaction_name(request: HttpRequest, status_code: int) -> str:
     """`METHOD <route>`; else the view's dotted path; unresolved 404s are one name."""
     method = request.method or "GET"
     match = getattr(request, "resolver_match", None)
     if match is None:
-        return f"{method} unknown route" if response.status_code == 404 else method
+        return f"{method} unknown route" if status_code == 404 else method
     route = getattr(match, "route", None)
     if isinstance(route, str):
         return f"{method} {route or '/'}"
