@@ -126,6 +126,16 @@ def test_streaming_response_ends_when_closed(beat):
     assert [s["name"] for s in spans] == ["chunk 0", "chunk 1", "chunk 2"]
 
 
+def test_an_exception_while_streaming_is_captured(beat):
+    resp = Client().get("/stream-fail/")
+    with pytest.raises(Exception, match="ran out while streaming"):
+        b"".join(resp.streaming_content)
+    (tx,), _, (error,) = beat.shipped()
+    assert tx["name"] == "GET stream-fail/" and tx["outcome"] == "failure"
+    assert error["exception"]["type"] == "OutOfStock" and error["transaction_id"] == tx["id"]
+    assert error["context"]["request"]["url"]["pathname"] == "/stream-fail/"
+
+
 def test_file_response_ends_when_closed(beat):
     resp = Client().get("/download/")
     assert b"def download" in b"".join(resp.streaming_content)

@@ -9,6 +9,7 @@ urlpatterns = [
     path("api/", include("tests.contrib.django.shop.api_urls")),
     path("boom/", views.boom),
     path("stream/", views.stream),
+    path("stream-fail/", views.stream_fail),
     path("download/", views.download),
     path("signup/", views.signup),
     path("anonymous/", views.anonymous),

@@ -22,7 +22,7 @@ class LoggingHandler(logging.Handler):
     An exception already captured (Django logs the one it turned into a 500) is sent once.
     """
 
-    def __init__(self, level: int | str = logging.ERROR, client: Client | None = None) -> None:
+    def __init__(self, client: Client | None = None, level: int | str = logging.ERROR) -> None:
         super().__init__(level)
         self.client = client
 

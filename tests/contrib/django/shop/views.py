@@ -58,6 +58,14 @@ def stream(request):
     return StreamingHttpResponse(chunks(), content_type="text/plain")
 
 
+def stream_fail(request):
+    def chunks():
+        yield "0;"
+        raise OutOfStock("ran out while streaming")
+
+    return StreamingHttpResponse(chunks(), content_type="text/plain")
+
+
 def download(request):
     return FileResponse(open(__file__, "rb"), content_type="text/plain")
 
