@@ -1,0 +1,149 @@
+"""`beatlib.jobs.transaction` end to end: decorator (sync and async), context manager, the
+failure path, nesting inside an open transaction, and no client at all."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import beatlib
+from beatlib import context
+from beatlib.jobs import transaction
+
+
+@pytest.fixture
+def client(receiver):
+    c = beatlib.Client(
+        service_name="jobs", server_url=receiver.url, flush_interval="200ms", environ={}
+    )
+    yield c
+    c.close(5)
+    context.set_active(None)
+
+
+def test_decorator_records_each_call_as_a_transaction(client, receiver):
+    @transaction("nightly report")
+    def report(n):
+        with beatlib.capture_span("query"):
+            return n * 2
+
+    assert report(2) == 4 and report(3) == 6
+    assert report.__name__ == "report"
+    assert beatlib.get_current_transaction() is None
+    assert client.flush(5)
+
+    txs = receiver.events("transaction")
+    assert len(txs) == 2 and len({t["id"] for t in txs}) == 2
+    for tx in txs:
+        assert (tx["name"], tx["type"], tx["result"], tx["outcome"]) == (
+            "nightly report", "task", "success", "success")
+    assert [s["transaction_id"] for s in receiver.events("span")] == [t["id"] for t in txs]
+
+
+def test_async_decorator_and_async_with(client, receiver):
+    @transaction(transaction_type="script")
+    async def fetch(i):
+        await asyncio.sleep(0.001)
+        return i
+
+    async def main():
+        assert await asyncio.gather(*(fetch(i) for i in range(20))) == list(range(20))
+        async with transaction("sync feeds") as tx:
+            assert beatlib.get_current_transaction() is tx
+            await asyncio.sleep(0.001)
+
+    asyncio.run(main())
+    assert client.flush(5)
+    txs = receiver.events("transaction")
+    names = [t["name"] for t in txs]
+    assert names.count("test_async_decorator_and_async_with.<locals>.fetch") == 20
+    assert "sync feeds" in names and {t["type"] for t in txs} == {"script", "task"}
+
+
+def test_context_manager_and_user_settings_win(client, receiver):
+    with transaction("import orders") as tx:
+        assert isinstance(tx, beatlib.Transaction)
+        beatlib.label(batch=7)
+        beatlib.set_transaction_result("partial")
+    assert client.flush(5)
+    (event,) = receiver.events("transaction")
+    assert event["name"] == "import orders" and event["result"] == "partial"
+    assert event["context"]["tags"] == {"batch": 7}
+
+
+def test_failure_is_captured_once_and_propagates_unchanged(client, receiver):
+    error = ValueError("bad row")
+
+    @transaction("import orders")
+    def job():
+        raise error
+
+    with pytest.raises(ValueError) as raised:
+        job()
+    assert raised.value is error
+    assert client.capture_exception(error) is not None  # the same exception: no second error
+    assert client.flush(5)
+
+    (tx,) = receiver.events("transaction")
+    assert tx["result"] == "failure" and tx["outcome"] == "failure"
+    (err,) = receiver.events("error")
+    assert err["exception"]["handled"] is False and err["exception"]["message"] == "bad row"
+    assert err["transaction_id"] == tx["id"] and err["trace_id"] == tx["trace_id"]
+    assert err["transaction"]["name"] == "import orders"
+
+
+def test_inside_an_open_transaction_a_job_is_a_span(client, receiver):
+    @transaction("send emails")
+    def send_emails():
+        assert beatlib.get_current_span() is not None
+        raise KeyError("smtp")
+
+    request = client.begin_transaction("request")
+    with pytest.raises(KeyError):
+        send_emails()
+    assert beatlib.get_current_transaction() is request  # still the request's
+    client.end_transaction("POST /signup", "HTTP 5xx")
+    assert client.flush(5)
+
+    (tx,) = receiver.events("transaction")
+    assert tx["name"] == "POST /signup"
+    (span,) = receiver.events("span")
+    assert (span["name"], span["type"], span["outcome"]) == ("send emails", "task", "failure")
+    assert span["parent_id"] == tx["id"]
+    assert receiver.events("error") == []  # left to whatever handles the request's errors
+
+
+def test_after_a_job_the_previous_state_is_back(client):
+    with transaction("first"):
+        pass
+    with transaction("second") as tx:
+        assert beatlib.get_current_transaction() is tx
+    assert beatlib.get_current_transaction() is None
+
+
+def test_without_a_client_the_code_runs_untouched(monkeypatch):
+    monkeypatch.setattr("beatlib.client._default_client", None)
+
+    @transaction("nothing")
+    def job():
+        return beatlib.get_current_transaction()
+
+    assert job() is None
+    with transaction("nothing") as tx:
+        assert tx is None
+    with pytest.raises(RuntimeError), transaction("nothing"):
+        raise RuntimeError
+
+
+def test_an_explicit_client_is_used(receiver):
+    explicit = beatlib.Client(service_name="explicit", server_url=receiver.url, environ={})
+    default = beatlib.Client(service_name="default", server_url=receiver.url, environ={})
+    try:
+        with transaction("cleanup", client=explicit):
+            pass
+        assert explicit.flush(5)
+        assert [m["service"]["name"] for m in receiver.metadata] == ["explicit"]
+    finally:
+        default.close(5)
+        explicit.close(5)
