@@ -156,6 +156,28 @@ def test_encode_error_drops_item_and_logs_once(make_transport, receiver, caplog)
     assert transport.flush(3)  # later flushes are not spoiled by old losses
 
 
+def test_a_worker_far_behind_slows_the_recorder_instead_of_losing_data(make_transport,
+                                                                        receiver):
+    from tests.transport.conftest import encode as good
+
+    def slow_encode(item):  # a worker slower than the app records
+        time.sleep(0.0005)
+        return good(item)
+
+    transport = make_transport(receiver, encode=slow_encode, max_queue_events=100)
+    slowest = 0.0
+    for n in range(1000):
+        start = time.perf_counter()
+        transport.queue(n)
+        slowest = max(slowest, time.perf_counter() - start)
+    assert transport.flush(10)
+    stats = transport.stats()
+    assert stats["dropped_queue_full"] == 0 and stats["sent_events"] == 1000
+    assert stats["backpressure_waits"] > 0
+    assert slowest < 0.05  # one queue() waits about a millisecond, not until there is room
+    assert sorted(sent_numbers(receiver)) == list(range(1000))
+
+
 def test_stats_counters(make_transport, receiver):
     transport = make_transport(receiver)
     for n in range(20):
@@ -164,7 +186,8 @@ def test_stats_counters(make_transport, receiver):
     stats = transport.stats()
     assert set(stats) == {"queued", "sent_events", "sent_requests", "retried",
                           "dropped_queue_full", "dropped_buffer_full", "dropped_rejected",
-                          "dropped_encode_error", "dropped_at_close", "buffered_bytes"}
+                          "dropped_encode_error", "dropped_at_close", "buffered_bytes",
+                          "backpressure_waits"}
     assert stats["queued"] == 20 and stats["sent_events"] == 20
     assert stats["sent_requests"] == len(receiver.requests) >= 1
     assert stats["buffered_bytes"] == 0 and stats["retried"] == 0

@@ -15,7 +15,7 @@ import weakref
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
-from time import monotonic
+from time import monotonic, sleep
 from typing import Any
 
 from beatlib.transport.http import Backoff, RateLimitedLog, Sender, Verdict
@@ -24,7 +24,8 @@ logger = logging.getLogger("beatlib.transport")
 
 STAT_KEYS = ("queued", "sent_events", "sent_requests", "retried", "dropped_queue_full",
              "dropped_buffer_full", "dropped_rejected", "dropped_encode_error",
-             "dropped_at_close", "buffered_bytes")
+             "dropped_at_close", "buffered_bytes", "backpressure_waits")
+_YIELD_SECONDS = 0.001  # what one queue() call may wait for the worker, at most about this
 
 # Every live transport, for the fork and exit hooks; weak so short-lived ones are collected.
 _transports: weakref.WeakSet[Transport] = weakref.WeakSet()
@@ -106,6 +107,9 @@ class Transport:
         self._max_queue_events = config.max_queue_events
         # Wake the worker early only when this many items wait; otherwise the flush tick does.
         self._wake_at = max(1, min(config.max_queue_events // 4, 256))
+        # Past this, the worker is far behind (the app records faster than events can be
+        # encoded and sent): the recording thread yields briefly instead of data being lost.
+        self._yield_at = max(1, config.max_queue_events * 3 // 4)
         self._flush_interval = max(config.flush_interval, 0.01)
         self._max_request_size = config.max_request_size
         self._max_buffer_size = config.max_buffer_size
@@ -128,6 +132,7 @@ class Transport:
         self._idle = False
         self._worker: threading.Thread | None = None
         self._dropped_queue_full = 0
+        self._counts_yields = 0  # times queue() yielded to a worker far behind
         # Below: touched by the worker thread only.
         self._counts = dict.fromkeys(STAT_KEYS, 0)
         self._losses = 0  # bumped on every loss, so a flush can tell whether it lost anything
@@ -158,9 +163,13 @@ class Transport:
             q.append(item)
             if self._worker is None:
                 self._start_worker()
-            elif n >= self._wake_at and self._idle:
-                self._idle = False
-                self._wakeup.set()
+            elif n >= self._wake_at:
+                if self._idle:
+                    self._idle = False
+                    self._wakeup.set()
+                if n >= self._yield_at and self._worker.is_alive():
+                    self._counts_yields += 1
+                    sleep(_YIELD_SECONDS)
         except Exception:  # e.g. no thread can be started at interpreter shutdown
             pass
 
@@ -209,6 +218,7 @@ class Transport:
         stats = dict(self._counts)
         stats["queued"] = self._counts["queued"] + len(self._queue)
         stats["dropped_queue_full"] = self._dropped_queue_full
+        stats["backpressure_waits"] = self._counts_yields
         batch = self._batch
         stats["buffered_bytes"] = self._pending_bytes + (batch.size if batch else 0)
         return stats
