@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,9 @@ import pytest
 
 import beatlib
 from beatlib import release
+
+if shutil.which("git") is None:
+    pytest.skip("git is not installed", allow_module_level=True)
 
 ADA = ("Ada Lovelace", "ada@example.com")
 BOB = ("Bob Builder", "bob@example.com")
