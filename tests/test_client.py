@@ -206,3 +206,10 @@ def test_the_same_exception_is_captured_once(client, receiver):
         assert client.capture_exception(handled=False) == first
     assert client.flush(5)
     assert [e["id"] for e in receiver.events("error")] == [first]
+
+
+def test_message_carries_its_logger_name(client, receiver):
+    client.capture_message("queue stalled", level="error", logger_name="app.jobs")
+    assert client.flush(5)
+    (error,) = receiver.events("error")
+    assert error["log"]["logger_name"] == "app.jobs"

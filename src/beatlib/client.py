@@ -134,6 +134,7 @@ class Client:
         level: str = "info",
         param_message: str | None = None,
         stack: bool = True,
+        logger_name: str | None = None,
         **context_data: Any,
     ) -> str | None:
         """Record a message as an error event; returns the error id.
@@ -150,6 +151,7 @@ class Client:
                 config=self.config,
                 trace=trace,
                 stack=stack,
+                logger_name=logger_name,
                 context=ctx,
                 skip=1,
             )

@@ -126,3 +126,14 @@ def test_form_body_recorded_and_redacted_when_asked(served, receiver):
     (tx,) = receiver.events("transaction")
     assert tx["context"]["request"]["body"] == {"user": "ann", "password": "[REDACTED]"}
     assert "hunter2" not in str(receiver.events())
+
+
+def test_multipart_body_is_not_recorded(served, receiver):
+    url, client = served(capture_body="all")
+    resp = requests.post(url + "/form", files={"f": ("a.txt", b"data")},
+                         data={"password": "hunter2"})
+    assert resp.status_code == 201
+    assert client.flush(5)
+    (tx,) = receiver.events("transaction")
+    assert tx["context"]["request"]["body"].endswith("bytes not recorded]")
+    assert "hunter2" not in str(receiver.events())

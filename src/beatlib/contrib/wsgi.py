@@ -117,18 +117,22 @@ def read_body(environ: dict[str, Any], config: Config) -> None:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         return
-    if not 0 < length <= BODY_LIMIT:
-        if length:
+    content_type = environ.get("CONTENT_TYPE", "")
+    if not 0 < length <= BODY_LIMIT or content_type.startswith("multipart/"):
+        if length:  # not read ahead: too long, or multipart (see body_value)
             environ["beatlib.body"] = f"[body of {length} bytes not recorded]"
         return
     raw = environ["wsgi.input"].read(length)
     environ["wsgi.input"] = io.BytesIO(raw)
-    environ["beatlib.body"] = body_value(raw, environ.get("CONTENT_TYPE", ""))
+    environ["beatlib.body"] = body_value(raw, content_type)
 
 
 def body_value(raw: bytes, content_type: str) -> str | dict[str, Any]:
     """A form or JSON object body as a mapping (so its secret fields are redacted by name),
-    anything else as text."""
+    anything else as text; multipart bodies (files, fields we would have to parse to redact)
+    are not recorded."""
+    if content_type.startswith("multipart/"):
+        return f"[body of {len(raw)} bytes not recorded]"
     text = raw.decode("utf-8", "replace")
     try:
         if content_type.startswith(_FORM):
