@@ -127,9 +127,9 @@ def release(args: argparse.Namespace) -> int:
     status, text = _request(config, "POST", RELEASES_PATH, body,
                             {"Content-Type": "application/json"})
     if status == 404:
-        raise Failure(f"{config.server_url} has no {RELEASES_PATH} (HTTP 404): only "
-                      "`beatlib serve` records releases; for Elastic APM use a Kibana "
-                      "annotation (--kibana-annotation, see docs/releases.md)")
+        raise Failure(f"{config.server_url} does not record releases (HTTP 404 on "
+                      f"{RELEASES_PATH}); Elastic APM Server never does: record a Kibana "
+                      "annotation instead (--kibana-annotation, see docs/releases.md)")
     if not 200 <= status < 300:
         raise Failure(f"release not recorded (HTTP {status}): {_reason(text)}")
     since = f" since {record.previous}" if record.previous else ""
