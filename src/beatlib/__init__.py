@@ -12,6 +12,7 @@ from beatlib.config import Config, ConfigError
 from beatlib.context import current_span as get_current_span
 from beatlib.context import current_transaction as get_current_transaction
 from beatlib.instrumentation.registry import instrument, uninstrument
+from beatlib.jobs import transaction
 from beatlib.tracing import (
     OUTCOMES,
     Span,
@@ -28,7 +29,7 @@ __all__ = [
     "capture_span", "format_traceparent", "get_client", "get_current_span",
     "get_current_transaction", "instrument", "label", "parse_traceparent", "set_context",
     "set_transaction_name", "set_transaction_outcome", "set_transaction_result", "set_user",
-    "uninstrument",
+    "transaction", "uninstrument",
 ]  # fmt: skip
 
 
