@@ -98,14 +98,13 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
     try:
         if tx.name == request.method:  # not named by the app (beatlib.set_transaction_name)
             tx.name = transaction_name(request)
-        name = tx.name
         _set_user(tx, request)
         environ = request.environ
         if raised is not None:
             if not isinstance(raised, HTTPException):
                 wsgi.capture_request_error(client, environ)
                 tx.outcome = "failure"
-            wsgi.end_request(tx, 500, name=name)
+            wsgi.end_request(tx, 500)
             return
         # An exception view made this response: the exception is still the app's error.
         handled = getattr(request, "exception", None)
@@ -119,10 +118,14 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
         def wrap_body(request: Any) -> None:
             # Finished callbacks run after response callbacks and NewResponse subscribers
             # (which may set headers or replace the body) and before the server reads it.
-            length = response.content_length  # WebOb drops it when the body is replaced
-            response.app_iter = wsgi.ClosingIterator(response.app_iter, lambda: wsgi.end_request(
-                tx, response.status, response.headerlist, name), failed)
-            response.content_length = length
+            try:
+                length = response.content_length  # WebOb drops it when the body is replaced
+                response.app_iter = wsgi.ClosingIterator(response.app_iter, lambda: (
+                    wsgi.end_request(tx, response.status, response.headerlist)), failed)
+                response.content_length = length
+            except Exception:
+                logger.debug("beatlib: could not wrap a response body", exc_info=True)
+                wsgi.end_request(tx, getattr(response, "status", None))
 
         request.add_finished_callback(wrap_body)
     except Exception:
