@@ -42,8 +42,8 @@ def process_metrics(conn: sqlite3.Connection, service: str) -> dict[str, Any]:
     """The latest CPU share and RSS the service reported in a metricset."""
     row = conn.execute("""
         SELECT samples FROM metricsets
-        WHERE service = ? AND transaction_name IS NULL AND transaction_type IS NULL
-              AND span_type IS NULL
+        WHERE service = ? AND transaction_type IS NULL AND span_type IS NULL
+              AND samples LIKE '%"system.process.%'
         ORDER BY timestamp DESC LIMIT 1""", (service,)).fetchone()
     samples = json.loads(row["samples"]) if row else {}
     cpu = samples.get("system.process.cpu.total.norm.pct", {}).get("value")
