@@ -138,7 +138,8 @@ from celery import Celery
 
 app = Celery("worker_app", broker="filesystem://", backend="file://{results}")
 app.conf.broker_transport_options = {{
-    "data_folder_in": "{queue}", "data_folder_out": "{queue}", "polling_interval": 0.05}}
+    "data_folder_in": "{queue}", "data_folder_out": "{queue}", "control_folder": "{queue}",
+    "polling_interval": 0.05}}
 app.conf.worker_prefetch_multiplier = 1
 client = beatlib.Client(service_name="worker", flush_interval="60s")  # created before the fork
 beat_celery.register()
