@@ -63,13 +63,17 @@ def transaction_groups(
 ) -> list[dict[str, Any]]:
     """Transactions of `service` by name and type within the window: count, throughput
     (per minute), avg/p50/p95/p99 (ms) and error rate (failure / (success + failure), as
-    Kibana's failed transaction rate). Highest total time first."""
+    Kibana's failed transaction rate; without an outcome, "HTTP 5xx" results count as
+    failures and other HTTP results as successes). Highest total time first."""
     seconds = WINDOWS.get(window, WINDOWS[DEFAULT_WINDOW])
     now = _now_us() if now_us is None else now_us
     since = now - seconds * 1_000_000 if seconds is not None else -(2**63) + 1
     groups = _rows(conn, """
         WITH w AS (
-            SELECT name, type, duration, outcome, timestamp,
+            SELECT name, type, duration, timestamp,
+                   CASE WHEN outcome IN ('success', 'failure') THEN outcome
+                        WHEN result LIKE 'HTTP 5%' THEN 'failure'
+                        WHEN result LIKE 'HTTP %' THEN 'success' END AS outcome,
                    row_number() OVER (PARTITION BY name, type ORDER BY duration) AS rn,
                    count(*) OVER (PARTITION BY name, type) AS n
             FROM transactions WHERE service = ? AND timestamp >= ?

@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS transactions (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS transactions_id ON transactions (id);
 CREATE INDEX IF NOT EXISTS transactions_stats
-    ON transactions (service, timestamp, name, duration, outcome);
+    ON transactions (service, timestamp, name, type, duration, outcome, result);
 CREATE INDEX IF NOT EXISTS transactions_by_name
     ON transactions (service, name, timestamp);
 CREATE TABLE IF NOT EXISTS spans (
