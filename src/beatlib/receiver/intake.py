@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from beatlib.version import __version__
 
 INTAKE_PATH = "/intake/v2/events"
+RELEASES_PATH = "/beatlib/v1/releases"  # beatlib's own: `beatlib release` posts here
 MAX_EVENT_SIZE = 300 * 1024  # per decompressed line, as apm-server's default
 MAX_BODY_SIZE = 64 * 1024 * 1024  # decompressed; past it the request is refused
 MAX_ERRORS_LISTED = 5  # as apm-server: the rest are counted, not listed
@@ -115,6 +116,34 @@ def handle_events(
     if parsed.error_count:
         return Answer(400, {"accepted": len(parsed.events), "errors": parsed.errors})
     return Answer(202, {"accepted": len(parsed.events)} if verbose else None)
+
+
+def handle_release(
+    body: bytes,
+    headers: Headers,
+    secret_token: str | None,
+    offer: Callable[[dict[str, Any], list[Event]], bool],
+) -> Answer:
+    """`POST /beatlib/v1/releases`: one release record as JSON (see docs/releases.md),
+    queued like intake events; 202 once queued."""
+    if not authorized(headers.get("Authorization"), secret_token):
+        return Answer(401, {"error": "authentication failed: missing or invalid secret token"})
+    if len(body) > MAX_EVENT_SIZE:
+        return _failure(400, "release record exceeded the permitted size")
+    try:
+        record = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        return _failure(400, f"invalid JSON: {exc}")
+    if not isinstance(record, dict):
+        return _failure(400, f"release: must be an object, got {_type_name(record)}")
+    problem = check("release", record)
+    if problem is not None:
+        return _failure(400, problem)
+    service = record["service"]
+    metadata = {"service": {"name": service["name"], "environment": service.get("environment")}}
+    if not offer(metadata, [("release", record)]):
+        return _failure(503, "queue is full")
+    return Answer(202, {"accepted": 1})
 
 
 def _failure(status: int, message: str) -> Answer:
@@ -237,6 +266,9 @@ _RULES: dict[str, list[_Rule]] = {
     ],
     "metricset": [("timestamp", _INT, False), ("samples", _OBJ, True), ("tags", _OBJ, False),
                   ("transaction", _OBJ, False), ("span", _OBJ, False)],
+    "release": [("service", _OBJ, True), ("version", _STR, True), ("branch", _STR, False),
+                ("commit", _STR, False), ("previous", _STR, False), ("commits", _LIST, False),
+                ("deployed_at", _STR, False)],
 }
 _SERVICE_RULES: list[_Rule] = [
     ("name", _STR, True), ("agent", _OBJ, True), ("version", _STR, False),
@@ -336,7 +368,21 @@ def _check_metricset(event: dict[str, Any]) -> str | None:
     return None
 
 
+def _check_release(record: dict[str, Any]) -> str | None:
+    problem = _check_fields(record["service"], [("name", _STR, True),
+                                                ("environment", _STR, False)], "service.")
+    if problem is None and not record["service"]["name"].strip():
+        return '"service.name" must not be empty'
+    for i, commit in enumerate(record.get("commits") or ()):
+        if not isinstance(commit, dict):
+            return f'"commits[{i}]" must be an object, got {_type_name(commit)}'
+        problem = problem or _check_fields(commit, [(k, _STR, False) for k in (
+            "commit", "author", "subject")], f"commits[{i}].")
+    return problem
+
+
 _EXTRA_CHECKS: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "release": _check_release,
     "metadata": _check_metadata,
     "span": _check_span,
     "error": _check_error,

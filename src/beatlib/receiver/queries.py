@@ -217,8 +217,9 @@ def releases(conn: sqlite3.Connection, service: str | None = None) -> list[dict[
                 WHERE e.service = r.service AND e.service_version = r.version) AS errors,
                (SELECT count(*) FROM transactions t
                 WHERE t.service = r.service AND t.service_version = r.version) AS transactions
-        FROM releases r {where} ORDER BY r.first_seen DESC""", params)
+        FROM releases r {where} ORDER BY r.first_seen DESC, r.version DESC""", params)
     for release in out:
+        release["commits"] = _loads(release["commits"]) or []
         release["new_error_groups"] = _rows(conn, """
             SELECT grouping_key, type, message, culprit, count, first_seen, assignee_name,
                    assignee_email

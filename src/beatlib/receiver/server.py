@@ -158,6 +158,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(_error(405, "this is the server information endpoint; did you mean "
                                      "to send data to another endpoint instead?"))
             return
+        if url.path == intake.RELEASES_PATH:
+            body = self._read_body()
+            if body is not None:
+                receiver = self.server.receiver
+                self._answer(intake.handle_release(body, self.headers, receiver.secret_token,
+                                                   receiver.store.offer))
+            return
         if url.path != intake.INTAKE_PATH:
             self._send(404, b"404 page not found\n", "text/plain; charset=utf-8", close=True)
             return

@@ -36,9 +36,16 @@ CREATE TABLE IF NOT EXISTS services (
 );
 CREATE TABLE IF NOT EXISTS releases (
     service TEXT NOT NULL,
-    version TEXT NOT NULL,
+    version TEXT NOT NULL,      -- service.version in metadata, or a recorded release
     first_seen INTEGER NOT NULL,
     last_seen INTEGER NOT NULL,
+    -- set by `beatlib release` (POST /beatlib/v1/releases); NULL for versions only seen
+    deployed_at TEXT,           -- ISO 8601
+    environment TEXT,
+    branch TEXT,
+    commit_sha TEXT,
+    previous TEXT,
+    commits TEXT,               -- JSON [{commit, author, subject}]
     PRIMARY KEY (service, version)
 );
 CREATE TABLE IF NOT EXISTS transactions (
@@ -151,10 +158,18 @@ def connect(path: str, timeout: float = 1.0) -> sqlite3.Connection:
     return conn
 
 
+SCHEMA_VERSION = 1  # PRAGMA user_version; a later schema migrates from it
+
+
 def create_schema(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable enough for a local dashboard
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"database schema {version} is newer than this receiver's "
+                                    f"({SCHEMA_VERSION}); use a newer beatlib or another --db")
     conn.executescript(SCHEMA)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
 class BatchQueue:
@@ -444,6 +459,12 @@ def _metricset_row(metricset: dict[str, Any], meta: dict[str, Any], received: in
     )
 
 
+def _release_row(record: dict[str, Any], meta: dict[str, Any], received: int) -> tuple:
+    return (meta["name"], _kw(record["version"]), received, _kw(record.get("deployed_at")),
+            meta["environment"], _kw(record.get("branch")), _kw(record.get("commit")),
+            _kw(record.get("previous")), _json(record.get("commits") or []))
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and -(2**63) < value < 2**63 else None
 
@@ -505,6 +526,15 @@ _UPSERT_RELEASE = """
 INSERT INTO releases (service, version, first_seen, last_seen) VALUES (?1, ?2, ?3, ?3)
 ON CONFLICT (service, version) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)
 """
+_RECORD_RELEASE = """
+INSERT INTO releases (service, version, first_seen, last_seen, deployed_at, environment, branch,
+    commit_sha, previous, commits)
+VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+ON CONFLICT (service, version) DO UPDATE SET
+    deployed_at = excluded.deployed_at, environment = excluded.environment,
+    branch = excluded.branch, commit_sha = excluded.commit_sha, previous = excluded.previous,
+    commits = excluded.commits
+"""
 _INSERT_TRANSACTION = """
 INSERT OR IGNORE INTO transactions (id, trace_id, parent_id, service, service_version,
     environment, name, type, result, outcome, timestamp, duration, sampled, spans_started,
@@ -562,4 +592,5 @@ _INSERTS = {
     "transaction": (_INSERT_TRANSACTION, _transaction_row),
     "span": (_INSERT_SPAN, _span_row),
     "metricset": (_INSERT_METRICSET, _metricset_row),
+    "release": (_RECORD_RELEASE, _release_row),
 }

@@ -232,11 +232,24 @@ def releases_page(conn: sqlite3.Connection, query: dict[str, str]) -> tuple[str,
             for g in r["new_error_groups"])
         new = (f"<ul>{groups}</ul>" if groups
                else '<p class="muted">No new error groups.</p>')
+        deploy = ""
+        if r["deployed_at"]:
+            facts = [("Deployed", e(r["deployed_at"])), ("Environment", e(r["environment"])),
+                     ("Branch", e(r["branch"] or "")),
+                     ("Commit", f"<code>{e((r['commit_sha'] or '')[:12])}</code>"),
+                     ("Since", e(r["previous"] or ""))]
+            commits = "".join(
+                f"<li><code>{e(c.get('commit'))}</code> {e(c.get('subject'))} "
+                f'<span class="muted">{e(c.get("author"))}</span></li>'
+                for c in r["commits"] if isinstance(c, dict))
+            deploy = _facts(facts) + (f"<details><summary>{len(r['commits'])} commits"
+                                      f"</summary><ul>{commits}</ul></details>"
+                                      if commits else "")
         parts.append(f"""<section class="release">
             <h2>{e(r['service'])} <code>{e(r['version'])}</code></h2>
             <p class="muted">first seen {_when(r['first_seen'])}, last seen
                {_when(r['last_seen'])} &middot; {r['transactions']} transactions &middot;
-               {r['errors']} errors</p>
+               {r['errors']} errors</p>{deploy}
             <h3>Error groups first seen in this release</h3>{new}</section>""")
     if not parts:
         return "Releases", _empty("No release yet: releases are the service versions "
