@@ -29,7 +29,10 @@ def test_percentiles_average_throughput_error_rate(serve: Receiver) -> None:
                           outcome="failure" if n % 10 == 0 else "success")
               for n in range(1, 101)]
     events += [transaction(1000 + n, duration=5.0, name="GET /health", timestamp=NOW,
-                           outcome="unknown") for n in range(3)]
+                           outcome="unknown", result="ok") for n in range(3)]
+    # No outcome: an HTTP 5xx result is a failure.
+    events += [transaction(1100 + n, duration=1.0, name="GET /legacy", timestamp=NOW,
+                           outcome=None, result=f"HTTP {n + 3}xx") for n in range(3)]
     # Two hours ago: outside the 1h window, inside "all".
     events.append(transaction(2000, duration=1000.0, timestamp=NOW - 120 * MINUTE))
     send(serve, *events)
@@ -44,7 +47,8 @@ def test_percentiles_average_throughput_error_rate(serve: Receiver) -> None:
         health = groups["GET /health"]
         assert (health["count"], health["p50"], health["p99"]) == (3, 5.0, 5.0)
         assert health["error_rate"] is None  # no outcome known: no rate, rather than 0%
-        assert list(groups) == ["GET /orders", "GET /health"]  # by total time
+        assert groups["GET /legacy"]["error_rate"] == pytest.approx(1 / 3)
+        assert list(groups) == ["GET /orders", "GET /health", "GET /legacy"]  # by total time
 
         everything = {g["name"]: g for g in queries.transaction_groups(conn, "shop", "all", NOW)}
         assert everything["GET /orders"]["count"] == 101
