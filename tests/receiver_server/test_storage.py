@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -173,3 +174,29 @@ def test_dashboard_pages_answer(serve: Receiver, client: beatlib.Client) -> None
     assert get(serve.url + "/ui/error?service=shop")[0] == 404
     assert get(serve.url + "/ui/transactions?service=shop&window=bogus")[0] == 200
     assert get(serve.url + "/ui/no-such-page")[0] == 404
+
+
+def test_dashboard_copes_with_odd_data_and_parameters(serve: Receiver) -> None:
+    deep: Any = "bottom"
+    for _ in range(800):
+        deep = {"d": deep}
+    odd = "<script>alert(1)</script>\u202e\x00 ünïcode"
+    error = ("error", {"id": "e1", "transaction_id": "0000000000000001",
+                       "context": {"custom": {"deep": deep}},
+                       "exception": {"type": odd, "message": odd, "stacktrace": [
+                           {"function": odd, "filename": odd, "lineno": 3, "context_line": odd,
+                            "pre_context": [odd, 7], "vars": {odd: deep}}]}})
+    kind, tx = transaction(1, name=odd, context={"custom": {"deep": deep}})
+    metadata = {"service": {"name": odd, "version": odd, "agent": {"name": odd, "version": "1"}}}
+    assert post(serve.url, ndjson((kind, tx), error, metadata=metadata))[0] == 202
+    assert serve.flush(10)
+    with serve.store.reader() as conn:
+        [group] = queries.error_groups(conn)
+    pages = ["", "transactions", f"transactions?service={odd}&window=all",
+             f"transactions/group?service={odd}&name={odd}", "transaction?id=0000000000000001",
+             "errors", f"errors?assignee={odd}", "releases",
+             f"error?service={odd}&key={group['grouping_key']}", "error?service=%ff%00&key=%zz"]
+    for page in pages:
+        status, body = get(serve.url + "/ui/" + quote(page, safe="/?=&%"))
+        assert status == (404 if "%zz" in page else 200), (page, status)
+        assert b"<script>" not in body, page

@@ -165,7 +165,7 @@ def transaction_page(conn: sqlite3.Connection, query: dict[str, str]) -> tuple[s
     if errors:
         content += f"<h2>Errors</h2><ul>{errors}</ul>"
     if tx["context"]:
-        content += f"<h2>Context</h2><pre>{e(json.dumps(tx['context'], indent=2))}</pre>"
+        content += f"<h2>Context</h2><pre>{e(_pretty(tx['context']))}</pre>"
     return tx["name"] or "(unnamed transaction)", content
 
 
@@ -296,7 +296,7 @@ def _occurrence(error: dict[str, Any]) -> str:
         parts.append(_frames(log.get("stacktrace") or []))
     context = error.get("context")
     if context:
-        parts.append(f"<h3>Context</h3><pre>{e(json.dumps(context, indent=2))}</pre>")
+        parts.append(f"<h3>Context</h3><pre>{e(_pretty(context))}</pre>")
     if error.get("transaction_id"):
         tx = error.get("transaction") or {}
         link = _tx_link({"transaction_id": error["transaction_id"],
@@ -476,7 +476,14 @@ def _cut(text: Any, limit: int) -> str:
 
 
 def _repr(value: Any) -> str:
-    return _cut(value if isinstance(value, str) else json.dumps(value), 500)
+    return _cut(value if isinstance(value, str) else _pretty(value, indent=None), 500)
+
+
+def _pretty(value: Any, indent: int | None = 2) -> str:
+    try:
+        return json.dumps(value, indent=indent, ensure_ascii=False)
+    except RecursionError:  # very deep data: the C encoder, without indentation, copes
+        return json.dumps(value, ensure_ascii=False)
 
 
 def _page(status: int, title: str, content: str, headers: dict[str, str] | None = None) -> Page:
