@@ -160,6 +160,16 @@ def _waterfall(root_id: str, spans: list[dict[str, Any]]) -> list[dict[str, Any]
     return ordered
 
 
+def span_groups(conn: sqlite3.Connection, service: str, limit: int = 50) -> list[dict[str, Any]]:
+    """Spans of `service` by name and type: count, average and longest duration (ms); the
+    slowest on average first."""
+    return _rows(conn, """
+        SELECT name, type, subtype, count(*) AS count, avg(duration) AS avg,
+               max(duration) AS max
+        FROM spans WHERE service = ? GROUP BY name, type, subtype
+        ORDER BY avg DESC LIMIT ?""", (service, limit))
+
+
 def error_groups(
     conn: sqlite3.Connection, service: str | None = None, assignee: str | None = None,
     limit: int = 500,
