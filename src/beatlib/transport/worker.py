@@ -109,7 +109,7 @@ class Transport:
         self._wake_at = max(1, min(config.max_queue_events // 4, 256))
         # Past this, the worker is far behind (the app records faster than events can be
         # encoded and sent): the recording thread yields briefly instead of data being lost.
-        self._yield_at = max(1, config.max_queue_events * 3 // 4)
+        self._yield_at = max(1, config.max_queue_events // 4)
         self._flush_interval = max(config.flush_interval, 0.01)
         self._max_request_size = config.max_request_size
         self._max_buffer_size = config.max_buffer_size
