@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Measure one APM agent's per-request overhead on a realistic Flask app.
+
+    python run_one.py AGENT N [--warmup 300] [--errors 500] [--outbound 200]
+
+AGENT is one of: none | beatlib | elasticapm | sentry | ddtrace | otel
+
+In ONE process (the sink runs as a separate subprocess so that its work does
+not contend for this process's GIL):
+  1. start sink.py on a free loopback port
+  2. configure exactly one agent with its transport pointed at the sink and
+     100% sampling
+  3. warm up (WARMUP x /items, 50 x /error, 20 x /outbound)
+  4. time N x GET /items through Flask's test client (in-process WSGI),
+     per-request time.perf_counter_ns
+  5. time ERRORS x GET /error, then OUTBOUND x GET /outbound (loopback to sink)
+  6. flush + shut the agent down, then ask the sink what it received
+Prints exactly one JSON line on stdout (diagnostics go to stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import http.client
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+AGENTS = ("none", "beatlib", "elasticapm", "sentry", "ddtrace", "otel")
+SERVICE = "peerbench"
+
+
+def log(*a):
+    print("[run_one]", *a, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# sink subprocess
+# --------------------------------------------------------------------------
+def start_sink():
+    p = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "sink.py"), "0"],
+        stdout=subprocess.PIPE,
+        stderr=sys.stderr,
+        text=True,
+    )
+    line = p.stdout.readline().strip()
+    if not line.startswith("SINK_PORT "):
+        p.kill()
+        raise RuntimeError("sink did not start: %r" % line)
+    return p, int(line.split()[1])
+
+
+def sink_call(port, method, path):
+    # plain http.client, outside any transaction
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        c.request(method, path, body=b"" if method == "POST" else None)
+        r = c.getresponse()
+        return json.loads(r.read() or b"{}")
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------
+# agent setup: each returns (app, shutdown_fn, version, notes)
+# --------------------------------------------------------------------------
+def setup_none(sink_url, port):
+    import app as appmod
+
+    return appmod.create_app(sink_url), (lambda: None), "-", {}
+
+
+def setup_beatlib(sink_url, port):
+    # As a user would: the Flask integration (which calls beatlib.instrument()), defaults
+    # for everything but where to send; 100% sampling is the default.
+    import beatlib
+    from beatlib.contrib.flask import Beat
+
+    import app as appmod
+
+    client = beatlib.Client(service_name=SERVICE, server_url=sink_url, environment="bench")
+    app = appmod.create_app(sink_url)
+    Beat(app, client=client)
+
+    def shutdown():
+        if not client.close(120):
+            log("beatlib: close did not send everything:", client.transport.stats())
+
+    return app, shutdown, beatlib.__version__, {"instrumented": "flask(signals) + sqlalchemy + jinja2 + requests (beatlib.instrument())"}
+
+
+def setup_elasticapm(sink_url, port):
+    import elasticapm
+    from elasticapm.contrib.flask import ElasticAPM
+
+    import app as appmod
+
+    app = appmod.create_app(sink_url)
+    apm = ElasticAPM(
+        app,
+        server_url=sink_url,
+        service_name=SERVICE,
+        environment="bench",
+        metrics_interval="0s",  # no periodic metricsets: other agents send none either
+        cloud_provider="none",  # default 'auto' probes 169.254.169.254 etc.: off-box, forbidden here
+        # everything else default: transaction_sample_rate=1.0, central_config=True,
+        # api_request_time=10s, api_request_size=768kB, span_compression_enabled=True
+    )
+
+    def shutdown():
+        apm.client.close()
+        # Transport.close() can return before its queue is drained (it waits on a
+        # _flushed event that an earlier forced flush may already have set), so
+        # wait for the event-processor thread itself to finish shipping.
+        t = getattr(apm.client._transport, "_thread", None)
+        if t is not None:
+            t.join(120)
+
+    return app, shutdown, elasticapm.VERSION, {"instrumented": "flask(signals) + sqlite3 + jinja2 + requests/urllib3 (elasticapm.instrument())"}
+
+
+def setup_sentry(sink_url, port):
+    import sentry_sdk
+
+    sentry_sdk.init(
+        dsn="http://key@127.0.0.1:%d/1" % port,
+        traces_sample_rate=1.0,
+        environment="bench",
+        # everything else default (auto-enabled Flask + SQLAlchemy + stdlib
+        # integrations, transport_queue_size=100, gzip level 9)
+    )
+    import app as appmod
+
+    app = appmod.create_app(sink_url)
+
+    def shutdown():
+        client = sentry_sdk.get_client()
+        client.flush(timeout=120)
+        client.close(timeout=30)
+
+    integrations = sorted(sentry_sdk.get_client().integrations.keys())
+    return app, shutdown, sentry_sdk.VERSION, {"integrations": integrations}
+
+
+def setup_ddtrace(sink_url, port):
+    os.environ["DD_TRACE_AGENT_URL"] = sink_url
+    os.environ.setdefault("DD_SERVICE", SERVICE)
+    os.environ.setdefault("DD_ENV", "bench")
+    # explicit 100% sampling (default would also keep everything, via agent rates)
+    os.environ.setdefault("DD_TRACE_SAMPLING_RULES", '[{"sample_rate": 1.0}]')
+    import ddtrace
+
+    # ddtrace-run style, restricted to the four integrations under test; must
+    # happen before flask/sqlalchemy/jinja2/requests are imported.
+    ddtrace.patch(flask=True, sqlalchemy=True, jinja2=True, requests=True)
+    import app as appmod
+
+    app = appmod.create_app(sink_url)
+    from ddtrace.trace import tracer
+
+    def shutdown():
+        tracer.flush()
+        tracer.shutdown(timeout=60)
+
+    writer = type(tracer._span_aggregator.writer).__name__
+    return app, shutdown, ddtrace.__version__, {"writer": writer, "patched": "flask,sqlalchemy,jinja2,requests"}
+
+
+def setup_otel(sink_url, port):
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+    from opentelemetry.instrumentation.jinja2 import Jinja2Instrumentor
+    from opentelemetry.instrumentation.requests import RequestsInstrumentor
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.version import __version__ as sdk_version
+
+    provider = TracerProvider(resource=Resource.create({"service.name": SERVICE, "deployment.environment": "bench"}))
+    # defaults: max_queue_size=2048, max_export_batch_size=512, schedule_delay=5s
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=sink_url + "/v1/traces")))
+    trace.set_tracer_provider(provider)
+    Jinja2Instrumentor().instrument()
+    RequestsInstrumentor().instrument()
+    import app as appmod
+
+    app = appmod.create_app(sink_url)
+    FlaskInstrumentor().instrument_app(app)
+    SQLAlchemyInstrumentor().instrument(engine=app.extensions["peerbench_engine"])
+
+    def shutdown():
+        provider.force_flush()
+        provider.shutdown()
+
+    return app, shutdown, sdk_version, {"sampler": "ParentBased(AlwaysOn) (default)"}
+
+
+SETUP = {
+    "none": setup_none,
+    "beatlib": setup_beatlib,
+    "elasticapm": setup_elasticapm,
+    "sentry": setup_sentry,
+    "ddtrace": setup_ddtrace,
+    "otel": setup_otel,
+}
+
+
+# --------------------------------------------------------------------------
+# measurement
+# --------------------------------------------------------------------------
+def pct(sorted_vals, q):
+    if not sorted_vals:
+        return None
+    k = (len(sorted_vals) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
+
+
+def timed(client, path, n, expect):
+    get = client.get
+    pc = time.perf_counter_ns
+    durs = [0] * n
+    bad = 0
+    cpu0 = time.process_time_ns()
+    t0 = pc()
+    for i in range(n):
+        s = pc()
+        r = get(path)
+        r.close()  # what a WSGI server does; elastic/otel/ddtrace end the transaction on close
+        e = pc()
+        durs[i] = e - s
+        if r.status_code != expect:
+            bad += 1
+    wall = pc() - t0
+    cpu = time.process_time_ns() - cpu0
+    durs.sort()
+    us = lambda ns: round(ns / 1000.0, 1)  # noqa: E731
+    return {
+        "n": n,
+        "median_us": us(statistics.median(durs)),
+        "p90_us": us(pct(durs, 0.90)),
+        "p99_us": us(pct(durs, 0.99)),
+        "mean_us": us(sum(durs) / n),
+        "min_us": us(durs[0]),
+        "max_us": us(durs[-1]),
+        # process CPU (all threads, incl. agent background workers) per request
+        "cpu_us_per_req": us(cpu / n),
+        "wall_us_per_req": us(wall / n),
+        "bad_status": bad,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("agent", choices=AGENTS)
+    ap.add_argument("n", type=int)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--errors", type=int, default=500)
+    ap.add_argument("--outbound", type=int, default=200)
+    ap.add_argument("--round", type=int, default=0, help="label only")
+    args = ap.parse_args()
+
+    warnings.simplefilter("ignore")  # deprecation chatter must not cost time in the loop
+    sys.path.insert(0, HERE)
+    t_start = time.time()
+    load0 = os.getloadavg()
+    db_dir = tempfile.mkdtemp(prefix="peerbench-db-")
+    os.environ["PEERBENCH_DB_DIR"] = db_dir  # app.create_app() puts the SQLite file here
+    sink, port = start_sink()
+    sink_url = "http://127.0.0.1:%d" % port
+    try:
+        t_setup = time.perf_counter()
+        app, shutdown, version, notes = SETUP[args.agent](sink_url, port)
+        setup_s = time.perf_counter() - t_setup
+        client = app.test_client()
+
+        # sanity + warmup
+        r = client.get("/items")
+        assert r.status_code == 200 and b"Item Number" in r.data, (r.status_code, r.data[:300])
+        r.close()
+        for path, n in (("/items", args.warmup), ("/error", 50), ("/outbound", 20)):
+            for _ in range(n):
+                client.get(path).close()
+        gc.collect()
+
+        items = timed(client, "/items", args.n, 200)
+        errors = timed(client, "/error", args.errors, 500)
+        outbound = timed(client, "/outbound", args.outbound, 200) if args.outbound else None
+
+        t_fl = time.perf_counter()
+        shutdown()
+        flush_s = time.perf_counter() - t_fl
+        time.sleep(0.5)  # let the sink finish answering anything in flight
+        stats = sink_call(port, "GET", "/__stats")
+    finally:
+        sink.terminate()
+        try:
+            sink.wait(5)
+        except subprocess.TimeoutExpired:
+            sink.kill()
+        shutil.rmtree(db_dir, ignore_errors=True)
+
+    expected_txn = 1 + args.warmup + args.n + 50 + args.errors + 20 + args.outbound
+    app_traffic = stats["by_path"].get("/outbound-target", {"requests": 0, "bytes": 0})
+    out = {
+        "agent": args.agent,
+        "round": args.round,
+        "version": version,
+        "python": platform.python_version(),
+        "n": args.n,
+        "items": items,
+        "error": errors,
+        "outbound": outbound,
+        "setup_s": round(setup_s, 3),
+        "flush_s": round(flush_s, 3),
+        "expected_transactions": expected_txn,
+        # agent traffic only (the app's own /outbound GETs to the sink excluded)
+        "sink_requests": stats["requests"] - app_traffic["requests"],
+        "sink_bytes": stats["bytes"] - app_traffic["bytes"],
+        "sink": stats,
+        "notes": notes,
+        "loadavg_start": [round(x, 2) for x in load0],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "elapsed_s": round(time.time() - t_start, 1),
+    }
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
