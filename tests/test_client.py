@@ -149,17 +149,20 @@ def test_begin_end_never_block_during_an_outage_and_nothing_is_lost(receiver, ou
     else:
         receiver.respond_with(429, headers={"Retry-After": "30"})
     c = beatlib.Client(server_url=receiver.url, flush_interval="50ms", environ={})
-    slowest = 0.0
+    pairs = []
     for i in range(2000):
         start = time.perf_counter()
         c.begin_transaction("task")
         with beatlib.capture_span("step"):
             pass
         c.end_transaction(f"job-{i % 7}")
-        slowest = max(slowest, time.perf_counter() - start)
+        pairs.append(time.perf_counter() - start)
         if i % 500 == 0:
             time.sleep(0.06)  # let the worker try, and fail, while the app goes on
-    assert slowest < 0.05, f"a begin/end pair took {slowest * 1000:.1f} ms"
+    # Waiting on the network would take the server timeout (seconds); a busy shared machine
+    # may still stall a thread for tens of milliseconds now and then.
+    pairs.sort()
+    assert pairs[-1] < 1.0 and pairs[len(pairs) * 99 // 100] < 0.02, pairs[-5:]
     assert c.transport.stats()["sent_events"] == 0
     if outage == "down":
         receiver.start()

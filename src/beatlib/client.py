@@ -222,11 +222,8 @@ class Client:
             self.metrics.record(item.name, item.type, item.duration or 0.0)
             config, sanitizer = self.config, self.sanitizer
             lines = [line("transaction", intake_v2.transaction(item, config, sanitizer))]
-            for span in item.spans:
-                frames = span.stacktrace
-                if frames:
-                    frames = stacks.frames_to_intake(frames, config, sanitizer)
-                lines.append(line("span", intake_v2.span(span, item, frames)))
+            if item.spans:
+                lines += intake_v2.span_lines(item, self._frames)
         elif isinstance(item, ErrorSnapshot):
             error = item.to_intake(self.config, self.sanitizer)
             if self.config.assign_errors:
@@ -235,6 +232,9 @@ class Client:
         else:
             lines = [line("metricset", item)]
         return lines
+
+    def _frames(self, frames: Any) -> list[dict[str, Any]]:
+        return stacks.frames_to_intake(frames, self.config, self.sanitizer)
 
     def collect_metrics(self) -> list[dict[str, Any]]:
         """Latency, process and transport metricsets since the last call; the transport asks

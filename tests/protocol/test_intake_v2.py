@@ -52,7 +52,7 @@ def test_transaction_with_hostile_context_is_valid_json_and_schema():
         pass
     tx.end("\udcffname", "r" * 5000)
     lines = [intake_v2.line("transaction", intake_v2.transaction(tx, CONFIG, SANITIZER))]
-    lines += [intake_v2.line("span", intake_v2.span(s, tx)) for s in tx.spans]
+    lines += intake_v2.span_lines(tx)
     for raw in lines:
         (kind, event), = json.loads(raw).items()
         validate(kind, event)
