@@ -7,6 +7,7 @@ transaction when the response body is closed (so streaming responses are timed w
 from __future__ import annotations
 
 import fnmatch
+import functools
 import io
 import json
 import re
@@ -58,7 +59,9 @@ def begin_request(
     tx = client.begin_transaction("request", parent)
     tx.name = name or environ.get("REQUEST_METHOD", "GET")
     if tx.sampled:
-        tx.set_context("request", request_context(environ, client.config, for_error=False))
+        # Built on the worker thread from a shallow copy: the request thread pays a dict copy.
+        tx.set_context("request", functools.partial(
+            request_context, dict(environ), client.config, False))
     return tx
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from types import ModuleType
 from typing import Any
 
@@ -114,14 +115,28 @@ def _traced(
     return result
 
 
-def _describe(span: Span, connection: Any, statement: Any, execution: Any) -> None:
-    """Fill in `span.context`: statement, database, where it is, rows affected by DML."""
-    try:
-        url = connection.engine.url
-        subtype = connection.dialect.name
+_places: weakref.WeakKeyDictionary[Any, tuple[str, str, Any, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _where(engine: Any) -> tuple[str, str, Any, Any]:
+    """(dialect, database, host, port) of an engine; read once per engine, not per statement."""
+    place = _places.get(engine)
+    if place is None:
+        url = engine.url
+        subtype = engine.dialect.name
         instance = url.database
         if subtype == "sqlite":
             instance = os.path.basename(instance) if instance else ":memory:"
+        place = _places[engine] = (subtype, instance, url.host, url.port)
+    return place
+
+
+def _describe(span: Span, connection: Any, statement: Any, execution: Any) -> None:
+    """Fill in `span.context`: statement, database, where it is, rows affected by DML."""
+    try:
+        subtype, instance, host, port = _where(connection.engine)
         rows = None
         if execution is not None and span.name.startswith(_DML):
             try:
@@ -130,7 +145,7 @@ def _describe(span: Span, connection: Any, statement: Any, execution: Any) -> No
                 pass
         span.context = sql.span_context(
             statement if isinstance(statement, str) else "", subtype, instance,
-            url.host, url.port, rows if isinstance(rows, int) else None,
+            host, port, rows if isinstance(rows, int) else None,
         )
     except Exception:
         logger.debug("beatlib: no context for a SQLAlchemy span", exc_info=True)

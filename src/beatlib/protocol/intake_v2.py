@@ -85,10 +85,13 @@ def context(
     sanitizer: Sanitizer,
 ) -> dict[str, Any] | None:
     """Context given by the app or an integration, made to fit: keyword fields cut, secrets
-    redacted, free-form data bounded (transactions and errors alike)."""
+    redacted, free-form data bounded (transactions and errors alike). A value may be a
+    callable that builds it (integrations defer costly context to the worker thread)."""
     width = config.max_string_length
     out: dict[str, Any] = {}
     for key, value in (raw or {}).items():
+        if callable(value):  # deferred by an integration to this (the worker) thread
+            value = value()
         if not isinstance(value, Mapping):
             continue
         if key == "tags":

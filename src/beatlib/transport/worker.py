@@ -295,6 +295,10 @@ class Transport:
             else:
                 self._counts["queued"] += 1
                 self._add(item)
+                # Hand the GIL back after each item: an app thread that released it for I/O
+                # (a query, a socket) would otherwise wait up to the interpreter's switch
+                # interval (5 ms) for this thread to finish a long encoding run.
+                sleep(0)
 
     def _add(self, item: object) -> None:
         try:
@@ -315,8 +319,7 @@ class Transport:
                 self._lose("dropped_encode_error", 1)
                 return
             batch = self._batch = _Batch(self._compress_level, self._metadata_line)
-        for line in lines:
-            batch.write(line)
+        batch.write(lines[0] if len(lines) == 1 else b"".join(lines))  # one zlib call per item
         batch.items += 1
         if batch.estimated_size() >= self._max_request_size:
             self._seal()

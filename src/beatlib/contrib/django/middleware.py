@@ -4,6 +4,7 @@ and the authenticated user; streamed responses end when Django closes them."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from beatlib.contrib.wsgi import (
     body_value,
     capture_request_error,
     end_request,
+    request_context,
 )
 from beatlib.tracing import Transaction
 
@@ -170,11 +172,11 @@ def form_fields(request: HttpRequest, tx: Transaction | None = None) -> None:
         if post is None or not meta.get("CONTENT_TYPE", "").startswith("multipart/"):
             return
         meta["beatlib.body"] = post.dict()
-    context = tx.context if tx is not None and tx.sampled else None
-    request_context = (context or {}).get("request")
-    if request_context is not None and "body" not in request_context and \
-            tx.tracer.config.capture_body in ("all", "transactions"):  # type: ignore[union-attr]
-        request_context["body"] = meta["beatlib.body"]
+    if tx is not None and tx.sampled and tx.context and "request" in tx.context:
+        config = tx.tracer.config
+        if config.capture_body in ("all", "transactions"):  # the request again, with its body
+            tx.set_context("request", functools.partial(
+                request_context, dict(meta), config, False))
 
 
 def _failing(content: Iterable[bytes], failed: Callable[[], None]) -> Iterator[bytes]:
