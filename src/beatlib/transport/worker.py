@@ -295,10 +295,6 @@ class Transport:
             else:
                 self._counts["queued"] += 1
                 self._add(item)
-                # Hand the GIL back after each item: an app thread that released it for I/O
-                # (a query, a socket) would otherwise wait up to the interpreter's switch
-                # interval (5 ms) for this thread to finish a long encoding run.
-                sleep(0)
 
     def _add(self, item: object) -> None:
         try:
