@@ -9,6 +9,7 @@ import pytest
 import beatlib
 from beatlib import context
 from tests.databases import mariadb, postgres  # noqa: F401
+from tests.instrumentation.http_server import HTTPServer
 
 
 class Traced:
@@ -32,6 +33,13 @@ class Traced:
 
     def spans(self) -> list[dict]:
         return self.shipped()[1]
+
+
+@pytest.fixture
+def server() -> Iterator[HTTPServer]:
+    """A real HTTP server on 127.0.0.1 (tests/instrumentation/http_server.py)."""
+    with HTTPServer() as s:
+        yield s
 
 
 @pytest.fixture

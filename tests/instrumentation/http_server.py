@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 STREAM_CHUNKS = [b"one;", b"two;", b"three;"]
 STREAM_DELAY = 0.05  # seconds between chunks: the body arrives after the headers
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"  # a caller's
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

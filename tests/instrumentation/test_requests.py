@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import requests
@@ -14,19 +13,11 @@ import beatlib
 from beatlib.tracing import TraceParent
 from tests.instrumentation.http_server import (
     STREAM_CHUNKS,
-    HTTPServer,
+    TRACEPARENT,
     check_span,
     free_port,
     run_script,
 )
-
-TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-@pytest.fixture
-def server() -> Iterator[HTTPServer]:
-    with HTTPServer() as s:
-        yield s
 
 
 def test_span_fields(traced, server):

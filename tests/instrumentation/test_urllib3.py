@@ -14,19 +14,11 @@ import wrapt
 import beatlib
 from tests.instrumentation.http_server import (
     STREAM_CHUNKS,
-    HTTPServer,
+    TRACEPARENT,
     check_span,
     free_port,
     run_script,
 )
-
-TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-@pytest.fixture
-def server() -> Iterator[HTTPServer]:
-    with HTTPServer() as s:
-        yield s
 
 
 @pytest.fixture
