@@ -7,14 +7,12 @@ recorded as a span of that transaction instead: one unit of work keeps one trans
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from beatlib import context
 from beatlib.client import Client, get_client
-from beatlib.tracing import Span, Transaction, start_span
+from beatlib.tracing import Span, Transaction, each_call_in, start_span
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,19 +74,4 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
     def __call__(self, func: F) -> F:
         name = self.name or getattr(func, "__qualname__", None) or repr(func)
         args = (name, self.transaction_type, self.client)
-
-        if inspect.iscoroutinefunction(func):
-
-            @functools.wraps(func)
-            async def run_async(*a: Any, **kw: Any) -> Any:
-                async with transaction(*args):
-                    return await func(*a, **kw)
-
-            return run_async  # type: ignore[return-value]
-
-        @functools.wraps(func)
-        def run(*a: Any, **kw: Any) -> Any:
-            with transaction(*args):
-                return func(*a, **kw)
-
-        return run  # type: ignore[return-value]
+        return each_call_in(lambda: transaction(*args), func)

@@ -12,6 +12,7 @@ import inspect
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from beatlib import context, randomness
@@ -322,22 +323,27 @@ class capture_span:  # noqa: N801 - lower case: it reads as a function at call s
     def __call__(self, func: F) -> F:
         name = self.name or getattr(func, "__qualname__", None) or repr(func)
         args = (name, self.span_type, self.span_subtype, self.span_action, self.labels, self.leaf)
+        return each_call_in(lambda: capture_span(*args), func)
 
-        if inspect.iscoroutinefunction(func):
 
-            @functools.wraps(func)
-            async def run_async(*a: Any, **kw: Any) -> Any:
-                with capture_span(*args):
-                    return await func(*a, **kw)
-
-            return run_async  # type: ignore[return-value]
+def each_call_in(make: Callable[[], AbstractContextManager[Any]], func: F) -> F:
+    """`func` (plain or `async def`) with every call run inside a fresh `make()` context:
+    what makes `capture_span` and `beatlib.transaction` decorators."""
+    if inspect.iscoroutinefunction(func):
 
         @functools.wraps(func)
-        def run(*a: Any, **kw: Any) -> Any:
-            with capture_span(*args):
-                return func(*a, **kw)
+        async def run_async(*a: Any, **kw: Any) -> Any:
+            with make():
+                return await func(*a, **kw)
 
-        return run  # type: ignore[return-value]
+        return run_async  # type: ignore[return-value]
+
+    @functools.wraps(func)
+    def run(*a: Any, **kw: Any) -> Any:
+        with make():
+            return func(*a, **kw)
+
+    return run  # type: ignore[return-value]
 
 
 class Tracer:
