@@ -131,7 +131,9 @@ def _finished(app: Flask, response: Any = None, **_: Any) -> None:
     try:
         state = request.environ.get(_STATE)
         if state and response is not None:
-            state[1:] = [response.status_code, list(response.headers.items())]
+            capture = app.extensions[EXTENSION].config.capture_headers
+            headers = list(response.headers.items()) if capture else None
+            state[1:] = [response.status_code, headers]
             _set_user(state[0])
     except Exception:
         logger.debug("beatlib: could not record the response", exc_info=True)

@@ -53,7 +53,7 @@ def begin_request(
     client: Client, environ: dict[str, Any], name: str | None = None
 ) -> Transaction | None:
     """Begin the request's transaction (None when its path is ignored)."""
-    if ignored(_path(environ), client.config):
+    if client.config.transaction_ignore_urls and ignored(_path(environ), client.config):
         return None
     parent = parse_traceparent(environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_TRACESTATE"))
     tx = client.begin_transaction("request", parent)
