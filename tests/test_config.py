@@ -67,15 +67,18 @@ def test_defaults_match_the_list():
     for name, expected in EXPECTED_DEFAULTS.items():
         assert getattr(config, name) == expected, name
     assert re.fullmatch(r"[A-Za-z0-9 _-]+", config.service_name)
-    for pattern in ("password", "secret", "*token*", "*auth*", "cookie", "set-cookie"):
+    for pattern in ("*password*", "*secret*", "*token*", "*auth*", "*cookie*", "*signature*"):
         assert pattern in config.sanitize_field_names
+    assert config.sanitize_field_names_extra == () and config.capture_sql_literals is False
+    assert config.before_send is None
 
 
 def test_settings_lists_every_attribute_with_doc_and_env_var():
     settings = Config.settings()
     assert settings[0].name == "service_name"
     assert {s.name for s in settings} == {"service_name", "sanitize_field_names",
-                                          *EXPECTED_DEFAULTS}
+                                          "sanitize_field_names_extra", "capture_sql_literals",
+                                          "before_send", *EXPECTED_DEFAULTS}
     for s in settings:
         assert s.doc and s.parser.accepts and s.type
         assert s.env_var == "BEATLIB_" + s.name.upper()
@@ -201,9 +204,9 @@ def test_list(value, expected):
     assert make(include_paths=value).include_paths == expected
 
 
-def test_sanitize_field_names_are_lowercased():
-    config = make(sanitize_field_names="Password, X-API-KEY")
-    assert config.sanitize_field_names == ("password", "x-api-key")
+def test_sanitize_field_names_keep_their_case():  # matching is case-insensitive; (?-i) is not
+    config = make(sanitize_field_names="Password, (?-i)X-API-KEY")
+    assert config.sanitize_field_names == ("Password", "(?-i)X-API-KEY")
 
 
 @pytest.mark.parametrize("value", [5, [1, 2], {"a"}, None])
@@ -279,7 +282,7 @@ def test_env_wins_over_keyword():
     assert config.flush_interval == 1.5
     assert config.enabled is False
     assert config.service_name == "from-env"
-    assert config.sanitize_field_names == ("a", "b")
+    assert config.sanitize_field_names == ("a", "B")
 
 
 def test_empty_env_var_counts_as_unset():

@@ -1,12 +1,9 @@
-"""Redaction (headers, cookies, query strings, URLs, mappings) and never-raising text helpers."""
-
-import json
-import math
+"""Redaction rules (names, values in text, SQL, argv) and the never-raising text helpers."""
 
 import pytest
 
 from beatlib.config import Config
-from beatlib.sanitize import REDACTED, Sanitizer, safe_repr, shorten, truncate
+from beatlib.sanitize import REDACTED, Sanitizer, field_matcher, placeholders, safe_repr, truncate
 
 
 @pytest.fixture
@@ -19,94 +16,128 @@ class Unreprable:
         raise RuntimeError("no repr for you")
 
 
-def strict_json(value: object) -> object:
-    """What the server would see: strict JSON, UTF-8 encodable."""
-    return json.loads(json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8"))
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "password",
-        "PASSWORD",
-        "db_password",
-        "api_key",
-        "X-Api-Key",
-        "Authorization",
-        "access_token",
-        "sessionid",
-        "Set-Cookie",
-        "credit_card_number",
-        "csrftoken",
-    ],
-)
+@pytest.mark.parametrize("name", [
+    "password", "PASSWORD", "new_password", "db_password", "passwd", "pwd", "passphrase",
+    "client_secret", "api_key", "X-Api-Key", "apikey", "Authorization", "access_token",
+    "refresh-token", "sessionid", "Set-Cookie", "jwt_cookie", "credit_card_number", "cvv",
+    "otp", "csrftoken", "X-CSRF-Token", "sig", "X-Amz-Signature", "X-Amz-Credential", "code",
+    "db_dsn", "conn_str", "connection_string", "private_key", "creds", "aws_access_key_id",
+    "principal", "pin",
+])  # fmt: skip
 def test_default_patterns_are_sensitive(sanitizer: Sanitizer, name: str) -> None:
-    # "db_password" is not matched by the bare "password" glob: patterns are whole-name globs
-    expected = name != "db_password"
-    assert sanitizer.is_sensitive(name) is expected
+    assert sanitizer.is_sensitive(name)
 
 
-def test_plain_names_and_non_strings_are_not_sensitive(sanitizer: Sanitizer) -> None:
-    assert not sanitizer.is_sensitive("username")
-    assert not sanitizer.is_sensitive("order_id")
+@pytest.mark.parametrize("name", ["username", "order_id", "email", "theme", "assignee",
+                                  "design", "keyboard", "shipping", "path", "q"])
+def test_plain_names_are_not_sensitive(sanitizer: Sanitizer, name: str) -> None:
+    assert not sanitizer.is_sensitive(name)
+
+
+def test_non_strings_and_no_patterns_are_not_sensitive(sanitizer: Sanitizer) -> None:
     assert not sanitizer.is_sensitive(42)
     assert not Sanitizer([]).is_sensitive("password")
 
 
-def test_patterns_are_configurable_globs() -> None:
-    s = Sanitizer(["*_pin", "ssn"])
-    assert s.is_sensitive("card_PIN") and s.is_sensitive("SSN")
-    assert not s.is_sensitive("password")
+def test_globs_star_only_case_insensitive_unless_asked() -> None:
+    match = field_matcher(["*_pin", "ssn", "a?b", "(?-i)Exact*"])
+    assert match is not None
+    assert match("card_PIN") and match("SSN") and match("a?b")
+    assert not match("axb")  # `?` is a literal
+    assert match("Exactly") and not match("exactly")
+    assert field_matcher(["", "  "]) is None
 
 
-def test_mapping_redacts_nested_keys(sanitizer: Sanitizer) -> None:
-    data = {"user": "ann", "password": "hunter2", "nested": {"api_key": "k", "ok": 1}}
-    assert sanitizer.mapping(data) == {
-        "user": "ann",
-        "password": REDACTED,
-        "nested": {"api_key": REDACTED, "ok": 1},
+@pytest.mark.parametrize(("text", "secret", "kept"), [
+    ("postgresql://app:hunter2@db/prod", "hunter2", "postgresql://app:"),
+    ("DATABASE_URL=postgresql://app:pw123@db/prod", "pw123", "DATABASE_URL="),
+    ("Authorization: Bearer abcDEF123456789", "abcDEF123456789", "Authorization"),
+    ("token is Bearer xyzXYZ987654321", "xyzXYZ987654321", "token is "),
+    ("Basic dXNlcjpwYXNz", "dXNlcjpwYXNz", "Basic "),
+    ("see https://x.test/cb?code=AUTHCODE123&state=ok", "AUTHCODE123", "state=ok"),
+    ("password was hunter2", "hunter2", "password was"),
+    ("the password is swordfish.", "swordfish", "the password is"),
+    ("{'password': 'hunter two', 'user': 'bob'}", "hunter two", "'user': 'bob'"),
+    ('{"api_key": "k-123", "x": 1}', "k-123", '"x": 1'),
+    ("key AKIAIOSFODNN7EXAMPLE here", "AKIAIOSFODNN7EXAMPLE", "here"),
+    ("paid with 4111 1111 1111 1111 ok", "4111 1111 1111 1111", "paid with"),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----", "MIIEabc",
+     "-----END RSA PRIVATE KEY-----"),
+    ("-----BEGIN PRIVATE KEY-----\nMIIEcutoff", "MIIEcutoff", "BEGIN PRIVATE KEY"),
+    ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl", "eyJzdWIiOiIxIn0", "jwt "),
+    ("[parameters: ('a@b.c', 'hunter2')]\n(Background on this error", "hunter2", "Background"),
+    ("DETAIL:  Key (email)=(ann@example.com) already exists.", "ann@example.com",
+     "already exists"),
+    ("Duplicate entry 'ann@example.com' for key 'email'", "ann@example.com", "for key"),
+    ("<WSGIRequest: GET '/reset?token=abc123'>", "abc123", "GET '/reset?token="),
+    ("ghp_abcdefghijklmnopqrstuvwxyz0123456789 leaked", "ghp_abcdefghij", "leaked"),
+    ("X-Amz-Signature=deadbeef&X-Amz-Date=2020", "deadbeef", "X-Amz-Date=2020"),
+    ("sk_live_4eC39HqLyjWDarjtT1zdp7dc", "4eC39HqLyjWDarjtT1zdp7dc", ""),
+    ("xoxb-123456789012-abcdefABCDEF", "abcdefABCDEF", ""),
+])  # fmt: skip
+def test_text_detectors_redact_the_secret_and_keep_the_rest(
+    sanitizer: Sanitizer, text: str, secret: str, kept: str
+) -> None:
+    out = sanitizer.text(text)
+    assert secret not in out and REDACTED in out
+    assert kept in out
+
+
+@pytest.mark.parametrize("text", [
+    "invalid password for user bob", "Basic information here", "GET /items",
+    "SELECT FROM items", "order 1234567890123456 shipped", "token expired", "id=42&page=2",
+    "http://127.0.0.1:8200/intake", "12:30:45", "",
+])  # fmt: skip
+def test_text_without_secrets_is_unchanged(sanitizer: Sanitizer, text: str) -> None:
+    assert sanitizer.text(text) == text
+
+
+def test_known_values_are_redacted_verbatim(sanitizer: Sanitizer) -> None:
+    out = sanitizer.text("/reset/Zq9-token-value/done", frozenset({"Zq9-token-value"}))
+    assert out == f"/reset/{REDACTED}/done"
+
+
+def test_clean_redacts_free_form_keys_and_every_value(sanitizer: Sanitizer) -> None:
+    event = {
+        "id": "0123456789012345", "name": "GET /login",
+        "context": {
+            "request": {"headers": {"Cookie": "a=1", "Accept": "*/*"},
+                        "url": {"full": "http://h/?token=t0k3n", "port": 80},
+                        "body": [{"user": "ann", "new_password": "pw", "deep": {"cvv": 123}}]},
+            "custom": {"db_url": "mysql://u:p4ss@h/db", "ok": 1},
+            "tags": {"card": "4111"},
+        },
     }
-    assert data["password"] == "hunter2"  # a copy, the caller's data is untouched
+    out = sanitizer.clean(event)
+    assert out["id"] == "0123456789012345"
+    req = out["context"]["request"]
+    assert req["headers"] == {"Cookie": REDACTED, "Accept": "*/*"}
+    assert req["url"] == {"full": f"http://h/?token={REDACTED}", "port": 80}
+    assert req["body"] == [{"user": "ann", "new_password": REDACTED, "deep": {"cvv": REDACTED}}]
+    assert out["context"]["custom"] == {"db_url": f"mysql://u:{REDACTED}@h/db", "ok": 1}
+    assert out["context"]["tags"] == {"card": REDACTED}
+    assert event["context"]["custom"]["db_url"] == "mysql://u:p4ss@h/db"  # a copy
 
 
-def test_query_string_keeps_order_and_encoding(sanitizer: Sanitizer) -> None:
-    qs = "q=a%20b&password=x&API_KEY=y&flag&pass%77ord=z"
-    assert sanitizer.query_string(qs) == (
-        f"q=a%20b&password={REDACTED}&API_KEY={REDACTED}&flag&pass%77ord={REDACTED}"
-    )
-    assert sanitizer.query_string("") == ""
+def test_sql_literals_become_placeholders() -> None:
+    sql = "SELECT * FROM t1 WHERE a = 'x''y' AND b=10 AND c IN (1, 2.5) AND d = $$q$$"
+    assert placeholders(sql) == "SELECT * FROM t1 WHERE a = ? AND b=? AND c IN (?, ?) AND d = ?"
+    assert "hunter2" not in Sanitizer([]).sql("UPDATE u SET pw = 'hunter2'")
+    keep = Sanitizer([], sql_literals=True)
+    assert keep.sql("SELECT 1 WHERE a = 'x'") == "SELECT 1 WHERE a = 'x'"
 
 
-def test_url_redacts_password_and_query(sanitizer: Sanitizer) -> None:
-    url = "https://bob:s3cret@example.com:8443/pay?token=abc&q=1#top"
-    assert sanitizer.url(url) == (
-        f"https://bob:{REDACTED}@example.com:8443/pay?token={REDACTED}&q=1#top"
-    )
-    assert sanitizer.url("http://example.com/x?q=1") == "http://example.com/x?q=1"
-    assert sanitizer.url("http://bob@example.com/") == "http://bob@example.com/"
+def test_argv(sanitizer: Sanitizer) -> None:
+    argv = ["app.py", "--password", "x1", "--db-password=y2", "-v", "--token", "z3", "--n", "4"]
+    assert sanitizer.argv(argv) == ["app.py", "--password", REDACTED, f"--db-password={REDACTED}",
+                                    "-v", "--token", REDACTED, "--n", "4"]
 
 
-def test_unparseable_url_keeps_nothing_secret(sanitizer: Sanitizer) -> None:
-    out = sanitizer.url("http://bob:s3cret@[::1/x?token=abc")
-    assert "s3cret" not in out and "abc" not in out
-
-
-def test_cookie_header(sanitizer: Sanitizer) -> None:
-    header = "sessionid=abc; theme=dark; csrftoken=zzz"
-    assert sanitizer.cookie_header(header) == (
-        f"sessionid={REDACTED}; theme=dark; csrftoken={REDACTED}"
-    )
-
-
-def test_headers_redacts_cookie_whole_by_default(sanitizer: Sanitizer) -> None:
-    headers = {"Cookie": "sessionid=abc; theme=dark", "Authorization": "Bearer x", "Accept": "*/*"}
-    assert sanitizer.headers(headers) == {
-        "Cookie": REDACTED,
-        "Authorization": REDACTED,
-        "Accept": "*/*",
-    }
-    narrow = Sanitizer(["*session*"])
-    assert narrow.headers(headers)["Cookie"] == f"sessionid={REDACTED}; theme=dark"
+def test_odd_input_never_raises(sanitizer: Sanitizer) -> None:
+    for text in ("\udcff password=\udcfe", "x" * 100_000 + "password=p", "=" * 5000, ":" * 5000):
+        assert isinstance(sanitizer.text(text), str)
+    assert sanitizer.clean({1: "a", None: [b"x", 3.5, {"password": None}]}) == {
+        1: "a", None: [b"x", 3.5, {"password": None}]}
 
 
 def test_truncate() -> None:
@@ -122,63 +153,3 @@ def test_safe_repr_never_raises() -> None:
     assert len(safe_repr("x" * 10**6, 50)) == 50
     assert safe_repr(b"\xff\xfe", 50) == "b'\\xff\\xfe'"
     assert len(safe_repr(b"\xff" * 10**6, 50)) == 50
-
-
-def test_shorten_bounds_collections_and_strings() -> None:
-    out = shorten({"items": list(range(100)), "text": "y" * 1000}, 10, 10, 200)
-    assert out["items"][:10] == list(range(10))
-    assert out["items"][10] == "(90 more elements)"
-    assert len(out["text"]) == 200
-    big = shorten({i: i for i in range(10**5)}, 10, 10, 200)
-    assert len(big) == 11 and big["<truncated>"] == "(99990 more elements)"
-    assert shorten((1, 2), 10, 10, 200) == [1, 2]
-
-
-def test_shorten_cycles_and_depth() -> None:
-    lst: list = [1]
-    lst.append(lst)
-    d: dict = {"a": 1}
-    d["self"] = d
-    out = strict_json(shorten({"lst": lst, "d": d}, 10, 10, 200))
-    assert out["lst"][0] == 1 and out["lst"][1] == "[1, [...]]"
-    assert out["d"]["self"] == "{'a': 1, 'self': {...}}"
-    deep: list = []
-    for _ in range(100):
-        deep = [deep]
-    assert strict_json(shorten(deep, 10, 10, 200))  # nesting cut, no RecursionError
-    shared = [1]
-    assert shorten([shared, shared], 10, 10, 200) == [[1], [1]]  # not a cycle
-
-
-def test_shorten_odd_values_are_json_safe() -> None:
-    class BadLen(list):
-        def __len__(self) -> int:
-            raise RuntimeError("boom")
-
-    value = {
-        "nan": math.nan,
-        "inf": -math.inf,
-        "huge": 10**5000,
-        "bytes": b"\xff\xfe\x00",
-        "obj": Unreprable(),
-        3: "int key",
-        "surrogate": "\ud800",
-        "badlen": BadLen(range(20)),
-    }
-    out = strict_json(shorten(value, 10, 10, 200))
-    assert out["nan"] == "nan" and out["inf"] == "-inf"
-    assert out["huge"] == "<unrepresentable int object>"  # int too large for str()
-    assert out["bytes"] == "b'\\xff\\xfe\\x00'"
-    assert out["obj"] == "<unrepresentable Unreprable object>"
-    assert out["3"] == "int key"
-    assert out["surrogate"] == "?"
-    assert isinstance(out["badlen"], str)
-
-
-def test_shorten_redacts_nested_keys(sanitizer: Sanitizer) -> None:
-    value = {"headers": {"Authorization": "Bearer x"}, "rows": [{"password": "p", "id": 1}]}
-    out = shorten(value, 10, 10, 200, sanitizer.is_sensitive)
-    assert out == {
-        "headers": {"Authorization": REDACTED},
-        "rows": [{"password": REDACTED, "id": 1}],
-    }

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 
 import pytest
 
 from beatlib import context
 from beatlib.config import Config
-from beatlib.protocol import intake_v2
-from beatlib.sanitize import Sanitizer
 from beatlib.tracing import (
     Tracer,
     capture_span,
@@ -19,7 +16,7 @@ from beatlib.tracing import (
     parse_traceparent,
     start_span,
 )
-from tests.schemas import validate
+from tests.events import encode
 
 
 class Recorder:
@@ -28,15 +25,11 @@ class Recorder:
     def __init__(self, **settings):
         self.ended = []
         self.config = Config(**settings, environ={})
-        self.sanitizer = Sanitizer(self.config.sanitize_field_names)
         self.tracer = Tracer(self.config, self.ended.append, lambda: None)
 
     def events(self, tx):
-        return (
-            validate("transaction", intake_v2.transaction(tx, self.config, self.sanitizer)),
-            [validate("span", json.loads(raw)["span"])
-             for raw in intake_v2.span_lines(tx)],
-        )
+        events = encode(tx, self.config)
+        return events[0][1], [event for kind, event in events[1:]]
 
 
 @pytest.fixture

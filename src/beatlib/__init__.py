@@ -37,9 +37,8 @@ def label(**labels: Any) -> None:
     """Attach labels (indexed, searchable key/values) to the current transaction."""
     tx = get_current_transaction()
     if tx is not None:
-        if tx.labels is None:
-            tx.labels = {}
-        tx.labels.update(labels)
+        for key, value in labels.items():
+            tx.set_label(key, value)
 
 
 def set_user(

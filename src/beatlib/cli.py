@@ -72,7 +72,6 @@ def _reason(text: str) -> str:
 
 def check(args: argparse.Namespace) -> int:
     from beatlib.protocol import intake_v2
-    from beatlib.sanitize import Sanitizer
     from beatlib.tracing import Tracer
     from beatlib.transport.http import INTAKE_PATH
 
@@ -96,7 +95,7 @@ def check(args: argparse.Namespace) -> int:
     tracer.begin_transaction("check")
     tracer.end_transaction("beatlib check", "success")
     body = intake_v2.line("metadata", intake_v2.metadata(config)) + intake_v2.line(
-        "transaction", intake_v2.transaction(ended[0], config, Sanitizer(())))
+        "transaction", intake_v2.transaction(ended[0]))
     headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"}
     status, text = _request(config, "POST", INTAKE_PATH, gzip.compress(body), headers)
     if status != 202:

@@ -1,14 +1,13 @@
-"""`Client`: one configured pipeline from the app's calls to the transport, and the default.
+"""`Client`: config, tracer, event pipeline and transport wired together, and the default.
 
-The client wires config, tracer and transport together, captures errors on the calling
-thread (frames only) and owns the encoding step the worker thread runs for every event.
+The client captures errors on the calling thread; its `Pipeline` (processors.py) turns each
+queued record into lines on the worker thread; its transport ships them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from types import TracebackType
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 from beatlib import context, release, stacks
 from beatlib.config import Config
 from beatlib.errors import ErrorSnapshot
-from beatlib.metrics import LatencyMetrics
+from beatlib.metrics import LatencyMetrics, MetricSet
+from beatlib.processors import Pipeline
 from beatlib.protocol import intake_v2
 from beatlib.sanitize import Sanitizer
 from beatlib.tracing import Span, TraceParent, Tracer, Transaction
@@ -32,7 +32,7 @@ _default_client: Client | None = None
 class TraceRef:
     """The ids and transaction fields an error event carries, read when it is captured."""
 
-    __slots__ = ("trace_id", "transaction_id", "parent_id", "transaction")
+    __slots__ = ("trace_id", "transaction_id", "parent_id", "transaction", "secrets")
 
     def __init__(self, segment: Transaction | Span) -> None:
         tx = segment.transaction
@@ -40,6 +40,7 @@ class TraceRef:
         self.transaction_id = "%016x" % tx.id
         self.parent_id = "%016x" % segment.id
         self.transaction = {"name": tx.name, "type": tx.type, "sampled": tx.sampled}
+        self.secrets = tx.secrets
 
 # Context keys the intake schema knows for transactions and errors; others go under custom.
 _CONTEXT_KEYS = frozenset({"request", "response", "user", "custom", "message", "service", "page"})
@@ -54,24 +55,29 @@ class Client:
     """Records transactions, spans and errors and ships them to the APM server.
 
     Settings come as keywords (see the configuration reference) or a ready `Config`;
-    `BEATLIB_*` environment variables win over both.
+    `BEATLIB_*` environment variables win over both. `sender` replaces the HTTP sender
+    (e.g. a `beatlib.transport.memory.MemorySender` in tests).
     """
 
-    def __init__(self, config: Config | None = None, **settings: Any) -> None:
+    def __init__(self, config: Config | None = None, *, sender: Any = None,
+                 **settings: Any) -> None:
         global _default_client
         self.config = config if config is not None else Config(**settings)
         if self.config.service_version is None and self.config.enabled:
             self.config.service_version = release.app_version()  # git, once per process
         if self.config.log_level:
             logger.setLevel(self.config.log_level.upper())
-        self.sanitizer = Sanitizer(self.config.sanitize_field_names)
+        self.sanitizer = Sanitizer(
+            self.config.sanitize_field_names + self.config.sanitize_field_names_extra,
+            sql_literals=self.config.capture_sql_literals,
+        )
         self.metrics = LatencyMetrics()
         self.framework: tuple[str, str] | None = None
-        self._metadata: tuple[int, bytes] | None = None
-        self.transport = Transport(
-            self.config, self._encode, self._metadata_line, on_tick=self.collect_metrics
-        )
-        self.tracer = Tracer(self.config, self.transport.queue, self._capture_span_stack)
+        self.pipeline = Pipeline(self.config, self.sanitizer, self._metadata)
+        self.transport = Transport(self.config, self._encode, self.pipeline.metadata_line,
+                                   on_tick=self.collect_metrics, sender=sender)
+        self.tracer = Tracer(self.config, self.transport.queue, self._capture_span_stack,
+                             self.sanitizer)
         _default_client = self
 
     # -- transactions --------------------------------------------------------------------
@@ -205,46 +211,26 @@ class Client:
     def _capture_span_stack(self) -> Any:
         return stacks.capture_stack(self.config, skip=2)
 
-    def _metadata_line(self) -> bytes:
-        pid = os.getpid()
-        cached = self._metadata
-        if cached is None or cached[0] != pid:
-            cached = self._metadata = (
-                pid,
-                intake_v2.line("metadata", intake_v2.metadata(self.config, self.framework)),
-            )
-        return cached[1]
+    def stats(self) -> dict[str, int]:
+        """What happened to the events so far: the transport's counters (queued, sent,
+        dropped by reason) and the pipeline's (dropped or failed in before_send)."""
+        return {**self.transport.stats(), **self.pipeline.counts}
+
+    def _metadata(self) -> dict[str, Any]:
+        return intake_v2.metadata(self.config, self.framework)
 
     def _encode(self, item: Any) -> list[bytes]:
         """Turn one queued item into NDJSON lines (worker thread)."""
-        line = intake_v2.line
         if isinstance(item, Transaction):
             self.metrics.record(item.name, item.type, item.duration or 0.0)
-            config, sanitizer = self.config, self.sanitizer
-            lines = [line("transaction", intake_v2.transaction(item, config, sanitizer))]
-            if item.spans:
-                lines += intake_v2.span_lines(item, self._frames)
-        elif isinstance(item, ErrorSnapshot):
-            error = item.to_intake(self.config, self.sanitizer)
-            if self.config.assign_errors:
-                release.assign(error, item)
-            lines = [line("error", error)]
-        else:
-            lines = [line("metricset", item)]
-        return lines
+        return self.pipeline.encode(item)
 
-    def _frames(self, frames: Any) -> list[dict[str, Any]]:
-        return stacks.frames_to_intake(frames, self.config, self.sanitizer)
-
-    def collect_metrics(self) -> list[dict[str, Any]]:
+    def collect_metrics(self) -> list[MetricSet]:
         """Latency, process and transport metricsets since the last call; the transport asks
         for them every flush interval and at close (worker thread)."""
         sets = self.metrics.collect()
-        stats = self.transport.stats()
-        sets.append({
-            "samples": {
-                f"beatlib.transport.{name}": {"type": "counter", "value": value}
-                for name, value in stats.items()
-            }
-        })
+        sets.append(MetricSet(sets[-1].timestamp, {
+            f"beatlib.transport.{name}": ("counter", value)
+            for name, value in self.transport.stats().items()
+        }))
         return sets

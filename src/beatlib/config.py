@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import os
 import re
@@ -16,6 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from beatlib.sanitize import DEFAULT_FIELD_NAMES
 
 SERVICE_NAME_FALLBACK = "python-service"
 # Script names that say nothing about the service: the folder they live in says more.
@@ -187,6 +190,35 @@ def text(pattern: str | None = None, accepts: str = "a string") -> Parser:
     return Parser(accepts, parse)
 
 
+def hook() -> Parser:
+    """A callable, or its dotted path ("myapp.apm:scrub" or "myapp.apm.scrub"), imported now."""
+
+    def parse(value: object) -> Callable[..., Any] | None:
+        if value is None or value == "":
+            return None
+        if callable(value):
+            return value
+        if not isinstance(value, str):
+            return _bad()
+        module, sep, attr = value.strip().partition(":")
+        if not sep:
+            module, _, attr = module.rpartition(".")
+        try:
+            target: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except Exception:  # ImportError, AttributeError, or an error in the module itself
+            return _bad()
+        return target if callable(target) else _bad()
+
+    return Parser('a callable or an importable "module:function" path', parse)
+
+
+def header_safe() -> Parser:
+    """A credential sent in an HTTP header: visible ASCII only (no spaces, newlines)."""
+    return text(r"[\x21-\x7e]+", "a token of visible ASCII characters (no spaces or newlines)")
+
+
 def service_name_parser() -> Parser:
     check = text(r"[A-Za-z0-9 _-]+", "a name of letters, digits, spaces, _ and -")
 
@@ -217,8 +249,6 @@ def _setting(default: object, parser: Parser, doc: str, secret: bool = False) ->
                                        "secret": secret})
 
 
-_REDACT = ("password", "passwd", "pwd", "secret", "*key", "*token*", "*session*", "*credit*",
-           "*card*", "*auth*", "set-cookie", "cookie", "authorization", "csrftoken", "*csrf*")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -232,8 +262,9 @@ class Config:
     environment: str | None = _setting(None, text(), 'Environment name, e.g. "production"')
     hostname: str | None = _setting(None, text(), "Configured host name; None: detected")
     server_url: str = _setting("http://127.0.0.1:8200", url(), "APM server base URL")
-    secret_token: str | None = _setting(None, text(), "Sent as Bearer token", secret=True)
-    api_key: str | None = _setting(None, text(), "Sent as ApiKey authorization",
+    secret_token: str | None = _setting(None, header_safe(), "Sent as Bearer token",
+                                        secret=True)
+    api_key: str | None = _setting(None, header_safe(), "Sent as ApiKey authorization",
                                    secret=True)
     enabled: bool = _setting(True, boolean(), "False: record and send nothing")
     transaction_sample_rate: float = _setting(1.0, number(0, 1, 4),
@@ -248,8 +279,15 @@ class Config:
     shutdown_timeout: float = _setting("5s", duration(zero=True), "Time to flush at exit")
     verify_server_cert: bool = _setting(True, boolean(), "Verify the server's TLS certificate")
     server_ca_cert_file: str | None = _setting(None, text(), "CA bundle to verify the server")
-    sanitize_field_names: tuple[str, ...] = _setting(_REDACT, names(lower=True),
-                                                     "Glob patterns of names to redact")
+    sanitize_field_names: tuple[str, ...] = _setting(
+        DEFAULT_FIELD_NAMES, names(), "Names whose values are redacted (globs, `*` only); "
+        "replaces the defaults")
+    sanitize_field_names_extra: tuple[str, ...] = _setting(
+        (), names(), "More names to redact, added to sanitize_field_names")
+    capture_sql_literals: bool = _setting(False, boolean(), "Keep literals in db.statement "
+                                          "(default: replaced by ?)")
+    before_send: Callable[..., Any] | None = _setting(
+        None, hook(), 'before_send(kind, event) -> event or None, or "module:function"')
     capture_locals: bool = _setting(True, boolean(), "Record local variables of app frames")
     source_lines_error_app_frames: int = _setting(5, integer(0),
                                                   "Source lines around app frames")

@@ -1,13 +1,12 @@
-"""Error events: an exception (with its cause chain) or a logged message.
+"""Error events: an exception (with its cause chain) or a logged message, captured.
 
-`ErrorSnapshot.from_exception` / `from_message` run on the calling thread and keep only what
-the frames take with them; `to_intake` builds the intake v2 "error" object on the worker.
+`ErrorSnapshot.from_exception` / `from_message` run on the calling thread and keep what dies
+with the frames, rendered to builtin data there; the encoder (`protocol/`) writes the event.
 """
 
 from __future__ import annotations
 
 import builtins
-import hashlib
 import sys
 import time
 from collections.abc import Mapping
@@ -15,24 +14,23 @@ from types import TracebackType
 from typing import Any
 
 from beatlib import randomness
-from beatlib.protocol import intake_v2
-from beatlib.protocol.intake_v2 import scalar
-from beatlib.sanitize import Sanitizer, truncate
-from beatlib.stacks import FrameSnapshot, capture_stack, capture_tb_frames, frames_to_intake
+from beatlib.snapshot import CONTEXT_LIMITS, render
+from beatlib.stacks import FrameSnapshot, capture_stack, capture_tb_frames
 
 # Python 3.11+: the members of an exception group are reported as its causes.
 _GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
 MAX_CHAIN_DEPTH = 10  # chained exceptions kept (causes, contexts and group members together)
+_MESSAGE_MARGIN = 1024  # characters kept past max_message_length until redaction has run
 
 ExcInfo = tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
 
 
-def _message_of(obj: object, limit: int) -> str:
-    """str(obj) cut to `limit`; an object whose __str__ raises gets a placeholder."""
+def _message_of(obj: object, config: Any) -> str:
+    """str(obj), bounded; an object whose __str__ raises gets a placeholder."""
     if obj is None:
         return ""
     try:
-        return str(obj)[:limit]
+        return str(obj)[: config.max_message_length + _MESSAGE_MARGIN]
     except Exception:
         return f"<unprintable {type(obj).__name__} object>"
 
@@ -47,22 +45,9 @@ class ExceptionSnapshot:
         module = getattr(exc_type, "__module__", None)
         self.module = module if module != "builtins" else None
         # str() now rather than later: holding the exception would keep its frames alive.
-        self.message = _message_of(exc, config.max_message_length)
+        self.message = _message_of(exc, config)
         self.frames = capture_tb_frames(tb, config, with_locals=True)
         self.causes: list[ExceptionSnapshot] = []
-
-    def to_intake(self, config: Any, sanitizer: Sanitizer) -> dict[str, Any]:
-        width = config.max_string_length
-        out: dict[str, Any] = {
-            "type": truncate(self.type, width),
-            "message": truncate(self.message, config.max_message_length),
-            "stacktrace": frames_to_intake(self.frames, config, sanitizer),
-        }
-        if self.module:
-            out["module"] = truncate(self.module, width)
-        if self.causes:
-            out["cause"] = [c.to_intake(config, sanitizer) for c in self.causes]
-        return out
 
 
 def _chain(exc: BaseException, config: Any) -> ExceptionSnapshot:
@@ -112,7 +97,8 @@ def _trace_fields(trace: Any) -> dict[str, Any]:
 class ErrorSnapshot:
     """An error captured on the calling thread, encoded later by `to_intake`."""
 
-    __slots__ = ("id", "timestamp", "handled", "exception", "log", "log_frames", "trace", "context")
+    __slots__ = ("id", "timestamp", "handled", "exception", "log", "log_frames", "trace",
+                 "context", "culprit", "secrets")
 
     def __init__(self, trace: Any, context: Mapping[str, Any] | None) -> None:
         self.id = f"{randomness.getrandbits(128):032x}"
@@ -122,7 +108,10 @@ class ErrorSnapshot:
         self.log: dict[str, Any] | None = None
         self.log_frames: list[FrameSnapshot] | None = None
         self.trace = _trace_fields(trace)
-        self.context = dict(context) if context else None
+        self.context = _rendered(context) if context else None
+        self.culprit: str | None = None
+        # Values known to be secret (a route's token): redacted wherever they appear.
+        self.secrets: frozenset[str] = getattr(trace, "secrets", None) or frozenset()
 
     @classmethod
     def from_exception(
@@ -153,6 +142,7 @@ class ErrorSnapshot:
                 snap.exception.frames = capture_tb_frames(tb, config, with_locals=True)
         else:  # an exc_info tuple with only a type
             snap.exception = ExceptionSnapshot(exc_type or type(None), None, tb, config)
+        snap.culprit = snap._culprit()
         return snap
 
     @classmethod
@@ -171,62 +161,30 @@ class ErrorSnapshot:
         """Snapshot of a logged message; `stack` records the caller's stack (`skip` frames up)."""
         snap = cls(trace, context)
         snap.log = {
-            "message": _message_of(message, config.max_message_length),
+            "message": _message_of(message, config),
             "param_message": param_message if isinstance(param_message, str) else None,
             "level": level if isinstance(level, str) else None,
             "logger_name": logger_name if isinstance(logger_name, str) else None,
         }
         if stack:
             snap.log_frames = capture_stack(config, skip + 1)
+        snap.culprit = snap._culprit()
         return snap
 
-    @property
-    def grouping_key(self) -> str:
-        """Stable across deploys and messages: the exception types and the app frames'
-        module and function (no line numbers); for messages, the param_message or message."""
-        h = hashlib.blake2b(digest_size=16)
-        exc = self.exception
-        while exc is not None:
-            h.update(f"{exc.module}.{exc.type}\n".encode("utf-8", "replace"))
-            for f in exc.frames:
-                if not f.library_frame:
-                    h.update(f"{f.module}:{f.function}\n".encode("utf-8", "replace"))
-            exc = exc.causes[0] if exc.causes else None
-        if self.log is not None:
-            h.update((self.log["param_message"] or self.log["message"]).encode("utf-8", "replace"))
-        return h.hexdigest()
-
-    def culprit(self) -> str | None:
-        """The "module in function" of the innermost app frame (else the innermost frame)."""
+    def culprit_frame(self) -> FrameSnapshot | None:
+        """The innermost app frame with a line (else the innermost frame): where it failed."""
         frames = self.exception.frames if self.exception else self.log_frames
         if not frames:
             return None
-        frame = next((f for f in frames if not f.library_frame and f.lineno), frames[0])
-        return f"{frame.module} in {frame.function}"
+        return next((f for f in frames if not f.library_frame and f.lineno), frames[0])
 
-    def to_intake(self, config: Any, sanitizer: Sanitizer) -> dict[str, Any]:
-        """The value of the intake v2 "error" key (error.json). Worker thread."""
-        width = config.max_string_length
-        out: dict[str, Any] = {"id": self.id, "timestamp": self.timestamp}
-        for key, value in self.trace.items():
-            if key == "transaction":
-                out[key] = {k: scalar(v, width) for k, v in value.items() if v is not None}
-            else:
-                out[key] = truncate(value, width)
-        culprit = self.culprit()
-        if culprit:
-            out["culprit"] = truncate(culprit, width)
-        if self.exception is not None:
-            out["exception"] = self.exception.to_intake(config, sanitizer)
-            out["exception"]["handled"] = self.handled
-        if self.log is not None:
-            log = {k: scalar(v, width) for k, v in self.log.items() if v is not None}
-            log["message"] = truncate(self.log["message"], config.max_message_length)
-            if self.log_frames is not None:
-                log["stacktrace"] = frames_to_intake(self.log_frames, config, sanitizer)
-            out["log"] = log
-        if self.context:
-            ctx = intake_v2.context(self.context, None, config, sanitizer)
-            if ctx:
-                out["context"] = ctx
-        return out
+    def _culprit(self) -> str | None:
+        frame = self.culprit_frame()
+        return None if frame is None else f"{frame.module} in {frame.function}"
+
+
+def _rendered(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Context values as they are now (builtins), except those an integration defers to the
+    worker as a callable over data it already copied."""
+    return {key: value if callable(value) else render(value, *CONTEXT_LIMITS)
+            for key, value in context.items()}

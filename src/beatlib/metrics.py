@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 _STEPS_PER_DOUBLING = 8
 _MIN_MS = 0.001  # durations below 1 µs share the first bucket
@@ -43,6 +43,15 @@ def percentile(values: list[float], counts: list[int], q: float) -> float | None
     return values[-1]
 
 
+class MetricSet(NamedTuple):
+    """Samples taken at one time; `samples` maps a name to ("gauge", value),
+    ("counter", value) or ("histogram", unit, values, counts). The encoder writes it."""
+
+    timestamp: int
+    samples: dict[str, tuple[Any, ...]]
+    transaction: tuple[str | None, str] | None = None  # (name, type) the samples are about
+
+
 class LatencyMetrics:
     """Counts and latency histograms of finished transactions, by (name, type)."""
 
@@ -58,46 +67,33 @@ class LatencyMetrics:
         index = bucket_index(duration_ms)
         counts[index] = counts.get(index, 0) + 1
 
-    def collect(self, timestamp_us: int | None = None) -> list[dict[str, Any]]:
+    def collect(self, timestamp_us: int | None = None) -> list[MetricSet]:
         """The metricsets since the last call (transaction histograms, then process)."""
         timestamp = timestamp_us if timestamp_us is not None else time.time_ns() // 1000
         histograms, self._histograms = self._histograms, {}
-        sets: list[dict[str, Any]] = []
-        for (name, transaction_type), counts in histograms.items():
+        sets = []
+        for key, counts in histograms.items():
             indexes = sorted(counts)
-            transaction: dict[str, Any] = {"type": transaction_type[:1024]}
-            if name is not None:
-                transaction["name"] = name[:1024]
-            sets.append({
-                "timestamp": timestamp,
-                "transaction": transaction,
-                "samples": {
-                    "transaction.duration.histogram": {
-                        "type": "histogram",
-                        "unit": "ms",
-                        "values": [bucket_value(i) for i in indexes],
-                        "counts": [counts[i] for i in indexes],
-                    },
-                    "transaction.duration.count": {
-                        "type": "counter",
-                        "value": sum(counts.values()),
-                    },
-                },
-            })
-        sets.append({"timestamp": timestamp, "samples": self._process_samples()})
+            sets.append(MetricSet(timestamp, {
+                "transaction.duration.histogram": (
+                    "histogram", "ms", [bucket_value(i) for i in indexes],
+                    [counts[i] for i in indexes]),
+                "transaction.duration.count": ("counter", sum(counts.values())),
+            }, key))
+        sets.append(MetricSet(timestamp, self._process_samples()))
         return sets
 
-    def _process_samples(self) -> dict[str, Any]:
+    def _process_samples(self) -> dict[str, tuple[Any, ...]]:
         cpu, wall = time.process_time(), time.monotonic()
         elapsed = wall - self._wall
         share = (cpu - self._cpu) / elapsed / (os.cpu_count() or 1) if elapsed > 0 else 0.0
         self._cpu, self._wall = cpu, wall
-        samples: dict[str, Any] = {
-            "system.process.cpu.total.norm.pct": {"value": round(min(max(share, 0.0), 1.0), 6)}
+        samples: dict[str, tuple[Any, ...]] = {
+            "system.process.cpu.total.norm.pct": ("gauge", round(min(max(share, 0.0), 1.0), 6))
         }
         rss = _rss_bytes()
         if rss is not None:
-            samples["system.process.memory.rss.bytes"] = {"value": rss}
+            samples["system.process.memory.rss.bytes"] = ("gauge", rss)
         return samples
 
 

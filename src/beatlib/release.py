@@ -200,9 +200,9 @@ def assign(error: dict[str, Any], snapshot: Any) -> None:
     """Put the blame of `snapshot`'s culprit line (an app frame) in the intake `error` dict
     as context.custom.assignee. Worker thread; never raises."""
     try:
-        frames = snapshot.exception.frames if snapshot.exception else snapshot.log_frames
-        frame = next((f for f in frames or () if not f.library_frame and f.lineno), None)
-        if frame is None or not frame.abs_path or not os.path.isfile(frame.abs_path):
+        frame = snapshot.culprit_frame()
+        if frame is None or frame.library_frame or not frame.lineno or not frame.abs_path \
+                or not os.path.isfile(frame.abs_path):
             return
         found = blame(frame.abs_path, frame.lineno)
         if found is not None:

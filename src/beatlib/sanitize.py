@@ -1,99 +1,302 @@
-"""Redaction of secrets and size-safe text for everything beatlib ships.
+"""Redaction of secrets in everything beatlib ships, and never-raising text helpers.
 
-`Sanitizer` redacts values whose names match the `sanitize_field_names` globs (headers, cookies,
-query strings, URLs, mappings, locals). `safe_repr`, `truncate` and `shorten` turn arbitrary
-objects into bounded, JSON-safe values and never raise.
+`Sanitizer` holds one client's rules: field names matched against `sanitize_field_names`
+(case-insensitive globs), and value detectors that find secrets in any text (credentials in
+URLs, Bearer/Basic values, private keys, JWTs, well-known token shapes, card numbers, a value
+after a word that announces it, `name=value` pairs with a sensitive name, SQL parameters in
+database errors). It runs on the worker thread over captured data and never raises.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
-from fnmatch import translate
+from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 REDACTED = "[REDACTED]"
 _MARK = "…"
-_MAX_DEPTH = 4  # nesting kept in locals; deeper values become a truncated repr
-_INT_LIMIT = 2**63  # larger ints are sent as text: JSON consumers (Elasticsearch) use int64
+
+# Names whose values are redacted wherever they appear as a key (header, cookie, query or form
+# parameter, JSON member, local variable, label, environment variable). `*` is the only
+# wildcard; a leading `(?-i)` makes a pattern case-sensitive.
+DEFAULT_FIELD_NAMES = (
+    "*password*", "*passwd*", "pwd", "*_pwd", "*passphrase*", "*secret*", "*token*",
+    "*auth*", "*session*", "*cookie*", "*csrf*", "*xsrf*", "*card*", "*credit*", "*cvv*",
+    "*cvc*", "*otp*", "*signature*", "*sig", "*credential*", "*creds*", "*dsn*",
+    "*conn*str*", "*private*", "*principal*", "*apikey*", "*api_key*", "*api-key*",
+    "*access_key*", "*accesskey*", "*access-key*", "*_key_id", "*bearer*", "*jwt*",
+    "code", "pin", "*_pin", "ssn",
+)  # fmt: skip
+
+
+def field_matcher(patterns: Iterable[str]) -> Callable[[str], bool] | None:
+    """A case-insensitive whole-name matcher for glob `patterns` (`*` only), or None."""
+    parts = []
+    for pattern in patterns:
+        pattern = pattern.strip()
+        sensitive_case = pattern.startswith("(?-i)")
+        if sensitive_case:
+            pattern = pattern[5:]
+        if not pattern:
+            continue
+        regex = ".*".join(re.escape(piece) for piece in pattern.split("*"))
+        parts.append(f"(?-i:{regex})" if sensitive_case else regex)
+    if not parts:
+        return None
+    match = re.compile("|".join(parts), re.IGNORECASE | re.DOTALL).fullmatch
+    return lambda name: match(name) is not None
+
+
+_SCHEMES = r"(?:Bearer|Basic|ApiKey|Token|Digest|Negotiate)"
+_TEXT = re.compile(
+    r"""
+      (?P<pem>-----BEGIN[ A-Z0-9]*PRIVATE\ KEY-----)(?:.*?(?P<pem_end>-----END[ A-Z0-9]*PRIVATE
+          \ KEY-----)|.*\Z)
+    | (?P<userinfo>\b[a-zA-Z][\w+.-]*://[^\s:@/?#]*:)[^\s@/?#]+(?=@)
+    | (?P<scheme>\b(?:Bearer|Basic|ApiKey|Negotiate)\s+)(?P<cred>[\w.~+/=-]{8,})
+    | (?P<jwt>\beyJ[\w-]{4,}\.eyJ[\w-]*(?:\.[\w-]*)?)
+    | (?P<shape>
+          \b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b
+        | \b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{10,}
+        | \bwhsec_[A-Za-z0-9]{16,}
+        | \bgh[pousr]_[A-Za-z0-9]{20,}
+        | \bgithub_pat_[A-Za-z0-9_]{20,}
+        | \bglpat-[\w-]{20,}
+        | \bxox[abposre]-[A-Za-z0-9-]{10,}
+        | \bhooks\.slack\.com/services/[\w/]+
+        | \bAIza[\w-]{30,}
+        | \bya29\.[\w-]{20,}
+        | \bSG\.[\w-]{16,}\.[\w-]{16,}
+        | \bnpm_[A-Za-z0-9]{30,}
+        | \bpypi-[\w-]{40,}
+        | \bsk-(?:proj-|ant-|live-)?[A-Za-z0-9_-]{20,}
+        | \b\d{6,12}:AA[\w-]{30,}
+        | \b[MN][A-Za-z\d]{23,25}\.[\w-]{6}\.[\w-]{27,}
+        | \bSK[0-9a-f]{32}\b
+        | \bAC[0-9a-f]{32}\b
+        | \bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}
+        | \bdop_v1_[a-f0-9]{64}
+        | \bhf_[A-Za-z]{30,}
+      )
+    | (?P<sqlparams>\[parameters:\ ).*?(?=\](?:\n|\Z))
+    | (?P<pgkey>\bKey\ \([^)]*\)=\().*?(?=\)\ (?:already\ exists|is\ not\ present|conflicts))
+    | (?P<pgrow>\bFailing\ row\ contains\ \().*?(?=\)\.?(?:\n|\Z))
+    | (?P<mydup>\bDuplicate\ entry\ ').*?(?='\ for\ key)
+    | (?P<card>(?<![\w.-])(?:\d[\ -]?){12,18}\d(?![\w-]))
+    | (?P<key>(?<![\w.-])[A-Za-z_][\w.\-\[\]]{0,80})
+      (?P<sep>["']?\s{0,3}(?:=|:|=>)\s{0,3})
+      (?=(?P<value>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'
+        |(?:(?:Bearer|Basic|ApiKey|Token|Digest)\s+)?[^\s&;,"'<>(){}\[\]]+))
+    | (?P<word>\b(?:password|passwd|passphrase|pwd|secret|token|api[\ _-]?key|access[\ _-]?key
+        |private[\ _-]?key|credentials?|otp|cvv|pin)\b)
+      (?P<wsep>\s+(?:is|was|=|:)\s+|\s+)
+      (?P<wvalue>(?:(?:Bearer|Basic|ApiKey|Token)\s+)?[^\s,;]+)
+    """,
+    re.VERBOSE | re.DOTALL | re.IGNORECASE,
+)
+# Cheap pre-check: text with none of these characters or words holds nothing _TEXT finds.
+_MAYBE = re.compile(
+    r"[=:@\-\[]|eyJ|\d[\d -]{11}|\b(?:password|passwd|passphrase|pwd|secret|token|key"
+    r"|credential|otp|cvv|pin|bearer|basic|apikey|negotiate|AKIA|ASIA|sk_|rk_|pk_|gh|glpat"
+    r"|xox|AIza|ya29|SG|npm_|pypi|whsec|hooks)",
+    re.IGNORECASE,
+)
+_TRAILING = ".,;:!?)]}'\""
+
+# SQL, as the span names' tokenizer reads it (instrumentation/sql.py uses it too).
+SQL_TOKEN = re.compile(
+    r"""
+      (?P<space>\s+)
+    | (?P<comment>--[^\n]*|\#[^\n]*|/\*.*?(?:\*/|\Z))
+    | (?P<string>'(?:[^'\\]|\\.|'')*(?:'|\Z)
+                |[eE]'(?:[^'\\]|\\.|'')*(?:'|\Z)
+                |\$(?P<tag>\w*)\$.*?(?:\$(?P=tag)\$|\Z))
+    | (?P<quoted>"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^\]]*\]?)
+    | (?P<word>[^\W\d]\w*(?:\$\w*)*)
+    | (?P<number>\d[\w.]*)
+    | (?P<punct>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+# Data whose keys are the app's (names of headers, cookies, fields, locals, labels): below
+# these keys values are redacted by name too. Elsewhere keys are the schema's own.
+FREE_FORM = frozenset(("headers", "cookies", "env", "body", "custom", "tags", "vars", "labels"))
+_IDS = frozenset(("id", "trace_id", "transaction_id", "parent_id"))
+_CACHE_BYTES = 2 * 1024 * 1024  # cleaned texts kept (names, statements and URLs repeat)
+_CACHE_TEXT = 2048  # longer texts are cleaned each time
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
 
 
 class Sanitizer:
-    """Case-insensitive glob matching of field names, compiled once per configuration."""
+    """One client's redaction rules, compiled once; see the module docstring."""
 
-    __slots__ = ("patterns", "_match", "_cache")
+    __slots__ = ("patterns", "sql_literals", "_match", "_names", "_texts", "_text_bytes")
 
-    def __init__(self, patterns: Iterable[str]) -> None:
-        self.patterns = tuple(p.strip().lower() for p in patterns if p and p.strip())
-        regex = "|".join(translate(p) for p in self.patterns)
-        self._match = re.compile(regex, re.IGNORECASE | re.DOTALL).match if regex else None
-        self._cache: dict[str, bool] = {}
+    def __init__(self, patterns: Iterable[str], sql_literals: bool = False) -> None:
+        self.patterns = tuple(p.strip() for p in patterns if p and p.strip())
+        self.sql_literals = sql_literals  # True: db.statement keeps its literals
+        self._match = field_matcher(self.patterns)
+        self._names: dict[str, bool] = {}
+        self._texts: dict[str, str] = {}
+        self._text_bytes = 0
 
     def is_sensitive(self, name: object) -> bool:
+        """Whether values under `name` are redacted."""
         if self._match is None or not isinstance(name, str):
             return False
-        hit = self._cache.get(name)
+        hit = self._names.get(name)
         if hit is None:
-            hit = self._match(name.strip()) is not None
-            if len(self._cache) < 4096:  # field names repeat; bound the cache anyway
-                self._cache[name] = hit
+            hit = self._match(name.strip())
+            if len(self._names) < 8192:  # names repeat; bound the cache anyway
+                self._names[name] = hit
         return hit
 
-    def mapping(self, d: Mapping[Any, Any]) -> dict[Any, Any]:
-        """Copy of `d` with sensitive keys' values redacted, nested mappings included."""
-        out: dict[Any, Any] = {}
-        for key, value in d.items():
-            if self.is_sensitive(key):
-                out[key] = REDACTED
-            elif isinstance(value, Mapping):
-                out[key] = self.mapping(value)
-            else:
-                out[key] = value
+    def text(self, s: str, values: frozenset[str] = frozenset()) -> str:
+        """`s` with every secret the detectors find replaced by [REDACTED], the rest kept;
+        `values` are known secrets of this event (e.g. a route's token), replaced verbatim."""
+        for value in values:
+            if value in s:
+                s = s.replace(value, REDACTED)
+        cached = self._texts.get(s)
+        if cached is not None:
+            return cached
+        out = self._redact(s) if _MAYBE.search(s) else s
+        if len(s) <= _CACHE_TEXT:
+            if self._text_bytes > _CACHE_BYTES:
+                self._texts.clear()
+                self._text_bytes = 0
+            self._texts[s] = out
+            self._text_bytes += len(s) + len(out) + 100
         return out
 
-    def headers(self, headers: Mapping[str, Any]) -> dict[str, Any]:
-        """Like `mapping`; a Cookie header not redacted whole gets its sensitive values redacted."""
-        out = self.mapping(headers)
-        for key, value in out.items():
-            if isinstance(key, str) and key.lower() == "cookie" and isinstance(value, str):
-                out[key] = self.cookie_header(value) if value != REDACTED else value
+    def _redact(self, s: str) -> str:
+        out = []
+        pos = 0
+        search = _TEXT.search
+        while (m := search(s, pos)) is not None:
+            out.append(s[pos : m.start()])
+            replacement, pos = self._replace(m)
+            out.append(replacement)
+        out.append(s[pos:])
+        return "".join(out)
+
+    def _replace(self, m: re.Match[str]) -> tuple[str, int]:
+        """What stands for match `m`, and where the scan goes on."""
+        end = m.end()
+        if m.group("key") is not None:
+            # Only the name and separator are consumed: a value that is not redacted is
+            # scanned too (a URL with a token in it, a nested pair).
+            value = m["value"]
+            if not self.is_sensitive(m["key"].strip("[]")) or value.startswith(REDACTED):
+                return m.group(), end
+            quote = value[0] if value[:1] in ("'", '"') and value[-1:] == value[0] else ""
+            return f"{m['key']}{m['sep']}{quote}{REDACTED}{quote}", m.end("value")
+        if m.group("pem") is not None:
+            return f"{m['pem']}{REDACTED}{m['pem_end'] or ''}", end
+        if m.group("userinfo") is not None:
+            return m["userinfo"] + REDACTED, end
+        if m.group("scheme") is not None:
+            return (m["scheme"] + REDACTED if _looks_secret(m["cred"]) else m.group()), end
+        if m.group("jwt") is not None or m.group("shape") is not None:
+            return REDACTED, end
+        for prefix in ("sqlparams", "pgkey", "pgrow", "mydup"):
+            if m.group(prefix) is not None:
+                return m[prefix] + REDACTED, end
+        if m.group("card") is not None:
+            digits = re.sub(r"\D", "", m["card"])
+            return (REDACTED if 13 <= len(digits) <= 19 and _luhn(digits) else m.group()), end
+        value = m["wvalue"]
+        core = value.rstrip(_TRAILING)
+        if not core or core == REDACTED or (not m["wsep"].strip() and not _looks_secret(core)):
+            return m.group(), end
+        return f"{m['word']}{m['wsep']}{REDACTED}{value[len(core):]}", end
+
+    # -- structures ----------------------------------------------------------------------
+
+    def clean(self, value: Any, keyed: bool = False, values: frozenset[str] = frozenset()
+              ) -> Any:
+        """A copy of an event (or part of one) with its secrets redacted: every text by value;
+        below the FREE_FORM keys (or everywhere, if `keyed`) by key name as well."""
+        if isinstance(value, str):
+            return self.text(value, values)
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                if key in _IDS and not keyed:
+                    out[key] = item
+                elif keyed and item is not None and self.is_sensitive(key):
+                    out[key] = REDACTED
+                elif key == "statement" and not keyed and isinstance(item, str):
+                    out[key] = self.sql(item, values)
+                elif key == "argv" and not keyed and isinstance(item, list):
+                    out[key] = self.argv(item)
+                else:
+                    out[key] = self.clean(item, keyed or key in FREE_FORM, values)
+            return out
+        if isinstance(value, list | tuple):
+            return [self.clean(item, keyed, values) for item in value]
+        return value
+
+    def sql(self, statement: str, values: frozenset[str] = frozenset()) -> str:
+        """A SQL statement with its literals as `?` (unless `sql_literals`), then cleaned."""
+        if not self.sql_literals:
+            cached = self._texts.get("\0sql" + statement)
+            if cached is not None:
+                return cached
+            plain = placeholders(statement)
+            if len(statement) <= _CACHE_TEXT:
+                self._texts["\0sql" + statement] = plain
+                self._text_bytes += 2 * len(statement) + 100
+            statement = plain
+        return self.text(statement, values)
+
+    def argv(self, args: Iterable[str]) -> list[str]:
+        """Command-line arguments: `--password x` and `--password=x` redacted, values cleaned."""
+        out: list[str] = []
+        redact_next = False
+        for arg in args:
+            if redact_next and not arg.startswith("-"):
+                out.append(REDACTED)
+                redact_next = False
+                continue
+            redact_next = False
+            name, eq, _ = arg.lstrip("-").partition("=")
+            if arg.startswith("-") and name and self.is_sensitive(name.replace("-", "_")):
+                if eq:
+                    arg = f"{arg.partition('=')[0]}={REDACTED}"
+                else:
+                    redact_next = True
+            out.append(self.text(arg))
         return out
 
-    def query_string(self, qs: str) -> str:
-        """Redact the values of sensitive parameters; order and encoding are kept as sent."""
-        if not qs or self._match is None:
-            return qs
-        parts = []
-        for part in qs.split("&"):
-            name, eq, _value = part.partition("=")
-            if eq and self.is_sensitive(unquote_plus(name)):
-                part = f"{name}={REDACTED}"
-            parts.append(part)
-        return "&".join(parts)
 
-    def url(self, url: str) -> str:
-        """Redact a password in the userinfo (`user:[REDACTED]@host`; the user name is kept,
-        it helps debugging and is rarely secret) and sensitive query parameters."""
-        try:
-            parts = urlsplit(url)
-            netloc = parts.netloc
-            if parts.password is not None:
-                userinfo, _, hostport = netloc.rpartition("@")
-                netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{hostport}"
-            return urlunsplit(parts._replace(netloc=netloc, query=self.query_string(parts.query)))
-        except ValueError:  # e.g. an invalid port or IPv6 literal: keep nothing that might leak
-            return url.split("?", 1)[0].rpartition("@")[2]
+def placeholders(statement: str) -> str:
+    """`statement` with every string and number literal replaced by `?`."""
+    return SQL_TOKEN.sub(_placeholder, statement)
 
-    def cookie_header(self, s: str) -> str:
-        """Redact the values of sensitive cookies in a `Cookie:` header value."""
-        parts = []
-        for part in s.split(";"):
-            name, eq, _value = part.partition("=")
-            if eq and self.is_sensitive(name.strip()):
-                part = f"{name}={REDACTED}"
-            parts.append(part)
-        return ";".join(parts)
+
+def _placeholder(m: re.Match[str]) -> str:
+    kind = m.lastgroup
+    return "?" if kind in ("string", "tag", "number") else m.group()
+
+
+def _looks_secret(value: str) -> bool:
+    """A word that could be a credential: not a plain lower-case English-like word."""
+    return (
+        any(c.isdigit() for c in value)
+        or any(not c.isalnum() for c in value)
+        or (any(c.isupper() for c in value[1:]) and any(c.islower() for c in value))
+        or len(value) >= 20
+    )
 
 
 def truncate(s: str, n: int) -> str:
@@ -118,78 +321,3 @@ def safe_repr(obj: object, max_len: int) -> str:
         except Exception:
             name = "object"
         return truncate(f"<unrepresentable {name} object>", max_len)
-
-
-def shorten(
-    value: object,
-    list_len: int,
-    dict_len: int,
-    string_len: int,
-    redact: Callable[[object], bool] | None = None,
-) -> Any:
-    """A JSON-safe, bounded copy of `value`: strings cut to `string_len`, lists and dicts to
-    `list_len`/`dict_len` items (a last entry says how many were left out), cycles and deep
-    nesting replaced by a repr, values under keys that `redact` matches replaced by REDACTED."""
-    return _shorten(value, list_len, dict_len, string_len, redact, set(), 0)
-
-
-def _shorten(
-    value: object,
-    list_len: int,
-    dict_len: int,
-    string_len: int,
-    redact: Callable[[object], bool] | None,
-    active: set[int],
-    depth: int,
-) -> Any:
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return truncate(value, string_len)
-    if isinstance(value, int):
-        return int(value) if -_INT_LIMIT < value < _INT_LIMIT else safe_repr(value, string_len)
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else repr(value)
-    is_map = isinstance(value, Mapping)
-    is_seq = isinstance(value, list | tuple | set | frozenset)
-    if not (is_map or is_seq) or depth >= _MAX_DEPTH or id(value) in active:
-        return safe_repr(value, string_len)
-    active.add(id(value))  # ids of the containers on the current path: a repeat is a cycle
-    try:
-        if is_map:
-            return _shorten_mapping(value, list_len, dict_len, string_len, redact, active, depth)
-        seq: Any = value
-        items = []
-        for i, item in enumerate(seq):
-            if i >= list_len:
-                items.append(f"({len(seq) - list_len} more elements)")
-                break
-            items.append(_shorten(item, list_len, dict_len, string_len, redact, active, depth + 1))
-        return items
-    except Exception:  # a container whose iteration or len() raises
-        return safe_repr(value, string_len)
-    finally:
-        active.discard(id(value))
-
-
-def _shorten_mapping(
-    value: Any,
-    list_len: int,
-    dict_len: int,
-    string_len: int,
-    redact: Callable[[object], bool] | None,
-    active: set[int],
-    depth: int,
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for i, (key, item) in enumerate(value.items()):
-        if i >= dict_len:
-            out["<truncated>"] = f"({len(value) - dict_len} more elements)"
-            break
-        name = key if isinstance(key, str) else safe_repr(key, string_len)
-        name = truncate(name, string_len)
-        if redact is not None and redact(name):
-            out[name] = REDACTED
-        else:
-            out[name] = _shorten(item, list_len, dict_len, string_len, redact, active, depth + 1)
-    return out

@@ -1,20 +1,17 @@
-"""Stack frames: a cheap capture on the calling thread, the intake encoding on the worker.
-
-Capture records only what dies with the frames (names, line numbers, a shallow copy of app
-frames' locals). Source lines, reprs and redaction wait for `frames_to_intake`.
+"""Stack frames, captured on the calling thread: names, line numbers, library or app, and
+app frames' locals rendered there and then (`snapshot.render`). Source lines are read by the
+encoder on the worker; redaction is the processors' work.
 """
 
 from __future__ import annotations
 
-import linecache
 import os
 import sys
 import sysconfig
-from collections.abc import Iterable
 from types import FrameType, TracebackType
 from typing import Any
 
-from beatlib.sanitize import REDACTED, Sanitizer, shorten, truncate
+from beatlib.snapshot import MARGIN, render
 
 _LIBRARY_DIRS = tuple(
     {
@@ -29,7 +26,7 @@ _CLASSIFIERS: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[tuple[str, str]
 
 
 class FrameSnapshot:
-    """One frame as captured. `locals` is a shallow copy of an app frame's f_locals, or None."""
+    """One frame as captured. `locals` is an app frame's f_locals rendered (builtins only)."""
 
     __slots__ = ("abs_path", "filename", "module", "function", "lineno", "library_frame", "locals")
 
@@ -100,7 +97,7 @@ def _classifier(config: Any) -> dict[tuple[str, str], tuple]:
 
 
 def _snapshot(
-    frame: FrameType, lineno: int | None, cache: dict, key: tuple, with_locals: bool
+    frame: FrameType, lineno: int | None, cache: dict, key: tuple, with_locals: tuple | None
 ) -> FrameSnapshot:
     code = frame.f_code
     path = code.co_filename
@@ -114,9 +111,9 @@ def _snapshot(
     locs = None
     # Module-level frames' locals are the module globals: not worth copying.
     if with_locals and not hit[0] and frame.f_locals is not frame.f_globals:
-        # Shallow copy: the objects are repr'd later on the worker and may have changed by
-        # then (mutable locals). Accepted: a deep copy here would cost the app far more.
-        locs = dict(frame.f_locals)
+        # Rendered now, on the thread that owns the objects, as they are at the error.
+        locs = {str(name): render(value, *with_locals)
+                for name, value in frame.f_locals.items()}
     return FrameSnapshot(path, hit[1], module, code.co_name, lineno, hit[0], locs)
 
 
@@ -134,7 +131,9 @@ def _build(entries: list, config: Any, with_locals: bool) -> list[FrameSnapshot]
     kept, cut = _cap(entries, config.stack_trace_limit)
     cache = _classifier(config)
     key = (tuple(config.include_paths or ()), tuple(config.exclude_paths or ()))
-    frames = [_snapshot(f, ln, cache, key, with_locals) for f, ln in kept]
+    limits = (config.local_var_list_max_length, config.local_var_dict_max_length,
+              config.local_var_max_length * MARGIN) if with_locals else None
+    frames = [_snapshot(f, ln, cache, key, limits) for f, ln in kept]
     if cut:
         frames.insert(config.stack_trace_limit - config.stack_trace_limit // 2, omitted_marker(cut))
     return frames
@@ -163,67 +162,3 @@ def capture_stack(config: Any, skip: int = 0) -> list[FrameSnapshot]:
         entries.append((frame, frame.f_lineno))
         frame = frame.f_back
     return _build(entries, config, False)
-
-
-def _source(path: str, lineno: int, around: int, width: int) -> dict[str, Any]:
-    lines = linecache.getlines(path)
-    if not lines or not 0 < lineno <= len(lines):
-        return {}
-    i = lineno - 1
-
-    def clean(line: str) -> str:
-        return truncate(line.rstrip("\r\n"), width)
-
-    return {
-        "pre_context": [clean(s) for s in lines[max(0, i - around) : i]],
-        "context_line": clean(lines[i]),
-        "post_context": [clean(s) for s in lines[i + 1 : i + 1 + around]],
-    }
-
-
-def frames_to_intake(
-    frames: Iterable[FrameSnapshot], config: Any, sanitizer: Sanitizer
-) -> list[dict[str, Any]]:
-    """Intake v2 stacktrace frames (error.json / span.json); runs on the worker thread."""
-    out = []
-    width = config.max_string_length
-    for f in frames:
-        d: dict[str, Any] = {
-            "filename": truncate(f.filename, width),
-            "abs_path": truncate(f.abs_path, width),
-            "module": truncate(f.module, width),
-            "function": truncate(f.function, width),
-            "library_frame": f.library_frame,
-        }
-        if f.lineno is not None:
-            d["lineno"] = f.lineno
-            n = (
-                config.source_lines_error_library_frames
-                if f.library_frame
-                else config.source_lines_error_app_frames
-            )
-            if n > 0 and f.abs_path:
-                try:
-                    d.update(_source(f.abs_path, f.lineno, n // 2 if n > 1 else 0, width))
-                except Exception:  # unreadable or undecodable source: frames still ship
-                    pass
-        if f.locals is not None:
-            d["vars"] = _vars(f.locals, config, sanitizer)
-        out.append(d)
-    return out
-
-
-def _vars(locs: dict[str, Any], config: Any, sanitizer: Sanitizer) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in locs.items():
-        if sanitizer.is_sensitive(name):
-            out[name] = REDACTED
-        else:
-            out[name] = shorten(
-                value,
-                config.local_var_list_max_length,
-                config.local_var_dict_max_length,
-                config.local_var_max_length,
-                sanitizer.is_sensitive,
-            )
-    return out

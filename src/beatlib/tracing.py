@@ -11,12 +11,14 @@ import functools
 import inspect
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from beatlib import context, randomness
 from beatlib.context import get_active, set_active
+from beatlib.sanitize import DEFAULT_FIELD_NAMES, Sanitizer
+from beatlib.snapshot import CONTEXT_LIMITS, label_value, render
 
 if TYPE_CHECKING:
     from beatlib.config import Config
@@ -82,14 +84,19 @@ class Segment:
     context: dict[str, Any] | None
 
     def set_label(self, key: str, value: Any) -> None:
+        """A label (indexed key/value); a value that is not a number, bool or None is taken
+        as its text now."""
         if self.labels is None:
             self.labels = {}
-        self.labels[key] = value
+        self.labels[key] = label_value(value)
 
-    def set_context(self, key: str, value: Any) -> None:
+    def set_context(self, key: str, value: Any, *, captured: bool = False) -> None:
+        """Context data under `key`, copied now (the app may change its objects later).
+        Integrations pass data they built (`captured`) or a callable the worker runs."""
         if self.context is None:
             self.context = {}
-        self.context[key] = value
+        self.context[key] = value if captured or callable(value) else render(
+            value, *CONTEXT_LIMITS)
 
 
 class Transaction(Segment):
@@ -98,7 +105,7 @@ class Transaction(Segment):
     __slots__ = (
         "tracer", "id", "trace_id", "parent_id", "name", "type", "result", "outcome",
         "sampled", "sample_rate", "tracestate", "timestamp", "start", "duration", "ended",
-        "spans", "spans_dropped", "leaf",
+        "spans", "spans_dropped", "leaf", "secrets",
     )  # fmt: skip
 
     def __init__(
@@ -120,6 +127,7 @@ class Transaction(Segment):
         self.labels = None
         self.context = None
         self.leaf = False
+        self.secrets: frozenset[str] = frozenset()
         rate = tracer.sample_rate
         if trace_parent is None:
             self.trace_id = "%032x" % (_getrandbits(128) or 1)
@@ -147,6 +155,15 @@ class Transaction(Segment):
     def traceparent(self) -> str:
         """The `traceparent` header value naming this transaction as the caller."""
         return format_traceparent(self.trace_id, "%016x" % self.id, self.sampled)
+
+    def set_route_params(self, params: Mapping[str, Any]) -> None:
+        """The request's route variables (`/reset/<token>`): the values of those whose names
+        are sensitive are redacted wherever they appear in this transaction and its errors."""
+        sensitive = self.tracer.sanitizer.is_sensitive
+        found = {str(v) for k, v in params.items() if sensitive(k) and v is not None
+                 and len(str(v)) >= 3}
+        if found:
+            self.secrets = self.secrets | found
 
     def end(self, name: str | None = None, result: str | None = None) -> None:
         """End the transaction and hand it to the tracer's queue; ending twice does nothing."""
@@ -347,15 +364,18 @@ def each_call_in(make: Callable[[], AbstractContextManager[Any]], func: F) -> F:
 
 
 class Tracer:
-    """Begins and ends transactions for one client, with that client's settings."""
+    """Begins and ends transactions for one client, with that client's settings and
+    redaction policy (`sanitizer`: instrumentation finds it here, never through a client)."""
 
     def __init__(
         self,
         config: Config,
         queue: Callable[[Transaction], None],
         capture_stack: Callable[[], Any],
+        sanitizer: Sanitizer | None = None,
     ) -> None:
         self.config = config
+        self.sanitizer = sanitizer or Sanitizer(DEFAULT_FIELD_NAMES)
         self.queue = queue
         self.capture_stack = capture_stack
         self.sample_rate = config.transaction_sample_rate

@@ -296,7 +296,7 @@ def test_async_concurrent_tasks_keep_their_own_transactions(traced, tmp_path):
         traced.begin()
         async with engine.connect() as conn:
             for _ in range(3):
-                await conn.exec_driver_sql(f"SELECT {n}")
+                await conn.exec_driver_sql(f"SELECT {n} AS task_{n}")
                 await asyncio.sleep(0)
         traced.end(f"task {n}")
 
@@ -310,7 +310,7 @@ def test_async_concurrent_tasks_keep_their_own_transactions(traced, tmp_path):
     by_id = {t["id"]: t["name"] for t in transactions}
     spans = queries(spans)
     for span in spans:
-        assert by_id[span["parent_id"]] == f"task {db(span)['statement'][-1]}"
+        assert by_id[span["parent_id"]] == f"task {db(span)['statement'][-1]}"  # AS task_<n>
     assert len(spans) == 9
 
 

@@ -1,4 +1,5 @@
-"""Encoding to intake v2: app data made to fit the schemas, never raising."""
+"""Encoding to intake v2 (encoder, then processors): app data made to fit the schemas,
+never raising."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ import math
 from beatlib import context
 from beatlib.config import Config
 from beatlib.protocol import intake_v2
-from beatlib.sanitize import Sanitizer
 from beatlib.tracing import Tracer, capture_span
+from tests.events import encode, pipeline
 from tests.schemas import validate
 
 CONFIG = Config(environ={})
-SANITIZER = Sanitizer(CONFIG.sanitize_field_names)
 
 
 def _tracer():
@@ -29,10 +29,11 @@ class Unprintable:
 
 
 def test_labels_are_normalised():
-    out = intake_v2.labels({
+    raw = intake_v2.labels({
         "a.b": 1, 'q"*': "x", "big": 2**70, "nan": math.nan, "obj": Unprintable(),
         "long": "y" * 5000, "ok": True, "none": None, "f": 1.5,
     })  # fmt: skip
+    out = pipeline().process("transaction", {"context": {"tags": raw}})["context"]["tags"]
     assert out["a_b"] == 1 and out["q__"] == "x" and out["big"] == str(2**70)
     assert out["nan"] == "nan" and out["obj"].startswith("<unprintable")
     assert len(out["long"]) == 1024 and out["ok"] is True and out["none"] is None
@@ -51,12 +52,7 @@ def test_transaction_with_hostile_context_is_valid_json_and_schema():
     with capture_span("n" * 2000, "t" * 2000, "s" * 2000, "a" * 2000):
         pass
     tx.end("\udcffname", "r" * 5000)
-    lines = [intake_v2.line("transaction", intake_v2.transaction(tx, CONFIG, SANITIZER))]
-    lines += intake_v2.span_lines(tx)
-    for raw in lines:
-        (kind, event), = json.loads(raw).items()
-        validate(kind, event)
-    event = json.loads(lines[0])["transaction"]
+    event = encode(tx)[0][1]
     assert len(event["type"]) == 1024 and event["context"]["user"]["id"] == str(2**80)
     context.set_active(None)
 
@@ -87,7 +83,7 @@ def test_request_context_is_redacted_and_cut():
     })  # fmt: skip
     tx.set_context("response", {"status_code": 200, "headers": {"Set-Cookie": "sid=1"}})
     tx.end("POST /pay", "HTTP 2xx")
-    event = validate("transaction", intake_v2.transaction(tx, CONFIG, SANITIZER))
+    event = encode(tx)[0][1]
     req = event["context"]["request"]
     text = json.dumps(event)
     assert "abc" not in text and "s3cr3t" not in text and "hunter2" not in text

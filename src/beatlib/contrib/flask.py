@@ -152,7 +152,8 @@ def _set_user(tx: Transaction) -> None:
     fields = {"id": _call(user, "get_id")}
     for name in ("username", "email"):
         fields[name] = getattr(user, name, None)
-    tx.set_context("user", {k: str(v) for k, v in fields.items() if v is not None})
+    tx.set_context("user", {k: str(v) for k, v in fields.items() if v is not None},
+                   captured=True)
 
 
 def _call(obj: Any, method: str) -> Any:

@@ -142,4 +142,5 @@ def _set_user(tx: Transaction, request: Any) -> None:
         logger.debug("beatlib: authenticated_userid failed", exc_info=True)
         return
     if userid is not None:
-        tx.set_context("user", {"id": userid if isinstance(userid, int | str) else str(userid)})
+        tx.set_context("user", {"id": userid if isinstance(userid, int | str) else str(userid)},
+                       captured=True)

@@ -170,7 +170,7 @@ def end_request(
         response: dict[str, Any] = {"status_code": code, "finished": True, "headers_sent": True}
         if headers is not None and tx.tracer.config.capture_headers:
             response["headers"] = dict(headers)
-        tx.set_context("response", response)
+        tx.set_context("response", response, captured=True)
     tx.end(name)
 
 

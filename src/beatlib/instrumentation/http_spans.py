@@ -1,5 +1,5 @@
 """What the HTTP client instrumentations (requests, urllib3, httpx) share: the exit span for one
-outgoing request (name `GET host[:port]`, redacted URL, destination, service target), its end
+outgoing request (name `GET host[:port]`, URL, destination, service target), its end
 (status code, outcome failure on 5xx or an exception) and the W3C trace headers to add.
 """
 
@@ -10,27 +10,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from beatlib.client import get_client
 from beatlib.context import get_active
-from beatlib.sanitize import Sanitizer
 from beatlib.tracing import Span, outgoing_headers, start_span
 
 logger = logging.getLogger("beatlib.instrumentation")
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
-_default_sanitizer: Sanitizer | None = None
-
-
-def _sanitizer() -> Sanitizer:
-    global _default_sanitizer
-    client = get_client()
-    if client is not None:
-        return client.sanitizer
-    if _default_sanitizer is None:
-        from beatlib.config import Config
-
-        _default_sanitizer = Sanitizer(Config(environ={}).sanitize_field_names)
-    return _default_sanitizer
 
 
 def start(method: Any, url: Any) -> Span | None:
@@ -52,7 +37,7 @@ def start(method: Any, url: Any) -> Span | None:
         shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
         name = f"{method} {shown}" if port == default else f"{method} {shown}:{port}"
         context: dict[str, Any] = {
-            "http": {"url": _sanitizer().url(url), "method": method},
+            "http": {"url": url, "method": method},  # redacted by the client's processors
             "destination": {"address": host, "port": port},
             "service": {"target": {"type": "http", "name": f"{shown}:{port}"}},
         }

@@ -7,25 +7,12 @@ is just its first keyword.
 
 from __future__ import annotations
 
-import re
 from typing import Any
+
+from beatlib.sanitize import SQL_TOKEN as _TOKEN
 
 STATEMENT_LENGTH = 10000  # characters of a statement kept in span context
 
-_TOKEN = re.compile(
-    r"""
-      (?P<space>\s+)
-    | (?P<comment>--[^\n]*|\#[^\n]*|/\*.*?(?:\*/|\Z))
-    | (?P<string>'(?:[^']|'')*(?:'|\Z)
-                |[eE]'(?:[^'\\]|\\.|'')*(?:'|\Z)
-                |\$(?P<tag>\w*)\$.*?(?:\$(?P=tag)\$|\Z))
-    | (?P<quoted>"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^\]]*\]?)
-    | (?P<word>[^\W\d]\w*(?:\$\w*)*)
-    | (?P<number>\d[\w.]*)
-    | (?P<punct>.)
-    """,
-    re.VERBOSE | re.DOTALL,
-)
 _INSERT_MODIFIERS = frozenset(
     ("INTO", "IGNORE", "OR", "REPLACE", "LOW_PRIORITY", "DELAYED", "HIGH_PRIORITY", "ROLLBACK",
      "ABORT", "FAIL")

@@ -1,29 +1,32 @@
-"""Elastic APM intake v2: our transactions, spans and metadata as NDJSON lines.
+"""Elastic APM intake v2: our records as event dicts, and event dicts as NDJSON lines.
 
-Pure functions, run on the transport's worker thread. Everything taken from the app is
-made to fit the schemas here: keyword fields truncated, label keys and values normalised,
-numbers that JSON cannot carry turned into text.
+The one place that knows this wire format: transactions, spans, errors (with their frames and
+source lines), metricsets and metadata. Pure functions, run on the transport's worker thread.
+Values get the schema's types here (label keys and values, user fields, integers JSON can
+carry); redaction and string lengths are the processors' work, between `event` and `line`.
 """
 
 from __future__ import annotations
 
 import json
+import linecache
 import math
 import os
 import platform
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from beatlib.sanitize import Sanitizer, shorten, truncate
 from beatlib.version import __version__
 
 if TYPE_CHECKING:
     from beatlib.config import Config
-    from beatlib.tracing import Transaction
+    from beatlib.errors import ErrorSnapshot, ExceptionSnapshot
+    from beatlib.metrics import MetricSet
+    from beatlib.stacks import FrameSnapshot
+    from beatlib.tracing import Span, Transaction
 
-KEYWORD_LENGTH = 1024  # the schemas' maxLength for keyword fields
 _INT_LIMIT = 2**63  # Elasticsearch longs; bigger integers travel as text
 _dumps = json.JSONEncoder(separators=(",", ":"), default=repr).encode
 _LABEL_KEY_TABLE = str.maketrans({".": "_", "*": "_", '"': "_"})
@@ -35,21 +38,32 @@ def line(kind: str, event: Mapping[str, Any]) -> bytes:
     return (_dumps({kind: event}) + "\n").encode("utf-8", "backslashreplace")
 
 
-def keyword(value: Any, limit: int = KEYWORD_LENGTH) -> str:
-    """A keyword field: text, at most `limit` characters, always valid UTF-8."""
-    if not isinstance(value, str):
-        value = safe_str(value)
-    return truncate(value, min(limit, KEYWORD_LENGTH))
+def events(item: Any, config: Config) -> list[tuple[str, dict[str, Any]]]:
+    """The intake events of one queued record: a transaction and its spans, an error, or a
+    metricset."""
+    from beatlib.errors import ErrorSnapshot
+    from beatlib.tracing import Transaction
+
+    if isinstance(item, Transaction):
+        out = [("transaction", transaction(item))]
+        out += [("span", span(item, sp, config)) for sp in item.spans]
+        return out
+    if isinstance(item, ErrorSnapshot):
+        return [("error", error(item, config))]
+    return [("metricset", metricset(item))]
 
 
-def safe_str(value: Any) -> str:
+def text(value: Any) -> str:
+    """A text field: the value, or its str() (never raising)."""
+    if isinstance(value, str):
+        return value
     try:
         return str(value)
     except Exception:
         return f"<unprintable {type(value).__name__} object>"
 
 
-def scalar(value: Any, limit: int = KEYWORD_LENGTH) -> Any:
+def scalar(value: Any) -> Any:
     """A label or user value: None, bool and JSON-safe numbers as they are, the rest as text."""
     if value is None or isinstance(value, bool):
         return value
@@ -57,111 +71,66 @@ def scalar(value: Any, limit: int = KEYWORD_LENGTH) -> Any:
         return int(value)
     if isinstance(value, float) and math.isfinite(value):
         return value
-    return keyword(value, limit)
+    return text(value)
 
 
-def labels(raw: Mapping[Any, Any], limit: int = KEYWORD_LENGTH) -> dict[str, Any]:
+def labels(raw: Mapping[Any, Any]) -> dict[str, Any]:
     """Labels as the schema allows them: keys without `.`, `*`, `"`; flat scalar values."""
-    return {
-        keyword(key, limit).translate(_LABEL_KEY_TABLE): scalar(value, limit)
-        for key, value in raw.items()
-    }
+    return {text(key).translate(_LABEL_KEY_TABLE): scalar(value) for key, value in raw.items()}
 
 
-def user(raw: Mapping[str, Any], limit: int = KEYWORD_LENGTH) -> dict[str, Any]:
-    """id, username, email, domain; only the id may stay a number."""
-    out: dict[str, Any] = {}
-    for field in _USER_FIELDS:
-        value = raw.get(field)
-        if value is not None:
-            out[field] = scalar(value, limit) if field == "id" else keyword(value, limit)
-    return out
-
-
-def context(
-    raw: Mapping[str, Any] | None,
-    raw_labels: Mapping[str, Any] | None,
-    config: Config,
-    sanitizer: Sanitizer,
-) -> dict[str, Any] | None:
-    """Context given by the app or an integration, made to fit: keyword fields cut, secrets
-    redacted, free-form data bounded (transactions and errors alike). A value may be a
-    callable that builds it (integrations defer costly context to the worker thread)."""
-    width = config.max_string_length
+def context(raw: Mapping[str, Any] | None, raw_labels: Mapping[str, Any] | None
+            ) -> dict[str, Any] | None:
+    """Context given by the app or an integration, in the schema's shape (transactions,
+    spans and errors alike). A value may be a callable that builds it: integrations defer
+    costly context to this (the worker) thread."""
     out: dict[str, Any] = {}
     for key, value in (raw or {}).items():
-        if callable(value):  # deferred by an integration to this (the worker) thread
+        if callable(value):
             value = value()
         if not isinstance(value, Mapping):
             continue
         if key == "tags":
-            out[key] = labels(value, width)
+            out[key] = labels(value)
         elif key == "user":
-            out[key] = user(value, width)
+            out[key] = {f: scalar(value[f]) if f == "id" else text(value[f])
+                        for f in _USER_FIELDS if value.get(f) is not None}
         elif key == "request":
-            out[key] = request(value, config, sanitizer)
+            out[key] = _request(value)
         elif key == "response" and isinstance(value.get("headers"), Mapping):
-            out[key] = {**value, "headers": _headers(value["headers"], width, sanitizer)}
+            out[key] = {**value, "headers": _headers(value["headers"])}
         else:
-            out[key] = shorten(
-                value,
-                config.local_var_list_max_length,
-                config.local_var_dict_max_length,
-                config.max_message_length,
-                sanitizer.is_sensitive,
-            )
+            out[key] = dict(value)
     if raw_labels:
-        out["tags"] = {**out.get("tags", {}), **labels(raw_labels, width)}
+        out["tags"] = {**out.get("tags", {}), **labels(raw_labels)}
     return out or None
 
 
-def request(req: Mapping[str, Any], config: Config, sanitizer: Sanitizer) -> dict[str, Any]:
-    """An HTTP request context: headers, cookies, env, URL and body redacted and cut."""
-    width = config.max_string_length
+def _headers(headers: Mapping[Any, Any]) -> dict[str, str | list[str]]:
+    return {text(k): [text(v) for v in value] if isinstance(value, list | tuple) else text(value)
+            for k, value in headers.items()}
+
+
+def _request(req: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(req)
-    out["method"] = keyword(req.get("method") or "UNKNOWN", width)
-    if isinstance(req.get("headers"), Mapping):
-        out["headers"] = _headers(req["headers"], width, sanitizer)
-    for key in ("cookies", "env"):
+    out["method"] = text(req.get("method") or "UNKNOWN")
+    for key in ("headers", "cookies", "env"):
         if isinstance(req.get(key), Mapping):
-            clean = sanitizer.mapping(req[key])
-            out[key] = {keyword(k, width): _header_value(v, width) for k, v in clean.items()}
+            out[key] = _headers(req[key])
     if isinstance(req.get("url"), Mapping):
-        url = dict(req["url"])
-        for part in ("full", "raw"):
-            if isinstance(url.get(part), str):
-                url[part] = sanitizer.url(url[part])
-        if isinstance(url.get("search"), str):
-            url["search"] = sanitizer.query_string(url["search"])
-        out["url"] = {k: scalar(v, width) for k, v in url.items()}
+        out["url"] = {k: scalar(v) for k, v in req["url"].items()}
     body = req.get("body")
-    if isinstance(body, Mapping):
-        out["body"] = shorten(
-            sanitizer.mapping(body), 50, 50, config.max_message_length, sanitizer.is_sensitive
-        )
-    elif body is not None:
-        text = body if isinstance(body, str) else safe_str(body)
-        out["body"] = truncate(text, config.max_message_length)
+    if body is not None and not isinstance(body, Mapping | list | str):
+        out["body"] = text(body)
     return out
 
 
-def _headers(headers: Mapping[str, Any], width: int, sanitizer: Sanitizer) -> dict[str, Any]:
-    clean = sanitizer.headers(headers)
-    return {keyword(k, width): _header_value(v, width) for k, v in clean.items()}
-
-
-def _header_value(value: Any, width: int) -> str | list[str]:
-    if isinstance(value, list | tuple):
-        return [keyword(v, width) for v in value]
-    return keyword(value, width)
-
-
-def transaction(tx: Transaction, config: Config, sanitizer: Sanitizer) -> dict[str, Any]:
+def transaction(tx: Transaction) -> dict[str, Any]:
     """The value under `transaction`; unsampled ones carry no context, only the counts."""
     event: dict[str, Any] = {
         "id": "%016x" % tx.id,
         "trace_id": tx.trace_id,
-        "type": keyword(tx.type),
+        "type": text(tx.type),
         "duration": tx.duration,
         "timestamp": tx.timestamp,
         "sampled": tx.sampled,
@@ -169,78 +138,144 @@ def transaction(tx: Transaction, config: Config, sanitizer: Sanitizer) -> dict[s
         "outcome": tx.outcome or "unknown",
     }
     if tx.name is not None:
-        event["name"] = keyword(tx.name)
+        event["name"] = text(tx.name)
     if tx.result is not None:
-        event["result"] = keyword(tx.result)
+        event["result"] = text(tx.result)
     if tx.parent_id is not None:
         event["parent_id"] = tx.parent_id
     if tx.sample_rate is not None:
         event["sample_rate"] = tx.sample_rate
     if tx.sampled and (tx.context or tx.labels):
-        ctx = context(tx.context, tx.labels, config, sanitizer)
+        ctx = context(tx.context, tx.labels)
         if ctx:
             event["context"] = ctx
     return event
 
 
-def span_lines(tx: Transaction, frames_of: Any = None) -> list[bytes]:
-    """The `span` lines of a transaction. The hot path of encoding (most events are spans),
-    so the line is formatted directly, with the escaped names cached: apps have few.
-    `frames_of` turns a span's captured stack into intake frames."""
+def span(tx: Transaction, sp: Span, config: Config) -> dict[str, Any]:
+    """The value under `span` for one span of `tx`."""
     tx_id = "%016x" % tx.id
-    head = '{"span":{"transaction_id":"%s","trace_id":"%s"' % (tx_id, tx.trace_id)
-    tail = "" if tx.sample_rate is None else ',"sample_rate":%r' % tx.sample_rate
-    base, start = tx.timestamp, tx.start
-    lines = []
-    for sp in tx.spans:
-        parent = sp.parent
-        parts = [
-            head,
-            ',"id":"%016x","parent_id":"%s","name":%s,"type":%s,"timestamp":%d,"duration":%r,'
-            '"outcome":"%s"' % (
-                sp.id,
-                tx_id if parent is tx else "%016x" % parent.id,
-                _escaped(sp.name),
-                _escaped(sp.type),
-                base + (sp.start - start) // 1000,
-                sp.duration,
-                sp.outcome or "unknown",
-            ),
-        ]
-        if sp.subtype is not None:
-            parts.append(',"subtype":' + _escaped(sp.subtype))
-        if sp.action is not None:
-            parts.append(',"action":' + _escaped(sp.action))
-        if sp.sync is not None:
-            parts.append(',"sync":true' if sp.sync else ',"sync":false')
-        if sp.context or sp.labels:
-            # Span context (db, http, destination) is built by our instrumentation; only the
-            # app's labels need normalising.
-            ctx = dict(sp.context) if sp.context else {}
-            if sp.labels:
-                ctx["tags"] = labels(sp.labels)
-            parts.append(',"context":' + _dumps(ctx))
-        if sp.stacktrace and frames_of is not None:
-            parts.append(',"stacktrace":' + _dumps(frames_of(sp.stacktrace)))
-        parts.append(tail)
-        parts.append("}}\n")
-        lines.append("".join(parts).encode("ascii"))
-    return lines
+    parent = sp.parent
+    event: dict[str, Any] = {
+        "id": "%016x" % sp.id,
+        "transaction_id": tx_id,
+        "trace_id": tx.trace_id,
+        "parent_id": tx_id if parent is tx else "%016x" % parent.id,
+        "name": text(sp.name),
+        "type": text(sp.type),
+        "timestamp": tx.timestamp + (sp.start - tx.start) // 1000,
+        "duration": sp.duration,
+        "outcome": sp.outcome or "unknown",
+    }
+    if sp.subtype is not None:
+        event["subtype"] = text(sp.subtype)
+    if sp.action is not None:
+        event["action"] = text(sp.action)
+    if sp.sync is not None:
+        event["sync"] = bool(sp.sync)
+    if sp.context or sp.labels:
+        event["context"] = context(sp.context, sp.labels) or {}
+    if sp.stacktrace:
+        event["stacktrace"] = frames(sp.stacktrace, config)
+    if tx.sample_rate is not None:
+        event["sample_rate"] = tx.sample_rate
+    return event
 
 
-_escape = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
-_escaped_cache: dict[Any, str] = {}
+def error(snap: ErrorSnapshot, config: Config) -> dict[str, Any]:
+    """The value of the intake v2 "error" key (error.json)."""
+    out: dict[str, Any] = {"id": snap.id, "timestamp": snap.timestamp}
+    for key, value in snap.trace.items():
+        if key == "transaction":
+            out[key] = {k: scalar(v) for k, v in value.items() if v is not None}
+        else:
+            out[key] = value
+    if snap.culprit:
+        out["culprit"] = snap.culprit
+    if snap.exception is not None:
+        out["exception"] = exception(snap.exception, config)
+        out["exception"]["handled"] = snap.handled
+    if snap.log is not None:
+        log = {k: v for k, v in snap.log.items() if v is not None}
+        if snap.log_frames is not None:
+            log["stacktrace"] = frames(snap.log_frames, config)
+        out["log"] = log
+    if snap.context:
+        ctx = context(snap.context, None)
+        if ctx:
+            out["context"] = ctx
+    return out
 
 
-def _escaped(value: Any) -> str:
-    """`value` as a JSON string literal, keyword-truncated, ASCII-escaped; cached."""
-    cached = _escaped_cache.get(value)
-    if cached is None:
-        cached = _escape(keyword(value))
-        if len(_escaped_cache) >= 4096:  # names are few; values in names just churn it
-            _escaped_cache.clear()
-        _escaped_cache[value] = cached
-    return cached
+def exception(exc: ExceptionSnapshot, config: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": exc.type,
+        "message": exc.message,
+        "stacktrace": frames(exc.frames, config),
+    }
+    if exc.module:
+        out["module"] = exc.module
+    if exc.causes:
+        out["cause"] = [exception(c, config) for c in exc.causes]
+    return out
+
+
+def frames(snapshots: Iterable[FrameSnapshot], config: Config) -> list[dict[str, Any]]:
+    """Stacktrace frames (error.json / span.json), with source lines read here."""
+    out = []
+    for f in snapshots:
+        d: dict[str, Any] = {
+            "filename": f.filename,
+            "abs_path": f.abs_path,
+            "module": f.module,
+            "function": f.function,
+            "library_frame": f.library_frame,
+        }
+        if f.lineno is not None:
+            d["lineno"] = f.lineno
+            n = (config.source_lines_error_library_frames if f.library_frame
+                 else config.source_lines_error_app_frames)
+            if n > 0 and f.abs_path:
+                try:
+                    d.update(_source(f.abs_path, f.lineno, n // 2 if n > 1 else 0))
+                except Exception:  # unreadable or undecodable source: frames still ship
+                    pass
+        if f.locals is not None:
+            d["vars"] = f.locals
+        out.append(d)
+    return out
+
+
+def _source(path: str, lineno: int, around: int) -> dict[str, Any]:
+    lines = linecache.getlines(path)
+    if not lines or not 0 < lineno <= len(lines):
+        return {}
+    i = lineno - 1
+    return {
+        "pre_context": [s.rstrip("\r\n") for s in lines[max(0, i - around) : i]],
+        "context_line": lines[i].rstrip("\r\n"),
+        "post_context": [s.rstrip("\r\n") for s in lines[i + 1 : i + 1 + around]],
+    }
+
+
+def metricset(ms: MetricSet) -> dict[str, Any]:
+    """The value under `metricset`: samples (gauges, counters, histograms) at one time."""
+    samples: dict[str, Any] = {}
+    for name, (kind, *value) in ms.samples.items():
+        if kind == "histogram":
+            unit, values, counts = value
+            samples[name] = {"type": kind, "unit": unit, "values": values, "counts": counts}
+        elif kind == "counter":
+            samples[name] = {"type": kind, "value": value[0]}
+        else:
+            samples[name] = {"value": value[0]}
+    event: dict[str, Any] = {"timestamp": ms.timestamp, "samples": samples}
+    if ms.transaction is not None:
+        tx_name, tx_type = ms.transaction
+        event["transaction"] = {"type": text(tx_type)}
+        if tx_name is not None:
+            event["transaction"]["name"] = text(tx_name)
+    return event
 
 
 def metadata(config: Config, framework: tuple[str, str] | None = None) -> dict[str, Any]:
@@ -255,26 +290,26 @@ def metadata(config: Config, framework: tuple[str, str] | None = None) -> dict[s
         },
     }
     if config.service_version:
-        service["version"] = keyword(config.service_version)
+        service["version"] = config.service_version
     if config.environment:
-        service["environment"] = keyword(config.environment)
+        service["environment"] = config.environment
     if framework:
-        service["framework"] = {"name": framework[0], "version": framework[1]}
-    system = {
-        "detected_hostname": keyword(socket.gethostname()),
+        service["framework"] = {"name": text(framework[0]), "version": text(framework[1])}
+    system: dict[str, Any] = {
+        "detected_hostname": socket.gethostname(),
         "architecture": platform.machine(),
         "platform": sys.platform,
     }
     if config.hostname:
-        system["configured_hostname"] = keyword(config.hostname)
+        system["configured_hostname"] = config.hostname
     title = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
     return {
         "service": service,
         "process": {
             "pid": os.getpid(),
             "ppid": os.getppid(),
-            "title": keyword(title),
-            "argv": [keyword(a) for a in sys.argv[:50]],
+            "title": title,
+            "argv": [text(a) for a in sys.argv[:50]],
         },
         "system": system,
     }

@@ -87,7 +87,7 @@ class Transport:
     `encode(item)` returns NDJSON lines (bytes ending in b"\\n"), `metadata()` the metadata
     line; both run on the worker thread. `on_tick()` (worker thread, every flush_interval)
     returns items to send with that tick, e.g. metricsets. The other keyword arguments tune
-    retry spacing, compression and log rate (tests use short backoffs).
+    retry spacing, compression and log rate (tests use short backoffs), and the sender.
     """
 
     def __init__(
@@ -101,6 +101,7 @@ class Transport:
         compress_level: int = 2,  # measured: as fast as 1, smaller output; 6 is 2x slower
         log_interval: float = 60.0,
         on_tick: Callable[[], Iterable[object]] | None = None,
+        sender: Any = None,
     ) -> None:
         self._encode = encode
         self._on_tick = on_tick
@@ -118,7 +119,8 @@ class Transport:
         self._compress_level = compress_level
         self._backoff_args = (backoff_base, backoff_max)
         self._log = RateLimitedLog(log_interval)
-        self._sender = Sender(config, self._log)
+        # `sender.send(body, timeout)` ships one batch: HTTP, or a MemorySender in tests.
+        self._sender = sender if sender is not None else Sender(config, self._log)
         self._accepting = bool(config.enabled)
         self._closed_ok = True
         self._reset()

@@ -1,0 +1,157 @@
+"""The per-client event pipeline: a queued record in, NDJSON lines out (worker thread).
+
+    record ──encoder (protocol/)──► event dict ──processors──► line
+    processors: sanitize (keys and values) → truncate → before_send (the user's hook)
+
+Every event kind passes it: transaction, span, error, metricset and metadata. A processor
+returns the event (changed or not) or None to drop it; a hook that raises drops that event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from beatlib import release
+from beatlib.protocol import intake_v2
+from beatlib.sanitize import Sanitizer, truncate
+
+logger = logging.getLogger("beatlib")
+
+Event = dict[str, Any]
+BeforeSend = Callable[[str, Event], Event | None]
+KEYWORD_LENGTH = 1024  # the schemas' maxLength for keyword fields
+
+
+class Sanitize:
+    """Redacts secrets: by key name in free-form data (headers, cookies, bodies, locals,
+    labels, custom context, environment), by value in every text (see `sanitize.py`)."""
+
+    name = "sanitize"
+
+    def __init__(self, sanitizer: Sanitizer) -> None:
+        self.sanitizer = sanitizer
+
+    def __call__(self, kind: str, event: Event, secrets: frozenset[str] = frozenset()) -> Event:
+        return self.sanitizer.clean(event, values=secrets)  # type: ignore[no-any-return]
+
+
+class Truncate:
+    """Cuts texts to the configured lengths (after redaction, so no secret is cut in half
+    and missed): keyword fields, messages, SQL statements, bodies, locals."""
+
+    name = "truncate"
+
+    def __init__(self, config: Any) -> None:
+        keyword = min(config.max_string_length, KEYWORD_LENGTH)
+        message = config.max_message_length
+        self.keyword = keyword
+        self.limits = {
+            "message": message, "body": message, "custom": message,
+            "statement": 10000, "vars": config.local_var_max_length,
+        }  # fmt: skip
+
+    def __call__(self, kind: str, event: Event, secrets: frozenset[str] = frozenset()) -> Event:
+        self._cut(event, self.keyword)
+        return event
+
+    def _cut(self, value: Any, limit: int) -> None:
+        """Cuts `value`'s texts in place (the event is the processors' own copy)."""
+        if isinstance(value, dict):
+            limits = self.limits
+            long_keys = False
+            for key, item in value.items():
+                if isinstance(key, str) and (len(key) > self.keyword or not key.isascii()):
+                    long_keys = True
+                if isinstance(item, str):
+                    lim = limits.get(key, limit)
+                    if len(item) > lim or not item.isascii():
+                        value[key] = truncate(item, lim)
+                elif isinstance(item, dict | list):
+                    self._cut(item, limits.get(key, limit))
+            if long_keys:
+                cut = {truncate(k, self.keyword) if isinstance(k, str) else k: v
+                       for k, v in value.items()}
+                value.clear()
+                value.update(cut)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, str):
+                    if len(item) > limit or not item.isascii():
+                        value[i] = truncate(item, limit)
+                elif isinstance(item, dict | list):
+                    self._cut(item, limit)
+
+
+class Pipeline:
+    """One client's record-to-lines path: `encode(record)` gives NDJSON lines for the
+    transport, `metadata_line()` the first line of each request; `events(record)` the
+    processed event dicts (what `encode` writes)."""
+
+    def __init__(self, config: Any, sanitizer: Sanitizer,
+                 metadata: Callable[[], Event]) -> None:
+        self.config = config
+        self.processors: list[Any] = [Sanitize(sanitizer), Truncate(config)]
+        self.before_send: BeforeSend | None = config.before_send
+        self._metadata = metadata
+        self._lock = threading.Lock()
+        self.counts = {"dropped_by_hook": 0, "hook_errors": 0}
+        self._hook_failed_before = False
+
+    def events(self, record: Any) -> list[tuple[str, Event]]:
+        secrets = getattr(record, "secrets", None) or frozenset()
+        out = []
+        for kind, event in intake_v2.events(record, self.config):
+            if kind == "error" and self.config.assign_errors:
+                release.assign(event, record)  # blame, before redaction like all data
+            processed = self.process(kind, event, secrets)
+            if processed is not None:
+                out.append((kind, processed))
+        return out
+
+    def encode(self, record: Any) -> list[bytes]:
+        return [intake_v2.line(kind, event) for kind, event in self.events(record)]
+
+    def metadata_line(self) -> bytes:
+        """Built for every request, so it shows the client as it is now."""
+        event = self._metadata()
+        processed = self.process("metadata", event)
+        if processed is None:  # a request needs one: ours, processed, without the hook
+            processed = self.process("metadata", self._metadata(), hook=False)
+        return intake_v2.line("metadata", processed)  # type: ignore[arg-type]
+
+    def process(self, kind: str, event: Event, secrets: frozenset[str] = frozenset(),
+                hook: bool = True) -> Event | None:
+        for processor in self.processors:
+            event = processor(kind, event, secrets)
+        if hook and self.before_send is not None:
+            return self._hook(kind, event)
+        return event
+
+    def _hook(self, kind: str, event: Event) -> Event | None:
+        try:
+            result = self.before_send(kind, event)  # type: ignore[misc]
+        except Exception:
+            self._count("hook_errors")
+            if not self._hook_failed_before:
+                self._hook_failed_before = True
+                logger.error("beatlib: before_send raised on a %s event; dropped it (this is "
+                             "logged once, later failures are counted)", kind, exc_info=True)
+            return None
+        if result is None:
+            self._count("dropped_by_hook")
+            return None
+        if not isinstance(result, dict):
+            self._count("hook_errors")
+            if not self._hook_failed_before:
+                self._hook_failed_before = True
+                logger.error("beatlib: before_send returned %s for a %s event, not a dict or "
+                             "None; dropped it", type(result).__name__, kind)
+            return None
+        return result
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.counts[key] += 1
