@@ -92,6 +92,11 @@ class Receiver:
         with self._cond:
             return [event for k, event in self._events if kind is None or k == kind]
 
+    def received(self) -> bytes:
+        """Every request body received, decompressed, in order: what a leak would be in."""
+        with self._cond:
+            return b"".join(r.get("raw", b"") for r in self.requests)
+
     def wait_for(self, kind: str, n: int, timeout: float = 10.0) -> bool:
         """Waits until at least `n` events of `kind` arrived."""
         with self._cond:
@@ -333,6 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, {"accepted": 0, "errors": [{"message": str(exc)}]})
             return
         request["raw_size"] = len(raw)
+        request["raw"] = raw
         content_type = self.headers.get("Content-Type")
         if content_type is not None and "application/x-ndjson" not in content_type:
             request["status"] = 400

@@ -100,12 +100,16 @@ class Client:
         self,
         exc_info: ExcInfo | BaseException | None = None,
         handled: bool = True,
+        *,
+        log: dict[str, Any] | None = None,
         **context_data: Any,
     ) -> str | None:
         """Record an exception (the one being handled by default); returns the error id.
 
-        Extra keywords become error context: `request`, `response`, `user`, `custom`,
-        `labels`, and anything else under `custom`.
+        `log` is the log record that reported it (`message`, `level`, `logger_name`,
+        `param_message`), shipped beside the exception. Extra keywords become error
+        context: `request`, `response`, `user`, `custom`, `labels`, anything else under
+        `custom`.
         """
         try:
             if exc_info is None:
@@ -123,6 +127,7 @@ class Client:
                 handled=handled,
                 trace=trace,
                 context=ctx,
+                log=log,
             )
             if snapshot is None:
                 return None

@@ -121,9 +121,11 @@ class ErrorSnapshot:
         handled: bool = True,
         trace: Any = None,
         context: Mapping[str, Any] | None = None,
+        log: Mapping[str, Any] | None = None,
     ) -> ErrorSnapshot | None:
         """Snapshot of `exc_info` (a sys.exc_info() tuple, an exception, or None for the one
-        being handled). None when there is no exception."""
+        being handled), with the log record that reported it, if any. None when there is no
+        exception."""
         if exc_info is None:
             exc_info = sys.exc_info()
         if isinstance(exc_info, BaseException):
@@ -136,6 +138,9 @@ class ErrorSnapshot:
             return None
         snap = cls(trace, context)
         snap.handled = bool(handled)
+        if log:
+            snap.log = _log(log.get("message"), log.get("level"), log.get("param_message"),
+                            log.get("logger_name"), config)
         if exc is not None:
             snap.exception = _chain(exc, config)
             if tb is not None and tb is not exc.__traceback__:
@@ -160,12 +165,7 @@ class ErrorSnapshot:
     ) -> ErrorSnapshot:
         """Snapshot of a logged message; `stack` records the caller's stack (`skip` frames up)."""
         snap = cls(trace, context)
-        snap.log = {
-            "message": _message_of(message, config),
-            "param_message": param_message if isinstance(param_message, str) else None,
-            "level": level if isinstance(level, str) else None,
-            "logger_name": logger_name if isinstance(logger_name, str) else None,
-        }
+        snap.log = _log(message, level, param_message, logger_name, config)
         if stack:
             snap.log_frames = capture_stack(config, skip + 1)
         snap.culprit = snap._culprit()
@@ -181,6 +181,16 @@ class ErrorSnapshot:
     def _culprit(self) -> str | None:
         frame = self.culprit_frame()
         return None if frame is None else f"{frame.module} in {frame.function}"
+
+
+def _log(message: object, level: object, param_message: object, logger_name: object,
+         config: Any) -> dict[str, Any]:
+    return {
+        "message": _message_of(message, config),
+        "param_message": param_message if isinstance(param_message, str) else None,
+        "level": level if isinstance(level, str) else None,
+        "logger_name": logger_name if isinstance(logger_name, str) else None,
+    }
 
 
 def _rendered(context: Mapping[str, Any]) -> dict[str, Any]:

@@ -121,6 +121,9 @@ SQL_TOKEN = re.compile(
 # Data whose keys are the app's (names of headers, cookies, fields, locals, labels): below
 # these keys values are redacted by name too. Elsewhere keys are the schema's own.
 FREE_FORM = frozenset(("headers", "cookies", "env", "body", "custom", "tags", "vars", "labels"))
+# The context keys the schemas define; any other key under `context` is the app's own data.
+_CONTEXT_KEYS = frozenset(("request", "response", "user", "db", "http", "destination",
+                           "service", "message", "page", "cloud", "tags", "custom"))
 _IDS = frozenset(("id", "trace_id", "transaction_id", "parent_id"))
 _CACHE_BYTES = 2 * 1024 * 1024  # cleaned texts kept (names, statements and URLs repeat)
 _CACHE_TEXT = 2048  # longer texts are cleaned each time
@@ -239,6 +242,9 @@ class Sanitizer:
                     out[key] = self.sql(item, values)
                 elif key == "argv" and not keyed and isinstance(item, list):
                     out[key] = self.argv(item)
+                elif key == "context" and not keyed and isinstance(item, dict):
+                    out[key] = {k: self.clean(v, k in FREE_FORM or k not in _CONTEXT_KEYS, values)
+                                for k, v in item.items()}
                 else:
                     out[key] = self.clean(item, keyed or key in FREE_FORM, values)
             return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import io
 import logging
 import threading
@@ -37,14 +36,6 @@ def log(client):
     root.removeHandler(handler)
 
 
-def logger_name(error):
-    # Client.capture_message passes logger_name through once it takes it as a parameter;
-    # before that it arrives as custom context.
-    if "logger_name" in inspect.signature(beatlib.Client.capture_message).parameters:
-        return error["log"]["logger_name"]
-    return error["context"]["custom"]["logger_name"]
-
-
 def test_error_without_exc_info_is_a_message(client, log, receiver):
     tx = client.begin_transaction("request")
     log.error("order %s not found", 42)
@@ -55,7 +46,7 @@ def test_error_without_exc_info_is_a_message(client, log, receiver):
     assert error["log"]["message"] == "order 42 not found"
     assert error["log"]["param_message"] == "order %s not found"
     assert error["log"]["level"] == "error"
-    assert logger_name(error) == "app.orders"
+    assert error["log"]["logger_name"] == "app.orders"
     assert error["culprit"].endswith("in test_error_without_exc_info_is_a_message")
     assert error["transaction_id"] == "%016x" % tx.id
 
@@ -71,9 +62,10 @@ def test_exception_with_exc_info_is_captured_with_the_message(client, log, recei
     errors = receiver.events("error")
     (exc,) = [e for e in errors if "exception" in e]
     assert exc["exception"]["type"] == "KeyError" and exc["exception"]["handled"] is True
-    assert exc["context"]["custom"]["log"] == {
+    assert exc["log"] == {  # the record's message beside its exception
         "message": "could not price order", "level": "error", "logger_name": "app.orders"}
-    (msg,) = [e for e in errors if "log" in e]
+    assert "log" not in exc.get("context", {}).get("custom", {})
+    (msg,) = [e for e in errors if "exception" not in e]
     assert msg["log"]["level"] == "critical" and "param_message" in msg["log"]
 
 

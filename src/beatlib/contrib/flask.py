@@ -109,6 +109,8 @@ def _started(app: Flask, **_: Any) -> None:
         tx = begin_request(app.extensions[EXTENSION], request.environ, name)
         if tx is not None:
             state[:] = [tx, 500, None]
+            if request.view_args:
+                tx.set_route_params(request.view_args)
     except Exception:
         logger.debug("beatlib: could not begin the request's transaction", exc_info=True)
 

@@ -45,11 +45,12 @@ class LoggingHandler(logging.Handler):
             extra = self.record_context(record, client)
             message = record.getMessage()
             level = _LEVELS.get(record.levelno) or record.levelname.lower()
+            param = record.msg if record.args and isinstance(record.msg, str) else None
             if record.exc_info and record.exc_info[1] is not None:
-                log = {"message": message, "level": level, "logger_name": name}
+                log = {"message": message, "level": level, "logger_name": name,
+                       "param_message": param}
                 client.capture_exception(record.exc_info, log=log, **extra)  # type: ignore[arg-type]
             else:
-                param = record.msg if record.args and isinstance(record.msg, str) else None
                 client.capture_message(
                     message, level=level, param_message=param, logger_name=name, **extra
                 )

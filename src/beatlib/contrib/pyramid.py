@@ -98,6 +98,8 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
     try:
         if tx.name == request.method:  # not named by the app (beatlib.set_transaction_name)
             tx.name = transaction_name(request)
+        if getattr(request, "matchdict", None):
+            tx.set_route_params(request.matchdict)
         _set_user(tx, request)
         environ = request.environ
         if raised is not None:

@@ -60,11 +60,14 @@ class TracingMiddleware:
         _guarded(self._finish, tx, unnamed, request, response)
         return response
 
-    def process_view(self, request: HttpRequest, *_: Any) -> None:
-        """Named as soon as the URL is resolved, so errors in the view carry the name."""
+    def process_view(self, request: HttpRequest, view: Any, args: Any, kwargs: Any) -> None:
+        """Named as soon as the URL is resolved, so errors in the view carry the name; the
+        route's sensitive variables (`<token>`) are redacted in everything it records."""
         tx = current_transaction()
         if tx is not None and tx.name == request.method:
             _guarded(_name, tx, request)
+        if tx is not None and kwargs:
+            _guarded(tx.set_route_params, kwargs)
 
     def _finish(self, tx: Transaction, unnamed: str | None, request: HttpRequest,
                 response: HttpResponseBase) -> None:
