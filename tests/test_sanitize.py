@@ -86,7 +86,8 @@ def test_text_detectors_redact_the_secret_and_keep_the_rest(
 @pytest.mark.parametrize("text", [
     "invalid password for user bob", "Basic information here", "GET /items",
     "SELECT FROM items", "order 1234567890123456 shipped", "token expired", "id=42&page=2",
-    "http://127.0.0.1:8200/intake", "12:30:45", "",
+    "http://127.0.0.1:8200/intake", "12:30:45", "", "token %s rejected", "password=%s",
+    "password was {}", "api_key=%(key)s",
 ])  # fmt: skip
 def test_text_without_secrets_is_unchanged(sanitizer: Sanitizer, text: str) -> None:
     assert sanitizer.text(text) == text

@@ -72,6 +72,7 @@ class Client:
             sql_literals=self.config.capture_sql_literals,
         )
         self.metrics = LatencyMetrics()
+        self._error_mark = "_beatlib_error_id_%x" % id(self)  # per client: each captures once
         self.framework: tuple[str, str] | None = None
         self.pipeline = Pipeline(self.config, self.sanitizer, self._metadata)
         self.transport = Transport(self.config, self._encode, self.pipeline.metadata_line,
@@ -116,8 +117,8 @@ class Client:
                 exc_info = sys.exc_info()  # type: ignore[assignment]
             exc = exc_info if isinstance(exc_info, BaseException) else exc_info[1]  # type: ignore[index]
             # The same exception seen by several hooks (a framework signal, a middleware, a
-            # logging handler) is one error: the first capture marks it.
-            previous = getattr(exc, "_beatlib_error_id", None)
+            # logging handler) is one error of this client: its first capture marks it.
+            previous = getattr(exc, self._error_mark, None)
             if previous is not None or exc is None:
                 return previous
             trace, ctx = self._trace_ref(context_data)
@@ -132,7 +133,7 @@ class Client:
             if snapshot is None:
                 return None
             with contextlib.suppress(Exception):  # some exception types refuse attributes
-                exc._beatlib_error_id = snapshot.id  # type: ignore[union-attr]
+                setattr(exc, self._error_mark, snapshot.id)
             self.transport.queue(snapshot)
             return snapshot.id
         except Exception:

@@ -25,7 +25,7 @@ DEFAULT_FIELD_NAMES = (
     "*cvc*", "*otp*", "*signature*", "*sig", "*credential*", "*creds*", "*dsn*",
     "*conn*str*", "*private*", "*principal*", "*apikey*", "*api_key*", "*api-key*",
     "*access_key*", "*accesskey*", "*access-key*", "*_key_id", "*bearer*", "*jwt*",
-    "code", "pin", "*_pin", "ssn",
+    "*sid", "*sessid*", "*_sess", "sess", "code", "pin", "*_pin", "ssn",
 )  # fmt: skip
 
 
@@ -199,7 +199,8 @@ class Sanitizer:
             # Only the name and separator are consumed: a value that is not redacted is
             # scanned too (a URL with a token in it, a nested pair).
             value = m["value"]
-            if not self.is_sensitive(m["key"].strip("[]")) or value.startswith(REDACTED):
+            if (not self.is_sensitive(m["key"].strip("[]")) or value.startswith(REDACTED)
+                    or _PLACEHOLDER.match(m.string, m.end() + (value[:1] in "'\""))):
                 return m.group(), end
             quote = value[0] if value[:1] in ("'", '"') and value[-1:] == value[0] else ""
             return f"{m['key']}{m['sep']}{quote}{REDACTED}{quote}", m.end("value")
@@ -219,7 +220,8 @@ class Sanitizer:
             return (REDACTED if 13 <= len(digits) <= 19 and _luhn(digits) else m.group()), end
         value = m["wvalue"]
         core = value.rstrip(_TRAILING)
-        if not core or core == REDACTED or (not m["wsep"].strip() and not _looks_secret(core)):
+        if (not core or core == REDACTED or _PLACEHOLDER.match(value)
+                or (not m["wsep"].strip() and not _looks_secret(core))):
             return m.group(), end
         return f"{m['word']}{m['wsep']}{REDACTED}{value[len(core):]}", end
 
@@ -295,8 +297,14 @@ def _placeholder(m: re.Match[str]) -> str:
     return "?" if kind in ("string", "tag", "number") else m.group()
 
 
+_PLACEHOLDER = re.compile(r"%(?:\(\w*\))?[-#0 +]*\d*(?:\.\d+)?[sdrifxXeEgGc]|\{[\w.:!]*\}|\?")
+
+
 def _looks_secret(value: str) -> bool:
-    """A word that could be a credential: not a plain lower-case English-like word."""
+    """A word that could be a credential: not a plain lower-case English-like word, and not
+    a format placeholder (`%s`, `{}`: a message template shows where a value goes)."""
+    if _PLACEHOLDER.fullmatch(value):
+        return False
     return (
         any(c.isdigit() for c in value)
         or any(not c.isalnum() for c in value)
