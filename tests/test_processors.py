@@ -1,0 +1,222 @@
+"""The event pipeline seen from outside: before_send, per-client redaction rules, capture at
+the calling thread, truncation after redaction, metadata as the client is now."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import beatlib
+from beatlib import context
+from beatlib.config import ConfigError
+from beatlib.sanitize import REDACTED
+from beatlib.transport.memory import MemorySender
+from tests.schemas import validate
+
+
+@pytest.fixture
+def made() -> Iterator[list[beatlib.Client]]:
+    clients: list[beatlib.Client] = []
+    yield clients
+    for client in clients:
+        client.close(5)
+    context.set_active(None)
+
+
+def memory_client(made: list[beatlib.Client], **settings: Any) -> tuple[beatlib.Client,
+                                                                         MemorySender]:
+    sender = MemorySender()
+    client = beatlib.Client(sender=sender, service_name="pipeline", environ={}, **settings)
+    made.append(client)
+    return client, sender
+
+
+def shipped(client: beatlib.Client, sender: MemorySender) -> list[tuple[str, dict[str, Any]]]:
+    assert client.flush(5)
+    events = sender.events()
+    for kind, event in events:
+        validate(kind, event)
+    return events
+
+
+def fail() -> None:
+    raise ValueError("boom")
+
+
+def test_before_send_sees_every_kind_and_can_change_or_drop(made) -> None:
+    seen: list[str] = []
+
+    def hook(kind: str, event: dict[str, Any]) -> dict[str, Any] | None:
+        seen.append(kind)
+        if kind == "transaction" and event.get("name") == "GET /health":
+            return None
+        if kind == "error":
+            event.setdefault("context", {}).setdefault("custom", {})["scrubbed"] = True
+        return event
+
+    client, sender = memory_client(made, before_send=hook)
+    for name in ("GET /health", "GET /items"):
+        client.begin_transaction("request")
+        with beatlib.capture_span("work"):
+            pass
+        client.end_transaction(name, "HTTP 2xx")
+    try:
+        fail()
+    except ValueError:
+        client.capture_exception()
+    events = shipped(client, sender)
+    assert [e["name"] for k, e in events if k == "transaction"] == ["GET /items"]
+    (error,) = [e for k, e in events if k == "error"]
+    assert error["context"]["custom"]["scrubbed"] is True
+    assert {"metadata", "transaction", "span", "error"} <= set(seen)
+    assert client.stats()["dropped_by_hook"] == 1
+
+
+def test_before_send_that_raises_drops_that_event_only(made, caplog) -> None:
+    def hook(kind: str, event: dict[str, Any]) -> dict[str, Any]:
+        if kind == "error":
+            raise RuntimeError("hook bug")
+        return event
+
+    client, sender = memory_client(made, before_send=hook)
+    caplog.set_level(logging.ERROR, logger="beatlib")
+    for _ in range(3):
+        try:
+            fail()
+        except ValueError:
+            assert client.capture_exception() is not None  # the app sees no exception
+    client.begin_transaction("task")
+    client.end_transaction("job", "success")
+    events = shipped(client, sender)
+    assert [k for k, _ in events if k != "metadata"] == ["transaction"]
+    assert client.stats()["hook_errors"] == 3
+    logged = [r for r in caplog.records if "before_send raised" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None  # once, with the traceback
+
+
+def test_before_send_that_returns_junk_drops_and_metadata_is_never_lost(made) -> None:
+    client, sender = memory_client(made, before_send=lambda kind, event: None if kind ==
+                                   "metadata" else "not a dict")
+    client.capture_message("hello")
+    assert client.flush(5)
+    assert [k for k, _ in sender.events()] == ["metadata"]  # beatlib's own, processed
+    assert client.stats()["hook_errors"] == 1
+
+
+def scrub(kind: str, event: dict[str, Any]) -> dict[str, Any]:
+    event["scrubbed_by"] = "dotted path"
+    return event
+
+
+def test_before_send_as_a_dotted_path(made, monkeypatch) -> None:
+    monkeypatch.setenv("BEATLIB_BEFORE_SEND", "tests.test_processors:scrub")
+    client = beatlib.Client(sender=MemorySender(), service_name="x")
+    made.append(client)
+    assert client.config.before_send is scrub
+    for path in ("tests.test_processors:missing", "no.such.module:f", "tests.test_processors"):
+        with pytest.raises(ConfigError) as error:
+            beatlib.Client(before_send=path, environ={})
+        assert error.value.setting == "before_send"
+
+
+def test_two_clients_redact_by_their_own_rules(made) -> None:
+    strict, strict_sent = memory_client(made, sanitize_field_names_extra="*employee*")
+    plain, plain_sent = memory_client(made)
+
+    def capture(client: beatlib.Client) -> None:
+        employee_id = "E-1234"  # noqa: F841
+        password = "hunter2"  # noqa: F841
+        try:
+            fail()
+        except ValueError:
+            client.capture_exception()
+
+    worker = threading.Thread(target=capture, args=(strict,))
+    worker.start()
+    worker.join()
+    capture(plain)
+    (strict_error,) = [e for k, e in shipped(strict, strict_sent) if k == "error"]
+    (plain_error,) = [e for k, e in shipped(plain, plain_sent) if k == "error"]
+    strict_vars = strict_error["exception"]["stacktrace"][1]["vars"]
+    plain_vars = plain_error["exception"]["stacktrace"][1]["vars"]
+    assert strict_vars["employee_id"] == REDACTED and plain_vars["employee_id"] == "E-1234"
+    assert strict_vars["password"] == REDACTED == plain_vars["password"]
+
+
+def test_outgoing_http_urls_use_the_owning_clients_rules(made) -> None:
+    own, own_sent = memory_client(made, sanitize_field_names_extra="tenant")
+    memory_client(made)  # created last: the process default client, with the defaults
+    own.begin_transaction("task")
+    span = beatlib.capture_span("call", "external", "http")
+    with span as opened:
+        assert opened is not None
+        opened.context = {"http": {"url": "https://api.test/v1?tenant=acme&token=t0k&x=1"}}
+    own.end_transaction("job")
+    (sp,) = [e for k, e in shipped(own, own_sent) if k == "span"]
+    assert sp["context"]["http"]["url"] == (
+        f"https://api.test/v1?tenant={REDACTED}&token={REDACTED}&x=1")
+
+
+def test_locals_and_context_are_taken_when_captured(made) -> None:
+    client, sender = memory_client(made)
+    threads: list[threading.Thread] = []
+
+    class Lazy:
+        def __repr__(self) -> str:
+            threads.append(threading.current_thread())
+            return "<Lazy query>"
+
+    def work() -> None:
+        cart = {"items": 1}
+        lazy = Lazy()  # noqa: F841
+        try:
+            fail()
+        except ValueError:
+            client.capture_exception(custom={"cart": cart})
+        cart["items"] = 99  # changed after the capture: not what is shipped
+
+    client.begin_transaction("task")
+    data = {"step": "start"}
+    beatlib.set_context(data)
+    data["step"] = "changed later"
+    client.end_transaction("job")
+    work()
+    events = shipped(client, sender)
+    (error,) = [e for k, e in events if k == "error"]
+    frame = error["exception"]["stacktrace"][1]
+    assert frame["function"] == "work"
+    assert frame["vars"]["cart"] == {"items": 1} and frame["vars"]["lazy"] == "<Lazy query>"
+    assert error["context"]["custom"]["cart"] == {"items": 1}
+    assert threads == [threading.current_thread()]  # __repr__ ran on the capturing thread
+    (tx,) = [e for k, e in events if k == "transaction"]
+    assert tx["context"]["custom"] == {"step": "start"}
+
+
+def test_texts_are_cut_after_redaction(made) -> None:
+    client, sender = memory_client(made)
+    client.begin_transaction("task")
+    with beatlib.capture_span("big") as span:
+        assert span is not None
+        span.set_context("custom", {"blob": "x" * 50_000, "late": "y" * 9_990 + " password=pw1"})
+    client.end_transaction("job")
+    (sp,) = [e for k, e in shipped(client, sender) if k == "span"]
+    custom = sp["context"]["custom"]
+    assert len(custom["blob"]) == client.config.max_message_length
+    assert "pw1" not in custom["late"]
+
+
+def test_metadata_is_what_the_client_is_when_each_request_is_built(made) -> None:
+    client, sender = memory_client(made)
+    client.capture_message("first")
+    assert client.flush(5)
+    client.framework = ("flask", "3.1")
+    client.capture_message("second")
+    assert client.flush(5)
+    metadata = [e for k, e in sender.events() if k == "metadata"]
+    assert len(metadata) == 2
+    assert "framework" not in metadata[0]["service"]
+    assert metadata[1]["service"]["framework"] == {"name": "flask", "version": "3.1"}
