@@ -343,6 +343,10 @@ def test_from_mapping_rejects(mapping, setting):
 # --- secrets -----------------------------------------------------------------------------------
 
 def test_repr_hides_secrets():
+    for bad in ("tok en", "tok\nen", "tök"):
+        with pytest.raises(ConfigError) as error:
+            make(secret_token=bad)
+        assert error.value.setting == "secret_token" and bad not in str(error.value)
     config = make(secret_token="s3cr3t-token", api_key="k3y-value", environment="prod")
     text = repr(config)
     assert "s3cr3t" not in text and "k3y" not in text

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from beatlib.config import Config, ConfigError
+from beatlib.transport.http import server_message
 from beatlib.version import __version__
 
 RELEASES_PATH = "/beatlib/v1/releases"
@@ -43,51 +44,26 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _request(config: Config, method: str, path: str, body: bytes | None = None,
              headers: dict[str, str] | None = None) -> tuple[int, str]:
-    """(status, reply text) of one request with the transport's pool, TLS and credentials."""
-    import urllib3
+    from beatlib.transport.http import ServerProblem, request
 
-    from beatlib.transport.http import RateLimitedLog, Sender
-
-    sender = Sender(config, RateLimitedLog())
-    url = config.server_url + path
-    auth = {k: v for k, v in sender.headers.items() if k in ("Authorization", "User-Agent")}
     try:
-        reply = sender.pool.request(method, url, body=body, headers={**auth, **(headers or {})},
-                                    timeout=config.server_timeout, retries=False,
-                                    redirect=False)
-    except urllib3.exceptions.HTTPError as exc:
-        reason = str(exc).rsplit(">: ", 1)[-1]  # drop urllib3's "<Connection object at ...>"
-        raise Failure(f"cannot reach {url}: {reason}") from None
-    return reply.status, reply.data[:2000].decode("utf-8", "replace").strip()
-
-
-def _reason(text: str) -> str:
-    try:
-        reply = json.loads(text)
-        errors = reply.get("errors") or [reply]
-        return "; ".join(str(e.get("message") or e.get("error") or e) for e in errors[:3])
-    except (ValueError, AttributeError):
-        return text or "no reason given"
+        return request(config, method, path, body, headers)
+    except ServerProblem as exc:
+        raise Failure(str(exc)) from None
 
 
 def check(args: argparse.Namespace) -> int:
     from beatlib.protocol import intake_v2
     from beatlib.tracing import Tracer
-    from beatlib.transport.http import INTAKE_PATH
+    from beatlib.transport.http import INTAKE_PATH, ServerProblem, server_version
 
     config = _config(args)
     auth = "api key" if config.api_key else "secret token" if config.secret_token else "none"
     print(f"configuration: ok (service {config.service_name!r}, auth: {auth})")
-    status, text = _request(config, "GET", "/")
-    if status in (401, 403):
-        raise Failure(f"{config.server_url} refused the credentials (HTTP {status}): "
-                      f"{_reason(text)}; check secret_token / api_key")
-    if not 200 <= status < 300:
-        raise Failure(f"{config.server_url}/ answered HTTP {status}, not like an APM server")
     try:
-        version = json.loads(text).get("version") or "unknown"
-    except (ValueError, AttributeError):
-        version = "unknown"
+        version = server_version(config) or "unknown"
+    except ServerProblem as exc:
+        raise Failure(str(exc)) from None
     print(f"server: {config.server_url} is up, version {version}")
 
     ended: list[Any] = []
@@ -100,7 +76,7 @@ def check(args: argparse.Namespace) -> int:
     status, text = _request(config, "POST", INTAKE_PATH, gzip.compress(body), headers)
     if status != 202:
         hint = "; check secret_token / api_key" if status in (401, 403) else ""
-        raise Failure(f"test event not accepted (HTTP {status}): {_reason(text)}{hint}")
+        raise Failure(f"test event not accepted (HTTP {status}): {server_message(text)}{hint}")
     print("test event: accepted (HTTP 202)")
     return 0
 
@@ -130,7 +106,7 @@ def release(args: argparse.Namespace) -> int:
                       f"{RELEASES_PATH}); Elastic APM Server never does: record a Kibana "
                       "annotation instead (--kibana-annotation, see docs/releases.md)")
     if not 200 <= status < 300:
-        raise Failure(f"release not recorded (HTTP {status}): {_reason(text)}")
+        raise Failure(f"release not recorded (HTTP {status}): {server_message(text)}")
     since = f" since {record.previous}" if record.previous else ""
     print(f"release {record.version} of {record.service} recorded "
           f"({len(record.commits)} commits{since})")

@@ -89,7 +89,7 @@ def test_manage_py_beatlib_check_fails_when_the_server_is_down():
     url = f"http://127.0.0.1:{free_port()}"
     result = run([str(MANAGE), "beatlib", "check"], RECEIVER_URL=url)
     assert result.returncode == 1
-    assert f"APM server {url} unreachable" in result.stderr
+    assert f"APM server: cannot reach {url}/" in result.stderr
 
 
 def test_manage_py_beatlib_check_reports_invalid_settings():

@@ -174,3 +174,28 @@ def test_long_outage_drops_oldest_within_max_buffer_size(make_transport, receive
     assert len(got) + transport.stats()["dropped_buffer_full"] == len(items)
     assert max(got) == len(items) - 1  # the newest survived, the oldest went
     assert slowest < 0.02
+
+
+def test_a_local_send_error_drops_the_batch_once_logged_and_never_shows_the_token(
+        make_transport, receiver, caplog):
+    """Not the network: http.client refuses a header value. Retrying cannot help, so the
+    batch is dropped and counted, and the log line hides the credential."""
+    import logging
+
+    from beatlib.transport.http import RateLimitedLog, Sender
+    from tests.transport.conftest import make_config
+
+    token = "tok3n-value"
+    sender = Sender(make_config(receiver, secret_token=token), RateLimitedLog())
+    sender.headers["Authorization"] = f"Bearer {token}\nX-Injected: 1"  # what config now refuses
+    transport = make_transport(receiver, transport_kwargs={"sender": sender})
+    caplog.set_level(logging.WARNING, logger="beatlib")
+    for n in range(3):
+        transport.queue(n)
+    assert not transport.flush(3)
+    stats = transport.stats()
+    assert stats["dropped_send_error"] == 3 and stats["retried"] == 0
+    assert receiver.requests == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("bug in beatlib" in m for m in messages)
+    assert not any(token in m for m in messages)

@@ -53,6 +53,7 @@ class Verdict(enum.Enum):
     SENT = "sent"  # 2xx: the server has the batch
     RETRY = "retry"  # server away, overloaded or refusing our credentials: keep and back off
     DROP = "drop"  # the server will never take this batch (400 and other 4xx)
+    FAILED = "failed"  # sending failed here, not on the network: beatlib's bug; not retried
 
 
 class Backoff:
@@ -90,15 +91,10 @@ class Sender:
             "Content-Encoding": "gzip",
             "Accept": "application/json",
             "User-Agent": f"beatlib/{__version__} ({config.service_name})",
+            **auth_headers(config),
         }
-        if config.api_key:
-            self.headers["Authorization"] = f"ApiKey {config.api_key}"
-        elif config.secret_token:
-            self.headers["Authorization"] = f"Bearer {config.secret_token}"
-        # urllib3 verifies TLS by default (system CAs); only an explicit opt-out turns it off.
-        self._pool_kwargs: dict[str, Any] = {"maxsize": 1, "ca_certs": config.server_ca_cert_file}
-        if not config.verify_server_cert:
-            self._pool_kwargs.update(cert_reqs="CERT_NONE", assert_hostname=False)
+        self._credentials = [c for c in (config.api_key, config.secret_token) if c]
+        self._pool_kwargs = pool_settings(config)
         self.reset_pool()
 
     def reset_pool(self) -> None:
@@ -126,10 +122,18 @@ class Sender:
                 resp.close()  # the rest stays unread, so this connection cannot be reused
             else:
                 resp.release_conn()
-        except Exception as exc:  # refused, reset, timeout, TLS: all mean "try later"
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            # refused, reset, timeout, TLS, a broken reply: all mean "try later"
             self._log.log("unreachable", logging.WARNING,
-                          "APM server %s unreachable (%s); will retry", self.url, exc)
+                          "APM server %s unreachable (%s); will retry", self.url,
+                          self._hide(exc))
             return Verdict.RETRY, None
+        except Exception as exc:  # not the network: ours, and sending again cannot help
+            self._log.log("send_failed", logging.ERROR,
+                          "beatlib: could not send a batch (%s: %s); dropped it. This is a "
+                          "bug in beatlib, please report it", type(exc).__name__,
+                          self._hide(exc))
+            return Verdict.FAILED, None
         status = resp.status
         if 200 <= status < 300:
             return Verdict.SENT, None
@@ -147,8 +151,73 @@ class Sender:
         # 400 (and other 4xx): the batch itself is wrong; sending it again cannot help.
         self._log.log("rejected", logging.ERROR,
                       "APM server rejected a batch (HTTP %d), dropping it: %s",
-                      status, _server_message(text)[:2000])
+                      status, server_message(text)[:2000])
         return Verdict.DROP, None
+
+
+    def _hide(self, exc: BaseException) -> str:
+        """The exception's text without our credentials (a header error would show them)."""
+        text = str(exc)
+        for credential in self._credentials:
+            text = text.replace(credential, "***")
+        return text
+
+
+class ServerProblem(Exception):
+    """The APM server could not be reached, refused our credentials or is not one."""
+
+
+def request(config: Any, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """One request to the APM server outside the worker (the check commands, release
+    records), with the transport's TLS settings and credentials: (status, reply text).
+    Raises ServerProblem when it cannot be reached."""
+    url = config.server_url + path
+    sent = {"User-Agent": f"beatlib/{__version__} ({config.service_name})",
+            **auth_headers(config), **(headers or {})}
+    try:
+        reply = urllib3.PoolManager(**pool_settings(config)).request(
+            method, url, body=body, headers=sent, retries=False, redirect=False,
+            timeout=urllib3.Timeout(connect=config.server_timeout, read=config.server_timeout))
+    except urllib3.exceptions.HTTPError as exc:
+        reason = str(exc).rsplit(">: ", 1)[-1]  # drop urllib3's "<Connection object at ...>"
+        raise ServerProblem(f"cannot reach {url}: {reason}") from None
+    return reply.status, reply.data[:2000].decode("utf-8", "replace").strip()
+
+
+def server_version(config: Any) -> str | None:
+    """GET / of the APM server: its version (None if it does not say). Raises ServerProblem
+    when it is unreachable, refuses the credentials or does not answer like an APM server."""
+    status, text = request(config, "GET", "/")
+    if status in (401, 403):
+        raise ServerProblem(f"{config.server_url} refused the credentials (HTTP {status}): "
+                            f"{server_message(text)}; check secret_token / api_key")
+    if not 200 <= status < 300:
+        raise ServerProblem(f"{config.server_url}/ answered HTTP {status}, not like an APM "
+                            "server")
+    try:
+        version = json.loads(text).get("version")
+    except (ValueError, AttributeError):
+        return None
+    return str(version) if version else None
+
+
+def auth_headers(config: Any) -> dict[str, str]:
+    """The Authorization header for the APM server, if credentials are set."""
+    if config.api_key:
+        return {"Authorization": f"ApiKey {config.api_key}"}
+    if config.secret_token:
+        return {"Authorization": f"Bearer {config.secret_token}"}
+    return {}
+
+
+def pool_settings(config: Any) -> dict[str, Any]:
+    """urllib3 pool keywords: TLS verified by default (system CAs, or server_ca_cert_file);
+    only an explicit verify_server_cert=false turns it off."""
+    settings: dict[str, Any] = {"maxsize": 1, "ca_certs": config.server_ca_cert_file}
+    if not config.verify_server_cert:
+        settings.update(cert_reqs="CERT_NONE", assert_hostname=False)
+    return settings
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -158,10 +227,13 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _server_message(text: str) -> str:
-    """The first error messages of an intake error body, or the raw text."""
+def server_message(text: str) -> str:
+    """The first error messages of an error reply (intake's `errors`, or one `error`), or
+    the raw text."""
     try:
-        errors = json.loads(text).get("errors") or []
-        return "; ".join(str(e.get("message")) for e in errors[:3]) or text.strip()
+        reply = json.loads(text)
+        errors = reply.get("errors") or [reply]
+        return "; ".join(str(e.get("message") or e.get("error") or e)
+                         for e in errors[:3]) or text.strip()
     except Exception:
-        return text.strip()
+        return text.strip() or "no reason given"

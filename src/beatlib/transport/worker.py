@@ -23,7 +23,8 @@ from beatlib.transport.http import Backoff, RateLimitedLog, Sender, Verdict
 logger = logging.getLogger("beatlib.transport")
 
 STAT_KEYS = ("queued", "sent_events", "sent_requests", "retried", "dropped_queue_full",
-             "dropped_buffer_full", "dropped_rejected", "dropped_encode_error",
+             "dropped_buffer_full", "dropped_rejected", "dropped_send_error",
+             "dropped_encode_error",
              "dropped_at_close", "buffered_bytes", "backpressure_waits")
 _ENCODE_SLICE = 0.0005  # seconds of encoding between GIL hand-backs (see _drain)
 _YIELD_SECONDS = 0.001  # what one queue() call may wait for the worker, at most about this
@@ -377,6 +378,8 @@ class Transport:
         self._retry_at = 0.0
         if verdict is Verdict.DROP:
             self._drop(batch, "dropped_rejected")
+        elif verdict is Verdict.FAILED:
+            self._drop(batch, "dropped_send_error")
         else:
             self._counts["sent_requests"] += 1
             self._counts["sent_events"] += batch.items

@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import urllib3
 from django.conf import settings  # type: ignore[import-untyped,import-not-found]
 from django.core.management.base import BaseCommand, CommandError, CommandParser  # type: ignore[import-untyped,import-not-found]
 
 from beatlib.config import Config, ConfigError
 from beatlib.contrib.django.apps import MIDDLEWARE, app_client
+from beatlib.transport.http import ServerProblem, server_version
 
 
 class BeatlibTestError(Exception):
@@ -47,7 +46,10 @@ class Command(BaseCommand):
                 "TracingMiddleware" not in settings.MIDDLEWARE:
             self.stdout.write(self.style.WARNING("note: the tracing middleware is not in "
                                                  "MIDDLEWARE"))
-        version = server_version(config)
+        try:
+            version = server_version(config)
+        except ServerProblem as exc:
+            raise CommandError(f"APM server: {exc}") from None
         self.stdout.write(self.style.SUCCESS(
             f"APM server {config.server_url} reachable, version {version or 'not told'}"))
 
@@ -66,32 +68,3 @@ class Command(BaseCommand):
             f"sent test error {error_id} to {config.server_url}. See it in Kibana: "
             f"Observability > APM > Services > {config.service_name} > Errors "
             "(BeatlibTestError); with `beatlib serve`, on its /ui/ page."))
-
-
-def server_version(config: Config) -> str | None:
-    """GET / of the APM server: its version (None if it does not say); CommandError when it
-    is unreachable or refuses us."""
-    headers = {}
-    if config.api_key:
-        headers["Authorization"] = f"ApiKey {config.api_key}"
-    elif config.secret_token:
-        headers["Authorization"] = f"Bearer {config.secret_token}"
-    pool: dict[str, Any] = {"ca_certs": config.server_ca_cert_file}
-    if not config.verify_server_cert:
-        pool.update(cert_reqs="CERT_NONE", assert_hostname=False)
-    try:
-        resp = urllib3.PoolManager(**pool).request(
-            "GET", config.server_url + "/", headers=headers, retries=False,
-            timeout=urllib3.Timeout(connect=config.server_timeout, read=config.server_timeout))
-    except Exception as exc:
-        raise CommandError(f"APM server {config.server_url} unreachable: {exc}") from None
-    if resp.status in (401, 403):
-        raise CommandError(f"APM server {config.server_url} refused our credentials (HTTP "
-                           f"{resp.status}): check secret_token / api_key")
-    if resp.status >= 300:
-        raise CommandError(f"APM server {config.server_url} answered HTTP {resp.status}")
-    try:
-        version = json.loads(resp.data).get("version")
-    except (ValueError, AttributeError):
-        return None
-    return str(version) if version else None
