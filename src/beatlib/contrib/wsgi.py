@@ -113,21 +113,37 @@ def request_context(environ: dict[str, Any], config: Config, for_error: bool) ->
 
 def read_body(environ: dict[str, Any], config: Config) -> None:
     """With `capture_body` on, read a small request body ahead of the app (which then reads it
-    from a buffer) and keep it, parsed if form or JSON, as `environ["beatlib.body"]`."""
-    if config.capture_body == "off" or "beatlib.body" in environ:
+    from a buffer): see `keep_body`."""
+    if config.capture_body == "off":
+        return
+
+    def read(length: int) -> bytes:
+        raw = environ["wsgi.input"].read(length)
+        environ["wsgi.input"] = io.BytesIO(raw)
+        return raw
+
+    keep_body(environ, read, multipart="size")
+
+
+def keep_body(environ: dict[str, Any], read: Callable[[int], bytes],
+              multipart: str = "size") -> None:
+    """Keep a small form or JSON body, parsed, as `environ["beatlib.body"]` (so its secret
+    fields are redacted by name), a longer one by its size. `read(length)` reads it ahead of
+    the app; multipart bodies are never read here: recorded by size (`multipart="size"`) or
+    left to the integration (`"later"`, Django: its fields once the app parsed them)."""
+    if "beatlib.body" in environ:
         return
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         return
-    content_type = environ.get("CONTENT_TYPE", "")
-    if not 0 < length <= BODY_LIMIT or content_type.startswith("multipart/"):
-        if length:  # not read ahead: too long, or multipart (see body_value)
-            environ["beatlib.body"] = f"[body of {length} bytes not recorded]"
+    if length <= 0:
         return
-    raw = environ["wsgi.input"].read(length)
-    environ["wsgi.input"] = io.BytesIO(raw)
-    environ["beatlib.body"] = body_value(raw, content_type)
+    is_multipart = environ.get("CONTENT_TYPE", "").startswith("multipart/")
+    if length > BODY_LIMIT or (is_multipart and multipart == "size"):
+        environ["beatlib.body"] = f"[body of {length} bytes not recorded]"
+    elif not is_multipart:
+        environ["beatlib.body"] = body_value(read(length), environ.get("CONTENT_TYPE", ""))
 
 
 def body_value(raw: bytes, content_type: str) -> str | dict[str, Any]:

@@ -16,11 +16,10 @@ from django.utils.functional import LazyObject, empty  # type: ignore[import-unt
 from beatlib.context import current_transaction
 from beatlib.contrib.django.apps import app_client
 from beatlib.contrib.wsgi import (
-    BODY_LIMIT,
     begin_request,
-    body_value,
     capture_request_error,
     end_request,
+    keep_body,
     request_context,
 )
 from beatlib.tracing import Transaction
@@ -150,21 +149,10 @@ def record_user(request: HttpRequest, tx: Transaction | None = None) -> None:
 
 
 def _read_body(request: HttpRequest) -> None:
-    """Keep a small form or JSON body (read ahead through `request.body`, which Django then
-    serves to the app) for `request_context`; bigger bodies only by size. Multipart forms
-    are not parsed for us: `form_fields` takes their fields once the app (or CSRF) did."""
-    meta = request.META
-    try:
-        length = int(meta.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        return
-    if length <= 0 or "beatlib.body" in meta:
-        return
-    content_type = meta.get("CONTENT_TYPE", "")
-    if length > BODY_LIMIT:
-        meta["beatlib.body"] = f"[body of {length} bytes not recorded]"
-    elif not content_type.startswith("multipart/"):
-        meta["beatlib.body"] = body_value(request.body, content_type)
+    """A small form or JSON body, read ahead through `request.body` (which Django then serves
+    to the app). Multipart forms are not parsed for us: `form_fields` takes their fields once
+    the app (or CSRF) did."""
+    keep_body(request.META, lambda length: request.body, multipart="later")
 
 
 def form_fields(request: HttpRequest, tx: Transaction | None = None) -> None:
