@@ -12,9 +12,10 @@ import sys
 from types import TracebackType
 from typing import Any
 
-from beatlib import context, release, stacks
+from beatlib import context, guard, release, stacks
 from beatlib.config import Config
 from beatlib.errors import ErrorSnapshot
+from beatlib.guard import report
 from beatlib.metrics import LatencyMetrics, MetricSet
 from beatlib.processors import Pipeline
 from beatlib.protocol import intake_v2
@@ -137,7 +138,7 @@ class Client:
             self.transport.queue(snapshot)
             return snapshot.id
         except Exception:
-            logger.debug("beatlib: could not capture an exception", exc_info=True)
+            report("capture_exception")
             return None
 
     def capture_message(
@@ -170,7 +171,7 @@ class Client:
             self.transport.queue(snapshot)
             return snapshot.id
         except Exception:
-            logger.debug("beatlib: could not capture a message", exc_info=True)
+            report("capture_message")
             return None
 
     def _trace_ref(self, extra: dict[str, Any]) -> tuple[TraceRef | None, dict[str, Any]]:
@@ -219,8 +220,10 @@ class Client:
 
     def stats(self) -> dict[str, int]:
         """What happened to the events so far: the transport's counters (queued, sent,
-        dropped by reason) and the pipeline's (dropped or failed in before_send)."""
-        return {**self.transport.stats(), **self.pipeline.counts}
+        dropped by reason), the pipeline's (dropped or failed in before_send), and how often
+        beatlib's own code failed in this process (`internal_errors`, see beatlib.guard)."""
+        return {**self.transport.stats(), **self.pipeline.counts,
+                "internal_errors": sum(guard.counts().values())}
 
     def _metadata(self) -> dict[str, Any]:
         return intake_v2.metadata(self.config, self.framework)

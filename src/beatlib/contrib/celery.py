@@ -13,6 +13,7 @@ from typing import Any
 
 from beatlib import context
 from beatlib.client import Client, get_client
+from beatlib.guard import report
 from beatlib.tracing import Span, Transaction, outgoing_headers, parse_traceparent, start_span
 
 try:
@@ -76,7 +77,7 @@ def _before_publish(sender: Any = None, headers: Any = None, **kw: Any) -> None:
         else:
             headers.update(outgoing_headers() or {})
     except Exception:
-        logger.debug("beatlib: celery before_task_publish failed", exc_info=True)
+        report("celery: before_task_publish")
 
 
 def _after_publish(**kw: Any) -> None:
@@ -104,7 +105,7 @@ def _prerun(task_id: Any = None, task: Any = None, **kw: Any) -> None:
             segment.name = name
         request._beatlib_segment = segment
     except Exception:
-        logger.debug("beatlib: celery task_prerun failed", exc_info=True)
+        report("celery: task_prerun")
 
 
 def _failure(sender: Any = None, task_id: Any = None, exception: Any = None,
@@ -124,7 +125,7 @@ def _failure(sender: Any = None, task_id: Any = None, exception: Any = None,
         exc_info = (type(exception), exception, traceback)
         client.capture_exception(exc_info, handled=False, celery=task)
     except Exception:
-        logger.debug("beatlib: celery task_failure failed", exc_info=True)
+        report("celery: task_failure")
 
 
 def _postrun(task: Any = None, state: Any = None, **kw: Any) -> None:
@@ -142,7 +143,7 @@ def _postrun(task: Any = None, state: Any = None, **kw: Any) -> None:
             segment.outcome = segment.outcome or outcome
             segment.end(result=segment.result or (state if isinstance(state, str) else None))
     except Exception:
-        logger.debug("beatlib: celery task_postrun failed", exc_info=True)
+        report("celery: task_postrun")
 
 
 def _process_shutdown(**kw: Any) -> None:

@@ -6,7 +6,6 @@ rule, begun on `request_started`, errors captured on `got_request_exception`, th
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,11 +25,12 @@ from beatlib.contrib.wsgi import (
     end_request,
     read_body,
 )
+from beatlib.guard import guard
 from beatlib.instrumentation.registry import instrument
 from beatlib.tracing import Transaction
 
-logger = logging.getLogger("beatlib.contrib.flask")
-
+_END = guard("flask: ending the request's transaction")
+_CAPTURE = guard("flask: capturing the request's exception")
 EXTENSION = "beatlib"  # app.extensions[EXTENSION] is the app's client
 _STATE = "beatlib.flask"  # environ key: the request's [transaction, status, headers]
 
@@ -76,31 +76,29 @@ def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callab
         # A list, filled by the signal receivers: a middleware copying environ still shares it.
         state: list[Any] = []
         environ[_STATE] = state
-        try:
+        with guard("flask: reading the request body"):
             read_body(environ, client.config)
-        except Exception:
-            logger.debug("beatlib: could not read the request body", exc_info=True)
         try:
             body = wsgi_app(environ, start_response)
         except BaseException:
             # Propagated by Flask (debug, testing, PROPAGATE_EXCEPTIONS): already captured.
             if state:
-                _guarded(end_request, state[0], 500)
+                _END.call(end_request, state[0], 500)
             raise
         if not state:
             return body
 
         def stream_failed() -> None:
-            _guarded(capture_request_error, client, environ)
+            _CAPTURE.call(capture_request_error, client, environ)
             state[0].outcome = "failure"
 
-        return ClosingIterator(body, lambda: _guarded(end_request, *state), stream_failed)
+        return ClosingIterator(body, lambda: _END.call(end_request, *state), stream_failed)
 
     return traced_wsgi_app
 
 
 def _started(app: Flask, **_: Any) -> None:
-    try:
+    with guard("flask: beginning the request's transaction"):
         state = request.environ.get(_STATE)
         if state is None:
             return  # the app is served without our WSGI wrapper: nothing would end the transaction
@@ -111,13 +109,11 @@ def _started(app: Flask, **_: Any) -> None:
             state[:] = [tx, 500, None]
             if request.view_args:
                 tx.set_route_params(request.view_args)
-    except Exception:
-        logger.debug("beatlib: could not begin the request's transaction", exc_info=True)
 
 
 def _failed(app: Flask, exception: BaseException | None = None, **_: Any) -> None:
     """An exception no errorhandler took: captured once, with the request and user."""
-    try:
+    with _CAPTURE:
         tx = _transaction()
         if tx is not None:
             tx.outcome = "failure"
@@ -125,20 +121,16 @@ def _failed(app: Flask, exception: BaseException | None = None, **_: Any) -> Non
         exc_info = None if exception is None else (type(exception), exception,
                                                    exception.__traceback__)
         capture_request_error(app.extensions[EXTENSION], request.environ, exc_info)
-    except Exception:
-        logger.debug("beatlib: could not capture the request's exception", exc_info=True)
 
 
 def _finished(app: Flask, response: Any = None, **_: Any) -> None:
-    try:
+    with guard("flask: recording the response"):
         state = request.environ.get(_STATE)
         if state and response is not None:
             capture = app.extensions[EXTENSION].config.capture_headers
             headers = list(response.headers.items()) if capture else None
             state[1:] = [response.status_code, headers]
             _set_user(state[0])
-    except Exception:
-        logger.debug("beatlib: could not record the response", exc_info=True)
 
 
 def _transaction() -> Transaction | None:
@@ -162,9 +154,3 @@ def _call(obj: Any, method: str) -> Any:
     func = getattr(obj, method, None)
     return func() if callable(func) else None
 
-
-def _guarded(func: Callable[..., Any], *args: Any) -> None:
-    try:
-        func(*args)
-    except Exception:
-        logger.debug("beatlib: %s failed", func.__name__, exc_info=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from beatlib import context
 from beatlib.client import Client, get_client
+from beatlib.guard import report
 
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
            logging.ERROR: "error", logging.CRITICAL: "critical"}  # fmt: skip
@@ -55,7 +56,7 @@ class LoggingHandler(logging.Handler):
                     message, level=level, param_message=param, logger_name=name, **extra
                 )
         except Exception:  # a logging handler must never raise into the code that logged
-            pass
+            report("logging: turning a record into an error")
         finally:
             _emitting.on = False
 

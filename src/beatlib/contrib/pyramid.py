@@ -24,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - only without Pyramid
 from beatlib.client import Client, get_client
 from beatlib.config import Config
 from beatlib.contrib import wsgi
+from beatlib.guard import report
 from beatlib.instrumentation.registry import instrument
 from beatlib.tracing import Transaction
 
@@ -66,9 +67,9 @@ def tween_factory(handler: Handler, registry: Any) -> Handler:
         try:
             wsgi.read_body(request.environ, client.config)
             tx = wsgi.begin_request(client, request.environ, request.method)
-        except Exception:
-            logger.debug("beatlib: could not begin a request transaction", exc_info=True)
-            tx = None  # never let tracing take the request down
+        except Exception:  # never let tracing take the request down
+            report("pyramid: beginning the request's transaction")
+            tx = None
         if tx is None:
             return handler(request)
         token = _inside.set(True)
@@ -126,12 +127,12 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
                     wsgi.end_request(tx, response.status, response.headerlist)), failed)
                 response.content_length = length
             except Exception:
-                logger.debug("beatlib: could not wrap a response body", exc_info=True)
+                report("pyramid: wrapping the response body")
                 wsgi.end_request(tx, getattr(response, "status", None))
 
         request.add_finished_callback(wrap_body)
     except Exception:
-        logger.debug("beatlib: could not finish a request transaction", exc_info=True)
+        report("pyramid: finishing the request's transaction")
         wsgi.end_request(tx, 500 if raised is not None else getattr(response, "status", None))
 
 

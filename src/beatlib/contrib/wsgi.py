@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, quote
 
 from beatlib.client import Client, get_client
 from beatlib.config import Config
+from beatlib.guard import report
 from beatlib.instrumentation.registry import instrument
 from beatlib.tracing import Transaction, parse_traceparent
 
@@ -223,8 +224,9 @@ class BeatMiddleware:
         try:
             read_body(environ, client.config)
             tx = begin_request(client, environ, self.namer(environ) if self.namer else None)
-        except Exception:
-            tx = None  # never let tracing take the request down
+        except Exception:  # never let tracing take the request down
+            report("wsgi: beginning the request's transaction")
+            tx = None
         if tx is None:
             return self.app(environ, start_response)
         status: list[Any] = []

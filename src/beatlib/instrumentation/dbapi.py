@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from types import FrameType
 from typing import Any, ClassVar, NamedTuple
 
 import wrapt
 
 from beatlib.context import get_active
+from beatlib.guard import guard
 from beatlib.instrumentation import registry, sql
 from beatlib.instrumentation.registry import Instrumentation
 from beatlib.tracing import Span, start_span
@@ -44,9 +44,12 @@ def _text(statement: Any, raw: Any) -> str:
     return as_string(raw) if as_string is not None else str(statement)
 
 
+_SPAN = guard("dbapi: recording a statement")
+
+
 def _begin(db: Database, args: tuple[Any, ...], kwargs: dict[str, Any],
            proc: bool = False) -> tuple[Span | None, str]:
-    with suppress(Exception):
+    with _SPAN:
         if db.source is not None and not db.source.patched:
             return None, ""
         statement = args[0] if args else next(
@@ -58,7 +61,7 @@ def _begin(db: Database, args: tuple[Any, ...], kwargs: dict[str, Any],
 
 
 def _end(span: Span, db: Database, text: str, cursor: Any, exc: BaseException | None) -> None:
-    with suppress(Exception):  # never let recording break the query
+    with _SPAN:  # never let recording break the query
         rows = None
         if exc is None and span.action == "query" and span.name.split(" ", 1)[0] in _DML:
             rows = getattr(cursor, "rowcount", None)
@@ -66,7 +69,7 @@ def _end(span: Span, db: Database, text: str, cursor: Any, exc: BaseException | 
                                         rows if isinstance(rows, int) else None)
         if not text:  # a connect span: no statement to show
             del span.context["db"]["statement"]
-    with suppress(Exception):
+    with _SPAN:
         span.end(exc)
 
 
@@ -254,7 +257,7 @@ class DBAPIInstrumentation(Instrumentation):
     def _wrap(self, connection: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               proxy: type[ConnectionProxy], span: Span | None) -> Any:
         db = Database(self.subtype, raw=connection, source=self)
-        with suppress(Exception):
+        with guard("dbapi: reading where a connection goes"):
             db = Database(self.subtype, *self.where(connection, args, kwargs), connection, self)
         if span is not None:
             _end(span, db, "", None, None)

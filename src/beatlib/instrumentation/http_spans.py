@@ -5,15 +5,13 @@ outgoing request (name `GET host[:port]`, URL, destination, service target), its
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 from beatlib.context import get_active
+from beatlib.guard import report
 from beatlib.tracing import Span, outgoing_headers, start_span
-
-logger = logging.getLogger("beatlib.instrumentation")
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -42,7 +40,7 @@ def start(method: Any, url: Any) -> Span | None:
             "service": {"target": {"type": "http", "name": f"{shown}:{port}"}},
         }
     except Exception:
-        logger.debug("beatlib: no span for an HTTP request to %r", url, exc_info=True)
+        report("http: starting an outgoing request span")
         return None
     span = start_span(name, "external", "http", method, leaf=True)
     if span is not None:
@@ -88,5 +86,5 @@ def trace_headers(headers: Iterable[Any] | None) -> dict[str, str] | None:
         ours = outgoing_headers()
         return {k: v for k, v in ours.items() if k not in present} if ours else None
     except Exception:
-        logger.debug("beatlib: no trace headers for an HTTP request", exc_info=True)
+        report("http: trace headers of an outgoing request")
         return None

@@ -7,6 +7,7 @@ from types import ModuleType
 from typing import Any
 
 from beatlib.context import get_active
+from beatlib.guard import report
 from beatlib.instrumentation import http_spans
 from beatlib.instrumentation.registry import Instrumentation
 from beatlib.tracing import Span
@@ -34,8 +35,8 @@ def _start(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Span | None, 
             # copy their headers from it. Taken off again by _restore when send() returns.
             request.headers.update(extra)
             return span, request, extra
-        except Exception:
-            pass  # an odd request object: send it untouched
+        except Exception:  # an odd request object: sent untouched
+            report("httpx: adding trace headers")
     return span, None, None
 
 

@@ -7,6 +7,7 @@ from types import ModuleType
 from typing import Any
 
 from beatlib.context import get_active
+from beatlib.guard import report
 from beatlib.instrumentation import http_spans
 from beatlib.instrumentation.registry import Instrumentation
 
@@ -37,6 +38,6 @@ def _send(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, 
                 args = (request, *args[1:])
             else:
                 kwargs = {**kwargs, "request": request}
-        except Exception:
-            pass  # an odd request object: send it untouched
+        except Exception:  # an odd request object: sent untouched
+            report("requests: adding trace headers")
     return http_spans.call(span, wrapped, args, kwargs, "status_code")  # stream=True: see call

@@ -8,18 +8,16 @@ records nothing, so each statement gives one span.
 
 from __future__ import annotations
 
-import logging
 import os
 import weakref
 from types import ModuleType
 from typing import Any
 
 from beatlib.context import get_active
+from beatlib.guard import report
 from beatlib.instrumentation import sql
 from beatlib.instrumentation.registry import Instrumentation
 from beatlib.tracing import Span, start_span
-
-logger = logging.getLogger("beatlib.instrumentation")
 
 _DML = ("INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE")
 
@@ -100,7 +98,7 @@ def _traced(
         span = start_span(sql.signature(statement) or "SQL", "db",
                           connection.dialect.name, "query", leaf=True)
     except Exception:
-        logger.debug("beatlib: no span for a SQLAlchemy statement", exc_info=True)
+        report("sqlalchemy: starting a statement span")
     if span is None:
         return wrapped(*args, **kwargs)
     try:
@@ -148,4 +146,4 @@ def _describe(span: Span, connection: Any, statement: Any, execution: Any) -> No
             host, port, rows if isinstance(rows, int) else None,
         )
     except Exception:
-        logger.debug("beatlib: no context for a SQLAlchemy span", exc_info=True)
+        report("sqlalchemy: a statement span's context")

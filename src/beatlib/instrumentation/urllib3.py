@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from beatlib.context import get_active
+from beatlib.guard import report
 from beatlib.instrumentation import http_spans
 from beatlib.instrumentation.registry import Instrumentation
 
@@ -43,8 +44,9 @@ def _urlopen(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[st
     url = args[1] if len(args) > 1 else kwargs.get("url", "")
     try:
         span = http_spans.start(method, _url(instance, url))
-    except Exception:
-        span = None  # an odd pool: no span; the trace headers still go out
+    except Exception:  # an odd pool: no span; the trace headers still go out
+        report("urllib3: starting a request span")
+        span = None
     positional = len(args) > _HEADERS
     headers: Any = args[_HEADERS] if positional else kwargs.get("headers")
     if headers is None:
@@ -60,6 +62,6 @@ def _urlopen(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[st
                 args = (*args[:_HEADERS], headers, *args[_HEADERS + 1 :])
             else:
                 kwargs = {**kwargs, "headers": headers}
-        except Exception:
-            pass  # an odd headers object: send it untouched
+        except Exception:  # an odd headers object: sent untouched
+            report("urllib3: adding trace headers")
     return http_spans.call(span, wrapped, args, kwargs, "status")  # preload_content=False too

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from time import monotonic, sleep
 from typing import Any
 
+from beatlib.guard import report
 from beatlib.transport.http import Backoff, RateLimitedLog, Sender, Verdict
 
 logger = logging.getLogger("beatlib.transport")
@@ -189,6 +190,7 @@ class Transport:
             timeout = self._shutdown_timeout if timeout is None else timeout
             return marker.done.wait(timeout) and marker.ok
         except Exception:
+            report("transport: flush")
             return False
 
     def close(self, timeout: float | None = None) -> bool:
@@ -215,6 +217,7 @@ class Transport:
                 self._closed_ok = marker.ok
             return self._closed_ok
         except Exception:
+            report("transport: close")
             return False
 
     def stats(self) -> dict[str, int]:
@@ -282,7 +285,7 @@ class Transport:
         try:
             items = list(self._on_tick())
         except Exception:
-            self._log.log("tick", logging.ERROR, "beatlib: on_tick failed", exc_info=True)
+            report("transport: collecting metrics")
             return
         for item in items:
             self._add(item)
@@ -313,16 +316,14 @@ class Transport:
             lines = self._encode(item)
         except Exception:
             self._lose("dropped_encode_error", 1)
-            self._log.log("encode", logging.ERROR, "beatlib: could not encode %r; dropped it",
-                          type(item), exc_info=True)
+            report(f"transport: encoding a {type(item).__name__} (dropped)")
             return
         batch = self._batch
         if batch is None:
             try:
                 self._metadata_line = self._metadata()
             except Exception:  # keep sending with the last good metadata, if there is one
-                self._log.log("metadata", logging.ERROR, "beatlib: no metadata line",
-                              exc_info=True)
+                report("transport: building the metadata line")
             if self._metadata_line is None:
                 self._lose("dropped_encode_error", 1)
                 return
@@ -446,7 +447,7 @@ def _run(ref: weakref.ref[Transport]) -> None:
         try:
             wait = transport._work()
         except Exception:  # a bug here must not kill shipping for the rest of the process
-            logger.exception("beatlib: transport worker error")
+            report("transport: worker loop")
             wait = 1.0
         if wait is None:
             return

@@ -16,6 +16,7 @@ from django.core.signals import got_request_exception  # type: ignore[import-unt
 from beatlib.client import Client, get_client
 from beatlib.config import Config, ConfigError
 from beatlib.contrib.wsgi import capture_request_error
+from beatlib.guard import report
 from beatlib.instrumentation.registry import instrument
 
 logger = logging.getLogger("beatlib.contrib.django")
@@ -95,4 +96,4 @@ def _request_failed(sender: Any, request: Any = None, **_: Any) -> None:
         form_fields(request)
         capture_request_error(client, meta)
     except Exception:
-        logger.debug("beatlib: could not capture the request's exception", exc_info=True)
+        report("django: capturing the request's exception")

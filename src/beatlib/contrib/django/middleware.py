@@ -5,7 +5,6 @@ and the authenticated user; streamed responses end when Django closes them."""
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -22,9 +21,8 @@ from beatlib.contrib.wsgi import (
     keep_body,
     request_context,
 )
+from beatlib.guard import guard, report
 from beatlib.tracing import Transaction
-
-logger = logging.getLogger("beatlib.contrib.django")
 
 
 class TracingMiddleware:
@@ -45,9 +43,9 @@ class TracingMiddleware:
             _guarded(_read_body, request)
         try:
             tx = begin_request(self.client, request.META)
-        except Exception:
-            logger.debug("beatlib: could not begin the request's transaction", exc_info=True)
-            tx = None  # never let tracing take the request down
+        except Exception:  # never let tracing take the request down
+            report("django: beginning the request's transaction")
+            tx = None
         if tx is None:
             return self.get_response(request)
         unnamed = tx.name
@@ -179,8 +177,4 @@ def _failing(content: Iterable[bytes], failed: Callable[[], None]) -> Iterator[b
 
 
 def _guarded(function: Callable[..., Any], *args: Any) -> None:
-    try:
-        function(*args)
-    except Exception:
-        logger.debug("beatlib: %s failed", getattr(function, "__name__", function),
-                     exc_info=True)
+    guard(f"django: {getattr(function, '__name__', 'a step')}").call(function, *args)
