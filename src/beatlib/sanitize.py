@@ -159,7 +159,7 @@ class Sanitizer:
         hit = self._names.get(name)
         if hit is None:
             hit = self._match(name.strip())
-            if len(self._names) < 8192:  # names repeat; bound the cache anyway
+            if len(self._names) < 8192 and len(name) <= 256:  # names repeat; bounded anyway
                 self._names[name] = hit
         return hit
 

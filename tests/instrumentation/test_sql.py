@@ -60,3 +60,20 @@ def test_signature_of_huge_or_hostile_input_is_bounded():
     assert signature("SELECT " + "a, " * 100_000 + "b FROM t") == "SELECT"
     assert signature("SELECT x FROM t WHERE " + "(" * 5000) == "SELECT FROM t"
     assert signature("\x00\udcff SELECT") == ""
+
+
+def test_signature_cache_is_bounded_by_size():
+    import tracemalloc
+
+    from beatlib.instrumentation import sql
+
+    statement = "SELECT a FROM t WHERE x = '%s' " + "AND y = 1 " * 2700  # ~27 KiB each
+    tracemalloc.start()
+    for n in range(100):
+        assert sql.signature(statement % n) == "SELECT FROM t"
+    for n in range(40_000):  # short ones: kept, up to the size bound
+        sql.signature(f"SELECT {n} FROM t")
+    current, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # 100 x 27 KiB held would be 2.7 MiB, and 40,000 short statements 2.5 MiB with names
+    assert current < 2 * sql.CACHE_CHARS

@@ -46,11 +46,16 @@ def _tokens(sql: str) -> list[Token]:
 
 
 _cache: dict[str, str] = {}
-_CACHE_SIZE = 2048  # apps repeat a few hundred statements; inlined literals just churn it
+_cached_bytes = 0
+# Apps repeat a few hundred statements; inlined literals just churn the cache. Bounded by the
+# characters it holds (statements can be long), and long statements are not kept at all.
+CACHE_CHARS = 1024 * 1024
+_CACHED_STATEMENT = 4096
 
 
 def signature(sql: str) -> str:
     """The signature of one statement; "" for an empty one. Cached: apps repeat statements."""
+    global _cached_bytes
     cached = _cache.get(sql)
     if cached is not None:
         return cached
@@ -58,9 +63,12 @@ def signature(sql: str) -> str:
         result = _signature(_tokens(sql), 0)
     except Exception:  # never let naming a span break a query
         return ""
-    if len(_cache) >= _CACHE_SIZE:
-        _cache.clear()
-    _cache[sql] = result
+    if len(sql) <= _CACHED_STATEMENT:
+        if _cached_bytes + len(sql) > CACHE_CHARS:
+            _cache.clear()
+            _cached_bytes = 0
+        _cache[sql] = result
+        _cached_bytes += len(sql) + len(result)
     return result
 
 
