@@ -85,7 +85,7 @@ def test_metrics_follow_the_flush_interval(client, receiver):
     for _ in range(5):
         client.begin_transaction("task")
         client.end_transaction("job")
-    time.sleep(0.3)
+    assert receiver.wait_for("metricset", 1, timeout=5)  # sent on the tick, not by a flush
     client.begin_transaction("task")
     client.end_transaction("job")
     assert client.flush(5)

@@ -13,7 +13,7 @@ def on_exit(server):
         "pid": os.getpid(),
         "threads": [thread.name for thread in threading.enumerate()],
         "has_client": app is not None,
-        "transport_thread": app is not None and app.client.transport._worker is not None,
+        "transport_thread": app is not None and app.client.transport.worker is not None,
         "threads_at_import": getattr(app, "THREADS_AT_IMPORT", None),
     }
     with open(os.environ["GUNICORN_TEST_REPORT"], "w") as f:

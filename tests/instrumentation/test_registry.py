@@ -54,10 +54,10 @@ def fake(tmp_path, monkeypatch, request):
             self.wrap(module, "Thing.inherited", counting_wrapper(counts))
 
     Fake.name = name
-    registry._all()  # the real ones load first, so ours is added next to them
-    monkeypatch.setitem(registry._instances, name, Fake())
+    registry.register(Fake())
     yield Fake, name, counts
     registry.uninstrument()
+    registry.unregister(name)
     sys.modules.pop(name, None)
 
 

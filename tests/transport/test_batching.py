@@ -55,10 +55,18 @@ def test_headers(make_transport):
 
 
 def test_body_is_one_gzip_member_of_ndjson(make_transport, receiver):
+    from beatlib.transport.http import RateLimitedLog, Sender
+    from tests.transport.conftest import make_config
+
     captured = []
-    transport = make_transport(receiver)
-    transport._sender.send, real_send = (lambda body, timeout=None: (captured.append(body),
-                                         real_send(body, timeout))[1]), transport._sender.send
+
+    class Capturing(Sender):
+        def send(self, body, timeout=None):
+            captured.append(body)
+            return super().send(body, timeout)
+
+    sender = Capturing(make_config(receiver), RateLimitedLog())
+    transport = make_transport(receiver, transport_kwargs={"sender": sender})
     for n in range(3):
         transport.queue(n)
     assert transport.flush(3)
@@ -89,7 +97,7 @@ def test_close_sends_everything_and_stops(make_transport, receiver):
         transport.queue(n)
     assert transport.close()
     assert sent_numbers(receiver) == list(range(100))
-    assert not transport._worker.is_alive()
+    assert not transport.worker.is_alive()
     transport.queue(100)  # after close: ignored, no error
     assert transport.close()
     assert transport.stats()["queued"] == 100
@@ -99,7 +107,7 @@ def test_close_without_use_and_disabled_transport(make_transport, receiver):
     assert make_transport(receiver).close()
     disabled = make_transport(receiver, enabled=False)
     disabled.queue(1)
-    assert disabled._worker is None and disabled.flush(1) and disabled.close()
+    assert disabled.worker is None and disabled.flush(1) and disabled.close()
     assert receiver.requests == []
 
 
@@ -209,7 +217,7 @@ def test_abandoned_transport_is_collected_and_its_worker_ends(make_transport, re
     transport = Transport(make_config(receiver), encode, metadata)
     transport.queue(1)
     assert transport.flush(3)
-    worker, ref = transport._worker, weakref.ref(transport)
+    worker, ref = transport.worker, weakref.ref(transport)
     del transport
     gc.collect()
     assert ref() is None

@@ -30,7 +30,7 @@ def test_child_ships_its_own_events_and_parent_keeps_working(make_transport, rec
         transport.queue(n)
 
     def child() -> bool:
-        assert transport._worker is None and len(transport._queue) == 0
+        assert transport.worker is None and transport.backlog == 0
         for n in range(1000, 1010):
             transport.queue(n)
         ok = transport.close(3)
@@ -49,9 +49,9 @@ def test_child_ships_its_own_events_and_parent_keeps_working(make_transport, rec
 def test_pid_check_catches_a_fork_without_hooks(make_transport, receiver):
     transport = make_transport(receiver)
     transport.queue(1)
-    old_worker = transport._worker
+    old_worker = transport.worker
     transport._pid = -1  # as if forked by C code that skips os.register_at_fork hooks
     transport.queue(2)
-    assert transport._worker is not old_worker
+    assert transport.worker is not old_worker
     assert transport.flush(3)
     assert 2 in sent_numbers(receiver)

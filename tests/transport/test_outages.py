@@ -157,7 +157,7 @@ def test_long_outage_drops_oldest_within_max_buffer_size(make_transport, receive
         baseline = tracemalloc.get_traced_memory()[0]
         slowest = queue_timed(transport, items, pause_every=100, pause=0.005)
         deadline = time.monotonic() + 10
-        while transport._queue and time.monotonic() < deadline:  # the worker catching up
+        while transport.backlog and time.monotonic() < deadline:  # the worker catching up
             time.sleep(0.05)
         peak = tracemalloc.get_traced_memory()[1] - baseline
     finally:

@@ -110,6 +110,25 @@ def _all() -> list[Instrumentation]:
     return list(_instances.values())
 
 
+def register(instrumentation: Instrumentation) -> None:
+    """Add an instrumentation (a third-party library's) beside beatlib's own: `instrument()`
+    then patches it like the others. Registering a name again replaces the earlier one."""
+    with _lock:
+        _all()
+        _instances[instrumentation.name] = instrumentation
+
+
+def unregister(name: str) -> None:
+    """Forget the instrumentation `name` (unpatching it first if it is patched)."""
+    with _lock:
+        inst = _instances.pop(name, None)
+        if inst is not None:
+            inst.enabled = False
+            if inst.patched:
+                inst.unpatch()
+                inst.patched = False
+
+
 def instrument(config: Any = None) -> list[str]:
     """Patch every supported library that is importable now or imported later.
 

@@ -220,6 +220,16 @@ class Transport:
             report("transport: close")
             return False
 
+    @property
+    def worker(self) -> threading.Thread | None:
+        """The worker thread of this process, once something was queued (None before)."""
+        return self._worker
+
+    @property
+    def backlog(self) -> int:
+        """Items queued and not yet taken by the worker."""
+        return len(self._queue)
+
     def stats(self) -> dict[str, int]:
         """Counters since start (in this process); items, except buffered_bytes."""
         stats = dict(self._counts)
