@@ -17,6 +17,7 @@ MAX_DEPTH = 4  # nesting kept; deeper containers are summarised, never shown raw
 MARGIN = 4  # captured strings keep MARGIN x their final length: redaction sees whole secrets
 _INT_LIMIT = 2**63  # larger ints are sent as text: JSON consumers (Elasticsearch) use int64
 _SEQUENCES = (list, tuple, set, frozenset)
+_NOT_MAPPINGS = (*_SEQUENCES, bytes, bytearray)
 CONTEXT_LIMITS = (100, 100, 10000 * MARGIN)  # items of lists, of dicts, characters: app context
 
 
@@ -38,23 +39,37 @@ def render(value: object, list_len: int, dict_len: int, string_len: int) -> Any:
     """A bounded copy of `value` of builtins only (str, int, float, bool, None, list, dict):
     strings cut to `string_len`, lists and dicts to `list_len`/`dict_len` items (a last entry
     says how many were left out), cycles and deep nesting summarised, other objects repr'd."""
+    t = type(value)
+    if t is str:  # the common cases first: this runs for every local of every app frame
+        return value if len(value) <= string_len and value.isascii() else truncate(  # type: ignore[arg-type]
+            value, string_len)  # type: ignore[arg-type]
+    if t is int and -_INT_LIMIT < value < _INT_LIMIT or value is None or t is bool:  # type: ignore[operator]
+        return value
     return _render(value, list_len, dict_len, string_len, set(), 0)
 
 
 def _render(value: object, list_len: int, dict_len: int, string_len: int, active: set[int],
             depth: int) -> Any:
-    if value is None or isinstance(value, bool):
+    t = type(value)
+    if t is str:
+        return value if len(value) <= string_len and value.isascii() else truncate(  # type: ignore[arg-type]
+            value, string_len)  # type: ignore[arg-type]
+    if value is None or t is bool:
         return value
-    if isinstance(value, str):
-        return truncate(value, string_len)
-    if isinstance(value, int):
-        return int(value) if -_INT_LIMIT < value < _INT_LIMIT else safe_repr(value, string_len)
+    if t is int or (t is not float and isinstance(value, int)):
+        return int(value) if -_INT_LIMIT < value < _INT_LIMIT else safe_repr(value, string_len)  # type: ignore[operator, call-overload]
     if isinstance(value, float):
         return value if value == value and abs(value) != float("inf") else repr(value)
-    items = _items(value)
-    is_seq = items is None and isinstance(value, _SEQUENCES)
-    if items is None and not is_seq:
-        return safe_repr(value, string_len)
+    if isinstance(value, str):  # a str subclass
+        return truncate(str.__str__(value), string_len)
+    if t is dict:
+        items: Any = value.items()  # type: ignore[attr-defined]
+    elif t is list or t is tuple:
+        items = None
+    else:
+        items = _items(value)
+        if items is None and not isinstance(value, _SEQUENCES):
+            return safe_repr(value, string_len)
     if depth >= MAX_DEPTH or id(value) in active:
         return _summary(value, "cycle" if id(value) in active else "nested")
     active.add(id(value))  # ids of the containers on the current path: a repeat is a cycle
@@ -65,17 +80,29 @@ def _render(value: object, list_len: int, dict_len: int, string_len: int, active
                 if i >= dict_len:
                     out["<truncated>"] = f"({_more(value, dict_len)} more elements)"
                     break
-                name = key if isinstance(key, str) else safe_repr(key, string_len)
-                out[truncate(name, string_len)] = _render(
-                    item, list_len, dict_len, string_len, active, depth + 1)
+                name = key if type(key) is str else safe_repr(key, string_len)
+                if len(name) > string_len:
+                    name = truncate(name, string_len)
+                kt = type(item)
+                if (kt is int and -_INT_LIMIT < item < _INT_LIMIT) or item is None or kt is bool:
+                    out[name] = item
+                else:
+                    out[name] = _render(item, list_len, dict_len, string_len, active, depth + 1)
             return out
         seq: Any = value
-        rendered = []
-        for i, item in enumerate(seq):
-            if i >= list_len:
-                rendered.append(f"({_more(seq, list_len)} more elements)")
-                break
-            rendered.append(_render(item, list_len, dict_len, string_len, active, depth + 1))
+        if t is list or t is tuple:
+            head, more = seq[:list_len], len(seq) > list_len
+        else:  # a set, or a sequence subclass: iterated, never sliced
+            head = _first(seq, list_len + 1)
+            head, more = head[:list_len], len(head) > list_len
+        rendered = [
+            item if (type(item) is int and -_INT_LIMIT < item < _INT_LIMIT) or item is None
+            or type(item) is bool else _render(item, list_len, dict_len, string_len, active,
+                                               depth + 1)
+            for item in head
+        ]
+        if more:
+            rendered.append(f"({_more(seq, list_len)} more elements)")
         return rendered
     except Exception:  # a container whose iteration or len() raises
         return _summary(value, "unreadable")
@@ -83,21 +110,37 @@ def _render(value: object, list_len: int, dict_len: int, string_len: int, active
         active.discard(id(value))
 
 
+def _first(items: Any, n: int) -> list[Any]:
+    out = []
+    for item in items:
+        if len(out) >= n:
+            break
+        out.append(item)
+    return out
+
+
+_MAPPING_LIKE: dict[type, bool] = {}  # per type: the check below costs more than a lookup
+
+
 def _items(value: object) -> Any:
     """The (key, value) pairs of a mapping or mapping-like object (werkzeug Headers and
     MultiDicts, Django QueryDicts, `os.environ`), else None."""
+    cls = type(value)
+    known = _MAPPING_LIKE.get(cls)
+    if known is None:
+        known = not isinstance(value, _NOT_MAPPINGS) and (
+            isinstance(value, Mapping)
+            or (callable(getattr(cls, "items", None)) and callable(getattr(cls, "keys", None))))
+        if len(_MAPPING_LIKE) < 4096:
+            _MAPPING_LIKE[cls] = known
+    if not known:
+        return None
     if isinstance(value, Mapping):
         return value.items()
-    if isinstance(value, (*_SEQUENCES, str, bytes, bytearray)):
+    try:
+        return list(value.items())  # type: ignore[attr-defined]
+    except Exception:
         return None
-    items = getattr(type(value), "items", None)
-    keys = getattr(type(value), "keys", None)
-    if callable(items) and callable(keys):
-        try:
-            return list(value.items())  # type: ignore[attr-defined]
-        except Exception:
-            return None
-    return None
 
 
 def _length(value: Any) -> int | str:
