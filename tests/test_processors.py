@@ -220,3 +220,37 @@ def test_metadata_is_what_the_client_is_when_each_request_is_built(made) -> None
     assert len(metadata) == 2
     assert "framework" not in metadata[0]["service"]
     assert metadata[1]["service"]["framework"] == {"name": "flask", "version": "3.1"}
+
+
+def test_spans_written_directly_equal_the_processed_dicts(made) -> None:
+    """The hot path (span lines written field by field) and the dict path (what before_send
+    sees) give the same events, hostile values included."""
+    import json
+
+    from beatlib.protocol import intake_v2
+
+    client, _ = memory_client(made, span_stack_trace_min_duration=0)
+    tx = client.begin_transaction("request")
+    tx.set_route_params({"token": "route-s3cr3t"})
+    for name in ("SELECT FROM t", "n" * 3000 + " password=pw1", "GET /x?token=abc",
+                 "route-s3cr3t"):
+        with beatlib.capture_span(name, "db", "sqlite" * 300, "query",
+                                  labels={"card": "4111", "a.b": 2**70}) as span:
+            assert span is not None
+            span.context = {"db": {"statement": "SELECT * FROM t WHERE pw = 'hunter2'",
+                                   "type": "sql"},
+                            "http": {"url": "http://u:p4ss@h/?sig=x&page=1"},
+                            "vendor": {"api_key": "k", "blob": "b" * 20_000}}
+    client.end_transaction("GET /route-s3cr3t", "HTTP 2xx")
+    pipeline = client.pipeline
+    for secrets in (tx.secrets, frozenset()):
+        tx.secrets = secrets
+        direct = [json.loads(line) for line in pipeline.encode(tx)]
+        dicts = [{kind: event} for kind, event in pipeline.events(tx)]
+        assert direct == dicts
+        assert len(direct) == 5
+        for line in direct[1:]:
+            validate("span", line["span"])
+    written = "".join(map(str, direct))
+    assert "hunter2" not in written and "p4ss" not in written and "pw1" not in written
+    assert intake_v2.span(tx, tx.spans[0], client.config)["name"] == "SELECT FROM t"

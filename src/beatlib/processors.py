@@ -16,7 +16,8 @@ from typing import Any
 
 from beatlib import release
 from beatlib.protocol import intake_v2
-from beatlib.sanitize import Sanitizer, truncate
+from beatlib.sanitize import OWN_FIELDS, Sanitizer, truncate
+from beatlib.tracing import Transaction
 
 logger = logging.getLogger("beatlib")
 
@@ -37,6 +38,12 @@ class Sanitize:
     def __call__(self, kind: str, event: Event, secrets: frozenset[str] = frozenset()) -> Event:
         return self.sanitizer.clean(event, values=secrets)  # type: ignore[no-any-return]
 
+    def field(self, key: str, value: Any, secrets: frozenset[str] = frozenset()) -> Any:
+        """One top-level field of an event, as `__call__` would leave it."""
+        if type(value) is str and key not in OWN_FIELDS:
+            return self.sanitizer.text(value, secrets)
+        return self.sanitizer.clean({key: value}, values=secrets)[key]
+
 
 class Truncate:
     """Cuts texts to the configured lengths (after redaction, so no secret is cut in half
@@ -52,36 +59,41 @@ class Truncate:
             "message": message, "body": message, "custom": message,
             "statement": 10000, "vars": config.local_var_max_length,
         }  # fmt: skip
+        self.shortest = min(keyword, *self.limits.values())
 
     def __call__(self, kind: str, event: Event, secrets: frozenset[str] = frozenset()) -> Event:
         self._cut(event, self.keyword)
         return event
 
+    def field(self, key: str, value: Any, secrets: frozenset[str] = frozenset()) -> Any:
+        """One top-level field of an event, as `__call__` would leave it."""
+        limit = self.limits.get(key, self.keyword)
+        if type(value) is str:
+            return truncate(value, limit) if len(value) > limit or not value.isascii() else value
+        self._cut(value, limit)
+        return value
+
     def _cut(self, value: Any, limit: int) -> None:
-        """Cuts `value`'s texts in place (the event is the processors' own copy)."""
-        if isinstance(value, dict):
-            limits = self.limits
-            long_keys = False
+        """Cuts `value`'s texts in place (the event is the processors' own copy). Keys are
+        not cut here: capture bounds the keys of app data."""
+        limits, shortest = self.limits, self.shortest
+        if type(value) is dict:
             for key, item in value.items():
-                if isinstance(key, str) and (len(key) > self.keyword or not key.isascii()):
-                    long_keys = True
-                if isinstance(item, str):
-                    lim = limits.get(key, limit)
-                    if len(item) > lim or not item.isascii():
-                        value[key] = truncate(item, lim)
-                elif isinstance(item, dict | list):
+                t = type(item)
+                if t is str:
+                    if len(item) > shortest or not item.isascii():
+                        lim = limits.get(key, limit)
+                        if len(item) > lim or not item.isascii():
+                            value[key] = truncate(item, lim)
+                elif t is dict or t is list:
                     self._cut(item, limits.get(key, limit))
-            if long_keys:
-                cut = {truncate(k, self.keyword) if isinstance(k, str) else k: v
-                       for k, v in value.items()}
-                value.clear()
-                value.update(cut)
-        elif isinstance(value, list):
+        elif type(value) is list:
             for i, item in enumerate(value):
-                if isinstance(item, str):
+                t = type(item)
+                if t is str:
                     if len(item) > limit or not item.isascii():
                         value[i] = truncate(item, limit)
-                elif isinstance(item, dict | list):
+                elif t is dict or t is list:
                     self._cut(item, limit)
 
 
@@ -98,6 +110,7 @@ class Pipeline:
         self._metadata = metadata
         self._lock = threading.Lock()
         self.counts = {"dropped_by_hook": 0, "hook_errors": 0}
+        self._span_names: dict[tuple[Any, ...], str] = {}  # see intake_v2.span_lines
         self._hook_failed_before = False
 
     def events(self, record: Any) -> list[tuple[str, Event]]:
@@ -112,7 +125,24 @@ class Pipeline:
         return out
 
     def encode(self, record: Any) -> list[bytes]:
-        return [intake_v2.line(kind, event) for kind, event in self.events(record)]
+        """NDJSON lines of `record`: `events()` written out. A transaction's spans, the bulk
+        of all events, are written directly with each field processed (unless a
+        before_send hook wants them as dicts)."""
+        if type(record) is not Transaction or self.before_send is not None or not record.spans:
+            return [intake_v2.line(kind, event) for kind, event in self.events(record)]
+        secrets = record.secrets
+        event = self.process("transaction", intake_v2.transaction(record), secrets)
+        lines = [] if event is None else [intake_v2.line("transaction", event)]
+        if secrets:
+            return lines + intake_v2.span_lines(
+                record, self.config, lambda key, value: self.field(key, value, secrets))
+        return lines + intake_v2.span_lines(record, self.config, self.field, self._span_names)
+
+    def field(self, key: str, value: Any, secrets: frozenset[str] = frozenset()) -> Any:
+        """One top-level field of a span, through every processor but the hook."""
+        for processor in self.processors:
+            value = processor.field(key, value, secrets)
+        return value
 
     def metadata_line(self) -> bytes:
         """Built for every request, so it shows the client as it is now."""

@@ -125,6 +125,7 @@ FREE_FORM = frozenset(("headers", "cookies", "env", "body", "custom", "tags", "v
 _CONTEXT_KEYS = frozenset(("request", "response", "user", "db", "http", "destination",
                            "service", "message", "page", "cloud", "tags", "custom"))
 _IDS = frozenset(("id", "trace_id", "transaction_id", "parent_id"))
+OWN_FIELDS = _IDS | {"statement", "argv", "context"}
 _CACHE_BYTES = 2 * 1024 * 1024  # cleaned texts kept (names, statements and URLs repeat)
 _CACHE_TEXT = 2048  # longer texts are cleaned each time
 
@@ -231,28 +232,49 @@ class Sanitizer:
               ) -> Any:
         """A copy of an event (or part of one) with its secrets redacted: every text by value;
         below the FREE_FORM keys (or everywhere, if `keyed`) by key name as well."""
+        t = type(value)
+        if t is str:
+            return self.text(value, values)
+        if t is dict:
+            return self._mapping(value, keyed, values)
+        if t is list or t is tuple:
+            return [self.clean(item, keyed, values) for item in value]
         if isinstance(value, str):
             return self.text(value, values)
-        if isinstance(value, dict):
-            out = {}
-            for key, item in value.items():
-                if key in _IDS and not keyed:
-                    out[key] = item
-                elif keyed and item is not None and self.is_sensitive(key):
-                    out[key] = REDACTED
-                elif key == "statement" and not keyed and isinstance(item, str):
-                    out[key] = self.sql(item, values)
-                elif key == "argv" and not keyed and isinstance(item, list):
-                    out[key] = self.argv(item)
-                elif key == "context" and not keyed and isinstance(item, dict):
-                    out[key] = {k: self.clean(v, k in FREE_FORM or k not in _CONTEXT_KEYS, values)
-                                for k, v in item.items()}
-                else:
-                    out[key] = self.clean(item, keyed or key in FREE_FORM, values)
-            return out
-        if isinstance(value, list | tuple):
-            return [self.clean(item, keyed, values) for item in value]
         return value
+
+    def _mapping(self, value: dict[Any, Any], keyed: bool, values: frozenset[str]
+                 ) -> dict[Any, Any]:
+        out = {}
+        text = self.text
+        for key, item in value.items():
+            if keyed:
+                if item is not None and self.is_sensitive(key):
+                    out[key] = REDACTED
+                    continue
+            elif key in OWN_FIELDS:  # our ids and the fields that need their own rule
+                out[key] = self._own(key, item, values)
+                continue
+            t = type(item)
+            if t is str:
+                out[key] = text(item, values)
+            elif t is dict or t is list or t is tuple:
+                out[key] = self.clean(item, keyed or key in FREE_FORM, values)
+            else:
+                out[key] = self.clean(item, keyed, values)
+        return out
+
+    def _own(self, key: str, item: Any, values: frozenset[str]) -> Any:
+        if key in _IDS:
+            return item
+        if key == "statement" and isinstance(item, str):
+            return self.sql(item, values)
+        if key == "argv" and isinstance(item, list):
+            return self.argv(item)
+        if key == "context" and isinstance(item, dict):
+            return {k: self.clean(v, k in FREE_FORM or k not in _CONTEXT_KEYS, values)
+                    for k, v in item.items()}
+        return self.clean(item, False, values)
 
     def sql(self, statement: str, values: frozenset[str] = frozenset()) -> str:
         """A SQL statement with its literals as `?` (unless `sql_literals`), then cleaned."""

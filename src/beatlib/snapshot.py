@@ -41,8 +41,8 @@ def render(value: object, list_len: int, dict_len: int, string_len: int) -> Any:
     says how many were left out), cycles and deep nesting summarised, other objects repr'd."""
     t = type(value)
     if t is str:  # the common cases first: this runs for every local of every app frame
-        return value if len(value) <= string_len and value.isascii() else truncate(  # type: ignore[arg-type]
-            value, string_len)  # type: ignore[arg-type]
+        text: str = value  # type: ignore[assignment]
+        return text if len(text) <= string_len and text.isascii() else truncate(text, string_len)
     if t is int and -_INT_LIMIT < value < _INT_LIMIT or value is None or t is bool:  # type: ignore[operator]
         return value
     return _render(value, list_len, dict_len, string_len, set(), 0)
@@ -52,8 +52,8 @@ def _render(value: object, list_len: int, dict_len: int, string_len: int, active
             depth: int) -> Any:
     t = type(value)
     if t is str:
-        return value if len(value) <= string_len and value.isascii() else truncate(  # type: ignore[arg-type]
-            value, string_len)  # type: ignore[arg-type]
+        text: str = value  # type: ignore[assignment]
+        return text if len(text) <= string_len and text.isascii() else truncate(text, string_len)
     if value is None or t is bool:
         return value
     if t is int or (t is not float and isinstance(value, int)):
@@ -111,7 +111,7 @@ def _render(value: object, list_len: int, dict_len: int, string_len: int, active
 
 
 def _first(items: Any, n: int) -> list[Any]:
-    out = []
+    out: list[Any] = []
     for item in items:
         if len(out) >= n:
             break

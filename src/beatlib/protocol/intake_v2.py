@@ -15,7 +15,7 @@ import os
 import platform
 import socket
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from beatlib.version import __version__
@@ -256,6 +256,67 @@ def _source(path: str, lineno: int, around: int) -> dict[str, Any]:
         "context_line": lines[i].rstrip("\r\n"),
         "post_context": [s.rstrip("\r\n") for s in lines[i + 1 : i + 1 + around]],
     }
+
+
+def span_lines(tx: Transaction, config: Config, field: Callable[[str, Any], Any],
+               names: dict[tuple[Any, ...], str] | None = None) -> list[bytes]:
+    """The `span` lines of `tx`, written directly: the hot path of encoding (most events are
+    spans). The same events as `span()`, each app-supplied field passed through
+    `field(key, value)`: the processors' rules for one field (a test holds the two ways
+    equal). `names` keeps the written name, type, subtype and action of each kind of span
+    (spans repeat them; the caller owns it, and leaves it out when `field` varies)."""
+    tx_id = "%016x" % tx.id
+    head = '{"span":{"transaction_id":"%s","trace_id":"%s"' % (tx_id, tx.trace_id)
+    tail = "" if tx.sample_rate is None else ',"sample_rate":%r' % tx.sample_rate
+    base, start = tx.timestamp, tx.start
+    lines = []
+    for sp in tx.spans:
+        key = (sp.name, sp.type, sp.subtype, sp.action)
+        cached = names is not None and type(sp.name) is str and type(sp.type) is str
+        written = names.get(key) if cached else None  # type: ignore[union-attr]
+        if written is None:
+            written = _span_names(sp, field)
+            if cached:
+                if len(names) >= 4096:  # type: ignore[arg-type]  # kinds of spans are few
+                    names.clear()  # type: ignore[union-attr]
+                names[key] = written  # type: ignore[index]
+        parent = sp.parent
+        parts = [
+            head,
+            ',"id":"%016x","parent_id":"%s"%s,"timestamp":%d,"duration":%r,"outcome":"%s"' % (
+                sp.id,
+                tx_id if parent is tx else "%016x" % parent.id,
+                written,
+                base + (sp.start - start) // 1000,
+                sp.duration,
+                sp.outcome or "unknown",
+            ),
+        ]
+        if sp.sync is not None:
+            parts.append(',"sync":true' if sp.sync else ',"sync":false')
+        if sp.context or sp.labels:
+            ctx = context(sp.context, sp.labels) or {}
+            parts.append(',"context":' + _dumps(field("context", ctx)))
+        if sp.stacktrace:
+            parts.append(',"stacktrace":' + _dumps(field("stacktrace",
+                                                         frames(sp.stacktrace, config))))
+        parts.append(tail)
+        parts.append("}}\n")
+        lines.append("".join(parts).encode("ascii"))
+    return lines
+
+
+def _span_names(sp: Span, field: Callable[[str, Any], Any]) -> str:
+    out = ',"name":%s,"type":%s' % (_escape(field("name", text(sp.name))),
+                                     _escape(field("type", text(sp.type))))
+    if sp.subtype is not None:
+        out += ',"subtype":' + _escape(field("subtype", text(sp.subtype)))
+    if sp.action is not None:
+        out += ',"action":' + _escape(field("action", text(sp.action)))
+    return out
+
+
+_escape = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 def metricset(ms: MetricSet) -> dict[str, Any]:
