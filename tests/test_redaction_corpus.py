@@ -296,9 +296,8 @@ def argv(monkeypatch: pytest.MonkeyPatch) -> Corpus:
     return c
 
 
-def test_no_secret_reaches_the_server(argv: Corpus, receiver: Receiver, callee: HTTPServer,
-                                      tmp_path: Any) -> None:
-    c = argv
+def run_corpus(c: Corpus, receiver: Receiver, callee: HTTPServer, tmp_path: Any) -> None:
+    """The whole corpus with beatlib's defaults (and every request body recorded)."""
     client = beatlib.Client(server_url=receiver.url, service_name="corpus", capture_body="all",
                             flush_interval="50ms", environ={})
     beatlib.instrument(client.config)
@@ -310,6 +309,12 @@ def test_no_secret_reaches_the_server(argv: Corpus, receiver: Receiver, callee: 
         client.close(5)
         beatlib.uninstrument()
         context.set_active(None)
+
+
+def test_no_secret_reaches_the_server(argv: Corpus, receiver: Receiver, callee: HTTPServer,
+                                      tmp_path: Any) -> None:
+    c = argv
+    run_corpus(c, receiver, callee, tmp_path)
     assert len(c.places) >= 80
     received = receiver.received()
     assert received and not c.leaks(received), "\n".join(c.leaks(received))
@@ -333,17 +338,7 @@ def test_the_corpus_reaches_the_server_when_redaction_is_off(
     monkeypatch.setattr(Sanitize, "__call__", lambda self, kind, event, secrets=(): event)
     monkeypatch.setattr(Sanitize, "field", lambda self, key, value, secrets=(): value)
     c = argv
-    client = beatlib.Client(server_url=receiver.url, service_name="corpus", capture_body="all",
-                            flush_interval="50ms", environ={})
-    beatlib.instrument(client.config)
-    try:
-        run_flask(c, client, make_app(c, client, callee, tmp_path))
-        run_manual(c, client)
-        assert client.flush(10)
-    finally:
-        client.close(5)
-        beatlib.uninstrument()
-        context.set_active(None)
+    run_corpus(c, receiver, callee, tmp_path)
     leaked = {line.split(":")[0] for line in c.leaks(receiver.received())}
     cut_by_depth = {"local nested 6 deep"}  # never shipped at all: nesting past the limit
     assert leaked == set(c.places) - cut_by_depth

@@ -6,6 +6,7 @@ view that raises. `main` is its PasteDeploy entry point (`use = call:...:main`).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -108,6 +109,11 @@ def named(request: Request) -> Response:
     return Response("named")
 
 
+def reset(request: Request) -> Response:
+    logging.getLogger("shop.reset").error("reset for %s failed", request.path)
+    return Response("reset")
+
+
 def health(request: Request) -> Response:
     return Response("ok")
 
@@ -132,7 +138,7 @@ def make_app(settings: dict[str, Any]) -> Any:
             ("post", "/posts/{id}", post, "post.html"), ("pay", "/pay/{order}", pay, None),
             ("boom", "/boom", boom, None), ("stream", "/stream", stream, None),
             ("sub", "/sub", sub, None), ("health", "/health", health, None),
-            ("named", "/named", named, None),
+            ("named", "/named", named, None), ("reset", "/reset/{token}", reset, None),
         ]:
             config.add_route(name, pattern)
             config.add_view(view, route_name=name, renderer=renderer)

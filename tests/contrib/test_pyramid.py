@@ -228,3 +228,22 @@ def test_a_name_the_view_set_is_kept(shop, receiver):
     webtest.TestApp(app).get("/named")
     (tx,), _, _ = shipped(client, receiver)
     assert tx["name"] == "report by region"
+
+
+def test_sensitive_route_variables_are_redacted_everywhere(shop, receiver):
+    import logging
+
+    from beatlib.contrib.logging import LoggingHandler
+
+    app, client = shop()
+    handler = LoggingHandler(client)
+    logging.getLogger("shop.reset").addHandler(handler)
+    try:
+        webtest.TestApp(app).get("/reset/tok3n-9f8e7d?page=2")
+    finally:
+        logging.getLogger("shop.reset").removeHandler(handler)
+    (tx,), _, (error,) = shipped(client, receiver)
+    assert tx["name"] == "GET /reset/{token}"
+    assert tx["context"]["request"]["url"]["pathname"] == "/reset/[REDACTED]"
+    assert error["log"]["message"] == "reset for /reset/[REDACTED] failed"
+    assert "tok3n-9f8e7d" not in str(receiver.received())

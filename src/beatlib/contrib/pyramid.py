@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 try:
+    from pyramid.events import ContextFound  # type: ignore[import-untyped,import-not-found]
     from pyramid.httpexceptions import HTTPException  # type: ignore[import-untyped,import-not-found]
     from pyramid.tweens import EXCVIEW  # type: ignore[import-untyped,import-not-found]
 except ImportError as exc:  # pragma: no cover - only without Pyramid
@@ -23,8 +24,9 @@ except ImportError as exc:  # pragma: no cover - only without Pyramid
 
 from beatlib.client import Client, get_client
 from beatlib.config import Config
+from beatlib.context import current_transaction
 from beatlib.contrib import wsgi
-from beatlib.guard import report
+from beatlib.guard import guard, report
 from beatlib.instrumentation.registry import instrument
 from beatlib.tracing import Transaction
 
@@ -55,6 +57,16 @@ def includeme(config: Any) -> None:
     config.registry[REGISTRY_KEY] = client
     instrument(client.config)
     config.add_tween("beatlib.contrib.pyramid.tween_factory", over=EXCVIEW)
+    config.add_subscriber(_route_found, ContextFound)
+
+
+def _route_found(event: Any) -> None:
+    """The route matched: its sensitive variables (`{token}`) are redacted from now on in
+    everything the request records, errors logged by the view included."""
+    matchdict = getattr(event.request, "matchdict", None)
+    tx = current_transaction()
+    if matchdict and tx is not None:
+        guard("pyramid: route variables").call(tx.set_route_params, matchdict)
 
 
 def tween_factory(handler: Handler, registry: Any) -> Handler:
@@ -99,8 +111,6 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
     try:
         if tx.name == request.method:  # not named by the app (beatlib.set_transaction_name)
             tx.name = transaction_name(request)
-        if getattr(request, "matchdict", None):
-            tx.set_route_params(request.matchdict)
         _set_user(tx, request)
         environ = request.environ
         if raised is not None:

@@ -190,3 +190,13 @@ def test_body_with_the_error_only_when_errors(beat, monkeypatch):
     (tx,), _, (error,) = beat.shipped()
     assert "body" not in tx["context"]["request"]
     assert error["context"]["request"]["body"] == {"qty": "2", "card_number": "[REDACTED]"}
+
+
+def test_sensitive_route_variables_are_redacted_everywhere(beat):
+    resp = Client().get("/reset/tok3n-4d5e6f/?page=2")
+    assert resp.status_code == 200 and resp.content == b"reset"
+    (tx,), _, (error,) = beat.shipped()
+    assert tx["name"] == "GET reset/<str:token>/"
+    assert tx["context"]["request"]["url"]["pathname"] == "/reset/[REDACTED]/"
+    assert error["log"]["message"] == "reset for /reset/[REDACTED]/ failed"
+    assert "tok3n-4d5e6f" not in str(beat.receiver.received())

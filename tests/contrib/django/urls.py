@@ -16,6 +16,7 @@ urlpatterns = [
     path("logged/", views.logged),
     path("renamed/", views.renamed),
     path("health/", views.health),
+    path("reset/<str:token>/", views.reset),
 ]
 
 handler500 = "tests.contrib.django.shop.views.server_error"

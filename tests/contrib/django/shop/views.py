@@ -96,5 +96,10 @@ def renamed(request):
     return HttpResponse("renamed")
 
 
+def reset(request, token):
+    logging.getLogger("shop.reset").error("reset for %s failed", request.path)
+    return HttpResponse("reset")
+
+
 def health(request):
     return HttpResponse("ok")
