@@ -3,14 +3,14 @@
     record ──encoder (protocol/)──► event dict ──processors──► line
     processors: sanitize (keys and values) → truncate → before_send (the user's hook)
 
-Every event kind passes it: transaction, span, error, metricset and metadata. A processor
-returns the event (changed or not) or None to drop it; a hook that raises drops that event.
+Every event kind passes it: transaction, span, error, metricset and metadata. Each
+processor takes and returns the event; the hook may return None to drop it, and a hook that
+raises drops that event.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +30,6 @@ class Sanitize:
     """Redacts secrets: by key name in free-form data (headers, cookies, bodies, locals,
     labels, custom context, environment), by value in every text (see `sanitize.py`)."""
 
-    name = "sanitize"
-
     def __init__(self, sanitizer: Sanitizer) -> None:
         self.sanitizer = sanitizer
 
@@ -48,8 +46,6 @@ class Sanitize:
 class Truncate:
     """Cuts texts to the configured lengths (after redaction, so no secret is cut in half
     and missed): keyword fields, messages, SQL statements, bodies, locals."""
-
-    name = "truncate"
 
     def __init__(self, config: Any) -> None:
         keyword = min(config.max_string_length, KEYWORD_LENGTH)
@@ -108,8 +104,7 @@ class Pipeline:
         self.processors: list[Any] = [Sanitize(sanitizer), Truncate(config)]
         self.before_send: BeforeSend | None = config.before_send
         self._metadata = metadata
-        self._lock = threading.Lock()
-        self.counts = {"dropped_by_hook": 0, "hook_errors": 0}
+        self.counts = {"dropped_by_hook": 0, "hook_errors": 0}  # written by the worker only
         self._span_names: dict[tuple[Any, ...], str] = {}  # see intake_v2.span_lines
         self._hook_failed_before = False
 
@@ -164,24 +159,21 @@ class Pipeline:
         try:
             result = self.before_send(kind, event)  # type: ignore[misc]
         except Exception:
-            self._count("hook_errors")
-            if not self._hook_failed_before:
-                self._hook_failed_before = True
-                logger.error("beatlib: before_send raised on a %s event; dropped it (this is "
-                             "logged once, later failures are counted)", kind, exc_info=True)
+            self._hook_failed(kind, "raised", exc_info=True)
             return None
         if result is None:
-            self._count("dropped_by_hook")
+            self.counts["dropped_by_hook"] += 1
             return None
         if not isinstance(result, dict):
-            self._count("hook_errors")
-            if not self._hook_failed_before:
-                self._hook_failed_before = True
-                logger.error("beatlib: before_send returned %s for a %s event, not a dict or "
-                             "None; dropped it", type(result).__name__, kind)
+            self._hook_failed(kind, f"returned {type(result).__name__}, not a dict or None")
             return None
         return result
 
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self.counts[key] += 1
+    def _hook_failed(self, kind: str, what: str, exc_info: bool = False) -> None:
+        """The app's hook failed: that event is dropped, never sent unprocessed."""
+        self.counts["hook_errors"] += 1
+        if not self._hook_failed_before:
+            self._hook_failed_before = True
+            logger.error("beatlib: before_send %s on a %s event; dropped it (logged once, "
+                         "later failures are counted as hook_errors)", what, kind,
+                         exc_info=exc_info)

@@ -47,7 +47,6 @@ def field_matcher(patterns: Iterable[str]) -> Callable[[str], bool] | None:
     return lambda name: match(name) is not None
 
 
-_SCHEMES = r"(?:Bearer|Basic|ApiKey|Token|Digest|Negotiate)"
 _TEXT = re.compile(
     r"""
       (?P<pem>-----BEGIN[ A-Z0-9]*PRIVATE\ KEY-----)(?:.*?(?P<pem_end>-----END[ A-Z0-9]*PRIVATE
