@@ -154,3 +154,19 @@ def test_safe_repr_never_raises() -> None:
     assert len(safe_repr("x" * 10**6, 50)) == 50
     assert safe_repr(b"\xff\xfe", 50) == "b'\\xff\\xfe'"
     assert len(safe_repr(b"\xff" * 10**6, 50)) == 50
+
+
+@pytest.mark.parametrize("text", [
+    "a:" * 32768, "eyJa-" * 13000, "http://a:" * 7000, "[parameters: " * 5000,
+    "Key (a)=(" * 7000, "Duplicate entry '" * 4000, 'password="' * 6000, "a=b:c-d.e@f " * 6000,
+    "sk_live_" * 8000, "Bearer " * 9000,
+], ids=lambda t: t[:12])  # fmt: skip
+def test_hostile_text_costs_linear_time_not_quadratic(sanitizer: Sanitizer, text: str) -> None:
+    """64 KiB built to make a detector rescan the rest of the text at every position: each took
+    seconds to minutes before the detectors were bounded; linear, it is well under a second.
+    The bound is far above any machine's linear time, so it fails only on a quadratic scan."""
+    import time
+
+    start = time.perf_counter()
+    sanitizer.text(text)
+    assert time.perf_counter() - start < 2.0

@@ -47,52 +47,67 @@ def field_matcher(patterns: Iterable[str]) -> Callable[[str], bool] | None:
     return lambda name: match(name) is not None
 
 
+# Every branch starts only where a token can start (not inside a word) and bounds what it
+# scans, so that no text, however hostile, costs more than linear time: each branch is tried
+# at each position, and an unbounded or backtracking one would make that quadratic.
+_START = r"(?<![\w.+-])"
 _TEXT = re.compile(
     r"""
-      (?P<pem>-----BEGIN[ A-Z0-9]*PRIVATE\ KEY-----)(?:.*?(?P<pem_end>-----END[ A-Z0-9]*PRIVATE
-          \ KEY-----)|.*\Z)
-    | (?P<userinfo>\b[a-zA-Z][\w+.-]*://[^\s:@/?#]*:)[^\s@/?#]+(?=@)
-    | (?P<scheme>\b(?:Bearer|Basic|ApiKey|Negotiate)\s+)(?P<cred>[\w.~+/=-]{8,})
-    | (?P<jwt>\beyJ[\w-]{4,}\.eyJ[\w-]*(?:\.[\w-]*)?)
-    | (?P<shape>
-          \b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b
-        | \b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{10,}
-        | \bwhsec_[A-Za-z0-9]{16,}
-        | \bgh[pousr]_[A-Za-z0-9]{20,}
-        | \bgithub_pat_[A-Za-z0-9_]{20,}
-        | \bglpat-[\w-]{20,}
-        | \bxox[abposre]-[A-Za-z0-9-]{10,}
-        | \bhooks\.slack\.com/services/[\w/]+
-        | \bAIza[\w-]{30,}
-        | \bya29\.[\w-]{20,}
-        | \bSG\.[\w-]{16,}\.[\w-]{16,}
-        | \bnpm_[A-Za-z0-9]{30,}
-        | \bpypi-[\w-]{40,}
-        | \bsk-(?:proj-|ant-|live-)?[A-Za-z0-9_-]{20,}
-        | \b\d{6,12}:AA[\w-]{30,}
-        | \b[MN][A-Za-z\d]{23,25}\.[\w-]{6}\.[\w-]{27,}
-        | \bSK[0-9a-f]{32}\b
-        | \bAC[0-9a-f]{32}\b
-        | \bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}
-        | \bdop_v1_[a-f0-9]{64}
-        | \bhf_[A-Za-z]{30,}
-      )
-    | (?P<sqlparams>\[parameters:\ ).*?(?=\](?:\n|\Z))
-    | (?P<pgkey>\bKey\ \([^)]*\)=\().*?(?=\)\ (?:already\ exists|is\ not\ present|conflicts))
-    | (?P<pgrow>\bFailing\ row\ contains\ \().*?(?=\)\.?(?:\n|\Z))
-    | (?P<mydup>\bDuplicate\ entry\ ').*?(?='\ for\ key)
+      (?P<pem>-----BEGIN[ A-Z0-9]{0,20}PRIVATE\ KEY-----)(?:.*?(?P<pem_end>-----END[ A-Z0-9]{0,20}
+          PRIVATE\ KEY-----)|.*\Z)
+    | (?P<userinfo>START[a-zA-Z][\w+.-]{0,30}://[^\s:@/?#]{0,256}:)[^\s@/?#]{1,256}(?=@)
+    | (?P<scheme>\b(?:Bearer|Basic|ApiKey|Negotiate)\s{1,3})(?P<cred>[\w.~+/=-]{8,4096})
+    | (?P<jwt>STARTeyJ[\w-]{4,4096}\.eyJ[\w-]{0,8192}(?:\.[\w-]{0,8192})?)
+    | (?P<shape>START(?:
+          (?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b
+        | (?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{10,512}
+        | whsec_[A-Za-z0-9]{16,512}
+        | gh[pousr]_[A-Za-z0-9]{20,512}
+        | github_pat_[A-Za-z0-9_]{20,512}
+        | glpat-[\w-]{20,512}
+        | xox[abposre]-[A-Za-z0-9-]{10,512}
+        | hooks\.slack\.com/services/[\w/]{1,512}
+        | AIza[\w-]{30,512}
+        | ya29\.[\w-]{20,4096}
+        | SG\.[\w-]{16,512}\.[\w-]{16,512}
+        | npm_[A-Za-z0-9]{30,512}
+        | pypi-[\w-]{40,4096}
+        | sk-(?:proj-|ant-|live-)?[A-Za-z0-9_-]{20,512}
+        | \d{6,12}:AA[\w-]{30,512}
+        | [MN][A-Za-z\d]{23,25}\.[\w-]{6}\.[\w-]{27,512}
+        | SK[0-9a-f]{32}\b
+        | AC[0-9a-f]{32}\b
+        | shp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}
+        | dop_v1_[a-f0-9]{64}
+        | hf_[A-Za-z]{30,512}
+      ))
+    | (?P<sqlparams>\[parameters:\ )[^\n]*
+    | (?P<pgkey>\bKey\ \([^)\n]{0,512}\)=\()(?P<pgvalues>[^\n]*)
+    | (?P<pgrow>\bFailing\ row\ contains\ \()(?P<pgrowvalues>[^\n]*)
+    | (?P<mydup>\bDuplicate\ entry\ ')(?P<myvalue>[^\n]*)
     | (?P<card>(?<![\w.-])(?:\d[\ -]?){12,18}\d(?![\w-]))
-    | (?P<key>(?<![\w.-])[A-Za-z_][\w.\-\[\]]{0,80})
-      (?P<sep>["']?\s{0,3}(?:=|:|=>)\s{0,3})
-      (?=(?P<value>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'
-        |(?:(?:Bearer|Basic|ApiKey|Token|Digest)\s+)?[^\s&;,"'<>(){}\[\]]+))
+    | (?P<key>(?<![\w.-])[A-Za-z_][\w.\-\[\]]{0,80})(?P<sep>["']?\s{0,3}(?:=>|=|:)\s{0,3})
     | (?P<word>\b(?:password|passwd|passphrase|pwd|secret|token|api[\ _-]?key|access[\ _-]?key
         |private[\ _-]?key|credentials?|otp|cvv|pin)\b)
-      (?P<wsep>\s+(?:is|was|=|:)\s+|\s+)
-      (?P<wvalue>(?:(?:Bearer|Basic|ApiKey|Token)\s+)?[^\s,;]+)
-    """,
+      (?P<wsep>\s{1,3}(?:is|was|=|:)\s{1,3}|\s{1,3})
+      (?P<wvalue>(?:(?:Bearer|Basic|ApiKey|Token)\s{1,3})?[^\s,;]{1,4096})
+    """.replace("START", _START),
     re.VERBOSE | re.DOTALL | re.IGNORECASE,
 )
+# The value after a sensitive `name=` / `name:` (matched only then, so plain pairs cost nothing).
+_VALUE = re.compile(
+    r"""
+      "(?:[^"\\\n]|\\.){0,4096}"
+    | '(?:[^'\\\n]|\\.){0,4096}'
+    | (?:(?:Bearer|Basic|ApiKey|Token|Digest)\s{1,3})?[^\s&;,"'<>(){}\[\]]{1,4096}
+    """,
+    re.VERBOSE | re.IGNORECASE,
+)
+_DB_VALUE_ENDS = {  # what follows the values in a database's error message, kept
+    "pgvalues": re.compile(r"\)\ (?:already\ exists|is\ not\ present|conflicts)"),
+    "pgrowvalues": re.compile(r"\)\.?$"),
+    "myvalue": re.compile(r"'\ for\ key"),
+}
 # Cheap pre-check: text with none of these characters or words holds nothing _TEXT finds.
 _MAYBE = re.compile(
     r"[=:@\-\[]|eyJ|\d[\d -]{11}|\b(?:password|passwd|passphrase|pwd|secret|token|key"
@@ -198,12 +213,15 @@ class Sanitizer:
         if m.group("key") is not None:
             # Only the name and separator are consumed: a value that is not redacted is
             # scanned too (a URL with a token in it, a nested pair).
-            value = m["value"]
-            if (not self.is_sensitive(m["key"].strip("[]")) or value.startswith(REDACTED)
-                    or _PLACEHOLDER.match(m.string, m.end() + (value[:1] in "'\""))):
+            if not self.is_sensitive(m["key"].strip("[]")):
                 return m.group(), end
-            quote = value[0] if value[:1] in ("'", '"') and value[-1:] == value[0] else ""
-            return f"{m['key']}{m['sep']}{quote}{REDACTED}{quote}", m.end("value")
+            value = _VALUE.match(m.string, end)
+            if value is None or value.group().startswith(REDACTED) or _PLACEHOLDER.match(
+                    m.string, end + (m.string[end:end + 1] in "'\"")):
+                return m.group(), end
+            text = value.group()
+            quote = text[0] if text[:1] in ("'", '"') and text[-1:] == text[0] else ""
+            return f"{m['key']}{m['sep']}{quote}{REDACTED}{quote}", value.end()
         if m.group("pem") is not None:
             return f"{m['pem']}{REDACTED}{m['pem_end'] or ''}", end
         if m.group("userinfo") is not None:
@@ -212,9 +230,13 @@ class Sanitizer:
             return (m["scheme"] + REDACTED if _looks_secret(m["cred"]) else m.group()), end
         if m.group("jwt") is not None or m.group("shape") is not None:
             return REDACTED, end
-        for prefix in ("sqlparams", "pgkey", "pgrow", "mydup"):
+        if m.group("sqlparams") is not None:
+            return f"{m['sqlparams']}{REDACTED}]", end
+        for prefix, values in (("pgkey", "pgvalues"), ("pgrow", "pgrowvalues"),
+                               ("mydup", "myvalue")):
             if m.group(prefix) is not None:
-                return m[prefix] + REDACTED, end
+                tail = _DB_VALUE_ENDS[values].search(m[values])
+                return m[prefix] + REDACTED + (m[values][tail.start():] if tail else ""), end
         if m.group("card") is not None:
             digits = re.sub(r"\D", "", m["card"])
             return (REDACTED if 13 <= len(digits) <= 19 and _luhn(digits) else m.group()), end
