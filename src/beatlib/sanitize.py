@@ -215,13 +215,13 @@ class Sanitizer:
             # scanned too (a URL with a token in it, a nested pair).
             if not self.is_sensitive(m["key"].strip("[]")):
                 return m.group(), end
-            value = _VALUE.match(m.string, end)
-            if value is None or value.group().startswith(REDACTED) or _PLACEHOLDER.match(
+            found = _VALUE.match(m.string, end)
+            if found is None or found.group().startswith(REDACTED) or _PLACEHOLDER.match(
                     m.string, end + (m.string[end:end + 1] in "'\"")):
                 return m.group(), end
-            text = value.group()
+            text = found.group()
             quote = text[0] if text[:1] in ("'", '"') and text[-1:] == text[0] else ""
-            return f"{m['key']}{m['sep']}{quote}{REDACTED}{quote}", value.end()
+            return f"{m['key']}{m['sep']}{quote}{REDACTED}{quote}", found.end()
         if m.group("pem") is not None:
             return f"{m['pem']}{REDACTED}{m['pem_end'] or ''}", end
         if m.group("userinfo") is not None:
