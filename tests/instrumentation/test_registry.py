@@ -160,7 +160,7 @@ def test_a_failing_patch_is_undone_and_never_raises(fake):
 
 
 def test_every_declared_instrumentation_loads():
-    names = {inst.name for inst in registry._all()}
+    names = {inst.name for inst in registry.instrumentations()}
     assert len(names) == len(registry.AVAILABLE)
-    for inst in registry._all():
+    for inst in registry.instrumentations():
         assert inst.module and inst.name

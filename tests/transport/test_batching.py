@@ -132,8 +132,7 @@ def test_queue_full_drops_newest_and_counts(make_transport, receiver):
         return good(item)
 
     transport = make_transport(receiver, encode=slow_encode, max_queue_events=10)
-    transport.queue(0)
-    transport._wakeup.set()
+    transport.queue(0)  # starts the worker, which takes it at once
     assert encoding.wait(3)
     for n in range(1, 25):
         transport.queue(n)

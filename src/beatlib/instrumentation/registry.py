@@ -110,6 +110,12 @@ def _all() -> list[Instrumentation]:
     return list(_instances.values())
 
 
+def instrumentations() -> list[Instrumentation]:
+    """Every instrumentation known: beatlib's own and the registered ones, patched or not."""
+    with _lock:
+        return _all()
+
+
 def register(instrumentation: Instrumentation) -> None:
     """Add an instrumentation (a third-party library's) beside beatlib's own: `instrument()`
     then patches it like the others. Registering a name again replaces the earlier one."""
