@@ -147,3 +147,52 @@ def test_an_explicit_client_is_used(receiver):
     finally:
         default.close(5)
         explicit.close(5)
+
+
+class Billing:
+    @beatlib.transaction
+    def run(self, n):
+        with beatlib.capture_span("charge"):
+            return self.total(n)
+
+    @beatlib.capture_span
+    def total(self, n):
+        return n * 10
+
+    @beatlib.transaction
+    @classmethod
+    def nightly(cls, n):
+        return cls.fee(n)
+
+    @beatlib.capture_span
+    @staticmethod
+    def fee(n):
+        return n + 1
+
+
+@beatlib.transaction
+async def bare_async(n):
+    return await bare_async_span(n)
+
+
+@beatlib.capture_span
+async def bare_async_span(n):
+    await asyncio.sleep(0)
+    return -n
+
+
+def test_decorators_without_parentheses_run_the_function_and_record_it(client, receiver):
+    """`@beatlib.transaction` and `@beatlib.capture_span` bare, on functions, methods,
+    classmethods, staticmethods and coroutines: the function runs and is recorded."""
+    assert Billing().run(2) == 20
+    assert Billing.nightly(4) == 5 and Billing().nightly(1) == 2
+    assert asyncio.run(bare_async(3)) == -3
+    assert client.flush(5)
+    txs = {t["name"]: t for t in receiver.events("transaction")}
+    assert set(txs) == {"Billing.run", "Billing.nightly", "bare_async"}
+    spans = {(s["name"], s["transaction_id"]) for s in receiver.events("span")}
+    assert ("Billing.total", txs["Billing.run"]["id"]) in spans
+    assert ("charge", txs["Billing.run"]["id"]) in spans
+    assert ("Billing.fee", txs["Billing.nightly"]["id"]) in spans
+    assert ("bare_async_span", txs["bare_async"]["id"]) in spans
+    assert Billing.run.__name__ == "run" and bare_async.__name__ == "bare_async"

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from beatlib import context
 from beatlib.client import Client, get_client
-from beatlib.tracing import Span, Transaction, each_call_in, start_span
+from beatlib.tracing import Span, Transaction, each_call_in, is_bare_decoration, start_span
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,6 +27,11 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
     """
 
     __slots__ = ("name", "transaction_type", "client", "_segment", "_client")
+
+    def __new__(cls, name: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if is_bare_decoration(name, args, kwargs):  # @beatlib.transaction, no parentheses
+            return cls()(name)
+        return super().__new__(cls)
 
     def __init__(
         self, name: str | None = None, transaction_type: str = "task", client: Client | None = None
@@ -72,6 +77,7 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
         self.__exit__(exc_type, exc, tb)
 
     def __call__(self, func: F) -> F:
-        name = self.name or getattr(func, "__qualname__", None) or repr(func)
+        inner = func.__func__ if isinstance(func, classmethod | staticmethod) else func
+        name = self.name or getattr(inner, "__qualname__", None) or repr(inner)
         args = (name, self.transaction_type, self.client)
         return each_call_in(lambda: transaction(*args), func)

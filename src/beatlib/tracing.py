@@ -297,6 +297,11 @@ class capture_span:  # noqa: N801 - lower case: it reads as a function at call s
 
     __slots__ = ("name", "span_type", "span_subtype", "span_action", "labels", "leaf", "span")
 
+    def __new__(cls, name: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if is_bare_decoration(name, args, kwargs):  # @capture_span, without parentheses
+            return cls()(name)
+        return super().__new__(cls)
+
     def __init__(
         self,
         name: str | None = None,
@@ -338,14 +343,26 @@ class capture_span:  # noqa: N801 - lower case: it reads as a function at call s
         self.__exit__(exc_type, exc, tb)
 
     def __call__(self, func: F) -> F:
-        name = self.name or getattr(func, "__qualname__", None) or repr(func)
+        inner = func.__func__ if isinstance(func, classmethod | staticmethod) else func
+        name = self.name or getattr(inner, "__qualname__", None) or repr(inner)
         args = (name, self.span_type, self.span_subtype, self.span_action, self.labels, self.leaf)
         return each_call_in(lambda: capture_span(*args), func)
 
 
+def is_bare_decoration(first: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a decorator class was applied without parentheses (`@capture_span`): its one
+    argument is then the function, not a name."""
+    return not args and not kwargs and (
+        isinstance(first, classmethod | staticmethod)
+        or (callable(first) and not isinstance(first, str | bytes)))
+
+
 def each_call_in(make: Callable[[], AbstractContextManager[Any]], func: F) -> F:
-    """`func` (plain or `async def`) with every call run inside a fresh `make()` context:
-    what makes `capture_span` and `beatlib.transaction` decorators."""
+    """`func` (plain or `async def`, a method, a classmethod or staticmethod) with every call
+    run inside a fresh `make()` context: what makes `capture_span` and
+    `beatlib.transaction` decorators."""
+    if isinstance(func, classmethod | staticmethod):
+        return type(func)(each_call_in(make, func.__func__))  # type: ignore[return-value]
     if inspect.iscoroutinefunction(func):
 
         @functools.wraps(func)
