@@ -72,6 +72,18 @@ def test_429_honours_retry_after(make_transport, receiver):
     assert transport.stats()["retried"] == 2
 
 
+def test_retry_after_as_an_http_date_is_honoured(make_transport, receiver):
+    from email.utils import formatdate
+
+    transport = make_transport(receiver)  # its own backoff is 0.05-0.3 s
+    receiver.respond_with(503, headers={"Retry-After": formatdate(time.time() + 2, usegmt=True)},
+                          times=1)
+    transport.queue(1)
+    assert transport.flush(6)
+    first, second = (r["time"] for r in receiver.requests)
+    assert second - first >= 0.9  # the date is whole seconds: between 1 and 2 s from now
+
+
 def test_400_drops_the_batch_and_logs_once(make_transport, receiver, caplog):
     transport = make_transport(receiver)
     bad = {"transaction": {"id": "not-hex-but-fine", "type": "task"}}  # no trace_id etc.

@@ -221,9 +221,13 @@ def pool_settings(config: Any) -> dict[str, Any]:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date (urllib3
+    reads both); None when absent or unreadable (our own backoff then)."""
+    if not value:
+        return None
     try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:  # an HTTP date; rare enough to fall back to our own backoff
+        return max(0.0, urllib3.util.Retry().parse_retry_after(value))
+    except Exception:  # urllib3's InvalidHeader, or a date it cannot read
         return None
 
 
