@@ -32,7 +32,7 @@ _validators: dict[str, Draft7Validator] = {}
 
 
 def specs_dir() -> Path:
-    env = os.environ.get("BEATLIB_SPECS_DIR")
+    env = os.environ.get("BEATLIBTEST_SPECS_DIR")
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[2] / "shared" / "specs" / "elastic-apm-intake-v2"

@@ -55,6 +55,14 @@ def test_check_ok(receiver, capsys):
     assert receiver.metadata[0]["service"]["name"] == "shop"
 
 
+def test_check_reports_mistyped_environment_variables(receiver, capsys, monkeypatch):
+    monkeypatch.setenv("BEATLIB_SAMPLE_RATE", "0.5")
+    code, out, _ = run(capsys, "check", "--server-url", receiver.url, "--service-name", "shop")
+    assert code == 0
+    assert ("warning: BEATLIB_SAMPLE_RATE is not a beatlib setting and is ignored; did you "
+            "mean BEATLIB_TRANSACTION_SAMPLE_RATE?") in out
+
+
 def test_check_with_credentials(capsys):
     with _receiver(secret_token="s3cret") as receiver:
         code, _, err = run(capsys, "check", "--server-url", receiver.url, "--secret-token", "no")

@@ -1,9 +1,11 @@
 """Config: parsers, env-over-keyword precedence, defaults, and ConfigError messages."""
 
+import logging
 import re
 
 import pytest
 
+from beatlib import config as config_module
 from beatlib.config import SERVICE_NAME_FALLBACK, Config, ConfigError, default_service_name
 
 EMPTY: dict[str, str] = {}  # an environment with no BEATLIB_* variables
@@ -369,3 +371,18 @@ def test_equal_settings_make_equal_configs():
 
 def test_huge_number_is_a_config_error():
     rejects("flush_interval", 10**400)
+
+
+def test_a_mistyped_environment_variable_is_warned_about_with_the_setting_meant(caplog):
+    environ = {"BEATLIB_SAMPLE_RATE": "2", "BEATLIB_SERVCE_NAME": "x", "BEATLIB_ZZZ_QQQ": "1"}
+    with caplog.at_level(logging.WARNING, logger="beatlib"):
+        config = Config(environ=environ)
+        Config(environ=environ)  # once per process, not per client
+    assert config.transaction_sample_rate == 1.0  # ignored, as before, but not silently
+    assert config_module.unknown_env_vars(environ) == [
+        ("BEATLIB_SAMPLE_RATE", "BEATLIB_TRANSACTION_SAMPLE_RATE"),
+        ("BEATLIB_SERVCE_NAME", "BEATLIB_SERVICE_NAME"), ("BEATLIB_ZZZ_QQQ", None)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3
+    assert any("BEATLIB_SAMPLE_RATE" in m and "BEATLIB_TRANSACTION_SAMPLE_RATE" in m
+               for m in messages)

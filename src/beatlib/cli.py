@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from beatlib.config import Config, ConfigError
+from beatlib.config import Config, ConfigError, unknown_env_vars
 from beatlib.transport.http import server_message
 from beatlib.version import __version__
 
@@ -60,6 +60,9 @@ def check(args: argparse.Namespace) -> int:
     config = _config(args)
     auth = "api key" if config.api_key else "secret token" if config.secret_token else "none"
     print(f"configuration: ok (service {config.service_name!r}, auth: {auth})")
+    for name, near in unknown_env_vars(os.environ):
+        hint = f"; did you mean {near}?" if near else ""
+        print(f"warning: {name} is not a beatlib setting and is ignored{hint}")
     try:
         version = server_version(config) or "unknown"
     except ServerProblem as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import logging
 import math
 import os
 import re
@@ -19,6 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from beatlib.sanitize import DEFAULT_FIELD_NAMES
+
+logger = logging.getLogger("beatlib")
 
 SERVICE_NAME_FALLBACK = "python-service"
 # Script names that say nothing about the service: the folder they live in says more.
@@ -340,6 +343,11 @@ class Config:
 
     def _load(self, kwargs: dict[str, object], environ: Mapping[str, str] | None) -> None:
         environ = os.environ if environ is None else environ
+        for env_name, meant in unknown_env_vars(environ):
+            if env_name not in _warned_env:  # once per process: clients are made more than once
+                _warned_env.add(env_name)
+                hint = f" (did you mean {meant}?)" if meant else ""
+                logger.warning("beatlib: %s is not a beatlib setting; ignored%s", env_name, hint)
         known = {s.name for s in _SETTINGS}
         for name in kwargs:
             if name not in known:
@@ -377,3 +385,21 @@ _SETTINGS = tuple(
             f.metadata["secret"])
     for f in dataclasses.fields(Config)
 )
+
+
+_warned_env: set[str] = set()
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """`BEATLIB_*` variables that name no setting (a typo is silently ignored otherwise),
+    each with the variable it most likely meant."""
+    known = [s.name.upper() for s in _SETTINGS]
+    out = []
+    for name in environ:
+        given = name[len("BEATLIB_"):]
+        if name.startswith("BEATLIB_") and given not in known:
+            near = difflib.get_close_matches(given, known, n=1, cutoff=0.7)
+            ending = [k for k in known if k.endswith("_" + given)] if given else []
+            meant = ending[0] if ending else near[0] if near else None
+            out.append((name, meant and "BEATLIB_" + meant))
+    return sorted(out)

@@ -33,7 +33,7 @@ def run(args: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_django_project_tests():
     result = run(["-m", "pytest", "tests/contrib/django", "-q", "-p", "no:cacheprovider"],
-                 BEATLIB_DJANGO_TESTS="1")
+                 BEATLIBTEST_DJANGO="1")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
 

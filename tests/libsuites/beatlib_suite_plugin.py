@@ -3,7 +3,7 @@ inside a beatlib transaction, so the library's calls go through our wrappers and
 
 Events go to the validating test receiver on 127.0.0.1 (never a remote host). At the end the
 counts of transactions, spans by subtype and invalid lines are written to the JSON file named
-by BEATLIB_SUITE_REPORT, for run.py to compare.
+by BEATLIBTEST_SUITE_REPORT, for run.py to compare.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         "failed_spans": sum(s["outcome"] == "failure" for s in spans),
         "invalid_lines": len(receiver.invalid),
     }
-    path = os.environ.get("BEATLIB_SUITE_REPORT")
+    path = os.environ.get("BEATLIBTEST_SUITE_REPORT")
     if path:
         Path(path).write_text(json.dumps(report))
     print("\nbeatlib:", json.dumps(report))

@@ -56,7 +56,7 @@ def run_suite(root: Path, tests: str, plugin: bool, extra: list[str]) -> dict:
             f"--junitxml={junit}", *extra]  # fmt: skip
     if plugin:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
-        env["BEATLIB_SUITE_REPORT"] = str(report)
+        env["BEATLIBTEST_SUITE_REPORT"] = str(report)
         args[3:3] = ["-p", "beatlib_suite_plugin"]
     log = root / f"pytest-{label}.log"
     with log.open("w") as out:

@@ -1,6 +1,6 @@
 """Django can be configured once per process: these tests run in their own pytest process,
-started by tests/contrib/test_django.py with BEATLIB_DJANGO_TESTS=1 (run them directly with
-`BEATLIB_DJANGO_TESTS=1 pytest tests/contrib/django`). Elsewhere this folder is not collected.
+started by tests/contrib/test_django.py with BEATLIBTEST_DJANGO=1 (run them directly with
+`BEATLIBTEST_DJANGO=1 pytest tests/contrib/django`). Elsewhere this folder is not collected.
 
 The process gets one receiver and one upstream HTTP server, then Django set up with the test
 project's settings (DJANGO_SETTINGS_MODULE may name a variant) on a fresh SQLite file."""
@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-if not os.environ.get("BEATLIB_DJANGO_TESTS"):
+if not os.environ.get("BEATLIBTEST_DJANGO"):
     collect_ignore_glob = ["test_*.py"]
 else:
     from tests.instrumentation.http_server import HTTPServer

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from django.conf import settings  # type: ignore[import-untyped,import-not-found]
 from django.core.management.base import BaseCommand, CommandError, CommandParser  # type: ignore[import-untyped,import-not-found]
 
-from beatlib.config import Config, ConfigError
+from beatlib.config import Config, ConfigError, unknown_env_vars
 from beatlib.contrib.django.apps import MIDDLEWARE, app_client
 from beatlib.transport.http import ServerProblem, server_version
 
@@ -39,6 +40,10 @@ class Command(BaseCommand):
     def check_setup(self, config: Config) -> None:
         self.stdout.write(f"settings OK: service {config.service_name!r}, server "
                           f"{config.server_url}")
+        for name, near in unknown_env_vars(os.environ):
+            hint = f"; did you mean {near}?" if near else ""
+            self.stdout.write(self.style.WARNING(
+                f"note: {name} is not a beatlib setting and is ignored{hint}"))
         if "beatlib.contrib.django" not in settings.INSTALLED_APPS:
             self.stdout.write(self.style.WARNING(
                 'note: "beatlib.contrib.django" is not in INSTALLED_APPS: nothing is traced'))
