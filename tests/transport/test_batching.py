@@ -121,7 +121,8 @@ def test_close_logs_lost_events(make_transport, caplog):
     assert transport.stats()["dropped_at_close"] == 5
 
 
-def test_queue_full_drops_newest_and_counts(make_transport, receiver):
+def test_queue_full_drops_newest_counts_logs_and_fails_the_flush(make_transport, receiver,
+                                                                 caplog):
     from tests.transport.conftest import encode as good
 
     encoding, release = threading.Event(), threading.Event()
@@ -137,10 +138,15 @@ def test_queue_full_drops_newest_and_counts(make_transport, receiver):
     for n in range(1, 25):
         transport.queue(n)
     release.set()
-    assert transport.flush(3)
+    with caplog.at_level(logging.WARNING, logger="beatlib"):
+        assert not transport.flush(3)  # something was lost since the last call
+        assert transport.flush(3)  # and nothing since
+        assert transport.close(3)  # nothing lost since; what was lost is said again
     assert sent_numbers(receiver) == list(range(11))
     stats = transport.stats()
     assert stats["dropped_queue_full"] == 14 and stats["queued"] == 11
+    assert "queue was full (max_queue_events=10); dropped 14 events" in caplog.text
+    assert "events lost since start: 14 queue full" in caplog.text
 
 
 def test_encode_error_drops_item_and_logs_once(make_transport, receiver, caplog):

@@ -141,6 +141,7 @@ class Transport:
         # Below: touched by the worker thread only.
         self._counts = dict.fromkeys(STAT_KEYS, 0)
         self._losses = 0  # bumped on every loss, so a flush can tell whether it lost anything
+        self._queue_drops_seen = 0  # of _dropped_queue_full, counted in _losses already
         self._batch: _Batch | None = None
         self._pending: deque[_Batch] = deque()
         self._pending_bytes = 0
@@ -272,6 +273,7 @@ class Transport:
         if self._closing is not None:
             self._shut_down(self._closing)
             return None
+        self._note_queue_drops()
         self._drain()
         now = monotonic()
         if now >= self._next_flush:
@@ -287,6 +289,17 @@ class Transport:
         if self._pending:
             wait = min(wait, self._retry_at - now)
         return max(wait, 0.0)
+
+    def _note_queue_drops(self) -> None:
+        """Events the app could not queue (full) are losses too: logged, and the next flush
+        says so."""
+        dropped = self._dropped_queue_full
+        if dropped != self._queue_drops_seen:
+            new, self._queue_drops_seen = dropped - self._queue_drops_seen, dropped
+            self._losses += 1
+            self._log.log("queue_full", logging.WARNING, "beatlib: the event queue was full "
+                          "(max_queue_events=%d); dropped %d events", self._max_queue_events,
+                          new)
 
     def _tick(self) -> None:
         """Periodic items (e.g. metricsets) join the batch sent at each flush_interval."""
@@ -365,6 +378,7 @@ class Transport:
 
     def _attach(self, marker: _Marker) -> None:
         """A flush marker is done when the newest batch (holding its last item) is sent."""
+        self._note_queue_drops()  # those the app saw before it called flush() count
         marker.ok = self._losses == marker.losses_at_call
         if self._pending:
             self._pending[-1].markers.append(marker)
@@ -442,6 +456,12 @@ class Transport:
         if lost:
             logger.warning("beatlib: could not reach the APM server before shutdown; %d events "
                            "were lost", lost)
+        self._note_queue_drops()
+        losses = {key: n for key, n in self.stats().items() if key.startswith("dropped_") and n}
+        if losses:  # everything lost in this process, once more where it is seen at exit
+            logger.warning("beatlib: events lost since start: %s",
+                           ", ".join(f"{n} {key[8:].replace('_', ' ')}"
+                                     for key, n in losses.items()))
         close.ok = self._losses == close.losses_at_call
         close.done.set()
 
