@@ -84,6 +84,31 @@ def test_retry_after_as_an_http_date_is_honoured(make_transport, receiver):
     assert second - first >= 0.9  # the date is whole seconds: between 1 and 2 s from now
 
 
+def test_413_splits_the_batch_and_sends_the_halves(make_transport, receiver):
+    transport = make_transport(receiver)
+    receiver.respond_with(413, "request body too large", times=1)
+    for n in range(40):
+        transport.queue(n)
+    assert transport.flush(5)
+    assert_all_once(receiver, range(40))
+    statuses = [r["status"] for r in receiver.requests]
+    assert statuses == [413, 202, 202]
+    assert all(r["raw"].startswith(b'{"metadata"') for r in receiver.requests[1:])
+    assert transport.stats()["dropped_too_large"] == 0
+
+
+def test_413_for_one_event_alone_drops_it_and_logs_once(make_transport, receiver, caplog):
+    transport = make_transport(receiver)
+    receiver.respond_with(413, "request body too large")  # every request
+    with caplog.at_level(logging.ERROR, "beatlib"):
+        for n in range(4):
+            transport.queue(n)
+        assert not transport.flush(5)
+    assert transport.stats()["dropped_too_large"] == 4
+    assert len(receiver.requests) == 1 + 2 + 4  # the batch, its halves, their halves
+    assert caplog.text.count("refused an event as too large") == 1
+
+
 def test_400_drops_the_batch_and_logs_once(make_transport, receiver, caplog):
     transport = make_transport(receiver)
     bad = {"transaction": {"id": "not-hex-but-fine", "type": "task"}}  # no trace_id etc.

@@ -54,6 +54,7 @@ class Verdict(enum.Enum):
     RETRY = "retry"  # server away, overloaded or refusing our credentials: keep and back off
     DROP = "drop"  # the server will never take this batch (400 and other 4xx)
     FAILED = "failed"  # sending failed here, not on the network: beatlib's bug; not retried
+    TOO_LARGE = "too_large"  # 413: the server takes smaller requests; split and send again
 
 
 class Backoff:
@@ -148,6 +149,8 @@ class Sender:
                           "APM server busy or failing (HTTP %d: %s); will retry",
                           status, " ".join(text.split())[:500])
             return Verdict.RETRY, _retry_after(resp.headers.get("Retry-After"))
+        if status == 413:
+            return Verdict.TOO_LARGE, None
         # 400 (and other 4xx): the batch itself is wrong; sending it again cannot help.
         self._log.log("rejected", logging.ERROR,
                       "APM server rejected a batch (HTTP %d), dropping it: %s",

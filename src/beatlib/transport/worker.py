@@ -25,7 +25,7 @@ logger = logging.getLogger("beatlib.transport")
 
 STAT_KEYS = ("queued", "sent_events", "sent_requests", "retried", "dropped_queue_full",
              "dropped_buffer_full", "dropped_rejected", "dropped_send_error",
-             "dropped_encode_error",
+             "dropped_too_large", "dropped_encode_error",
              "dropped_at_close", "buffered_bytes", "backpressure_waits")
 _ENCODE_SLICE = 0.0005  # seconds of encoding between GIL hand-backs (see _drain)
 _YIELD_SECONDS = 0.001  # what one queue() call may wait for the worker, at most about this
@@ -394,6 +394,9 @@ class Transport:
             return verdict
         self._pending.popleft()
         self._pending_bytes -= batch.size
+        if verdict is Verdict.TOO_LARGE:
+            self._split(batch)
+            return verdict
         if self._backoff.failures:
             logger.info("beatlib: APM server is taking data again after %d failed attempts",
                         self._backoff.failures)
@@ -411,6 +414,31 @@ class Transport:
             for marker in batch.markers:
                 marker.done.set()
         return verdict
+
+    def _split(self, batch: _Batch) -> None:
+        """A batch the server found too large (413) goes again as two halves, each with the
+        metadata line; one event that alone is too large is dropped."""
+        lines = zlib.decompress(batch.body, 47).splitlines(keepends=True)  # 47: gzip or zlib
+        metadata, events = lines[0], lines[1:]
+        if len(events) <= 1:
+            self._drop(batch, "dropped_too_large")
+            self._log.log("too_large", logging.ERROR, "beatlib: the APM server refused an event "
+                          "as too large (HTTP 413, %d bytes); dropped it", len(batch.body))
+            return
+        middle = len(events) // 2
+        halves = []
+        for part in (events[:middle], events[middle:]):
+            half = _Batch(self._compress_level, metadata)
+            half.write(b"".join(part))
+            half.items = len(part)
+            half.seal()
+            halves.append(half)
+        # A batch counts items (a transaction with its spans is one), not lines: the halves
+        # share its count.
+        halves[0].items, halves[1].items = batch.items // 2, batch.items - batch.items // 2
+        halves[1].markers = batch.markers  # a flush is done when its last item is sent
+        self._pending.extendleft(reversed(halves))
+        self._pending_bytes += halves[0].size + halves[1].size
 
     def _lose(self, reason: str, items: int) -> None:
         self._counts[reason] += items
