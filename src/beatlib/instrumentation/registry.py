@@ -35,6 +35,7 @@ AVAILABLE = (
     "beatlib.instrumentation.jinja2:Jinja2",
     "beatlib.instrumentation.mako:Mako",
     "beatlib.instrumentation.django_templates:DjangoTemplates",
+    "beatlib.instrumentation.thread_pools:ThreadPools",
 )
 
 Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
