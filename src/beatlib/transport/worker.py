@@ -10,6 +10,7 @@ import atexit
 import contextvars
 import logging
 import os
+import sys
 import threading
 import weakref
 import zlib
@@ -519,6 +520,16 @@ def _run(ref: weakref.ref[Transport]) -> None:
 def _reinit_in_child() -> None:
     for transport in list(_transports):
         transport._after_fork()
+    # A multiprocessing child ends with os._exit: no atexit. Its own exit hooks (finalizers)
+    # do run, but the child clears those it inherited, after this hook: so this asks to be
+    # called back once it has, to add ours.
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None:
+        mp_util.register_after_fork(_close_all_at_exit, _close_at_process_exit)
+
+
+def _close_at_process_exit(close_all: Callable[[], None]) -> None:
+    sys.modules["multiprocessing.util"].Finalize(None, close_all, exitpriority=100)
 
 
 def _close_all_at_exit() -> None:
