@@ -165,7 +165,9 @@ def test_server_info(serve: Receiver) -> None:
     status, body = get(serve.url + "/")
     info = json.loads(body)
     assert status == 200
-    assert set(info) == {"version", "build_date", "build_sha", "publish_ready"}
+    assert set(info) == {"version", "build_date", "build_sha", "publish_ready",
+                         "beatlib_receiver"}
+    assert info["beatlib_receiver"]["writer_running"] is True
     assert post(serve.url, b"", path="/")[0] == 405
     assert get(serve.url + "/intake/v2/events")[0] == 400  # wrong method, as apm-server
     assert get(serve.url + "/nowhere")[0] == 404
@@ -280,3 +282,62 @@ def test_odd_requests(serve: Receiver) -> None:
     assert conn.getresponse().status == 400
     conn.close()
     assert stored(serve) == 1
+
+
+def test_a_lone_surrogate_anywhere_never_stops_the_writer(serve: Receiver) -> None:
+    """JSON may carry lone surrogates (\\udcff), which SQLite refuses: that request once
+    killed the writer, leaving intake answering 202 and storing nothing."""
+    odd = {"service": {"name": "shop\udcff", "version": "1.\ud800",
+                       "agent": {"name": "beatlib", "version": "0.1"}}}
+    body = ndjson(transaction(1, name="GET /\udcff"), metadata=odd)
+    assert post(serve.url, body)[0] == 202
+    assert post(serve.url, ndjson(transaction(2)))[0] == 202
+    assert stored(serve) == 2
+    info = json.loads(get(serve.url + "/")[1])["beatlib_receiver"]
+    assert info["writer_running"] is True and info["writer_errors"] == 0
+    assert info["stored"] == 2
+
+
+def test_dashboard_pages_forbid_scripts_and_framing(serve: Receiver) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(serve.url + "/ui/") as page:
+        policy = page.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+        assert page.headers["X-Frame-Options"] == "DENY"
+
+
+def _raw(url: str, request: bytes, timeout: float = 5.0, end: bool = True) -> bytes:
+    """`request` sent as is on a new connection; the reply, read until the server closes.
+    `end=False` keeps our side open, as a client still about to send a body would."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        if end:
+            sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_a_negative_chunk_size_is_refused_not_read_to_the_end(serve: Receiver) -> None:
+    head = (b"POST /intake/v2/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/x-ndjson\r\n\r\n")
+    # Read as "everything until the connection ends", -1 went past the body limit (600 MB
+    # were held). Refused at once: the answer comes while the client is still connected.
+    reply = _raw(serve.url, head + b"-1\r\n" + b"x" * 100_000, timeout=4.0, end=False)
+    assert reply.startswith(b"HTTP/1.1 400") and b"invalid chunked encoding" in reply
+
+
+def test_the_token_is_checked_before_any_body_is_read(tmp_path: Path) -> None:
+    with Receiver(port=0, db_path=str(tmp_path / "t.db"), secret_token="s3cret") as receiver:
+        # Content-Length promises 30 MB that never come: the answer does not wait for them.
+        head = (b"POST /intake/v2/events HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\n"
+                b"Content-Type: application/x-ndjson\r\n\r\n")
+        start = time.monotonic()
+        reply = _raw(receiver.url, head, timeout=4.0, end=False)
+        assert reply.startswith(b"HTTP/1.1 401") and time.monotonic() - start < 2

@@ -68,16 +68,23 @@ class BodyError(Exception):
     """The body as a whole cannot be read (decompression, size)."""
 
 
-def server_info(authorized: bool) -> Answer:
-    """`GET /`: who we are; an empty 200 to requests lacking a configured token."""
+def server_info(authorized: bool, health: dict[str, Any] | None = None) -> Answer:
+    """`GET /`: who we are, and how the store's writer is doing; an empty 200 to requests
+    lacking a configured token."""
     if not authorized:
         return Answer(200)
-    return Answer(200, {
+    info: dict[str, Any] = {
         "version": __version__,
         "build_date": "",
         "build_sha": "",
-        "publish_ready": True,
-    })
+        "publish_ready": bool(health is None or health.get("writer_running")),
+    }
+    if health is not None:
+        info["beatlib_receiver"] = health
+    return Answer(200, info)
+
+
+UNAUTHORIZED = Answer(401, {"error": "authentication failed: missing or invalid secret token"})
 
 
 def authorized(header: str | None, secret_token: str | None) -> bool:
@@ -101,7 +108,7 @@ def handle_events(
     """`POST /intake/v2/events`. `offer(metadata, events)` queues a batch and says whether
     there was room; a full queue answers 503, which the client retries."""
     if not authorized(headers.get("Authorization"), secret_token):
-        return Answer(401, {"error": "authentication failed: missing or invalid secret token"})
+        return UNAUTHORIZED
     content_type = headers.get("Content-Type")
     if content_type is not None and "application/x-ndjson" not in content_type:
         return _failure(400, f"invalid content type: {content_type!r}")
@@ -127,7 +134,7 @@ def handle_release(
     """`POST /beatlib/v1/releases`: one release record as JSON (see docs/releases.md),
     queued like intake events; 202 once queued."""
     if not authorized(headers.get("Authorization"), secret_token):
-        return Answer(401, {"error": "authentication failed: missing or invalid secret token"})
+        return UNAUTHORIZED
     if len(body) > MAX_EVENT_SIZE:
         return _failure(400, "release record exceeded the permitted size")
     try:

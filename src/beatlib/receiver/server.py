@@ -29,6 +29,8 @@ logger = logging.getLogger("beatlib.receiver")
 DEFAULT_PORT = 8200
 DEFAULT_DB = "beatlib.sqlite3"
 MAX_COMPRESSED_BODY = 32 * 1024 * 1024  # bytes read from the socket for one request
+BODIES_AT_ONCE = 2  # request bodies read and decoded at the same time (memory: 64 MiB each)
+BODY_WAIT = 10.0  # seconds a request waits for its turn before a 503
 READ_TIMEOUT = 30.0  # seconds a connection may sit idle mid-request, as apm-server's
 
 
@@ -110,6 +112,7 @@ class _Server(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.receiver = receiver
+        self.bodies = threading.BoundedSemaphore(BODIES_AT_ONCE)
         super().__init__(address, handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -142,7 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
         receiver = self.server.receiver
         if url.path == "/":
             allowed = intake.authorized(self.headers.get("Authorization"), receiver.secret_token)
-            self._answer(intake.server_info(allowed))
+            self._answer(intake.server_info(allowed, receiver.store.health()))
         elif url.path == intake.INTAKE_PATH:
             self._answer(_error(400, "only POST is allowed on the intake endpoint"))
         elif url.path == ui.ROOT.rstrip("/") or url.path.startswith(ui.ROOT):
@@ -158,23 +161,30 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(_error(405, "this is the server information endpoint; did you mean "
                                      "to send data to another endpoint instead?"))
             return
-        if url.path == intake.RELEASES_PATH:
-            body = self._read_body()
-            if body is not None:
-                receiver = self.server.receiver
-                self._answer(intake.handle_release(body, self.headers, receiver.secret_token,
-                                                   receiver.store.offer))
-            return
-        if url.path != intake.INTAKE_PATH:
+        if url.path not in (intake.RELEASES_PATH, intake.INTAKE_PATH):
             self._send(404, b"404 page not found\n", "text/plain; charset=utf-8", close=True)
             return
-        body = self._read_body()
-        if body is None:
-            return
         receiver = self.server.receiver
-        verbose = "verbose" in dict(parse_qsl(url.query, keep_blank_values=True))
-        self._answer(intake.handle_events(body, self.headers, receiver.secret_token,
-                                          receiver.store.offer, verbose))
+        if not intake.authorized(self.headers.get("Authorization"), receiver.secret_token):
+            self._answer(intake.UNAUTHORIZED)  # before reading a byte of the body
+            return
+        # A bounded number of bodies in memory at once, whatever the number of clients.
+        if not self.server.bodies.acquire(timeout=BODY_WAIT):
+            self._answer(_error(503, "too many requests at once; retry later"))
+            return
+        try:
+            body = self._read_body()
+            if body is None:
+                return
+            if url.path == intake.RELEASES_PATH:
+                self._answer(intake.handle_release(body, self.headers, receiver.secret_token,
+                                                   receiver.store.offer))
+                return
+            verbose = "verbose" in dict(parse_qsl(url.query, keep_blank_values=True))
+            self._answer(intake.handle_events(body, self.headers, receiver.secret_token,
+                                              receiver.store.offer, verbose))
+        finally:
+            self.server.bodies.release()
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -198,7 +208,10 @@ class _Handler(BaseHTTPRequestHandler):
             chunks, size = [], 0
             while True:
                 try:
-                    length = int(self.rfile.readline(64).split(b";")[0].strip(), 16)
+                    size_field = self.rfile.readline(64).split(b";")[0].strip()
+                    if not size_field or not size_field.isalnum():  # no sign, no spaces
+                        raise ValueError(size_field)
+                    length = int(size_field, 16)
                 except ValueError:
                     self._answer(_error(400, "invalid chunked encoding"))
                     return None

@@ -229,7 +229,9 @@ class Store:
         self.path = path
         self.queue = BatchQueue(max_queue_events)
         self.batch_events = batch_events
-        self.counts = collections.Counter[str]()  # stored, skipped, refused, write_retries
+        # stored, skipped, refused, write_retries, writer_errors
+        self.counts = collections.Counter[str]()
+        self.last_error: str | None = None  # the writer's latest failure, for the health
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._last_log = 0.0
@@ -275,6 +277,15 @@ class Store:
                                         daemon=True)
         self._thread.start()
 
+    def health(self) -> dict[str, Any]:
+        """The writer's state: whether it runs, what it stored, skipped and retried, and its
+        latest failure."""
+        thread = self._thread
+        return {"writer_running": thread is not None and thread.is_alive(),
+                "queued": self.queue.pending, "last_error": self.last_error,
+                **{key: self.counts[key] for key in ("stored", "skipped", "refused",
+                                                    "write_retries", "writer_errors")}}
+
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Waits until everything queued so far is stored."""
         return self.queue.wait_idle(timeout)
@@ -310,6 +321,7 @@ class Store:
                     # Locked, busy, disk full...: keep the batch, wait, try again. Intake
                     # goes on answering until the queue is full.
                     self.counts["write_retries"] += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
                     self._log_once(f"cannot write to {self.path} ({exc}); retrying")
                     if conn is not None and isinstance(exc, sqlite3.DatabaseError) and not \
                             isinstance(exc, sqlite3.OperationalError):
@@ -317,6 +329,14 @@ class Store:
                         conn = None
                     self._stopping.wait(delay)
                     delay = min(delay * 2, 1.0)
+                except Exception as exc:  # no event may stop the writer: that batch is skipped
+                    self.counts["writer_errors"] += 1
+                    self.counts["skipped"] += sum(len(b[1]) for b in batches)
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    logger.exception("receiver: could not store a batch of %d events; "
+                                     "skipped it", sum(len(b[1]) for b in batches))
+                    self.queue.done(batches)
+                    batches = []
             if batches:  # stopping while the database would not take them
                 self.queue.done(batches)
         if conn is not None:
@@ -381,10 +401,12 @@ def _now_us() -> int:
 
 
 def _kw(value: Any) -> str | None:
-    """Text for an indexed column, cut to keyword length."""
+    """Text for an indexed column, cut to keyword length, valid UTF-8 (JSON may carry lone
+    surrogates, which SQLite refuses)."""
     if value is None:
         return None
-    return (value if isinstance(value, str) else str(value))[:_KEYWORD]
+    text = (value if isinstance(value, str) else str(value))[:_KEYWORD]
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _json(value: Any) -> str | None:

@@ -63,7 +63,19 @@ def render(store: Store, path: str, query: dict[str, str]) -> Page:
         # Locked or still being created: a reload will do, the data is not lost.
         return _page(503, "Database busy", f"<p>The database cannot be read right now "
                      f"({e(exc)}). Reload in a moment.</p>", {"Retry-After": "1"})
-    return _page(200, heading or title, content)
+    return _page(200, heading or title, _writer_notice(store.health()) + content)
+
+
+def _writer_notice(health: dict[str, Any]) -> str:
+    """A line on every page when the store's writer stopped or failed to store data."""
+    if health["writer_running"] and not health["writer_errors"]:
+        return ""
+    if not health["writer_running"]:
+        state = "is not running"
+    else:
+        state = f"could not store {health['writer_errors']} batches"
+    last = f" (last: {e(health['last_error'])})" if health["last_error"] else ""
+    return f'<p class="notice">The database writer {state}{last}.</p>'
 
 
 # --- pages ----------------------------------------------------------------------------------
@@ -486,9 +498,21 @@ def _pretty(value: Any, indent: int | None = 2) -> str:
         return json.dumps(value, ensure_ascii=False)
 
 
+# No script runs on these pages, nothing loads from elsewhere, and no other site may frame
+# them: what the app sent (names, messages, locals) is shown, escaped, and could be hostile.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' "
+                               "data:; base-uri 'none'; form-action 'self'; frame-ancestors "
+                               "'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def _page(status: int, title: str, content: str, headers: dict[str, str] | None = None) -> Page:
     body = _LAYOUT.substitute(title=e(title), css=_CSS, content=content, nav=_NAV)
-    return Page(status, body.encode("utf-8", "replace"), headers=headers or {})
+    return Page(status, body.encode("utf-8", "replace"),
+                headers={**SECURITY_HEADERS, **(headers or {})})
 
 
 _NAV = "".join(f'<a href="{href(path)}">{label}</a>' for path, label in (
@@ -504,6 +528,7 @@ $content
 </main></body></html>
 """)
 _CSS = """
+.notice { background:#fff4e5; border:1px solid #f0b46c; padding:8px 12px; border-radius:4px; }
 :root { --fg:#1d2330; --muted:#6b7385; --line:#e3e6ee; --bg:#f6f7fb; --accent:#3a5bd9; }
 * { box-sizing: border-box; }
 body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
