@@ -348,3 +348,21 @@ def test_import_without_flask_says_so():
             "except ImportError as exc:\n    print(exc)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "needs Flask (pip install flask)" in out.stdout
+
+
+def test_an_app_is_freed_at_zero_refcount(apps):
+    """As Flask's own test_app_freed_on_zero_refcount: Beat(app) adds no reference cycle."""
+    import gc
+    import weakref
+
+    from flask import Flask
+
+    gc.disable()
+    try:
+        app = Flask(__name__)
+        Beat(app, client=apps.make().extensions["beatlib"])
+        ref = weakref.ref(app)
+        del app
+        assert ref() is None
+    finally:
+        gc.enable()

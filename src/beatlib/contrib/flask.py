@@ -6,6 +6,7 @@ rule, begun on `request_started`, errors captured on `got_request_exception`, th
 from __future__ import annotations
 
 import importlib.metadata
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -70,7 +71,13 @@ class Beat:
 
 def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callable[..., Any]:
     """The WSGI side: the body read ahead for `capture_body`, and the end of the transaction
-    when the server closes the response body (after the last streamed chunk)."""
+    when the server closes the response body (after the last streamed chunk).
+
+    The app's own `wsgi_app` method is held weakly: the app holds this wrapper, and a strong
+    reference back would keep an app alive after its last reference is gone."""
+    own = getattr(wsgi_app, "__self__", None) is not None
+    method: Callable[[], Any] = (weakref.WeakMethod(wsgi_app) if own  # type: ignore[arg-type]
+                                 else lambda: wsgi_app)
 
     def traced_wsgi_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         # A list, filled by the signal receivers: a middleware copying environ still shares it.
@@ -79,7 +86,7 @@ def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callab
         with guard("flask: reading the request body"):
             read_body(environ, client.config)
         try:
-            body = wsgi_app(environ, start_response)
+            body = method()(environ, start_response)
         except BaseException:
             # Propagated by Flask (debug, testing, PROPAGATE_EXCEPTIONS): already captured.
             if state:
