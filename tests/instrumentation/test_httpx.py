@@ -107,6 +107,18 @@ def test_trace_headers_name_the_span(traced, server):
     assert "traceparent" not in request.headers and "tracestate" not in request.headers
 
 
+def test_trace_headers_go_before_the_framing_headers(traced, server):
+    traced.begin()
+    with httpx.Client() as client:
+        request = client.build_request("POST", server.url("/headers"), content=b"body",
+                                       headers={"X-Mine": "1"})
+        names = list(client.send(request).json())
+    traced.end()
+    assert names.index("traceparent") < names.index("content-length")
+    assert names.index("x-mine") < names.index("traceparent")
+    assert [k.lower() for k in request.headers] == [n for n in names if n != "traceparent"]
+
+
 def test_users_own_traceparent_is_kept(traced, server):
     traced.begin()
     echoed = httpx.get(server.url("/headers"), headers={"Traceparent": TRACEPARENT}).json()

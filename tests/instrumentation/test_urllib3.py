@@ -182,3 +182,17 @@ def test_instrument_before_import(receiver, server):
     """, receiver.url, server)
     (span,) = receiver.events("span")
     check_span(span, server, server.url("/ok"))
+
+
+def test_trace_headers_go_before_the_framing_headers(traced, server):
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port)
+    headers = urllib3.HTTPHeaderDict({"X-Mine": "1", "Content-Length": "4"})
+    headers.add("X-Twice", "a")
+    headers.add("X-Twice", "b")
+    traced.begin()
+    response = pool.urlopen("POST", "/headers", body=b"body", headers=headers)
+    traced.end()
+    names = list(json.loads(response.data))
+    assert names.index("x-mine") < names.index("traceparent") < names.index("content-length")
+    assert "traceparent" not in headers and headers.getlist("X-Twice") == ["a", "b"]
+

@@ -88,3 +88,20 @@ def trace_headers(headers: Iterable[Any] | None) -> dict[str, str] | None:
     except Exception:
         report("http: trace headers of an outgoing request")
         return None
+
+
+_FRAMING = frozenset(("content-length", "transfer-encoding"))
+
+
+def placed(items: Iterable[tuple[Any, Any]], extra: dict[str, str]) -> list[tuple[Any, Any]]:
+    """Header pairs with `extra` inserted before the first framing header (Content-Length,
+    Transfer-Encoding), which some strict servers expect last; else at the end."""
+    out: list[tuple[Any, Any]] = []
+    pending = list(extra.items())
+    for name, value in items:
+        key = name.decode("latin-1") if isinstance(name, bytes) else str(name)
+        if pending and key.lower() in _FRAMING:
+            out.extend(pending)
+            pending = []
+        out.append((name, value))
+    return out + pending

@@ -9,6 +9,7 @@ from typing import Any
 from beatlib.context import get_active
 from beatlib.guard import report
 from beatlib.instrumentation import http_spans
+from beatlib.instrumentation.http_spans import placed
 from beatlib.instrumentation.registry import Instrumentation
 from beatlib.tracing import Span
 
@@ -32,20 +33,20 @@ def _start(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Span | None, 
     if extra:
         try:
             # On the request itself, as httpx's auth flows do: redirects and auth retries
-            # copy their headers from it. Taken off again by _restore when send() returns.
-            request.headers.update(extra)
-            return span, request, extra
+            # copy their headers from it. The caller's headers come back in _restore.
+            original = request.headers
+            request.headers = type(original)(placed(original.multi_items(), extra))
+            return span, request, original
         except Exception:  # an odd request object: sent untouched
             report("httpx: adding trace headers")
     return span, None, None
 
 
-def _restore(request: Any, added: Any) -> None:
+def _restore(request: Any, original: Any) -> None:
     """Leave the caller's Request as it was, so sending it again later (maybe in another
     transaction) gets fresh trace headers rather than keeping this span's."""
     if request is not None:
-        for name in added:
-            request.headers.pop(name, None)
+        request.headers = original
 
 
 # Without stream=True, send() reads the body, so the span includes it; with stream=True the

@@ -54,10 +54,9 @@ def _urlopen(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[st
     extra = http_spans.trace_headers(headers)
     if extra:
         try:
-            # A copy of the same type: the caller's mapping (requests passes its own
+            # A new mapping of the same type: the caller's (requests passes its own
             # request.headers, the pool its defaults) is left as it was.
-            headers = headers.copy() if hasattr(headers, "copy") else dict(headers)
-            headers.update(extra)
+            headers = _copy(headers, http_spans.placed(_pairs(headers), extra))
             if positional:
                 args = (*args[:_HEADERS], headers, *args[_HEADERS + 1 :])
             else:
@@ -65,3 +64,17 @@ def _urlopen(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[st
         except Exception:  # an odd headers object: sent untouched
             report("urllib3: adding trace headers")
     return http_spans.call(span, wrapped, args, kwargs, "status")  # preload_content=False too
+
+
+def _pairs(headers: Any) -> Any:
+    """Every (name, value) pair, a repeated header's values each (HTTPHeaderDict)."""
+    return headers.iteritems() if hasattr(headers, "iteritems") else headers.items()
+
+
+def _copy(headers: Any, pairs: list[tuple[Any, Any]]) -> Any:
+    if hasattr(headers, "add"):  # urllib3's HTTPHeaderDict: repeated names kept
+        out = type(headers)()
+        for name, value in pairs:
+            out.add(name, value)
+        return out
+    return type(headers)(pairs) if isinstance(headers, dict) else dict(pairs)
