@@ -19,7 +19,11 @@ from beatlib.instrumentation import sql
 from beatlib.instrumentation.registry import Instrumentation
 from beatlib.tracing import Span, start_span
 
+# SQLAlchemy promises not to touch `cursor.rowcount` after SELECT and INSERT (costly on some
+# drivers): after an INSERT its count is recorded only when SQLAlchemy or the app already
+# read it. UPDATE and DELETE counts are read.
 _DML = ("INSERT", "UPDATE", "DELETE", "MERGE", "REPLACE")
+_COUNTED = ("UPDATE", "DELETE")
 
 
 class SQLAlchemy(Instrumentation):
@@ -131,16 +135,27 @@ def _where(engine: Any) -> tuple[str, str, Any, Any]:
     return place
 
 
+def _read_rowcount(execution: Any) -> Any:
+    """The rows affected if already read: by the app (the result memoizes it) or by
+    SQLAlchemy itself (its execution context keeps it), else None."""
+    rows = vars(execution).get("rowcount") if hasattr(execution, "__dict__") else None
+    if rows is None:
+        rows = getattr(getattr(execution, "context", None), "_rowcount", None)
+    return rows
+
+
 def _describe(span: Span, connection: Any, statement: Any, execution: Any) -> None:
     """Fill in `span.context`: statement, database, where it is, rows affected by DML."""
     try:
         subtype, instance, host, port = _where(connection.engine)
         rows = None
         if execution is not None and span.name.startswith(_DML):
-            try:
-                rows = execution.rowcount
-            except Exception:  # a driver that forgets rowcount once the cursor is closed
-                pass
+            rows = _read_rowcount(execution)
+            if rows is None and span.name.startswith(_COUNTED):
+                try:
+                    rows = execution.rowcount
+                except Exception:  # a driver that forgets rowcount once the cursor closed
+                    pass
         span.context = sql.span_context(
             statement if isinstance(statement, str) else "", subtype, instance,
             host, port, rows if isinstance(rows, int) else None,
