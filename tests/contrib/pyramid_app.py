@@ -13,7 +13,7 @@ from typing import Any
 import requests
 from jinja2 import DictLoader, Environment
 from pyramid.config import Configurator
-from pyramid.httpexceptions import HTTPNotFound
+from pyramid.httpexceptions import HTTPForbidden, HTTPNotFound, HTTPSeeOther
 from pyramid.request import Request
 from pyramid.response import Response
 from sqlalchemy import String, create_engine, select
@@ -109,6 +109,14 @@ def named(request: Request) -> Response:
     return Response("named")
 
 
+def moved(request: Request) -> Response:
+    raise HTTPSeeOther(location="/posts/1")
+
+
+def forbidden(request: Request) -> Response:
+    raise HTTPForbidden("not for you")
+
+
 def reset(request: Request) -> Response:
     logging.getLogger("shop.reset").error("reset for %s failed", request.path)
     return Response("reset")
@@ -139,6 +147,7 @@ def make_app(settings: dict[str, Any]) -> Any:
             ("boom", "/boom", boom, None), ("stream", "/stream", stream, None),
             ("sub", "/sub", sub, None), ("health", "/health", health, None),
             ("named", "/named", named, None), ("reset", "/reset/{token}", reset, None),
+            ("moved", "/moved", moved, None), ("forbidden", "/forbidden", forbidden, None),
         ]:
             config.add_route(name, pattern)
             config.add_view(view, route_name=name, renderer=renderer)

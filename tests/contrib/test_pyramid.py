@@ -247,3 +247,24 @@ def test_sensitive_route_variables_are_redacted_everywhere(shop, receiver):
     assert tx["context"]["request"]["url"]["pathname"] == "/reset/[REDACTED]"
     assert error["log"]["message"] == "reset for /reset/[REDACTED] failed"
     assert "tok3n-9f8e7d" not in str(receiver.received())
+
+
+def test_raised_http_exceptions_keep_their_generated_body(shop, receiver):
+    """WebOb writes an HTTP exception's body when the response is served; wrapping its body
+    first made it think there was one, and the answer came back empty."""
+    from pyramid.config import Configurator
+
+    from tests.contrib.pyramid_app import forbidden, moved
+
+    with Configurator() as config:  # the same views, no beatlib
+        for name, view in (("moved", moved), ("forbidden", forbidden)):
+            config.add_route(name, "/" + name)
+            config.add_view(view, route_name=name)
+    plain = webtest.TestApp(config.make_wsgi_app())
+    traced = webtest.TestApp(shop()[0])
+    for path, status in (("/moved", 303), ("/forbidden", 403)):
+        expected = plain.get(path, status=status)
+        got = traced.get(path, status=status)
+        assert got.body == expected.body and b"not for you" in plain.get(
+            "/forbidden", status=403).body
+        assert got.headers.get("Location") == expected.headers.get("Location")

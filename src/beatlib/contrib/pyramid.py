@@ -132,6 +132,10 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
             # Finished callbacks run after response callbacks and NewResponse subscribers
             # (which may set headers or replace the body) and before the server reads it.
             try:
+                if isinstance(response, HTTPException):
+                    # WebOb writes an HTTP exception's body when it is served, only if it has
+                    # none: write it now, as it would, before the body is wrapped.
+                    response.prepare(request.environ)
                 length = response.content_length  # WebOb drops it when the body is replaced
                 response.app_iter = wsgi.ClosingIterator(response.app_iter, lambda: (
                     wsgi.end_request(tx, response.status, response.headerlist)), failed)
