@@ -366,3 +366,23 @@ def test_an_app_is_freed_at_zero_refcount(apps):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_a_response_never_closed_still_ends_and_leaves_the_thread_clean(apps, receiver):
+    """Werkzeug's test client without buffered=True never closes the body: the transaction
+    ends when the body is read through, and it is not left active on the thread, so a job run
+    there later is a transaction of its own, not a span of a request long gone."""
+    app = apps.make()
+    response = app.test_client().get("/posts/1")  # not buffered: nothing closes the body
+    assert response.status_code == 200 and b"Hello" in response.data
+    assert beatlib.get_current_transaction() is None
+
+    @beatlib.transaction("nightly")
+    def job():
+        with beatlib.capture_span("step"):
+            return 1
+
+    assert job() == 1
+    apps.flush()
+    names = sorted(t["name"] for t in receiver.events("transaction"))
+    assert names == ["GET /posts/<int:post_id>", "nightly"]

@@ -19,6 +19,7 @@ except ImportError as exc:  # pragma: no cover - only without Flask
 
 from beatlib.client import Client, get_client
 from beatlib.config import Config
+from beatlib.context import get_active, set_active
 from beatlib.contrib.wsgi import (
     ClosingIterator,
     begin_request,
@@ -85,6 +86,7 @@ def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callab
         environ[_STATE] = state
         with guard("flask: reading the request body"):
             read_body(environ, client.config)
+        previous = get_active()
         try:
             body = method()(environ, start_response)
         except BaseException:
@@ -92,6 +94,8 @@ def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callab
             if state:
                 _END.call(end_request, state[0], 500)
             raise
+        finally:
+            set_active(previous)  # the request's transaction never outlives the call here
         if not state:
             return body
 
@@ -99,7 +103,8 @@ def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callab
             _CAPTURE.call(capture_request_error, client, environ)
             state[0].outcome = "failure"
 
-        return ClosingIterator(body, lambda: _END.call(end_request, *state), stream_failed)
+        return ClosingIterator(body, lambda: _END.call(end_request, *state), stream_failed,
+                               state[0])
 
     return traced_wsgi_app
 

@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - only without Pyramid
 
 from beatlib.client import Client, get_client
 from beatlib.config import Config
-from beatlib.context import current_transaction
+from beatlib.context import current_transaction, get_active, set_active
 from beatlib.contrib import wsgi
 from beatlib.guard import guard, report
 from beatlib.instrumentation.registry import instrument
@@ -76,6 +76,7 @@ def tween_factory(handler: Handler, registry: Any) -> Handler:
     def beatlib_tween(request: Any) -> Any:
         if _inside.get():  # a subrequest is part of its parent's transaction
             return handler(request)
+        previous = get_active()
         try:
             wsgi.read_body(request.environ, client.config)
             tx = wsgi.begin_request(client, request.environ, request.method)
@@ -86,14 +87,17 @@ def tween_factory(handler: Handler, registry: Any) -> Handler:
             return handler(request)
         token = _inside.set(True)
         try:
-            response = handler(request)
-        except BaseException as exc:
-            _finish(client, tx, request, exc)
-            raise
+            try:
+                response = handler(request)
+            except BaseException as exc:
+                _finish(client, tx, request, exc)
+                raise
+            finally:
+                _inside.reset(token)
+            _finish(client, tx, request, None, response)
+            return response
         finally:
-            _inside.reset(token)
-        _finish(client, tx, request, None, response)
-        return response
+            set_active(previous)  # the request's transaction never outlives the call here
 
     return beatlib_tween
 
@@ -138,7 +142,7 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
                     response.prepare(request.environ)
                 length = response.content_length  # WebOb drops it when the body is replaced
                 response.app_iter = wsgi.ClosingIterator(response.app_iter, lambda: (
-                    wsgi.end_request(tx, response.status, response.headerlist)), failed)
+                    wsgi.end_request(tx, response.status, response.headerlist)), failed, tx)
                 response.content_length = length
             except Exception:
                 report("pyramid: wrapping the response body")

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, quote
 
 from beatlib.client import Client, get_client
 from beatlib.config import Config
+from beatlib.context import get_active, set_active
 from beatlib.guard import report
 from beatlib.instrumentation.registry import instrument
 from beatlib.tracing import Transaction, parse_traceparent
@@ -39,6 +40,14 @@ def ignored(path: str, config: Config) -> bool:
             "|".join(fnmatch.translate(g) for g in globs)
         )
     return pattern.match(path) is not None
+
+
+def set_active_for(segment: Any) -> Any:
+    """Make `segment` (if any) the active one; returns what was active, to put back."""
+    previous = get_active()
+    if segment is not None:
+        set_active(segment)
+    return previous
 
 
 def _path(environ: dict[str, Any]) -> str:
@@ -221,6 +230,7 @@ class BeatMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         client = self.client
+        previous = get_active()
         try:
             read_body(environ, client.config)
             tx = begin_request(client, environ, self.namer(environ) if self.namer else None)
@@ -247,28 +257,60 @@ class BeatMiddleware:
             failed()
             end_request(tx, 500)
             raise
-        return ClosingIterator(body, lambda: end_request(tx, *status[:2] or (500,)), failed)
+        finally:
+            set_active(previous)  # the request's transaction never outlives the call here
+        return ClosingIterator(body, lambda: end_request(tx, *status[:2] or (500,)), failed,
+                               tx)
 
 
 class ClosingIterator:
-    """The app's response body, passed through; `on_close` runs when the server closes it
-    (the end of a streamed response), `on_error` when producing it raises."""
+    """The app's response body, passed through. `on_close` (the end of the request) runs when
+    the body is exhausted or closed, whichever comes first: a body nobody closes (a test
+    client, some adapters) still ends its transaction. `on_error` runs when producing the body
+    raises. While the body is produced, `segment` is the active one, so work done by a
+    streamed body (queries, templates) joins the request's transaction."""
 
     def __init__(self, body: Iterable[bytes], on_close: Callable[[], None],
-                 on_error: Callable[[], Any]) -> None:
+                 on_error: Callable[[], Any], segment: Any = None) -> None:
         self.body = body
         self.on_close = on_close
         self.on_error = on_error
+        self.segment = segment
         self.closed = False
+        self.ended = False
 
     def __iter__(self) -> Iterator[bytes]:
+        segment = self.segment
         try:
-            yield from self.body
+            previous = set_active_for(segment)
+            try:
+                iterator = iter(self.body)
+            finally:
+                set_active(previous)
+            while True:
+                previous = set_active_for(segment)
+                try:
+                    chunk = next(iterator)
+                except StopIteration:
+                    break
+                finally:
+                    set_active(previous)
+                yield chunk
         except GeneratorExit:
             raise  # left unfinished (a client gone, a test not reading): not the app's error
         except BaseException:
-            self.on_error()
+            previous = set_active_for(segment)  # the error belongs to the request
+            try:
+                self.on_error()
+            finally:
+                set_active(previous)
             raise
+        self._end()
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.on_close()
 
     def close(self) -> None:
         if self.closed:
@@ -279,4 +321,4 @@ class ClosingIterator:
             if close is not None:
                 close()
         finally:
-            self.on_close()
+            self._end()

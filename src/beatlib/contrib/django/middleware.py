@@ -12,7 +12,7 @@ from django.core.exceptions import MiddlewareNotUsed  # type: ignore[import-unty
 from django.http import HttpRequest, HttpResponseBase  # type: ignore[import-untyped,import-not-found]
 from django.utils.functional import LazyObject, empty  # type: ignore[import-untyped,import-not-found]
 
-from beatlib.context import current_transaction
+from beatlib.context import current_transaction, get_active, set_active
 from beatlib.contrib.django.apps import app_client
 from beatlib.contrib.wsgi import (
     begin_request,
@@ -20,6 +20,7 @@ from beatlib.contrib.wsgi import (
     end_request,
     keep_body,
     request_context,
+    set_active_for,
 )
 from beatlib.guard import guard, report
 from beatlib.tracing import Transaction
@@ -41,6 +42,7 @@ class TracingMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         if self.client.config.capture_body != "off":
             _guarded(_read_body, request)
+        previous = get_active()
         try:
             tx = begin_request(self.client, request.META)
         except Exception:  # never let tracing take the request down
@@ -54,6 +56,8 @@ class TracingMiddleware:
         except BaseException:
             _guarded(end_request, tx, 500)
             raise
+        finally:
+            set_active(previous)  # the request's transaction never outlives the call here
         _guarded(self._finish, tx, unnamed, request, response)
         return response
 
@@ -87,7 +91,7 @@ class TracingMiddleware:
         if getattr(response, "file_to_stream", None) is None and not getattr(
                 response, "is_async", False):
             response.streaming_content = _failing(  # type: ignore[attr-defined]
-                response.streaming_content, failed)  # type: ignore[attr-defined]
+                response.streaming_content, failed, tx)  # type: ignore[attr-defined]
         # HttpResponseBase.close() (called by the server, or by Django's file wrapper) runs
         # these closers; older or unusual responses get their close() wrapped instead.
         closers = getattr(response, "_resource_closers", None)
@@ -168,11 +172,29 @@ def form_fields(request: HttpRequest, tx: Transaction | None = None) -> None:
                 request_context, dict(meta), config, False))
 
 
-def _failing(content: Iterable[bytes], failed: Callable[[], None]) -> Iterator[bytes]:
+def _failing(content: Iterable[bytes], failed: Callable[[], None],
+             tx: Transaction) -> Iterator[bytes]:
+    """A streamed body: `failed` when producing it raises; the request's transaction is
+    the active one while it is produced, so its queries and templates join it."""
     try:
-        yield from content
+        iterator = iter(content)
+        while True:
+            previous = set_active_for(tx)
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                set_active(previous)
+            yield chunk
+    except GeneratorExit:
+        raise
     except Exception:
-        _guarded(failed)
+        previous = set_active_for(tx)  # the error belongs to the request
+        try:
+            _guarded(failed)
+        finally:
+            set_active(previous)
         raise
 
 
