@@ -24,6 +24,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Every third-party suite runs with networking limited to loopback: their network tests fail
+# fast here instead of sending traffic off the machine (shared/tools/loopback_guard).
+LOOPBACK_GUARD = Path(os.environ.get("BEATLIBTEST_LOOPBACK_GUARD")
+                      or HERE.parents[2] / "shared" / "tools" / "loopback_guard")
 
 # distribution -> (directory of its tests inside the sdist, package dir to remove so that the
 # tests import the installed package, the one beatlib patches, not the unpacked copy)
@@ -51,11 +55,16 @@ def run_suite(root: Path, tests: str, plugin: bool, extra: list[str]) -> dict:
     """Run pytest in the sdist; returns {"outcomes": {test id: outcome}, "report": ...}."""
     label = "beatlib" if plugin else "plain"
     junit, report = root / f"junit-{label}.xml", root / f"report-{label}.json"
+    if not (LOOPBACK_GUARD / "sitecustomize.py").is_file():
+        sys.exit(f"no loopback guard at {LOOPBACK_GUARD}: third-party suites run only under it "
+                 "(set BEATLIBTEST_LOOPBACK_GUARD)")
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LOOPBACK_GUARD),
+                                                      env.get("PYTHONPATH")]))
     args = [sys.executable, "-m", "pytest", tests, "-p", "no:cacheprovider", "-q",
             f"--junitxml={junit}", *extra]  # fmt: skip
     if plugin:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(HERE)])
         env["BEATLIBTEST_SUITE_REPORT"] = str(report)
         args[3:3] = ["-p", "beatlib_suite_plugin"]
     log = root / f"pytest-{label}.log"
