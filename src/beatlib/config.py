@@ -278,7 +278,8 @@ class Config:
     max_queue_events: int = _setting(10000, integer(1), "Events queued before dropping newest")
     max_buffer_size: int = _setting("32mb", size(1024),
                                     "Memory for unsent batches while the server is away")
-    server_timeout: float = _setting("5s", duration(), "Timeout of one request to the server")
+    server_timeout: float = _setting("5s", duration(), "Deadline for one request to the server, "
+                                     "reply included")
     shutdown_timeout: float = _setting("5s", duration(zero=True), "Time to flush at exit")
     verify_server_cert: bool = _setting(True, boolean(), "Verify the server's TLS certificate")
     server_ca_cert_file: str | None = _setting(None, text(), "CA bundle to verify the server")

@@ -236,3 +236,42 @@ def test_a_local_send_error_drops_the_batch_once_logged_and_never_shows_the_toke
     messages = [r.getMessage() for r in caplog.records]
     assert any("bug in beatlib" in m for m in messages)
     assert not any(token in m for m in messages)
+
+
+def test_server_timeout_is_a_deadline_for_the_whole_request():
+    """A server that answers a byte at a time never lets one read time out: before,
+    server_timeout=1s held one request for as long as the server trickled (here ~8 s)."""
+    import socket
+    import threading
+
+    from beatlib.transport.http import RateLimitedLog, Sender, Verdict
+    from tests.transport.conftest import make_config
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n":
+                if stop.wait(0.2):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    sender = Sender(make_config(server_url=f"http://127.0.0.1:{port}", server_timeout="1s"),
+                    RateLimitedLog())
+    start = time.monotonic()
+    verdict, _ = sender.send(b"")
+    elapsed = time.monotonic() - start
+    stop.set()
+    listener.close()
+    assert verdict is Verdict.RETRY and elapsed < 2.5

@@ -9,10 +9,13 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import socket
+import threading
 import time
 from typing import Any
 
 import urllib3
+import urllib3.connection
 
 from beatlib import randomness
 from beatlib.version import __version__
@@ -79,6 +82,43 @@ class Backoff:
 
 _MAX_REPLY = 64 * 1024  # bytes of a server reply we read; error bodies are small
 
+# The connection carrying each sending thread's request, so that a deadline can cut it:
+# urllib3's timeouts bound each read, and a server trickling a byte a second never hits one.
+_carrying: dict[int, Any] = {}
+
+
+class _Watched:
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        _carrying[threading.get_ident()] = self
+        return super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPConnection(_Watched, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _cut(ident: int) -> None:
+    """The deadline passed: shut the request's socket, so its blocked read ends now."""
+    connection = _carrying.get(ident)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
 
 class Sender:
     """POSTs compressed batches with one pooled, TLS-verifying urllib3 PoolManager."""
@@ -101,11 +141,23 @@ class Sender:
     def reset_pool(self) -> None:
         """A fresh pool; used after fork, where the parent's sockets must not be shared."""
         self.pool = urllib3.PoolManager(**self._pool_kwargs)
+        self.pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def send(self, body: bytes, timeout: float | None = None) -> tuple[Verdict, float | None]:
         """One attempt; never raises. Returns the verdict and the server's Retry-After, if any.
-        `timeout` caps both connect and read (default server_timeout)."""
+        `timeout` (default server_timeout) is a deadline for the whole request, reply read."""
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
+        ident = threading.get_ident()
+        deadline = threading.Timer(timeout, _cut, (ident,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            return self._send(body, timeout)
+        finally:
+            deadline.cancel()
+            _carrying.pop(ident, None)
+
+    def _send(self, body: bytes, timeout: float) -> tuple[Verdict, float | None]:
         try:
             resp = self.pool.request(
                 "POST",
