@@ -13,7 +13,12 @@ from typing import Any
 import requests
 from jinja2 import DictLoader, Environment
 from pyramid.config import Configurator
-from pyramid.httpexceptions import HTTPForbidden, HTTPNotFound, HTTPSeeOther
+from pyramid.httpexceptions import (
+    HTTPForbidden,
+    HTTPNotFound,
+    HTTPSeeOther,
+    HTTPServiceUnavailable,
+)
 from pyramid.request import Request
 from pyramid.response import Response
 from sqlalchemy import String, create_engine, select
@@ -109,6 +114,10 @@ def named(request: Request) -> Response:
     return Response("named")
 
 
+def unavailable(request: Request) -> Response:
+    raise HTTPServiceUnavailable("down for maintenance")
+
+
 def moved(request: Request) -> Response:
     raise HTTPSeeOther(location="/posts/1")
 
@@ -148,6 +157,7 @@ def make_app(settings: dict[str, Any]) -> Any:
             ("sub", "/sub", sub, None), ("health", "/health", health, None),
             ("named", "/named", named, None), ("reset", "/reset/{token}", reset, None),
             ("moved", "/moved", moved, None), ("forbidden", "/forbidden", forbidden, None),
+            ("unavailable", "/unavailable", unavailable, None),
         ]:
             config.add_route(name, pattern)
             config.add_view(view, route_name=name, renderer=renderer)

@@ -268,3 +268,13 @@ def test_raised_http_exceptions_keep_their_generated_body(shop, receiver):
         assert got.body == expected.body and b"not for you" in plain.get(
             "/forbidden", status=403).body
         assert got.headers.get("Location") == expected.headers.get("Location")
+
+
+def test_http_exceptions_are_errors_from_500_on(shop, receiver):
+    app, client = shop()
+    test_app = webtest.TestApp(app)
+    test_app.get("/moved", status=303)
+    test_app.get("/forbidden", status=403)
+    test_app.get("/unavailable", status=503)
+    _, _, errors = shipped(client, receiver)
+    assert [e["exception"]["type"] for e in errors] == ["HTTPServiceUnavailable"]

@@ -17,6 +17,8 @@ except ImportError as exc:  # pragma: no cover - only without Flask
         "beatlib.contrib.flask needs Flask (pip install flask); it is not installed"
     ) from exc
 
+from werkzeug.exceptions import HTTPException
+
 from beatlib.client import Client, get_client
 from beatlib.config import Config
 from beatlib.context import get_active, set_active
@@ -68,6 +70,28 @@ class Beat:
         got_request_exception.connect(_failed, sender=app, weak=False)
         request_finished.connect(_finished, sender=app, weak=False)
         app.wsgi_app = _closing(app.wsgi_app, client)  # type: ignore[method-assign]
+        app.handle_user_exception = _capturing(  # type: ignore[method-assign,assignment]
+            app.handle_user_exception)
+
+
+def _capturing(handle: Callable[[Exception], Any]) -> Callable[[Exception], Any]:
+    """Flask's `handle_user_exception`, which hands an exception to the app's errorhandler:
+    the exception is an error whatever answers it (one rule for every framework); HTTP
+    exceptions below 500 (`abort(404)`) are not. Held weakly, as `wsgi_app` is."""
+    method = weakref.WeakMethod(handle)  # type: ignore[arg-type]
+
+    def handle_user_exception(e: Exception) -> Any:
+        bound: Any = method()
+        if not isinstance(e, HTTPException) or (e.code or 500) >= 500:
+            with _CAPTURE:
+                tx = _transaction()
+                if tx is not None:
+                    _set_user(tx)
+                capture_request_error(bound.__self__.extensions[EXTENSION], request.environ,
+                                      (type(e), e, e.__traceback__))
+        return bound(e)
+
+    return handle_user_exception
 
 
 def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callable[..., Any]:

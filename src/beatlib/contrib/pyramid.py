@@ -108,6 +108,12 @@ def transaction_name(request: Any) -> str:
     return f"{request.method} {route.pattern if route is not None else 'unknown route'}"
 
 
+def is_error(exc: BaseException) -> bool:
+    """The one rule: an exception the app raised is an error, whatever turned it into a
+    response; HTTP exceptions below 500 (HTTPNotFound, HTTPSeeOther) are not."""
+    return not isinstance(exc, HTTPException) or (getattr(exc, "code", None) or 500) >= 500
+
+
 def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException | None,
             response: Any = None) -> None:
     """Name, user and error on the transaction; it ends now if the handler raised, else when
@@ -118,14 +124,14 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
         _set_user(tx, request)
         environ = request.environ
         if raised is not None:
-            if not isinstance(raised, HTTPException):
+            if is_error(raised):
                 wsgi.capture_request_error(client, environ)
                 tx.outcome = "failure"
             wsgi.end_request(tx, 500)
             return
         # An exception view made this response: the exception is still the app's error.
         handled = getattr(request, "exception", None)
-        if handled is not None and not isinstance(handled, HTTPException):
+        if handled is not None and is_error(handled):
             wsgi.capture_request_error(client, environ, request.exc_info)
 
         def failed() -> None:
