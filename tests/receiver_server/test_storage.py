@@ -200,3 +200,39 @@ def test_dashboard_copes_with_odd_data_and_parameters(serve: Receiver) -> None:
         status, body = get(serve.url + "/ui/" + quote(page, safe="/?=&%"))
         assert status == (404 if "%zz" in page else 200), (page, status)
         assert b"<script>" not in body, page
+
+
+def test_a_metricset_sent_again_is_stored_once(tmp_path) -> None:
+    from beatlib.receiver import Receiver
+    from tests.receiver_server.conftest import ndjson, post
+
+    metricset = ("metricset", {"timestamp": 1_700_000_000_000_000,
+                               "samples": {"system.process.memory.rss.bytes": {"value": 1}}})
+    with Receiver(port=0, db_path=str(tmp_path / "m.db")) as receiver:
+        for _ in range(3):  # a reply lost on the way: the client sends the batch again
+            assert post(receiver.url, ndjson(metricset))[0] == 202
+        assert receiver.flush(10)
+        with receiver.store.reader() as conn:
+            assert conn.execute("SELECT count(*) FROM metricsets").fetchone()[0] == 1
+
+
+def test_a_schema_1_database_is_migrated_and_keeps_its_rows(tmp_path) -> None:
+    import sqlite3
+
+    from beatlib.receiver import Receiver
+    from beatlib.receiver.store import SCHEMA_VERSION
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE metricsets (service TEXT NOT NULL, timestamp INTEGER NOT NULL,
+            transaction_name TEXT, transaction_type TEXT, span_type TEXT, span_subtype TEXT,
+            tags TEXT, samples TEXT NOT NULL);
+        INSERT INTO metricsets (service, timestamp, samples) VALUES ('shop', 1, '{}');
+        PRAGMA user_version=1;
+    """)
+    old.close()
+    with Receiver(port=0, db_path=str(path)) as receiver, receiver.store.reader() as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert [tuple(r) for r in conn.execute("SELECT service, key FROM metricsets")] == [
+            ("shop", None)]

@@ -9,6 +9,7 @@ database is locked or slow; meanwhile the queue fills and intake answers 503.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import sqlite3
@@ -144,9 +145,11 @@ CREATE TABLE IF NOT EXISTS metricsets (
     span_type TEXT,
     span_subtype TEXT,
     tags TEXT,                  -- JSON
-    samples TEXT NOT NULL       -- JSON
+    samples TEXT NOT NULL,      -- JSON
+    key TEXT                    -- of the whole metricset: one sent again is stored once
 );
 CREATE INDEX IF NOT EXISTS metricsets_service ON metricsets (service, timestamp);
+CREATE UNIQUE INDEX IF NOT EXISTS metricsets_key ON metricsets (key);
 """
 
 _KEYWORD = 1024  # indexed text is cut here; the JSON columns keep the rest
@@ -160,7 +163,11 @@ def connect(path: str, timeout: float = 1.0) -> sqlite3.Connection:
     return conn
 
 
-SCHEMA_VERSION = 1  # PRAGMA user_version; a later schema migrates from it
+SCHEMA_VERSION = 2  # PRAGMA user_version
+# What brings a database of the version before to this version; SCHEMA is always the latest.
+MIGRATIONS = {
+    2: ("ALTER TABLE metricsets ADD COLUMN key TEXT",),  # metricsets de-duplicated
+}
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -170,6 +177,12 @@ def create_schema(conn: sqlite3.Connection) -> None:
     if version > SCHEMA_VERSION:
         raise sqlite3.DatabaseError(f"database schema {version} is newer than this receiver's "
                                     f"({SCHEMA_VERSION}); use a newer beatlib or another --db")
+    for target in range(version + 1, SCHEMA_VERSION + 1) if version else ():
+        with conn:  # each step whole or not at all
+            for statement in MIGRATIONS[target]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={target}")
+        logger.info("receiver: database migrated to schema %d", target)
     conn.executescript(SCHEMA)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -480,6 +493,8 @@ def _metricset_row(metricset: dict[str, Any], meta: dict[str, Any], received: in
         meta["name"], metricset.get("timestamp") or received, _kw(tx.get("name")),
         _kw(tx.get("type")), _kw(span.get("type")), _kw(span.get("subtype")),
         _json(metricset.get("tags")), _json(metricset["samples"]),
+        hashlib.blake2b(json.dumps([meta["name"], metricset], sort_keys=True).encode(
+            "utf-8", "replace"), digest_size=16).hexdigest(),
     )
 
 
@@ -571,9 +586,9 @@ INSERT OR IGNORE INTO spans (id, transaction_id, trace_id, parent_id, service, n
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _INSERT_METRICSET = """
-INSERT INTO metricsets (service, timestamp, transaction_name, transaction_type, span_type,
-    span_subtype, tags, samples)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT OR IGNORE INTO metricsets (service, timestamp, transaction_name, transaction_type,
+    span_type, span_subtype, tags, samples, key)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _INSERT_ERROR = """
 INSERT OR IGNORE INTO errors (id, service, service_version, environment, grouping_key,
