@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, quote
 from beatlib.client import Client, get_client
 from beatlib.config import Config
 from beatlib.context import get_active, set_active
-from beatlib.guard import report
+from beatlib.guard import guard, report
 from beatlib.instrumentation.registry import instrument
 from beatlib.tracing import Transaction, parse_traceparent
 
@@ -263,6 +263,9 @@ class BeatMiddleware:
                                tx)
 
 
+_END = guard("wsgi: ending the request's transaction")
+
+
 class ClosingIterator:
     """The app's response body, passed through. `on_close` (the end of the request) runs when
     the body is exhausted or closed, whichever comes first: a body nobody closes (a test
@@ -310,7 +313,7 @@ class ClosingIterator:
     def _end(self) -> None:
         if not self.ended:
             self.ended = True
-            self.on_close()
+            _END.call(self.on_close)
 
     def close(self) -> None:
         if self.closed:
