@@ -93,6 +93,8 @@ def test_metrics_follow_the_flush_interval(client, receiver):
     histograms = [m for m in sets if m.get("transaction", {}).get("name") == "job"]
     assert sum(m["samples"]["transaction.duration.count"]["value"] for m in histograms) >= 5
     assert any("beatlib.transport.queued" in m["samples"] for m in sets)
+    stats = client.stats()  # beatlib's own metricsets are counted apart from the app's events
+    assert stats["sent_events"] == 6 and stats["sent_internal"] >= 3
     assert any("system.process.memory.rss.bytes" in m["samples"] for m in sets)
 
 

@@ -202,7 +202,7 @@ def test_stats_counters(make_transport, receiver):
         transport.queue(n)
     assert transport.flush(3)
     stats = transport.stats()
-    assert set(stats) == {"queued", "sent_events", "sent_requests", "retried",
+    assert set(stats) == {"queued", "sent_events", "sent_internal", "sent_requests", "retried",
                           "dropped_queue_full", "dropped_buffer_full", "dropped_rejected",
                           "dropped_send_error", "dropped_too_large", "dropped_encode_error",
                           "dropped_at_close",

@@ -24,9 +24,9 @@ from beatlib.transport.http import Backoff, RateLimitedLog, Sender, Verdict
 
 logger = logging.getLogger("beatlib.transport")
 
-STAT_KEYS = ("queued", "sent_events", "sent_requests", "retried", "dropped_queue_full",
-             "dropped_buffer_full", "dropped_rejected", "dropped_send_error",
-             "dropped_too_large", "dropped_encode_error",
+STAT_KEYS = ("queued", "sent_events", "sent_internal", "sent_requests", "retried",
+             "dropped_queue_full", "dropped_buffer_full", "dropped_rejected",
+             "dropped_send_error", "dropped_too_large", "dropped_encode_error",
              "dropped_at_close", "buffered_bytes", "backpressure_waits")
 _ENCODE_SLICE = 0.0005  # seconds of encoding between GIL hand-backs (see _drain)
 _YIELD_SECONDS = 0.001  # what one queue() call may wait for the worker, at most about this
@@ -50,7 +50,8 @@ class _Marker:
 class _Batch:
     """One request body being written (gzip stream) or, once sealed, waiting to be sent."""
 
-    __slots__ = ("_gzip", "chunks", "size", "raw", "raw_out", "items", "markers", "body")
+    __slots__ = ("_gzip", "chunks", "size", "raw", "raw_out", "items", "internal", "markers",
+                 "body")
 
     def __init__(self, level: int, metadata: bytes) -> None:
         self._gzip = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip wrapper
@@ -58,7 +59,8 @@ class _Batch:
         self.size = 0  # compressed bytes out so far
         self.raw = 0  # bytes in
         self.raw_out = 0  # bytes in when zlib last gave output
-        self.items = 0
+        self.items = 0  # the app's events
+        self.internal = 0  # beatlib's own (the periodic metricsets), counted apart
         self.markers: list[_Marker] = []
         self.body = b""
         self.write(metadata)
@@ -312,7 +314,7 @@ class Transport:
             report("transport: collecting metrics")
             return
         for item in items:
-            self._add(item)
+            self._add(item, internal=True)
 
     def _drain(self, limit: int = 1000) -> None:
         """Encodes up to `limit` queued items: a bound, so a busy app cannot starve sending."""
@@ -335,7 +337,7 @@ class Transport:
                     sleep(0)
                     handed_back = now
 
-    def _add(self, item: object) -> None:
+    def _add(self, item: object, internal: bool = False) -> None:
         try:
             lines = self._encode(item)
         except Exception:
@@ -353,7 +355,10 @@ class Transport:
                 return
             batch = self._batch = _Batch(self._compress_level, self._metadata_line)
         batch.write(lines[0] if len(lines) == 1 else b"".join(lines))  # one zlib call per item
-        batch.items += 1
+        if internal:
+            batch.internal += 1
+        else:
+            batch.items += 1
         if batch.estimated_size() >= self._max_request_size:
             self._seal()
 
@@ -412,6 +417,7 @@ class Transport:
         else:
             self._counts["sent_requests"] += 1
             self._counts["sent_events"] += batch.items
+            self._counts["sent_internal"] += batch.internal
             for marker in batch.markers:
                 marker.done.set()
         return verdict
@@ -431,12 +437,13 @@ class Transport:
         for part in (events[:middle], events[middle:]):
             half = _Batch(self._compress_level, metadata)
             half.write(b"".join(part))
-            half.items = len(part)
             half.seal()
             halves.append(half)
         # A batch counts items (a transaction with its spans is one), not lines: the halves
         # share its count.
         halves[0].items, halves[1].items = batch.items // 2, batch.items - batch.items // 2
+        halves[0].internal = batch.internal // 2
+        halves[1].internal = batch.internal - batch.internal // 2
         halves[1].markers = batch.markers  # a flush is done when its last item is sent
         self._pending.extendleft(reversed(halves))
         self._pending_bytes += halves[0].size + halves[1].size
