@@ -288,3 +288,35 @@ def test_an_apps_seeded_random_sequence_is_not_shifted(rec):
             got.append(random.random())
         rec.tracer.end_transaction()
     assert got == expected
+
+
+@pytest.mark.parametrize(("header", "kept"), [
+    ("es=s:0.5,foo=bar", "es=s:0.5,foo=bar"),
+    (" es=s:1 ,\t, foo=bar ", "es=s:1,foo=bar"),  # optional white space, empty members
+    ("tenant@vendor=x,a*b/c_d-e=1", "tenant@vendor=x,a*b/c_d-e=1"),
+    ("Foo=bar", None),  # upper case key
+    ("foo@=1", None), ("@vendor=1", None), ("foo@toolongsystemidx=1", None),
+    ("foo=bar=baz", None),  # '=' is not allowed in a value
+    ("foo=bar ", "foo=bar"), ("foo= bar", "foo= bar"),  # trailing space is not the value's
+    ("foo=,bar=1", None),  # an empty value
+    ("foo=1,foo=2", None),  # a repeated key
+    ("k" * 256 + "=1", "k" * 256 + "=1"), ("k" * 257 + "=1", None),
+    (",".join(f"k{i}=v" for i in range(32)), ",".join(f"k{i}=v" for i in range(32))),
+    (",".join(f"k{i}=v" for i in range(33)), None),  # more than 32 members
+    ("", None), (None, None), (42, None),
+])  # fmt: skip
+def test_tracestate_is_validated_as_w3c_trace_context_says(header, kept):
+    from beatlib.tracing import valid_tracestate
+
+    assert valid_tracestate(header) == kept
+
+
+def test_a_long_tracestate_loses_its_longest_members_first():
+    from beatlib.tracing import valid_tracestate
+
+    long_member = "big=" + "x" * 200
+    members = [f"k{i}=" + "v" * 40 for i in range(12)]  # 12 x 44 chars: over 512 with commas
+    out = valid_tracestate(",".join([members[0], long_member, *members[1:]]))
+    assert out is not None and len(out) <= 512
+    assert "big=" not in out and out.startswith("k0=")
+    assert out.split(",") == members[: len(out.split(","))]  # then cut from the end

@@ -68,8 +68,41 @@ def parse_traceparent(header: Any, tracestate: Any = None) -> TraceParent | None
         return None
     if span_id == _ZERO_SPAN:
         return None
-    state = tracestate.strip() if isinstance(tracestate, str) and tracestate.strip() else None
-    return TraceParent(trace_id, span_id, bool(int(flags, 16) & 1), state)
+    return TraceParent(trace_id, span_id, bool(int(flags, 16) & 1), valid_tracestate(tracestate))
+
+
+_STATE_KEY = re.compile(r"[a-z][_0-9a-z\-*/]{0,255}"
+                        r"|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}")
+_STATE_VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+MAX_TRACESTATE_MEMBERS = 32
+_TRACESTATE_LENGTH = 512  # what we pass on at most; longest members go first when cutting
+
+
+def valid_tracestate(header: Any) -> str | None:
+    """An incoming `tracestate` as W3C trace context allows it, or None: a header with an
+    invalid member, a repeated key or more than 32 members is dropped whole (its vendors'
+    state cannot be trusted in part); one longer than 512 characters loses its members over
+    128 characters first, then members from the end."""
+    if not isinstance(header, str):
+        return None
+    members, keys = [], set()
+    for member in header.split(","):
+        member = member.strip(" \t")
+        if not member:
+            continue
+        key, eq, value = member.partition("=")
+        if not eq or not _STATE_KEY.fullmatch(key) or not _STATE_VALUE.fullmatch(value) \
+                or key in keys:
+            return None
+        keys.add(key)
+        members.append(member)
+    if not members or len(members) > MAX_TRACESTATE_MEMBERS:
+        return None
+    if len(",".join(members)) > _TRACESTATE_LENGTH:
+        members = [m for m in members if len(m) <= 128]
+        while members and len(",".join(members)) > _TRACESTATE_LENGTH:
+            members.pop()
+    return ",".join(members) or None
 
 
 def format_traceparent(trace_id: str, span_id: str, sampled: bool) -> str:
