@@ -320,3 +320,16 @@ def test_a_long_tracestate_loses_its_longest_members_first():
     assert out is not None and len(out) <= 512
     assert "big=" not in out and out.startswith("k0=")
     assert out.split(",") == members[: len(out.split(","))]  # then cut from the end
+
+
+def test_the_level_2_random_flag_of_the_caller_is_passed_on(rec):
+    for flags, sampled in (("03", True), ("02", False), ("01", True)):
+        tx = rec.tracer.begin_transaction(
+            "request", f"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}")
+        assert tx.sampled is sampled
+        with capture_span("call") as span:
+            assert tx.traceparent().endswith(f"-{flags}")
+            if span is not None:
+                assert span.traceparent().endswith(f"-{flags}")
+        rec.tracer.end_transaction("t")
+    assert format_traceparent("a" * 32, "b" * 16, True) == f"00-{'a' * 32}-{'b' * 16}-01"

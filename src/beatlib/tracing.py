@@ -36,18 +36,21 @@ OUTCOMES = ("success", "failure", "unknown")
 class TraceParent:
     """A parsed W3C `traceparent` (and its `tracestate`)."""
 
-    __slots__ = ("trace_id", "span_id", "sampled", "tracestate")
+    __slots__ = ("trace_id", "span_id", "sampled", "tracestate", "random")
 
     def __init__(
-        self, trace_id: str, span_id: str, sampled: bool, tracestate: str | None = None
+        self, trace_id: str, span_id: str, sampled: bool, tracestate: str | None = None,
+        random: bool = False,
     ) -> None:
         self.trace_id = trace_id
         self.span_id = span_id
         self.sampled = sampled
         self.tracestate = tracestate
+        self.random = random  # W3C level 2: the caller says its trace id is random
 
     def __repr__(self) -> str:
-        return f"TraceParent({format_traceparent(self.trace_id, self.span_id, self.sampled)!r})"
+        return "TraceParent(%r)" % format_traceparent(self.trace_id, self.span_id, self.sampled,
+                                                      self.random)
 
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z")
@@ -68,7 +71,9 @@ def parse_traceparent(header: Any, tracestate: Any = None) -> TraceParent | None
         return None
     if span_id == _ZERO_SPAN:
         return None
-    return TraceParent(trace_id, span_id, bool(int(flags, 16) & 1), valid_tracestate(tracestate))
+    bits = int(flags, 16)
+    return TraceParent(trace_id, span_id, bool(bits & 1), valid_tracestate(tracestate),
+                       bool(bits & 2))
 
 
 _STATE_KEY = re.compile(r"[a-z][_0-9a-z\-*/]{0,255}"
@@ -105,8 +110,9 @@ def valid_tracestate(header: Any) -> str | None:
     return ",".join(members) or None
 
 
-def format_traceparent(trace_id: str, span_id: str, sampled: bool) -> str:
-    return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+def format_traceparent(trace_id: str, span_id: str, sampled: bool, random: bool = False) -> str:
+    """A version 00 `traceparent`; `random` carries the caller's level 2 random flag on."""
+    return f"00-{trace_id}-{span_id}-{sampled | (random << 1):02x}"
 
 
 class Segment:
@@ -138,7 +144,7 @@ class Transaction(Segment):
     __slots__ = (
         "tracer", "id", "trace_id", "parent_id", "name", "type", "result", "outcome",
         "sampled", "sample_rate", "tracestate", "timestamp", "start", "duration", "ended",
-        "spans", "spans_dropped", "leaf", "secrets",
+        "spans", "spans_dropped", "leaf", "secrets", "random_trace_id",
     )  # fmt: skip
 
     def __init__(
@@ -167,11 +173,13 @@ class Transaction(Segment):
             self.parent_id: str | None = None
             self.sampled = rate >= 1.0 or _random.random() < rate
             self.tracestate: str | None = None
+            self.random_trace_id = False  # ours are random, but only a caller's flag is passed on
         else:
             self.trace_id = trace_parent.trace_id
             self.parent_id = trace_parent.span_id
             self.sampled = trace_parent.sampled
             self.tracestate = trace_parent.tracestate
+            self.random_trace_id = trace_parent.random
         # The rate goes with the data so a server can extrapolate counts.
         self.sample_rate = (rate if trace_parent is None else None) if self.sampled else 0.0
         self.timestamp = _wall_ns() // 1000
@@ -187,7 +195,8 @@ class Transaction(Segment):
 
     def traceparent(self) -> str:
         """The `traceparent` header value naming this transaction as the caller."""
-        return format_traceparent(self.trace_id, "%016x" % self.id, self.sampled)
+        return format_traceparent(self.trace_id, "%016x" % self.id, self.sampled,
+                                  self.random_trace_id)
 
     def set_route_params(self, params: Mapping[str, Any]) -> None:
         """The request's route variables (`/reset/<token>`): the values of those whose names
@@ -262,7 +271,7 @@ class Span(Segment):
     def traceparent(self) -> str:
         """The `traceparent` header value naming this span as the caller."""
         tx = self.transaction
-        return format_traceparent(tx.trace_id, "%016x" % self.id, tx.sampled)
+        return format_traceparent(tx.trace_id, "%016x" % self.id, tx.sampled, tx.random_trace_id)
 
     def end(self, exc: BaseException | None = None) -> None:
         """End the span (outcome failure when `exc` is given); later calls do nothing."""
