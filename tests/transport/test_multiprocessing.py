@@ -54,3 +54,16 @@ def test_pool_map_with_close_and_join_ships_every_task(client, receiver):
     pool.join()
     got = names(receiver)
     assert len(got) == len(set(got)) == 6 * PER_CHILD
+
+
+def test_a_pool_ended_by_terminate_loses_nothing(client, receiver):
+    """Leaving `with Pool(...)` terminates the workers (SIGTERM: no exit hooks run): each
+    worker sends what a task recorded before it hands the result back."""
+    beatlib.instrument(client.config)
+    try:
+        with FORK.Pool(2) as pool:
+            assert pool.map(jobs, range(6)) == list(range(6))
+    finally:
+        beatlib.uninstrument()
+    got = names(receiver)
+    assert len(got) == len(set(got)) == 6 * PER_CHILD

@@ -36,6 +36,7 @@ AVAILABLE = (
     "beatlib.instrumentation.mako:Mako",
     "beatlib.instrumentation.django_templates:DjangoTemplates",
     "beatlib.instrumentation.thread_pools:ThreadPools",
+    "beatlib.instrumentation.process_pools:ProcessPools",
 )
 
 Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]

@@ -539,6 +539,14 @@ def _close_at_process_exit(close_all: Callable[[], None]) -> None:
     sys.modules["multiprocessing.util"].Finalize(None, close_all, exitpriority=100)
 
 
+def flush_all(timeout: float | None = None) -> None:
+    """Send what every transport of this process has queued (e.g. before a pool worker hands a
+    task's result back and may be killed); each waits at most `timeout` (shutdown_timeout)."""
+    for transport in list(_transports):
+        if transport.worker is not None:
+            transport.flush(timeout)
+
+
 def _close_all_at_exit() -> None:
     for transport in list(_transports):
         if transport._worker is not None:
