@@ -236,3 +236,51 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_rows(tmp_path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert [tuple(r) for r in conn.execute("SELECT service, key FROM metricsets")] == [
             ("shop", None)]
+
+
+def test_a_deleted_database_file_is_noticed_and_made_again(tmp_path, caplog) -> None:
+    import logging
+    import os
+
+    from beatlib.receiver import Receiver
+    from tests.receiver_server.conftest import ndjson, post, transaction
+
+    path = tmp_path / "gone.db"
+    with caplog.at_level(logging.WARNING, logger="beatlib.receiver"), \
+            Receiver(port=0, db_path=str(path)) as receiver:
+        assert post(receiver.url, ndjson(transaction(1)))[0] == 202
+        assert receiver.flush(10)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(f"{path}{suffix}"):
+                os.remove(f"{path}{suffix}")
+        assert post(receiver.url, ndjson(transaction(2)))[0] == 202
+        assert receiver.flush(10)
+        with receiver.store.reader() as conn:
+            assert [r[0] for r in conn.execute("SELECT id FROM transactions")] == [f"{2:016x}"]
+    assert "was removed or replaced" in caplog.text
+
+
+def test_a_broken_database_is_told_from_a_busy_one(tmp_path, caplog) -> None:
+    """A table gone (a schema that does not fit) is not "busy": it is logged as an error and
+    the writer opens the database again, which puts the schema back."""
+    import logging
+    import sqlite3
+
+    from beatlib.receiver import Receiver
+    from tests.receiver_server.conftest import ndjson, post, transaction
+
+    path = tmp_path / "broken.db"
+    with caplog.at_level(logging.ERROR, logger="beatlib.receiver"), \
+            Receiver(port=0, db_path=str(path)) as receiver:
+        assert post(receiver.url, ndjson(transaction(1)))[0] == 202
+        assert receiver.flush(10)
+        other = sqlite3.connect(path)
+        other.execute("DROP TABLE transactions")
+        other.commit()
+        other.close()
+        assert post(receiver.url, ndjson(transaction(2)))[0] == 202
+        assert receiver.flush(10)
+        with receiver.store.reader() as conn:
+            assert [r[0] for r in conn.execute("SELECT id FROM transactions")] == [f"{2:016x}"]
+        assert receiver.store.health()["writer_running"]
+    assert "cannot write to" in caplog.text and "no such table" in caplog.text

@@ -12,6 +12,7 @@ import collections
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -318,28 +319,50 @@ class Store:
 
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
+        opened: tuple[int, int] | None = None  # (device, inode) of the file conn writes to
         delay = 0.05
+        failures = 0  # of the batch at hand, other than busy or locked
         while not self._stopping.is_set():
             batches = self.queue.take(self.batch_events, timeout=0.2)
             while batches and not self._stopping.is_set():
                 try:
+                    if conn is not None and _identity(self.path) != opened:
+                        # Deleted or replaced under us: SQLite would go on writing to a file
+                        # nobody can open. Open the path again (creating it, and the schema).
+                        logger.warning("receiver: database %s was removed or replaced; "
+                                       "opening it again", self.path)
+                        conn.close()
+                        conn = None
                     if conn is None:
                         conn = connect(self.path, timeout=0.5)
                         create_schema(conn)
+                        opened = _identity(self.path)
                     self._write(conn, batches)
                     self.queue.done(batches)
                     batches = []
-                    delay = 0.05
+                    delay, failures = 0.05, 0
                 except sqlite3.Error as exc:
-                    # Locked, busy, disk full...: keep the batch, wait, try again. Intake
-                    # goes on answering until the queue is full.
                     self.counts["write_retries"] += 1
                     self.last_error = f"{type(exc).__name__}: {exc}"
-                    self._log_once(f"cannot write to {self.path} ({exc}); retrying")
-                    if conn is not None and isinstance(exc, sqlite3.DatabaseError) and not \
-                            isinstance(exc, sqlite3.OperationalError):
-                        conn.close()
-                        conn = None
+                    if _busy(exc):
+                        # Another writer or reader holds it: keep the batch, wait, try again;
+                        # intake goes on answering until the queue is full.
+                        self._log_once(f"database {self.path} busy ({exc}); retrying")
+                    else:
+                        # Broken (a schema that does not fit, I/O, a read-only file): say so,
+                        # open it again (the schema is checked and migrated then); a batch
+                        # that still fails after a few tries is skipped, so the next can go.
+                        failures += 1
+                        logger.error("receiver: cannot write to %s (%s); attempt %d",
+                                     self.path, exc, failures)
+                        if conn is not None:
+                            conn.close()
+                            conn = None
+                        if failures >= _BROKEN_TRIES:
+                            self.counts["writer_errors"] += 1
+                            self.counts["skipped"] += sum(len(b[1]) for b in batches)
+                            self.queue.done(batches)
+                            batches, failures = [], 0
                     self._stopping.wait(delay)
                     delay = min(delay * 2, 1.0)
                 except Exception as exc:  # no event may stop the writer: that batch is skipped
@@ -356,6 +379,7 @@ class Store:
             conn.close()
 
     def _log_once(self, message: str) -> None:
+        """Log a warning at most every 30 s (a locked database retries many times)."""
         now = time.monotonic()
         if now - self._last_log > 30:
             self._last_log = now
@@ -382,6 +406,23 @@ class Store:
             raise
         self.counts["stored"] += sum(len(b[1]) for b in batches) - skipped
         self.counts["skipped"] += skipped
+
+
+_BROKEN_TRIES = 5  # attempts at a batch the database refuses for a reason other than busy
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """Locked or busy: another connection holds the database; waiting helps."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 # Errors that belong to one event, not to the database: that event is skipped.
