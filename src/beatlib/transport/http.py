@@ -150,11 +150,16 @@ class Sender:
         ident = threading.get_ident()
         deadline = threading.Timer(timeout, _cut, (ident,))
         deadline.daemon = True
-        deadline.start()
+        try:
+            deadline.start()
+            started = True
+        except RuntimeError:  # no new thread at interpreter shutdown: per-read timeouts only
+            started = False
         try:
             return self._send(body, timeout)
         finally:
-            deadline.cancel()
+            if started:
+                deadline.cancel()
             _carrying.pop(ident, None)
 
     def _send(self, body: bytes, timeout: float) -> tuple[Verdict, float | None]:
