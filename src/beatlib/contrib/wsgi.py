@@ -263,6 +263,37 @@ class BeatMiddleware:
                                tx)
 
 
+def produced(body: Iterable[bytes], segment: Any, on_error: Callable[[], Any],
+             errors: type[BaseException] = Exception) -> Iterator[bytes]:
+    """`body`'s chunks, each produced with `segment` active (a streamed body's queries and
+    templates join the request), and put back between chunks; `on_error` (also with it
+    active: the error belongs to the request) when producing raises one of `errors`."""
+    try:
+        previous = set_active_for(segment)
+        try:
+            iterator = iter(body)
+        finally:
+            set_active(previous)
+        while True:
+            previous = set_active_for(segment)
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                set_active(previous)
+            yield chunk
+    except GeneratorExit:
+        raise  # left unfinished (a client gone, a test not reading): not the app's error
+    except errors:
+        previous = set_active_for(segment)
+        try:
+            on_error()
+        finally:
+            set_active(previous)
+        raise
+
+
 _END = guard("wsgi: ending the request's transaction")
 
 
@@ -283,31 +314,7 @@ class ClosingIterator:
         self.ended = False
 
     def __iter__(self) -> Iterator[bytes]:
-        segment = self.segment
-        try:
-            previous = set_active_for(segment)
-            try:
-                iterator = iter(self.body)
-            finally:
-                set_active(previous)
-            while True:
-                previous = set_active_for(segment)
-                try:
-                    chunk = next(iterator)
-                except StopIteration:
-                    break
-                finally:
-                    set_active(previous)
-                yield chunk
-        except GeneratorExit:
-            raise  # left unfinished (a client gone, a test not reading): not the app's error
-        except BaseException:
-            previous = set_active_for(segment)  # the error belongs to the request
-            try:
-                self.on_error()
-            finally:
-                set_active(previous)
-            raise
+        yield from produced(self.body, self.segment, self.on_error, BaseException)
         self._end()
 
     def _end(self) -> None:

@@ -5,7 +5,7 @@ and the authenticated user; streamed responses end when Django closes them."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import MiddlewareNotUsed  # type: ignore[import-untyped,import-not-found]
@@ -19,8 +19,8 @@ from beatlib.contrib.wsgi import (
     capture_request_error,
     end_request,
     keep_body,
+    produced,
     request_context,
-    set_active_for,
 )
 from beatlib.guard import guard, report
 from beatlib.tracing import Transaction
@@ -90,8 +90,9 @@ class TracingMiddleware:
 
         if getattr(response, "file_to_stream", None) is None and not getattr(
                 response, "is_async", False):
-            response.streaming_content = _failing(  # type: ignore[attr-defined]
-                response.streaming_content, failed, tx)  # type: ignore[attr-defined]
+            response.streaming_content = produced(  # type: ignore[attr-defined]
+                response.streaming_content, tx,  # type: ignore[attr-defined]
+                lambda: _guarded(failed))
         # HttpResponseBase.close() (called by the server, or by Django's file wrapper) runs
         # these closers; older or unusual responses get their close() wrapped instead.
         closers = getattr(response, "_resource_closers", None)
@@ -170,32 +171,6 @@ def form_fields(request: HttpRequest, tx: Transaction | None = None) -> None:
         if config.capture_body in ("all", "transactions"):  # the request again, with its body
             tx.set_context("request", functools.partial(
                 request_context, dict(meta), config, False))
-
-
-def _failing(content: Iterable[bytes], failed: Callable[[], None],
-             tx: Transaction) -> Iterator[bytes]:
-    """A streamed body: `failed` when producing it raises; the request's transaction is
-    the active one while it is produced, so its queries and templates join it."""
-    try:
-        iterator = iter(content)
-        while True:
-            previous = set_active_for(tx)
-            try:
-                chunk = next(iterator)
-            except StopIteration:
-                return
-            finally:
-                set_active(previous)
-            yield chunk
-    except GeneratorExit:
-        raise
-    except Exception:
-        previous = set_active_for(tx)  # the error belongs to the request
-        try:
-            _guarded(failed)
-        finally:
-            set_active(previous)
-        raise
 
 
 def _guarded(function: Callable[..., Any], *args: Any) -> None:
