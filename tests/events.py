@@ -15,9 +15,7 @@ from tests.schemas import validate
 
 def pipeline(config: Config | None = None) -> Pipeline:
     config = config or Config(environ={})
-    sanitizer = Sanitizer(config.sanitize_field_names + config.sanitize_field_names_extra,
-                          sql_literals=config.capture_sql_literals)
-    return Pipeline(config, sanitizer, lambda: intake_v2.metadata(config))
+    return Pipeline(config, Sanitizer.from_config(config), lambda: intake_v2.metadata(config))
 
 
 def encode(record: Any, config: Config | None = None) -> list[tuple[str, dict[str, Any]]]:

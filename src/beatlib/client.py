@@ -68,10 +68,7 @@ class Client:
             self.config.service_version = release.app_version()  # git, once per process
         if self.config.log_level:
             logger.setLevel(self.config.log_level.upper())
-        self.sanitizer = Sanitizer(
-            self.config.sanitize_field_names + self.config.sanitize_field_names_extra,
-            sql_literals=self.config.capture_sql_literals,
-        )
+        self.sanitizer = Sanitizer.from_config(self.config)
         self.metrics = LatencyMetrics()
         self._error_mark = "_beatlib_error_id_%x" % id(self)  # per client: each captures once
         self.framework: tuple[str, str] | None = None

@@ -167,6 +167,12 @@ class Sanitizer:
         self._texts: dict[str, str] = {}
         self._text_bytes = 0
 
+    @classmethod
+    def from_config(cls, config: Any) -> Sanitizer:
+        """A client's rules: its field names (with the extra ones) and its SQL setting."""
+        return cls(config.sanitize_field_names + config.sanitize_field_names_extra,
+                   sql_literals=config.capture_sql_literals)
+
     def is_sensitive(self, name: object) -> bool:
         """Whether values under `name` are redacted."""
         if self._match is None or not isinstance(name, str):
