@@ -275,3 +275,32 @@ def test_server_timeout_is_a_deadline_for_the_whole_request():
     stop.set()
     listener.close()
     assert verdict is Verdict.RETRY and elapsed < 2.5
+
+
+def test_a_server_that_does_not_answer_never_stops_the_queue_draining(make_transport,
+                                                                       receiver):
+    """While one request waits on a stuck server (up to server_timeout), the worker goes on
+    taking events off the queue into the bounded buffer: before, a queue of 50 overflowed
+    in the first 50 ms of the wait and 90% of the events were dropped."""
+    transport = make_transport(receiver, server_timeout="1500ms", max_queue_events=50)
+    receiver.hang(3, times=2)
+    for n in range(10):
+        transport.queue(n)
+    assert _sending(transport)
+    queue_timed(transport, range(10, 1010), pause_every=25, pause=0.02)  # ~0.9 s of traffic
+    stats = transport.stats()
+    assert stats["dropped_queue_full"] == 0, stats
+    receiver.behave()
+    assert transport.flush(10), transport.stats()
+    assert_all_once(receiver, range(1010))
+
+
+def _sending(transport, timeout=2.0):
+    """Waits until the transport's first request is on the wire (the receiver holds it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if transport.stats()["buffered_bytes"] and not transport.backlog:
+            time.sleep(0.1)  # sealed at the flush tick and handed to the sender
+            return True
+        time.sleep(0.01)
+    return False

@@ -1,7 +1,8 @@
 """The background transport: a bounded queue that one daemon thread drains into gzip NDJSON
 batches, ships, and holds (bounded by max_buffer_size) while the server is away.
 
-The request thread only appends to a deque; encoding, compression and HTTP happen here.
+The request thread only appends to a deque; encoding and compression happen on the worker,
+each request on a short-lived thread of its own, so a slow server never stops the draining.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ class Transport:
         self._pending: deque[_Batch] = deque()
         self._pending_bytes = 0
         self._backoff = Backoff(*self._backoff_args)
+        self._in_flight: _Batch | None = None  # the head of _pending, while it is being sent
+        self._sent: tuple[Verdict, float | None] | None = None  # its answer, set by _ship
         self._retry_at = 0.0
         self._next_flush = 0.0
         self._metadata_line: bytes | None = None
@@ -276,6 +279,7 @@ class Transport:
         if self._closing is not None:
             self._shut_down(self._closing)
             return None
+        self._settle_in_flight()
         self._note_queue_drops()
         self._drain()
         now = monotonic()
@@ -283,15 +287,15 @@ class Transport:
             self._tick()
             self._seal()
             self._next_flush = now + self._flush_interval
-        if self._pending and now >= self._retry_at:
-            self._send_head()
+        if self._pending and self._in_flight is None and now >= self._retry_at:
+            self._start_send()
         if self._queue:
             return 0.0
         now = monotonic()
         wait = self._next_flush - now
-        if self._pending:
+        if self._pending and self._in_flight is None:
             wait = min(wait, self._retry_at - now)
-        return max(wait, 0.0)
+        return max(wait, 0.0)  # a request's answer wakes the worker (_ship)
 
     def _note_queue_drops(self) -> None:
         """Events the app could not queue (full) are losses too: logged, and the next flush
@@ -372,8 +376,10 @@ class Transport:
         self._pending.append(batch)
         self._pending_bytes += batch.size
         dropped = 0
-        while self._pending_bytes > self._max_buffer_size and len(self._pending) > 1:
-            oldest = self._pending.popleft()
+        first = 0 if self._in_flight is None else 1  # the batch on the wire stays
+        while self._pending_bytes > self._max_buffer_size and len(self._pending) > first + 1:
+            oldest = self._pending[first]
+            del self._pending[first]
             self._pending_bytes -= oldest.size
             self._drop(oldest, "dropped_buffer_full")
             dropped += oldest.items
@@ -391,9 +397,48 @@ class Transport:
         else:
             marker.done.set()
 
+    def _start_send(self) -> None:
+        """Sends the head batch from a thread of its own: a slow or stuck server holds that
+        thread (up to server_timeout), while this one goes on draining the queue."""
+        batch = self._in_flight = self._pending[0]
+        thread = threading.Thread(target=contextvars.Context().run, args=(self._ship, batch.body),
+                                  name="beatlib-send", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no new thread (interpreter shutdown): send from this one
+            self._in_flight = None
+            self._send_head()
+
+    def _ship(self, body: bytes) -> None:
+        """The request thread: one send, its answer handed back to the worker."""
+        try:
+            result = self._sender.send(body, None)
+        except Exception:
+            report("transport: sending a batch")
+            result = (Verdict.FAILED, None)
+        self._sent = result  # before the wakeup: the worker reads it after clearing the event
+        self._wakeup.set()
+
+    def _settle_in_flight(self, deadline: float | None = None) -> None:
+        """Takes the answer to the request in flight, if it came (waiting for it until
+        `deadline`, if given)."""
+        if self._in_flight is None:
+            return
+        while self._sent is None and deadline is not None and monotonic() < deadline:
+            self._wakeup.wait(deadline - monotonic())
+            self._wakeup.clear()
+        result, self._sent = self._sent, None
+        if result is not None:
+            self._in_flight = None
+            self._settle(*result)
+
     def _send_head(self, timeout: float | None = None) -> Verdict:
+        verdict, retry_after = self._sender.send(self._pending[0].body, timeout)
+        return self._settle(verdict, retry_after)
+
+    def _settle(self, verdict: Verdict, retry_after: float | None) -> Verdict:
+        """What the server's answer to the head batch means for it and the buffer."""
         batch = self._pending[0]
-        verdict, retry_after = self._sender.send(batch.body, timeout)
         if verdict is Verdict.RETRY:
             self._counts["retried"] += 1
             self._retry_at = monotonic() + self._backoff.next_delay(retry_after)
@@ -478,7 +523,8 @@ class Transport:
         self._counts["queued"] += unencoded
         self._tick()  # the last metrics go out with the last batch
         self._seal()
-        while self._pending and monotonic() < deadline:
+        self._settle_in_flight(deadline)
+        while self._pending and self._in_flight is None and monotonic() < deadline:
             if self._send_head(deadline - monotonic()) is Verdict.RETRY:
                 break
         lost = unencoded
