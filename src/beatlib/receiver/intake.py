@@ -21,6 +21,7 @@ INTAKE_PATH = "/intake/v2/events"
 RELEASES_PATH = "/beatlib/v1/releases"  # beatlib's own: `beatlib release` posts here
 MAX_EVENT_SIZE = 300 * 1024  # per decompressed line, as apm-server's default
 MAX_BODY_SIZE = 64 * 1024 * 1024  # decompressed; past it the request is refused
+_PIECE = 1024 * 1024  # decompressed at a time
 MAX_ERRORS_LISTED = 5  # as apm-server: the rest are counted, not listed
 _DOCUMENT_ECHO = 2048  # characters of an offending line sent back
 
@@ -174,19 +175,25 @@ def decompress(body: bytes, encoding: str) -> bytes:
     while body:  # gzip allows several members one after another
         inflater = zlib.decompressobj(wbits)
         try:
-            chunk = inflater.decompress(body, MAX_BODY_SIZE + 1 - size)
-            size += len(chunk)
-            if size > MAX_BODY_SIZE or inflater.unconsumed_tail:
-                raise BodyError(f"decompressed request body larger than {MAX_BODY_SIZE} bytes")
-            chunk += inflater.flush()
+            # A piece at a time: a body past the limit is refused holding no more than the
+            # limit, not the limit and the buffer zlib grows to reach it.
+            while body:
+                out.append(inflater.decompress(body, _PIECE))
+                size += len(out[-1])
+                if size > MAX_BODY_SIZE:
+                    raise BodyError(f"decompressed request body larger than {MAX_BODY_SIZE} "
+                                    "bytes")
+                body = inflater.unconsumed_tail
+            out.append(inflater.flush())
+            size += len(out[-1])
         except zlib.error as exc:
             raise BodyError(f"{name} decompression failed: {exc}") from None
         if not inflater.eof:
             raise BodyError(f"{name} decompression failed: truncated stream")
-        out.append(chunk)
         body = inflater.unused_data if name == "gzip" else b""
-    raw = b"".join(out)
-    return raw
+    if size > MAX_BODY_SIZE:
+        raise BodyError(f"decompressed request body larger than {MAX_BODY_SIZE} bytes")
+    return b"".join(out)
 
 
 def parse(raw: bytes) -> Parsed:
