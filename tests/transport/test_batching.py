@@ -196,6 +196,37 @@ def test_a_worker_far_behind_slows_the_recorder_instead_of_losing_data(make_tran
     assert sorted(sent_numbers(receiver)) == list(range(1000))
 
 
+def test_an_event_loop_thread_is_never_made_to_wait(make_transport, receiver):
+    """The backpressure wait would stall every coroutine of a loop: on a thread running an
+    asyncio loop, queue() never sleeps (a full queue drops and counts instead)."""
+    import asyncio
+
+    from tests.transport.conftest import encode as good
+
+    def slow_encode(item):
+        time.sleep(0.0005)
+        return good(item)
+
+    transport = make_transport(receiver, encode=slow_encode, max_queue_events=100)
+
+    async def record() -> float:
+        slowest = 0.0
+        for n in range(1000):
+            start = time.perf_counter()
+            transport.queue(n)
+            slowest = max(slowest, time.perf_counter() - start)
+            if n % 50 == 49:
+                await asyncio.sleep(0.001)
+        return slowest
+
+    slowest = asyncio.run(record())
+    transport.flush(10)
+    stats = transport.stats()
+    assert stats["backpressure_waits"] == 0, stats
+    assert stats["sent_events"] + stats["dropped_queue_full"] == 1000
+    assert slowest < 0.02, f"slowest queue() on the loop took {slowest * 1e3:.2f} ms"
+
+
 def test_stats_counters(make_transport, receiver):
     transport = make_transport(receiver)
     for n in range(20):

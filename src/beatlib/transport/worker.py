@@ -15,6 +15,7 @@ import sys
 import threading
 import weakref
 import zlib
+from asyncio import _get_running_loop
 from collections import deque
 from collections.abc import Callable, Iterable
 from time import monotonic, sleep
@@ -179,7 +180,9 @@ class Transport:
                 if self._idle:
                     self._idle = False
                     self._wakeup.set()
-                if n >= self._yield_at and self._worker.is_alive():
+                # Never on an event loop's thread: the wait would stall all its coroutines.
+                if (n >= self._yield_at and self._worker.is_alive()
+                        and _get_running_loop() is None):
                     self._counts_yields += 1
                     sleep(_YIELD_SECONDS)
         except Exception:  # e.g. no thread can be started at interpreter shutdown
