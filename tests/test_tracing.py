@@ -295,7 +295,7 @@ def test_an_apps_seeded_random_sequence_is_not_shifted(rec):
     (" es=s:1 ,\t, foo=bar ", "es=s:1,foo=bar"),  # optional white space, empty members
     ("tenant@vendor=x,a*b/c_d-e=1", "tenant@vendor=x,a*b/c_d-e=1"),
     ("Foo=bar", None),  # upper case key
-    ("foo@=1", None), ("@vendor=1", None), ("foo@toolongsystemidx=1", None),
+    ("@vendor=1", None), ("_x=1", None), ("a.b=1", None),  # first character, '.'
     ("foo=bar=baz", None),  # '=' is not allowed in a value
     ("foo=bar ", "foo=bar"), ("foo= bar", "foo= bar"),  # trailing space is not the value's
     ("foo=,bar=1", None),  # an empty value
@@ -333,3 +333,19 @@ def test_the_level_2_random_flag_of_the_caller_is_passed_on(rec):
                 assert span.traceparent().endswith(f"-{flags}")
         rec.tracer.end_transaction("t")
     assert format_traceparent("a" * 32, "b" * 16, True) == f"00-{'a' * 32}-{'b' * 16}-01"
+
+
+@pytest.mark.parametrize("key", [
+    "acme@",  # an at sign may end a key
+    "shop@eu@blue",  # or come more than once
+    "m@@x",
+    "9lives",  # a key may begin with a digit without being tenant@vendor
+    "q" * 200 + "@" + "w" * 55,  # tenant and vendor parts of any length, 256 in all
+    "r@" + "s" * 30,
+])  # fmt: skip
+def test_tracestate_keys_follow_the_level_2_grammar(key):
+    from beatlib.tracing import valid_tracestate
+
+    header = f"rojo=00f067aa0ba902b7,{key}=t61rcWkgMzE"
+    assert valid_tracestate(header) == header
+    assert valid_tracestate(f"{key}x" + "y" * (256 - len(key)) + "=1") is None  # 257 characters

@@ -76,8 +76,9 @@ def parse_traceparent(header: Any, tracestate: Any = None) -> TraceParent | None
                        bool(bits & 2))
 
 
-_STATE_KEY = re.compile(r"[a-z][_0-9a-z\-*/]{0,255}"
-                        r"|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}")
+# A key is up to 256 of a-z 0-9 _ - * / @, beginning with a letter or digit: the grammar of
+# trace context level 2, which replaced level 1's tenant@vendor form and its 241/14 split.
+_STATE_KEY = re.compile(r"[a-z0-9][_0-9a-z\-*/@]{0,255}")
 _STATE_VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 MAX_TRACESTATE_MEMBERS = 32
 _TRACESTATE_LENGTH = 512  # what we pass on at most; longest members go first when cutting
