@@ -299,7 +299,6 @@ def test_an_apps_seeded_random_sequence_is_not_shifted(rec):
     ("foo=bar=baz", None),  # '=' is not allowed in a value
     ("foo=bar ", "foo=bar"), ("foo= bar", "foo= bar"),  # trailing space is not the value's
     ("foo=,bar=1", None),  # an empty value
-    ("foo=1,foo=2", None),  # a repeated key
     ("k" * 256 + "=1", "k" * 256 + "=1"), ("k" * 257 + "=1", None),
     (",".join(f"k{i}=v" for i in range(32)), ",".join(f"k{i}=v" for i in range(32))),
     (",".join(f"k{i}=v" for i in range(33)), None),  # more than 32 members
@@ -349,3 +348,15 @@ def test_tracestate_keys_follow_the_level_2_grammar(key):
     header = f"rojo=00f067aa0ba902b7,{key}=t61rcWkgMzE"
     assert valid_tracestate(header) == header
     assert valid_tracestate(f"{key}x" + "y" * (256 - len(key)) + "=1") is None  # 257 characters
+
+
+@pytest.mark.parametrize(("header", "kept"), [
+    ("congo=new,rojo=r,congo=old", "congo=new,rojo=r"),  # the left-most is the latest
+    ("congo=same, congo=same", "congo=same"),
+    ("a=1,b=2,a=3,b=4,c=5", "a=1,b=2,c=5"),
+    ("x=1,x=2,Bad=3", None),  # an invalid member still drops the header
+])  # fmt: skip
+def test_a_repeated_tracestate_key_keeps_its_first_member(header, kept):
+    from beatlib.tracing import valid_tracestate
+
+    assert valid_tracestate(header) == kept

@@ -86,9 +86,10 @@ _TRACESTATE_LENGTH = 512  # what we pass on at most; longest members go first wh
 
 def valid_tracestate(header: Any) -> str | None:
     """An incoming `tracestate` as W3C trace context allows it, or None: a header with an
-    invalid member, a repeated key or more than 32 members is dropped whole (its vendors'
-    state cannot be trusted in part); one longer than 512 characters loses its members over
-    128 characters first, then members from the end."""
+    invalid member or more than 32 members is dropped whole (its vendors' state cannot be
+    trusted in part); a key that comes again keeps its first (left-most, most recent) member
+    only; one longer than 512 characters loses its members over 128 characters first, then
+    members from the end."""
     if not isinstance(header, str):
         return None
     members, keys = [], set()
@@ -97,9 +98,10 @@ def valid_tracestate(header: Any) -> str | None:
         if not member:
             continue
         key, eq, value = member.partition("=")
-        if not eq or not _STATE_KEY.fullmatch(key) or not _STATE_VALUE.fullmatch(value) \
-                or key in keys:
+        if not eq or not _STATE_KEY.fullmatch(key) or not _STATE_VALUE.fullmatch(value):
             return None
+        if key in keys:
+            continue
         keys.add(key)
         members.append(member)
     if not members or len(members) > MAX_TRACESTATE_MEMBERS:
