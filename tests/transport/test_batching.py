@@ -274,3 +274,28 @@ def test_on_tick_items_ship_every_flush_interval(make_transport, receiver):
     assert receiver.wait_for("transaction", 4, timeout=3)
     got = sent_numbers(receiver)
     assert got[0] == 0 and got[1:4] == [1001, 1002, 1003]
+
+
+def test_flush_waits_for_a_worker_another_thread_is_starting(make_transport, receiver,
+                                                              monkeypatch):
+    """flush() right after another thread queued the first event, while that thread is still
+    starting the worker: it used to return False at once, sending nothing."""
+    import threading
+
+    real_start = threading.Thread.start
+    starting = threading.Event()
+
+    def slow_start(thread):
+        if thread.name == "beatlib-transport":
+            starting.set()
+            time.sleep(0.2)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", slow_start)
+    transport = make_transport(receiver)
+    first = threading.Thread(target=transport.queue, args=(1,))
+    first.start()
+    assert starting.wait(2)
+    assert transport.flush(5)
+    first.join()
+    assert sent_numbers(receiver) == [1]

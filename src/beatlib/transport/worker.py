@@ -192,7 +192,9 @@ class Transport:
         """Sends what is queued now; True when all of it was accepted within `timeout` seconds
         (default shutdown_timeout). Respects a running backoff."""
         try:
-            if self._worker is None or not self._worker.is_alive():
+            worker = self._worker
+            # A worker another thread is starting (no ident yet) will take the marker.
+            if worker is None or (worker.ident is not None and not worker.is_alive()):
                 return not self._queue
             marker = _Marker(self._losses)
             self._queue.append(marker)
