@@ -30,6 +30,10 @@ from tests.contrib.bottle_app import make_app  # noqa: E402
 from tests.instrumentation.http_server import HTTPServer  # noqa: E402
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+# Bottle 0.13 hands the exception its catchall answered to start_response; 0.12 does not, so
+# there beatlib sees only what route callbacks raise (where its plugin applies).
+CATCHALL_EXC_INFO = tuple(int(n) for n in bottle.__version__.split(".")[:2]) >= (0, 13)
+OUTSIDE = "outside routes"  # an error only Bottle's catchall sees
 
 
 @pytest.fixture
@@ -191,11 +195,17 @@ ERROR_CASES = [
     ("/abort/503", 503, "HTTPError"),  # raised by the app: 5xx is an error
     ("/returned", 503, None),  # returned, not raised: the app's answer
     ("/moved", 303, None),
-    ("/hook-fails", 500, "RuntimeError"),  # a before_request hook, before routing
-    ("/bad-json", 500, "TypeError"),  # in Bottle's JSONPlugin, outside beatlib's wrapper
-    ("/v1/items/3/boom", 500, "LookupError"),  # the mounted app's route (no beatlib in it)
+    ("/hook-fails", 500, ("RuntimeError", OUTSIDE)),  # a before_request hook, before routing
+    ("/bad-json", 500, ("TypeError", OUTSIDE)),  # in Bottle's JSONPlugin, outside beatlib's
+    ("/v1/items/3/boom", 500, ("LookupError", OUTSIDE)),  # a mounted app's (without beatlib)
     ("/stream?fail=first", 500, "ConnectionError"),  # Bottle answers the first chunk's error
 ]
+
+
+def captured(kind: str | tuple[str, str] | None) -> str | None:
+    if isinstance(kind, tuple):
+        return kind[0] if CATCHALL_EXC_INFO else None
+    return kind
 
 
 def test_the_one_error_rule_with_catchall(shop, receiver):
@@ -204,14 +214,15 @@ def test_the_one_error_rule_with_catchall(shop, receiver):
         assert call(app, path).status_int == status, path
     txs, _, errors = shop.shipped()
     assert [e["exception"]["type"] for e in errors] == [
-        kind for _, _, kind in ERROR_CASES if kind is not None]
+        captured(kind) for _, _, kind in ERROR_CASES if captured(kind) is not None]
     assert [(t["result"], t["outcome"]) for t in txs] == [
         (f"HTTP {status // 100}xx", "failure" if status >= 500 else "success")
         for _, status, _ in ERROR_CASES]
     by_id = {t["id"]: t for t in txs}
     assert [by_id[e["transaction_id"]]["name"] for e in errors] == [
-        "GET /boom", "GET /abort/<status:int>", "GET unknown route", "GET /bad-json",
-        "GET /v1/items/<item_id>/boom", "GET /stream"]
+        "GET /boom", "GET /abort/<status:int>",
+        *(["GET unknown route", "GET /bad-json", "GET /v1/items/<item_id>/boom"]
+          if CATCHALL_EXC_INFO else []), "GET /stream"]
     assert all(e["exception"]["handled"] is False for e in errors)
     assert errors[1]["exception"]["message"] == "(503, 'aborted with 503')"
 
@@ -401,6 +412,9 @@ def test_app_mounted_as_a_wsgi_app_is_named_by_its_route(shop, receiver, traced_
     assert [(t["name"], t["result"]) for t in txs] == [
         ("GET /legacy/orders/<order_id>", "HTTP 2xx"), ("GET unknown route", "HTTP 4xx"),
         ("GET /legacy/orders/<order_id>/boom", "HTTP 5xx")]
+    if not (traced_too or CATCHALL_EXC_INFO):
+        assert errors == []
+        return
     (error,) = errors  # the app's own exception, not the copies Bottle wraps it in
     assert (error["exception"]["type"], error["exception"]["message"]) == ("ValueError", "8")
     assert error["culprit"] == "tests.contrib.test_bottle in order_boom"
