@@ -544,3 +544,26 @@ def test_import_without_bottle_says_so():
             "except ImportError as exc:\n    print(exc)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "needs Bottle (pip install bottle)" in out.stdout
+
+
+def test_a_route_called_outside_a_request_works_as_before(shop, receiver):
+    """Unit tests call a route's callback, plugins applied, without a request (in a thread
+    where Bottle's request was never bound, reading it raises)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def unit_test(app: Any) -> str:
+        route = {r.rule: r for r in app.routes}
+        with pytest.raises(ZeroDivisionError):
+            route["/boom"].call()
+        return route["/hello/<name>"].call(name="ann")
+
+    client = beatlib.Client(server_url=receiver.url, environ={})
+    shop.clients.append(client)
+    for traced in (False, True):
+        app = bottle.Bottle()
+        app.route("/boom", callback=lambda: 1 / 0)
+        app.route("/hello/<name>", callback=lambda name: f"hello {name}")
+        if traced:
+            app.install(BeatPlugin(client))
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(unit_test, app).result() == "hello ann"

@@ -84,7 +84,10 @@ class BeatPlugin:
         variables redacted from then on) and capturing what it raises."""
 
         def traced_callback(*args: Any, **kwargs: Any) -> Any:
-            request = bottle.request.environ.get(_STATE)
+            try:
+                request = bottle.request.environ.get(_STATE)
+            except RuntimeError:  # called outside a request (`route.call()` in a unit test)
+                request = None
             if request is None:  # served without our WSGI side: nothing would end a transaction
                 return callback(*args, **kwargs)
             _ROUTED.call(request.routed, route)
