@@ -125,7 +125,28 @@ class _TracedWSGI:
         self.app = app
         self.client = client
         self.inner = app.__dict__.get("wsgi")  # what someone else put there before us, if any
-        self.prefixes: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        # route -> (its rule then, the name's rule): a mount rewrites rules, rarely.
+        self.rules: weakref.WeakKeyDictionary[Any, tuple[str, str]] = (
+            weakref.WeakKeyDictionary())
+
+    def rule(self, route: Any) -> str:
+        """The route's rule as this app sees it: with the prefix of the app it is mounted in
+        (`/api/items/<id>`); `unknown route` when none matched."""
+        if route is None:
+            return "unknown route"
+        cached = self.rules.get(route)
+        if cached is not None and cached[0] == route.rule:
+            return cached[1]
+        if isinstance(_mountpoint(route)[1], bottle.Bottle):
+            rule = "unknown route"  # none of the routes of the Bottle app mounted there matched
+        else:
+            owner = route.app
+            while owner.config.get("_mount.app") is not None:  # merged: rules have the prefix
+                owner = owner.config["_mount.app"]
+            prefix = "" if owner is self.app else _prefix(self.app, owner, 0)
+            rule = (prefix or "") + route.rule
+        self.rules[route] = (route.rule, rule)
+        return rule
 
     def remove(self, app: bottle.Bottle) -> None:
         if self.inner is not None:
@@ -190,29 +211,10 @@ class _Request:
         environ = self.environ
         route = route or environ.get("bottle.route")
         if self.tx.name == self.method:
-            self.tx.name = f"{self.method} {self.rule(route)}"
+            self.tx.name = f"{self.method} {self.traced.rule(route)}"
         params = environ.get("route.url_args")
         if params:
             self.tx.set_route_params(params)
-
-    def rule(self, route: Any) -> str:
-        """The route's rule as the traced app sees it: with the prefix of the app it is
-        mounted in (`/api/items/<id>`); `unknown route` when none matched."""
-        if route is None or isinstance(_mountpoint(route)[1], bottle.Bottle):
-            return "unknown route"  # none matched, or none in the Bottle app mounted there
-        owner = route.app
-        while owner.config.get("_mount.app") is not None:  # merged: its rules carry the prefix
-            owner = owner.config["_mount.app"]
-        root = self.traced.app
-        if owner is root:
-            return str(route.rule)
-        prefix = self.traced.prefixes.get(owner)
-        if prefix is None:
-            prefix = _prefix(root, owner, 0)
-            if prefix is None:
-                return str(route.rule)
-            self.traced.prefixes[owner] = prefix
-        return prefix + route.rule
 
     def failed(self, exc_info: Any = None) -> None:
         """The exception being handled (or `exc_info`) is the request's error: captured once
