@@ -1,5 +1,6 @@
 """waitress (a thread pool) under concurrent requests: every transaction arrives once, with
-exactly its own spans and labels, for a Flask app and for BeatMiddleware around a plain app."""
+exactly its own spans and labels, for a Flask app, a Bottle app and for BeatMiddleware around
+a plain app."""
 
 from __future__ import annotations
 
@@ -47,6 +48,21 @@ def flask_app(client: beatlib.Client) -> Any:
     return app
 
 
+def bottle_app(client: beatlib.Client) -> Any:
+    import bottle
+
+    from beatlib.contrib.bottle import BeatPlugin
+
+    app = bottle.Bottle()
+
+    @app.get("/work/<request_id>")
+    def handle(request_id: str) -> bytes:
+        return work(request_id)
+
+    app.install(BeatPlugin(client))
+    return app
+
+
 def plain_app(client: beatlib.Client) -> Any:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         body = work(environ["PATH_INFO"].rsplit("/", 1)[1])
@@ -76,7 +92,8 @@ def serve(receiver) -> Iterator[Callable[[Callable[[beatlib.Client], Any]], str]
     context.set_active(None)
 
 
-@pytest.mark.parametrize("make_app", [flask_app, plain_app], ids=["flask", "middleware"])
+@pytest.mark.parametrize("make_app", [flask_app, bottle_app, plain_app],
+                         ids=["flask", "bottle", "middleware"])
 def test_concurrent_requests_do_not_mix(serve, receiver, make_app):
     url = serve(make_app)
 

@@ -3,7 +3,8 @@ inside a beatlib transaction, so the library's calls go through our wrappers and
 
 Events go to the validating test receiver on 127.0.0.1 (never a remote host). At the end the
 counts of transactions, spans by subtype and invalid lines are written to the JSON file named
-by BEATLIBTEST_SUITE_REPORT, for run.py to compare.
+by BEATLIBTEST_SUITE_REPORT, for run.py to compare. For Bottle's suite (BEATLIBTEST_SUITE=bottle)
+every app it makes gets beatlib's plugin.
 """
 
 from __future__ import annotations
@@ -41,6 +42,24 @@ def pytest_configure(config: pytest.Config) -> None:
         service_name="library-suite", server_url=receiver.url, flush_interval="1s", environ={}
     )
     _state.update(receiver=receiver, client=client, enabled=beatlib.instrument(client.config))
+    if os.environ.get("BEATLIBTEST_SUITE") == "bottle":
+        _install_in_every_bottle_app(client)
+
+
+def _install_in_every_bottle_app(client: beatlib.Client) -> None:
+    """Bottle's suite: beatlib's plugin installed into every app it makes, when it is made
+    (its core plugins first), so each request its tests send is traced."""
+    import bottle
+
+    from beatlib.contrib.bottle import BeatPlugin
+
+    made = bottle.Bottle.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        self.install(BeatPlugin(client))
+
+    bottle.Bottle.__init__ = init
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +84,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         "instrumented": instrumented(),
         "flushed": flushed,
         "transactions": len(receiver.events("transaction")),
+        "request_transactions": sum(t["type"] == "request"
+                                    for t in receiver.events("transaction")),
+        "errors": len(receiver.events("error")),
         "spans": dict(collections.Counter(f"{s['type']}/{s.get('subtype')}" for s in spans)),
         "failed_spans": sum(s["outcome"] == "failure" for s in spans),
         "invalid_lines": len(receiver.invalid),

@@ -1,12 +1,13 @@
-"""Run Jinja2's and Mako's own test suites, from their sdists, without and with beatlib.
+"""Run Jinja2's, Mako's and Bottle's own test suites, from their sdists, without and with beatlib.
 
-    python tests/libsuites/run.py [--workdir DIR] [--only jinja2|mako] [-- extra pytest args]
+    python tests/libsuites/run.py [--workdir DIR] [--only jinja2|mako|bottle] [-- pytest args]
 
 The sdists of the installed versions are fetched with `pip download --no-binary :all:`,
 unpacked, and each suite runs twice with the same pytest: plain, then with
-beatlib_suite_plugin (instrumentation on, a transaction around every test). The outcome of
-every test must be the same both times, and the instrumented run must have recorded template
-spans with no invalid events. Exit status 0 only then. Used by `tox -e libtests`.
+beatlib_suite_plugin (instrumentation on, a transaction around every test; for Bottle, its
+plugin installed into every app). The outcome of every test must be the same both times, and
+the instrumented run must have recorded template spans (Bottle: request transactions) with no
+invalid events. Exit status 0 only then. Used by `tox -e libtests`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ LOOPBACK_GUARD = Path(os.environ.get("BEATLIBTEST_LOOPBACK_GUARD")
 
 # distribution -> (directory of its tests inside the sdist, package dir to remove so that the
 # tests import the installed package, the one beatlib patches, not the unpacked copy)
-SUITES = {"jinja2": ("tests", "src/jinja2"), "mako": ("test", "mako")}
+SUITES = {"jinja2": ("tests", "src/jinja2"), "mako": ("test", "mako"),
+          "bottle": ("test", "bottle.py")}
 
 
 def fetch(dist: str, version: str, workdir: Path) -> Path:
@@ -51,7 +53,7 @@ def fetch(dist: str, version: str, workdir: Path) -> Path:
     return root
 
 
-def run_suite(root: Path, tests: str, plugin: bool, extra: list[str]) -> dict:
+def run_suite(root: Path, tests: str, plugin: bool, extra: list[str], dist: str) -> dict:
     """Run pytest in the sdist; returns {"outcomes": {test id: outcome}, "report": ...}."""
     label = "beatlib" if plugin else "plain"
     junit, report = root / f"junit-{label}.xml", root / f"report-{label}.json"
@@ -66,6 +68,7 @@ def run_suite(root: Path, tests: str, plugin: bool, extra: list[str]) -> dict:
     if plugin:
         env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(HERE)])
         env["BEATLIBTEST_SUITE_REPORT"] = str(report)
+        env["BEATLIBTEST_SUITE"] = dist
         args[3:3] = ["-p", "beatlib_suite_plugin"]
     log = root / f"pytest-{label}.log"
     with log.open("w") as out:
@@ -102,20 +105,24 @@ def main() -> int:
                 continue
             version = importlib.metadata.version(dist)
             root = fetch(dist, version, workdir)
+            if (root / package).is_file():
+                (root / package).unlink()
             shutil.rmtree(root / package, ignore_errors=True)
-            plain = run_suite(root, tests, False, opts.pytest_args)
-            traced = run_suite(root, tests, True, opts.pytest_args)
+            plain = run_suite(root, tests, False, opts.pytest_args, dist)
+            traced = run_suite(root, tests, True, opts.pytest_args, dist)
             differ = sorted(t for t in plain["outcomes"].keys() | traced["outcomes"].keys()
                             if plain["outcomes"].get(t) != traced["outcomes"].get(t))  # fmt: skip
             report = traced["report"]
-            spans = report["spans"].get(f"template/{dist}", 0)
+            spans = (report["request_transactions"] if dist == "bottle"
+                     else report["spans"].get(f"template/{dist}", 0))
             print(f"{dist} {version}: plain {counts(plain['outcomes'])}")
             print(f"{dist} {version}: beatlib {counts(traced['outcomes'])}")
             print(f"{dist} {version}: beatlib recorded {json.dumps(report)}")
             for test in differ[:20]:
                 print(f"  differs: {test}: {plain['outcomes'].get(test)} -> "
                       f"{traced['outcomes'].get(test)}")  # fmt: skip
-            if differ or not spans or report["invalid_lines"] or dist not in report["instrumented"]:
+            if differ or not spans or report["invalid_lines"] or (
+                    dist != "bottle" and dist not in report["instrumented"]):
                 ok = False
                 print(f"{dist}: NOT transparent; logs: {plain['log']} {traced['log']}")
         return 0 if ok else 1
