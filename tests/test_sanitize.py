@@ -88,6 +88,8 @@ def test_text_detectors_redact_the_secret_and_keep_the_rest(
     "SELECT FROM items", "order 1234567890123456 shipped", "token expired", "id=42&page=2",
     "http://127.0.0.1:8200/intake", "12:30:45", "", "token %s rejected", "password=%s",
     "password was {}", "api_key=%(key)s",
+    # route rules: a wildcard named like a secret, with its filter (Bottle)
+    "GET /abort/<code:int>", "GET /reset/<token:re:[a-z0-9]+>", "GET /k/<api_key:path>",
 ])  # fmt: skip
 def test_text_without_secrets_is_unchanged(sanitizer: Sanitizer, text: str) -> None:
     assert sanitizer.text(text) == text

@@ -144,6 +144,16 @@ _CACHE_BYTES = 2 * 1024 * 1024  # cleaned texts kept (names, statements and URLs
 _CACHE_TEXT = 2048  # longer texts are cleaned each time
 
 
+_ROUTE_FILTERS = frozenset(("int", "float", "path", "re"))
+
+
+def _route_rule(key: re.Match[str], value: re.Match[str]) -> bool:
+    """`<name:filter>`: a route wildcard (Bottle's rules), its filter no secret."""
+    start = key.start("key")
+    return (start > 0 and key.string[start - 1] == "<" and key["sep"] == ":"
+            and value.group().partition(":")[0] in _ROUTE_FILTERS)
+
+
 def _luhn(digits: str) -> bool:
     total = 0
     for i, ch in enumerate(reversed(digits)):
@@ -223,7 +233,7 @@ class Sanitizer:
                 return m.group(), end
             found = _VALUE.match(m.string, end)
             if found is None or found.group().startswith(REDACTED) or _PLACEHOLDER.match(
-                    m.string, end + (m.string[end:end + 1] in "'\"")):
+                    m.string, end + (m.string[end:end + 1] in "'\"")) or _route_rule(m, found):
                 return m.group(), end
             text = found.group()
             quote = text[0] if text[:1] in ("'", '"') and text[-1:] == text[0] else ""
