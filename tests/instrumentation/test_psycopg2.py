@@ -52,7 +52,7 @@ def test_spans_name_type_and_context(traced, postgres, function):
     traced.end()
     connect, *spans = traced.spans()
     assert_postgres_span(connect, postgres, "psycopg2.connect", "connect")
-    names = ["CREATE TABLE items", "INSERT INTO items", "UPDATE items", "SELECT FROM items",
+    names = ["CREATE", "INSERT INTO items", "UPDATE items", "SELECT FROM items",
              "CALL add_one", "DELETE FROM items"]
     for span, name in zip(spans, names, strict=True):
         assert_postgres_span(span, postgres, name)
@@ -162,5 +162,5 @@ def test_transparency(traced, postgres):
     conn.close()
     traced.end()
     names = [s["name"] for s in traced.spans()]
-    assert names == ["psycopg2.connect", "CREATE TABLE t", "INSERT INTO t", "SELECT FROM t",
+    assert names == ["psycopg2.connect", "CREATE", "INSERT INTO t", "SELECT FROM t",
                      "SELECT FROM t", "SELECT FROM t"]

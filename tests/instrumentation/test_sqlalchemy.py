@@ -340,7 +340,7 @@ def test_instrument_before_import(receiver, tmp_path):
     environ = dict(os.environ, BEATLIB_SERVER_URL=receiver.url)
     subprocess.run([sys.executable, "-c", script], env=environ, check=True, timeout=60)
     [span] = queries(receiver.events("span"))
-    check_db_span(span, "CREATE TABLE things")
+    check_db_span(span, "CREATE")
 
 
 @needs_sa2
@@ -428,7 +428,7 @@ def test_postgresql_psycopg2_on_every_version(traced, postgres):
     assert deleted == 3
     spans = queries(traced.spans())
     assert [s["name"] for s in spans][-3:] == [
-        "CREATE TABLE tmp_items", "INSERT INTO tmp_items", "DELETE FROM tmp_items"]
+        "CREATE", "INSERT INTO tmp_items", "DELETE FROM tmp_items"]
     assert db(spans[-1])["rows_affected"] == 3
     assert len(spans) == len(seen)  # psycopg2's own instrumentation adds nothing under ours
     assert all(s["subtype"] == "postgresql" and s["context"]["destination"]["port"] == postgres.port

@@ -1,8 +1,9 @@
 """SQL span names: a short signature of a statement ("SELECT FROM items", "INSERT INTO orders").
 
-A small tokenizer skips comments, string literals and quoting, so names stay few (no values
-in them) and no table name is invented: when the statement is not understood, the signature
-is just its first keyword.
+A small tokenizer skips comments (nested block comments too), string literals and quoting, so
+names stay few (no values in them) and no table name is invented: when the statement is not
+understood, or is DDL, or reads from a derived table, the signature is just its first keyword
+(the names Elastic's agents give the same statements).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from beatlib.sanitize import SQL_TOKEN as _TOKEN
 STATEMENT_LENGTH = 10000  # characters of a statement kept in span context
 
 _INSERT_MODIFIERS = frozenset(
-    ("INTO", "IGNORE", "OR", "REPLACE", "LOW_PRIORITY", "DELAYED", "HIGH_PRIORITY", "ROLLBACK",
-     "ABORT", "FAIL")
+    ("IGNORE", "OR", "REPLACE", "LOW_PRIORITY", "DELAYED", "HIGH_PRIORITY", "ROLLBACK", "ABORT",
+     "FAIL")
 )
 _MAX_TOKENS = 2000  # signatures come from the start of a statement; enough for long CTEs
 
@@ -26,10 +27,14 @@ Token = tuple[str, str, str]  # (kind, upper-cased text, text as written)
 def _tokens(sql: str) -> list[Token]:
     """word, ident (a quoted name, unquoted), punct, string or number tokens."""
     out: list[Token] = []
-    for match in _TOKEN.finditer(sql):
+    pos, end, match_at = 0, len(sql), _TOKEN.match
+    while pos < end and (match := match_at(sql, pos)) is not None:
         kind = match.lastgroup
+        pos = match.end()
         if kind == "tag":  # the dollar-quote tag group ends inside a string match
             kind = "string"
+        if kind == "comment" and sql.startswith("/*", match.start()):
+            pos = _comment_end(sql, match.start())
         if kind in ("space", "comment"):
             continue
         text = match.group()
@@ -43,6 +48,25 @@ def _tokens(sql: str) -> list[Token]:
         if len(out) >= _MAX_TOKENS:
             break
     return out
+
+
+def _comment_end(sql: str, i: int) -> int:
+    """Index just past the block comment opening at sql[i], nested ones included (as in
+    PostgreSQL: `/* a /* b */ c */`); the end of the text if it never closes."""
+    depth = 0
+    closing = sql.find("*/", i + 2)
+    while closing >= 0:
+        opening = sql.find("/*", i, closing)  # only before the next closing: linear time
+        if opening >= 0:
+            depth += 1
+            i = opening + 2
+            continue
+        depth -= 1
+        i = closing + 2
+        if depth == 0:
+            return i
+        closing = sql.find("*/", i)
+    return len(sql)
 
 
 _cache: dict[str, str] = {}
@@ -111,7 +135,9 @@ def _signature(tokens: list[Token], i: int) -> str:
         j = i + 1
         while j < len(tokens) and tokens[j][1] in _INSERT_MODIFIERS:
             j += 1
-        table = _name(tokens, j)
+        if j >= len(tokens) or tokens[j][1] != "INTO":  # `INSERT COIN TO PLAY`
+            return keyword
+        table = _name(tokens, j + 1)
         return f"{keyword} INTO {table}" if table else keyword
     if keyword == "UPDATE":
         j = i + 1
@@ -130,18 +156,7 @@ def _signature(tokens: list[Token], i: int) -> str:
     if keyword in ("CALL", "EXEC", "EXECUTE"):
         proc = _name(tokens, i + 1)
         return f"{keyword} {proc}" if proc else keyword
-    if keyword in ("CREATE", "DROP", "ALTER", "TRUNCATE") and i + 1 < len(tokens):
-        j = i + 1
-        while j < len(tokens) and tokens[j][1] in ("TEMP", "TEMPORARY", "UNIQUE", "OR", "REPLACE"):
-            j += 1
-        if j < len(tokens) and tokens[j][1] in ("TABLE", "INDEX", "VIEW", "SCHEMA", "DATABASE"):
-            kind = tokens[j][1]
-            j += 1
-            while j < len(tokens) and tokens[j][1] in ("IF", "NOT", "EXISTS", "CONCURRENTLY"):
-                j += 1
-            name = _name(tokens, j)
-            return f"{keyword} {kind} {name}" if name else f"{keyword} {kind}"
-    return keyword
+    return keyword  # DDL (CREATE, ALTER, DROP...), transaction control and the rest
 
 
 def _after_ctes(tokens: list[Token], i: int) -> int:
@@ -171,11 +186,7 @@ def _select(tokens: list[Token], i: int) -> str:
         elif token == ")":
             depth -= 1
         elif depth == 0 and token == "FROM" and tokens[i][0] == "word":
-            if i + 1 < len(tokens) and tokens[i + 1][1] == "(":
-                inner = _signature(tokens, i + 2)  # FROM (subquery): its table names it
-                table = inner.split(" FROM ", 1)[1] if " FROM " in inner else None
-            else:
-                table = _name(tokens, i + 1)
+            table = _name(tokens, i + 1)  # None for a derived table: FROM (SELECT ...)
             return f"SELECT FROM {table}" if table else "SELECT"
         i += 1
     return "SELECT"
