@@ -25,7 +25,7 @@ def client(receiver):
 
 def test_transaction_and_spans_arrive_valid(client, receiver):
     client.begin_transaction("task")
-    beatlib.label(order_id=42, **{"weird.key": "x"})
+    beatlib.label(order_id=42, **{"weird.name": "x"})
     beatlib.set_user(id=7, email="a@b.c")
     beatlib.set_context({"items": 3}, "cart")
     with beatlib.capture_span("charge card", span_type="external", span_subtype="stripe"):
@@ -36,7 +36,7 @@ def test_transaction_and_spans_arrive_valid(client, receiver):
 
     (event,) = receiver.events("transaction")
     assert event["id"] == "%016x" % tx.id and event["name"] == "charge order"
-    assert event["context"]["tags"] == {"order_id": 42, "weird_key": "x"}
+    assert event["context"]["tags"] == {"order_id": 42, "weird_name": "x"}
     assert event["context"]["user"] == {"id": 7, "email": "a@b.c"}
     assert event["context"]["custom"] == {"cart": {"items": 3}}
     spans = receiver.events("span")

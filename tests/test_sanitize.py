@@ -3,7 +3,14 @@
 import pytest
 
 from beatlib.config import Config
-from beatlib.sanitize import REDACTED, Sanitizer, field_matcher, placeholders, safe_repr, truncate
+from beatlib.sanitize import (
+    REDACTED,
+    Sanitizer,
+    placeholders,
+    safe_repr,
+    truncate,
+    wildcard_matcher,
+)
 
 
 @pytest.fixture
@@ -34,18 +41,34 @@ def test_plain_names_are_not_sensitive(sanitizer: Sanitizer, name: str) -> None:
     assert not sanitizer.is_sensitive(name)
 
 
+# Elastic's agents redact at least these names (`password`, `passwd`, `pwd`, `secret`, `*key`,
+# `*token*`, `*session*`, `*credit*`, `*card*`, `*auth*`, `set-cookie`, `*principal*`): a
+# name each pattern covers, as an app would write it.
+@pytest.mark.parametrize("name", [
+    "Password", "passwd", "PWD", "secret", "key", "signing_key", "X-Encryption-Key",
+    "csrf_token_v2", "PHPSESSID_session", "credit_limit", "card_holder", "x-auth-user",
+    "set-cookie", "kerberos_principal_name",
+])  # fmt: skip
+def test_elastic_minimum_names_are_sensitive(sanitizer: Sanitizer, name: str) -> None:
+    assert sanitizer.is_sensitive(name)
+
+
 def test_non_strings_and_no_patterns_are_not_sensitive(sanitizer: Sanitizer) -> None:
     assert not sanitizer.is_sensitive(42)
     assert not Sanitizer([]).is_sensitive("password")
 
 
 def test_globs_star_only_case_insensitive_unless_asked() -> None:
-    match = field_matcher(["*_pin", "ssn", "a?b", "(?-i)Exact*"])
+    match = wildcard_matcher(["*_pin", "ssn", "a?b", "(?-i)Exact*"])
     assert match is not None
     assert match("card_PIN") and match("SSN") and match("a?b")
     assert not match("axb")  # `?` is a literal
     assert match("Exactly") and not match("exactly")
-    assert field_matcher(["", "  "]) is None
+    assert wildcard_matcher(["", "  "]) is None
+    both = wildcard_matcher(["*ab*ab*"])
+    assert both is not None and both("xAByab") and both("abab") and not both("ab")
+    empty = wildcard_matcher(["**"])
+    assert empty is not None and empty("") and empty("anything")
 
 
 @pytest.mark.parametrize(("text", "secret", "kept"), [

@@ -313,7 +313,7 @@ class Config:
                                  "Request bodies recorded for errors, transactions or all")
     capture_headers: bool = _setting(True, boolean(), "Record request and response headers")
     transaction_ignore_urls: tuple[str, ...] = _setting(
-        (), names(), "URL path globs not traced, e.g. /health*,/static/*")
+        (), names(), "URL paths not traced (`*` wildcards, any case), e.g. /health*,/static/*")
     disabled_instrumentations: tuple[str, ...] = _setting(
         (), names(lower=True), "Instrumentations left off, e.g. jinja2,requests")
     assign_errors: bool = _setting(True, boolean(), "Run git blame on an error's culprit line "

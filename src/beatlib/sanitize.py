@@ -25,12 +25,14 @@ DEFAULT_FIELD_NAMES = (
     "*cvc*", "*otp*", "*signature*", "*sig", "*credential*", "*creds*", "*dsn*",
     "*conn*str*", "*private*", "*principal*", "*apikey*", "*api_key*", "*api-key*",
     "*access_key*", "*accesskey*", "*access-key*", "*_key_id", "*bearer*", "*jwt*",
-    "*sid", "*sessid*", "*_sess", "sess", "code", "pin", "*_pin", "ssn",
+    "*sid", "*sessid*", "*_sess", "sess", "code", "pin", "*_pin", "ssn", "*key",
 )  # fmt: skip
 
 
-def field_matcher(patterns: Iterable[str]) -> Callable[[str], bool] | None:
-    """A case-insensitive whole-name matcher for glob `patterns` (`*` only), or None."""
+def wildcard_matcher(patterns: Iterable[str]) -> Callable[[str], bool] | None:
+    """A whole-text matcher for wildcard `patterns` (field names, URL paths), or None: `*`
+    is the only wildcard (`?` is a plain character), case-insensitive unless a pattern
+    starts with `(?-i)`."""
     parts = []
     for pattern in patterns:
         pattern = pattern.strip()
@@ -172,7 +174,7 @@ class Sanitizer:
     def __init__(self, patterns: Iterable[str], sql_literals: bool = False) -> None:
         self.patterns = tuple(p.strip() for p in patterns if p and p.strip())
         self.sql_literals = sql_literals  # True: db.statement keeps its literals
-        self._match = field_matcher(self.patterns)
+        self._match = wildcard_matcher(self.patterns)
         self._names: dict[str, bool] = {}
         self._texts: dict[str, str] = {}
         self._text_bytes = 0

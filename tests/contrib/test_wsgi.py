@@ -118,6 +118,20 @@ def test_ignored_urls_are_not_traced(served, receiver):
             for t in receiver.events("transaction")] == ["/hello"]
 
 
+def test_ignored_urls_match_as_wildcards_case_insensitively(served, receiver):
+    # `*` is the only wildcard (`?` is a plain character); `(?-i)` makes a pattern
+    # case-sensitive; the others ignore case, as the field name patterns do.
+    url, client = served(transaction_ignore_urls="/Health*,(?-i)/Static/*,/a?c")
+    for path in ("/HEALTH/live", "/healthz", "/Static/app.css", "/a?c"):
+        requests.get(url + path.replace("?", "%3F"))
+    for path in ("/static/app.css", "/abc", "/hello"):
+        requests.get(url + path)
+    assert client.flush(5)
+    assert sorted(t["context"]["request"]["url"]["pathname"]
+                  for t in receiver.events("transaction")) == ["/abc", "/hello",
+                                                               "/static/app.css"]
+
+
 def test_form_body_recorded_and_redacted_when_asked(served, receiver):
     url, client = served(capture_body="transactions")
     resp = requests.post(url + "/form", data={"user": "ann", "password": "hunter2"})

@@ -6,11 +6,9 @@ transaction when the response body is closed (so streaming responses are timed w
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import io
 import json
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from http.cookies import CookieError, SimpleCookie
@@ -22,24 +20,24 @@ from beatlib.config import Config
 from beatlib.context import get_active, set_active
 from beatlib.guard import guard, report
 from beatlib.instrumentation.registry import instrument
+from beatlib.sanitize import wildcard_matcher
 from beatlib.tracing import Transaction, parse_traceparent
 
 BODY_LIMIT = 64 * 1024  # bytes of a request body kept; longer bodies are not read ahead
 _FORM = "application/x-www-form-urlencoded"
-_ignore_patterns: dict[tuple[str, ...], re.Pattern[str] | None] = {}
+_ignore_matchers: dict[tuple[str, ...], Callable[[str], bool] | None] = {}
 
 
 def ignored(path: str, config: Config) -> bool:
-    """Whether `transaction_ignore_urls` (globs on the path, e.g. /health*) matches `path`."""
+    """Whether `transaction_ignore_urls` matches `path`: wildcards as for field names (`*`
+    only, case-insensitive unless the pattern starts with `(?-i)`), e.g. /health*."""
     globs = config.transaction_ignore_urls
     if not globs:
         return False
-    pattern = _ignore_patterns.get(globs)
-    if pattern is None:
-        pattern = _ignore_patterns[globs] = re.compile(
-            "|".join(fnmatch.translate(g) for g in globs)
-        )
-    return pattern.match(path) is not None
+    if globs not in _ignore_matchers:
+        _ignore_matchers[globs] = wildcard_matcher(globs)
+    match = _ignore_matchers[globs]
+    return match is not None and match(path)
 
 
 def set_active_for(segment: Any) -> Any:
