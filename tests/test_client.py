@@ -67,6 +67,41 @@ def test_error_inside_a_transaction_is_tied_to_it(client, receiver):
     assert error["context"]["tags"] == {"shard": 3}
 
 
+def test_outcome_of_a_manual_transaction_follows_the_errors_captured_in_it(client, receiver):
+    client.begin_transaction("task")  # nothing reported: success, not unknown
+    client.end_transaction("quiet")
+    client.begin_transaction("task")  # a handled exception captured with it: failure
+    try:
+        int("x")
+    except ValueError:
+        client.capture_exception()
+    client.end_transaction("failed")
+    client.begin_transaction("task")  # one captured inside a span is the span's failure
+    with beatlib.capture_span("parse") as inner:
+        try:
+            int("x")
+        except ValueError:
+            client.capture_exception()
+    with beatlib.capture_span("send"):
+        client.capture_message("slow answer", level="warning")  # a message is no failure
+    client.end_transaction("inner")
+    client.begin_transaction("task")  # the app's outcome wins over any of this
+    try:
+        int("x")
+    except ValueError:
+        client.capture_exception()
+    beatlib.set_transaction_outcome("unknown")
+    client.end_transaction("told")
+    assert client.flush(5)
+
+    outcomes = {t["name"]: t["outcome"] for t in receiver.events("transaction")}
+    assert outcomes == {"quiet": "success", "failed": "failure", "inner": "success",
+                        "told": "unknown"}
+    spans = {s["name"]: s for s in receiver.events("span")}
+    assert spans["parse"]["id"] == "%016x" % inner.id
+    assert spans["parse"]["outcome"] == "failure" and spans["send"]["outcome"] == "success"
+
+
 def test_message_and_error_outside_any_transaction(client, receiver):
     client.capture_message("disk %s almost full" % "/var", param_message="disk %s almost full",
                            level="warning")

@@ -132,6 +132,9 @@ class Client:
                 return None
             with contextlib.suppress(Exception):  # some exception types refuse attributes
                 setattr(exc, self._error_mark, snapshot.id)
+            segment = context.get_active()
+            if trace is not None and segment is not None:
+                segment.errored = True  # its outcome, unless set otherwise: failure
             self.transport.queue(snapshot)
             return snapshot.id
         except Exception:

@@ -147,7 +147,7 @@ class Transaction(Segment):
     __slots__ = (
         "tracer", "id", "trace_id", "parent_id", "name", "type", "result", "outcome",
         "sampled", "sample_rate", "tracestate", "timestamp", "start", "duration", "ended",
-        "spans", "spans_dropped", "leaf", "secrets", "random_trace_id",
+        "spans", "spans_dropped", "leaf", "secrets", "random_trace_id", "errored",
     )  # fmt: skip
 
     def __init__(
@@ -162,6 +162,7 @@ class Transaction(Segment):
         self.name: str | None = None
         self.result: str | None = None
         self.outcome: str | None = None
+        self.errored = False  # an exception was captured with this as its parent
         self.duration: float | None = None
         self.ended = False
         self.spans: list[Span] = []
@@ -211,7 +212,9 @@ class Transaction(Segment):
             self.secrets = self.secrets | found
 
     def end(self, name: str | None = None, result: str | None = None) -> None:
-        """End the transaction and hand it to the tracer's queue; ending twice does nothing."""
+        """End the transaction and hand it to the tracer's queue; ending twice does nothing.
+        An outcome nobody set (the app, an integration from its protocol) is failure when
+        an exception was captured with the transaction as its parent, else success."""
         if self.ended:
             return
         end = _perf_ns()
@@ -219,6 +222,8 @@ class Transaction(Segment):
             self.name = name
         if result is not None:
             self.result = result
+        if self.outcome is None:
+            self.outcome = "failure" if self.errored else "success"
         self.duration = (end - self.start) / 1e6
         for span in self.spans:
             if span.duration is None:
@@ -238,7 +243,7 @@ class Span(Segment):
 
     __slots__ = (
         "id", "parent", "transaction", "name", "type", "subtype", "action", "start",
-        "duration", "outcome", "leaf", "sync", "stacktrace",
+        "duration", "outcome", "leaf", "sync", "stacktrace", "errored",
     )  # fmt: skip
 
     def __init__(
@@ -264,6 +269,7 @@ class Span(Segment):
         self.sync: bool | None = None
         self.duration: float | None = None
         self.outcome: str | None = None
+        self.errored = False  # an exception was captured with this as its parent
         self.stacktrace: Any = None
         self.start = _perf_ns()
 
@@ -277,12 +283,13 @@ class Span(Segment):
         return format_traceparent(tx.trace_id, "%016x" % self.id, tx.sampled, tx.random_trace_id)
 
     def end(self, exc: BaseException | None = None) -> None:
-        """End the span (outcome failure when `exc` is given); later calls do nothing."""
+        """End the span; later calls do nothing. An outcome not set before is failure when
+        `exc` is given or an exception was captured inside it, else success."""
         if self.duration is not None or self.transaction.ended:
             return
         self.duration = duration = (_perf_ns() - self.start) / 1e6
         if self.outcome is None:
-            self.outcome = "failure" if exc is not None else "success"
+            self.outcome = "failure" if exc is not None or self.errored else "success"
         tracer = self.transaction.tracer
         if 0 <= tracer.stack_trace_min_ms <= duration:
             self.stacktrace = tracer.capture_stack()

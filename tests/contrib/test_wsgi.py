@@ -22,6 +22,17 @@ def app(environ, start_response):
     path = environ["PATH_INFO"]
     if path == "/boom":
         raise KeyError("no such order")
+    if path == "/missing":
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"no"]
+    if path == "/handled":
+        try:
+            int("x")
+        except ValueError:
+            beatlib.get_client().capture_exception()
+    if path == "/told":
+        beatlib.set_transaction_outcome("success")
+        raise KeyError("the app said success first")
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return stream()
@@ -106,6 +117,21 @@ def test_streaming_response_ends_when_the_body_is_closed(served, receiver):
     spans = receiver.events("span")
     assert sorted(s["name"] for s in spans) == ["chunk 0", "chunk 1", "chunk 2"]
     assert all(s["transaction_id"] == tx["id"] for s in spans)
+
+
+def test_outcome_from_the_status_the_app_answered(served, receiver):
+    # The server's view: a 4xx is the caller's mistake, not a failure; a handled error does
+    # not change a 200; an unhandled one is a failure unless the app set the outcome itself.
+    url, client = served()
+    assert requests.get(url + "/missing").status_code == 404
+    assert requests.get(url + "/handled").status_code == 200
+    assert requests.get(url + "/told").status_code == 500
+    assert client.flush(5)
+    outcomes = {t["context"]["request"]["url"]["pathname"]: (t["result"], t["outcome"])
+                for t in receiver.events("transaction")}
+    assert outcomes == {"/missing": ("HTTP 4xx", "success"), "/handled": ("HTTP 2xx", "success"),
+                        "/told": ("HTTP 5xx", "success")}
+    assert len(receiver.events("error")) == 2
 
 
 def test_ignored_urls_are_not_traced(served, receiver):

@@ -47,6 +47,15 @@ def test_server_error_is_a_failure(traced, server):
     check_span(span, server, server.url("/error"), 500, "failure", method="POST")
 
 
+def test_client_error_is_a_failure_of_the_call(traced, server):
+    # From the caller's side a 4xx is a failed call (the callee's transaction is a success).
+    traced.begin()
+    assert requests.get(server.url("/missing")).status_code == 404
+    traced.end()
+    (span,) = traced.spans()
+    check_span(span, server, server.url("/missing"), 404, "failure")
+
+
 class RecordingAdapter(HTTPAdapter):
     """Remembers the exception requests itself raised, to compare with what the caller got."""
 

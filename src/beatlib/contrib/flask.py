@@ -125,7 +125,7 @@ def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callab
 
         def stream_failed() -> None:
             _CAPTURE.call(capture_request_error, client, environ)
-            state[0].outcome = "failure"
+            state[0].outcome = state[0].outcome or "failure"  # the app's own wins
 
         return ClosingIterator(body, lambda: _END.call(end_request, *state), stream_failed,
                                state[0])
@@ -152,7 +152,7 @@ def _failed(app: Flask, exception: BaseException | None = None, **_: Any) -> Non
     with _CAPTURE:
         tx = _transaction()
         if tx is not None:
-            tx.outcome = "failure"
+            tx.outcome = tx.outcome or "failure"  # the app's own wins
             _set_user(tx)
         exc_info = None if exception is None else (type(exception), exception,
                                                    exception.__traceback__)

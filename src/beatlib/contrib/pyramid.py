@@ -126,7 +126,7 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
         if raised is not None:
             if is_error(raised):
                 wsgi.capture_request_error(client, environ)
-                tx.outcome = "failure"
+                tx.outcome = tx.outcome or "failure"  # the app's own wins
             wsgi.end_request(tx, 500)
             return
         # An exception view made this response: the exception is still the app's error.
@@ -136,7 +136,7 @@ def _finish(client: Client, tx: Transaction, request: Any, raised: BaseException
 
         def failed() -> None:
             wsgi.capture_request_error(client, environ)
-            tx.outcome = "failure"
+            tx.outcome = tx.outcome or "failure"  # the app's own wins
 
         def wrap_body(request: Any) -> None:
             # Finished callbacks run after response callbacks and NewResponse subscribers

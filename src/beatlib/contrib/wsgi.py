@@ -247,7 +247,7 @@ class BeatMiddleware:
 
         def failed() -> None:
             capture_request_error(client, environ)
-            tx.outcome = "failure"
+            tx.outcome = tx.outcome or "failure"  # the app's own wins
 
         try:
             body = self.app(environ, traced_start_response)

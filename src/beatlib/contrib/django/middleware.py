@@ -85,7 +85,7 @@ class TracingMiddleware:
             _guarded(end_request, tx, status, headers, name)
 
         def failed() -> None:
-            tx.outcome = "failure"
+            tx.outcome = tx.outcome or "failure"  # the app's own wins
             capture_request_error(self.client, request.META)
 
         if getattr(response, "file_to_stream", None) is None and not getattr(
