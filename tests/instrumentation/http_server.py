@@ -101,7 +101,11 @@ def check_span(span: dict, server: HTTPServer, url: str, status: int | None = 20
     http = span["context"]["http"]
     assert http["url"] == url and http["method"] == method
     assert http.get("response", {}).get("status_code") == status
-    assert span["context"]["destination"] == {"address": "127.0.0.1", "port": server.port}
+    # Where the call went, and what names the callee in service maps: `host:port`, also
+    # when the port is the scheme's default.
+    assert span["context"]["destination"] == {
+        "address": "127.0.0.1", "port": server.port,
+        "service": {"resource": f"127.0.0.1:{server.port}"}}
     target = {"type": "http", "name": f"127.0.0.1:{server.port}"}
     assert span["context"]["service"]["target"] == target
 

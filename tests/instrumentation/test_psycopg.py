@@ -21,7 +21,8 @@ def assert_postgres_span(span, postgres, name, action="query"):
     assert (span["name"], span["type"], span["subtype"], span["action"]) == (
         name, "db", "postgresql", action)
     assert span["context"]["db"]["instance"] == postgres.dbname
-    assert span["context"]["destination"] == {"address": "127.0.0.1", "port": postgres.port}
+    assert span["context"]["destination"] == {"address": "127.0.0.1", "port": postgres.port,
+                                              "service": {"resource": "postgresql/beatlib"}}
     assert span["context"]["service"]["target"] == {"type": "postgresql", "name": "beatlib"}
 
 

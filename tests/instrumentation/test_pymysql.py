@@ -21,7 +21,8 @@ def assert_mysql_span(span, mariadb, name, action="query"):
     assert (span["name"], span["type"], span["subtype"], span["action"]) == (
         name, "db", "mysql", action)
     assert span["context"]["db"]["instance"] == mariadb.dbname
-    assert span["context"]["destination"] == {"address": "127.0.0.1", "port": mariadb.port}
+    assert span["context"]["destination"] == {"address": "127.0.0.1", "port": mariadb.port,
+                                              "service": {"resource": f"mysql/{mariadb.dbname}"}}
     assert span["context"]["service"]["target"] == {"type": "mysql", "name": "beatlib"}
 
 

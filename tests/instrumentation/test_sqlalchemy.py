@@ -111,7 +111,8 @@ def test_core_statements_one_span_each(traced, engine):
         assert span["parent_id"] == "%016x" % tx.id and span["outcome"] == "success"
         assert db(span)["instance"] == "shop.db"
         assert span["context"]["service"]["target"] == {"type": "sqlite", "name": "shop.db"}
-        assert "destination" not in span["context"]  # a file has no address
+        # A file has no address; the service map still names the database.
+        assert span["context"]["destination"] == {"service": {"resource": "sqlite/shop.db"}}
     # INSERTs have no count: SQLAlchemy promises never to read rowcount after them
     assert [db(s).get("rows_affected") for s in spans] == [None, None, None, 2, 1, 1]
     assert db(spans[2])["statement"] == seen[2]  # the SQL as sent, placeholders and all
@@ -374,7 +375,9 @@ def test_postgresql_psycopg_sync_and_async(traced, postgres):
     for span in spans:
         check_db_span(span, span["name"], "postgresql")
         assert db(span)["instance"] == postgres.dbname
-        assert span["context"]["destination"] == {"address": "127.0.0.1", "port": postgres.port}
+        assert span["context"]["destination"] == {
+            "address": "127.0.0.1", "port": postgres.port,
+            "service": {"resource": f"postgresql/{postgres.dbname}"}}
         assert span["context"]["service"]["target"] == {"type": "postgresql",
                                                         "name": postgres.dbname}
         assert postgres.password not in json.dumps(span)

@@ -40,7 +40,7 @@ def test_spans_name_type_and_context(traced, tmp_path):
         assert span["outcome"] == "success"
         assert span["context"]["db"]["instance"] == "shop.db"
         assert span["context"]["service"]["target"] == {"type": "sqlite", "name": "shop.db"}
-        assert "destination" not in span["context"]
+        assert span["context"]["destination"] == {"service": {"resource": "sqlite/shop.db"}}
         assert "secret-value" not in str(span)  # parameters are never recorded
     rows = [s["context"]["db"].get("rows_affected") for s in spans]
     assert rows == [None, 3, None, 1, 2]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from beatlib import context
 from beatlib.config import Config
 from beatlib.protocol import intake_v2
@@ -96,3 +98,66 @@ def test_request_context_is_redacted_and_cut():
     assert req["body"]["amount"] == 12 and len(req["body"]["note"]) <= CONFIG.max_message_length
     assert event["context"]["response"]["headers"]["Set-Cookie"] == "[REDACTED]"
     context.set_active(None)
+
+
+# (span type, subtype, exit span?, context set on it) -> (service.target, destination resource)
+EXIT_CASES = [
+    # a custom exit span: the subtype names the target, else the type
+    (("custom", "billing-api", True, {}), ({"type": "billing-api"}, "billing-api")),
+    (("custom", None, True, {}), ({"type": "custom"}, "custom")),
+    # what the app set is kept, and names the resource
+    (("custom", "billing-api", True, {"service": {"target": {"type": "ledger", "name": "eu"}}}),
+     ({"type": "ledger", "name": "eu"}, "ledger/eu")),
+    # not an exit span: neither, even with a database or a target in its context
+    (("custom", "x", False, {"db": {"instance": "orders"}}), (None, None)),
+    (("app", None, False, {"service": {"target": {"type": "stray"}}}), (None, None)),
+    # databases: the instance names the target; without one, the subtype (or type) alone
+    (("db", "postgresql", True, {"db": {"instance": "shop"}}),
+     ({"type": "postgresql", "name": "shop"}, "postgresql/shop")),
+    (("db", "postgresql", True, {"db": {"type": "sql"}}), ({"type": "postgresql"}, "postgresql")),
+    (("db", None, True, {"db": {"instance": "shop"}}), ({"type": "db", "name": "shop"}, "db/shop")),
+    (("db", "elasticsearch", True, {"db": {"type": "elasticsearch"},
+                                    "http": {"url": "https://search.internal:9200/_bulk"}}),
+     ({"type": "elasticsearch"}, "elasticsearch")),  # a database over HTTP is the database
+    # messaging: the queue names the target; the URL of an HTTP-based broker does not
+    (("messaging", "rabbitmq", True, {"message": {"queue": {"name": "emails"}}}),
+     ({"type": "rabbitmq", "name": "emails"}, "rabbitmq/emails")),
+    (("messaging", None, True, {"message": {"queue": {"name": "emails"}}}),
+     ({"type": "messaging", "name": "emails"}, "messaging/emails")),
+    (("messaging", "sqs", True, {"message": {"body": "hi"},
+                                 "http": {"url": "https://queue.internal/1"}}),
+     ({"type": "sqs"}, "sqs")),
+    # HTTP: host and port (the scheme's default when not written); the resource has no prefix
+    (("external", "http", True, {"http": {"url": "http://api.internal:8080/v1?x=1"}}),
+     ({"type": "http", "name": "api.internal:8080"}, "api.internal:8080")),
+    (("external", "http", True, {"http": {"url": "https://api.internal/v1"}}),
+     ({"type": "http", "name": "api.internal:443"}, "api.internal:443")),
+    (("external", "http", True, {"http": {"url": "http://[::1]/"}}),
+     ({"type": "http", "name": "[::1]:80"}, "[::1]:80")),
+    (("external", "http", True, {"http": {"url": "http://h:notaport/"}}),
+     ({"type": "http"}, "http")),
+    # emptied on purpose: the inferred values go
+    (("db", "redis", True, {"service": {"target": {"type": None, "name": None}}}), (None, None)),
+    (("db", "redis", True, {"destination": {"service": {"resource": ""}}}),
+     ({"type": "redis"}, None)),
+]
+
+
+@pytest.mark.parametrize(("span", "expected"), EXIT_CASES)
+def test_exit_spans_name_their_destination(span, expected):
+    span_type, subtype, leaf, ctx = span
+    tracer, _ = _tracer()
+    tx = tracer.begin_transaction("task")
+    with capture_span("call", span_type, subtype, leaf=leaf) as sp:
+        for key, value in ctx.items():
+            sp.set_context(key, value)
+    tx.end("t")
+    context.set_active(None)
+    written = [json.loads(line)["span"] for line in pipeline().encode(tx)[1:]]  # the hot path
+    hooked = Config(environ={}, before_send=lambda kind, event: event)  # the dict path
+    as_dicts = [event for kind, event in encode(tx, hooked) if kind == "span"]
+    assert written == as_dicts
+    (event,) = [validate("span", e) for e in written]
+    got = event.get("context") or {}
+    resource = (got.get("destination") or {}).get("service", {}).get("resource")
+    assert ((got.get("service") or {}).get("target"), resource) == expected

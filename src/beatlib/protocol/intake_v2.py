@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from beatlib.version import __version__
 
@@ -125,6 +126,76 @@ def _request(req: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def exit_fields(sp: Span, ctx: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`ctx` (a span's encoded context) with the fields an exit span (`leaf`) names its
+    destination by: `service.target` (type: the subtype or type; name: the database
+    instance, the queue, or `host:port` of the URL) and `destination.service.resource`,
+    each inferred only where the app or instrumentation did not set it; an empty value set
+    on purpose removes it. Spans that are not exit spans carry neither."""
+    ctx = dict(ctx or {})
+    service = dict(ctx.get("service") or {})
+    if not sp.leaf:
+        if service.pop("target", None) is not None:
+            if service:
+                ctx["service"] = service
+            else:
+                del ctx["service"]
+        return ctx or None
+    target = dict(service.get("target") or {})
+    if "type" not in target:
+        target["type"] = sp.subtype or sp.type
+    if "name" not in target:
+        target["name"] = _target_name(ctx)
+    target = {k: text(v) for k, v in target.items() if k in ("type", "name") and v}
+    if target:
+        service["target"] = target
+        ctx["service"] = service
+    elif "target" in service:
+        del service["target"]
+        if not service:
+            ctx.pop("service", None)
+    destination = dict(ctx.get("destination") or {})
+    dest_service = dict(destination.get("service") or {})
+    if "resource" not in dest_service:
+        kind, name = target.get("type"), target.get("name")
+        dest_service["resource"] = (name if not kind or sp.type == "external" else
+                                    f"{kind}/{name}") if name else kind
+    if dest_service.get("resource"):
+        destination["service"] = {**dest_service, "resource": text(dest_service["resource"])}
+    else:
+        destination.pop("service", None)
+    if destination:
+        ctx["destination"] = destination
+    else:
+        ctx.pop("destination", None)
+    return ctx or None
+
+
+def _target_name(ctx: Mapping[str, Any]) -> str | None:
+    db, message, http = ctx.get("db"), ctx.get("message"), ctx.get("http")
+    if isinstance(db, Mapping):
+        return db.get("instance") or None
+    if isinstance(message, Mapping):
+        queue = message.get("queue")
+        return (queue.get("name") or None) if isinstance(queue, Mapping) else None
+    url = http.get("url") if isinstance(http, Mapping) else None
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:  # a port that is not a number
+        return None
+    if not host:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port else host
+
+
 def transaction(tx: Transaction) -> dict[str, Any]:
     """The value under `transaction`; unsampled ones carry no context, only the counts."""
     event: dict[str, Any] = {
@@ -173,8 +244,8 @@ def span(tx: Transaction, sp: Span, config: Config) -> dict[str, Any]:
         event["action"] = text(sp.action)
     if sp.sync is not None:
         event["sync"] = bool(sp.sync)
-    if sp.context or sp.labels:
-        event["context"] = context(sp.context, sp.labels) or {}
+    if sp.context or sp.labels or sp.leaf:
+        event["context"] = exit_fields(sp, context(sp.context, sp.labels)) or {}
     if sp.stacktrace:
         event["stacktrace"] = frames(sp.stacktrace, config)
     if tx.sample_rate is not None:
@@ -294,8 +365,8 @@ def span_lines(tx: Transaction, config: Config, field: Callable[[str, Any], Any]
         ]
         if sp.sync is not None:
             parts.append(',"sync":true' if sp.sync else ',"sync":false')
-        if sp.context or sp.labels:
-            ctx = context(sp.context, sp.labels) or {}
+        if sp.context or sp.labels or sp.leaf:
+            ctx = exit_fields(sp, context(sp.context, sp.labels)) or {}
             parts.append(',"context":' + _dumps(field("context", ctx)))
         if sp.stacktrace:
             parts.append(',"stacktrace":' + _dumps(field("stacktrace",
