@@ -109,7 +109,8 @@ def test_inside_an_open_transaction_a_job_is_a_span(client, receiver):
     (tx,) = receiver.events("transaction")
     assert tx["name"] == "POST /signup"
     (span,) = receiver.events("span")
-    assert (span["name"], span["type"], span["outcome"]) == ("send emails", "task", "failure")
+    assert (span["name"], span["outcome"]) == ("send emails", "failure")
+    assert (span["type"], span["subtype"], span["action"]) == ("app", "internal", "task")
     assert span["parent_id"] == tx["id"]
     assert receiver.events("error") == []  # left to whatever handles the request's errors
 

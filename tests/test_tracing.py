@@ -74,6 +74,22 @@ def test_span_outcome_follows_exception(rec):
     assert [s["outcome"] for s in spans] == ["failure", "success"]
 
 
+def test_capture_span_default_type_is_a_known_one(rec):
+    # "custom" (no subtype) is what Elastic's span types call API custom instrumentation.
+    rec.tracer.begin_transaction("task")
+    with capture_span("mine"):
+        pass
+
+    @capture_span
+    def decorated():
+        pass
+
+    decorated()
+    tx = rec.tracer.end_transaction()
+    _, spans = rec.events(tx)
+    assert [(s["type"], s.get("subtype")) for s in spans] == [("custom", None)] * 2
+
+
 def test_capture_span_as_decorator_sync_and_async(rec):
     @capture_span(span_type="code", labels={"k": "v"})
     def work(x):

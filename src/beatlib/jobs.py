@@ -2,7 +2,8 @@
 as one transaction, as a decorator (sync and async) or a context manager.
 
 Called while a transaction is already open (a job function run inside a request), the job is
-recorded as a span of that transaction instead: one unit of work keeps one transaction.
+recorded as a span of that transaction instead (type `app`, subtype `internal`, action the
+transaction type): one unit of work keeps one transaction.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
         if client is None:
             return None
         if context.current_transaction() is not None:
-            self._segment = start_span(self.name or "job", self.transaction_type)
+            self._segment = start_span(self.name or "job", "app", "internal",
+                                       self.transaction_type)
             return self._segment
         self._client = client
         tx = client.begin_transaction(self.transaction_type)

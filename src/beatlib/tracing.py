@@ -299,7 +299,7 @@ class Span(Segment):
 
 def start_span(
     name: str,
-    span_type: str = "code.custom",
+    span_type: str = "custom",
     subtype: str | None = None,
     action: str | None = None,
     labels: dict[str, Any] | None = None,
@@ -357,7 +357,7 @@ class capture_span:  # noqa: N801 - lower case: it reads as a function at call s
     def __init__(
         self,
         name: str | None = None,
-        span_type: str = "code.custom",
+        span_type: str = "custom",
         span_subtype: str | None = None,
         span_action: str | None = None,
         labels: dict[str, Any] | None = None,

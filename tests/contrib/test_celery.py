@@ -78,7 +78,10 @@ def test_task_is_a_transaction_continuing_the_publishers_trace(client, app, work
     assert task["trace_id"] == publisher.trace_id == request["trace_id"]
     spans = {s["name"]: s for s in receiver.events("span")}
     send = spans["Celery send shop.add"]
+    # The memory broker has no name among Elastic's messaging systems: subtype "celery".
     assert (send["type"], send["subtype"], send["action"]) == ("messaging", "celery", "send")
+    assert send["context"]["message"] == {"queue": {"name": "celery"}}  # the default queue
+    assert send["context"]["destination"] == {"service": {"resource": "celery/celery"}}
     assert send["transaction_id"] == request["id"] and send["outcome"] == "success"
     assert task["parent_id"] == send["id"]  # the worker's transaction hangs under the send
     assert spans["sum"]["transaction_id"] == task["id"]
@@ -106,6 +109,16 @@ def test_failure_is_captured_once_with_the_task_context(client, app, worker, rec
     assert ctx["name"] == "shop.fail" and ctx["id"] == result.id and ctx["retries"] == 0
 
 
+@pytest.mark.parametrize(("broker", "subtype"), [
+    ("amqp://guest:secret@rabbit:5672//", "rabbitmq"), ("pyamqp://rabbit//", "rabbitmq"),
+    ("sqs://", "sqs"), ("redis://localhost:6379/0", "celery"), (None, "rabbitmq"),
+    ("sqla+postgresql://db/celery", "celery"), (["amqp://a//", "amqp://b//"], "rabbitmq"),
+])  # fmt: skip
+def test_publish_span_subtype_names_the_broker(broker, subtype):
+    app = celery.Celery("names", broker=broker, set_as_current=False)
+    assert beat_celery.broker_subtype(app) == subtype
+
+
 def test_eager_task_inside_a_transaction_is_a_span(client, app, receiver):
     tx = client.begin_transaction("request")
     app.conf.task_always_eager = True
@@ -118,7 +131,9 @@ def test_eager_task_inside_a_transaction_is_a_span(client, app, receiver):
     assert client.flush(5)
     (event,) = receiver.events("transaction")
     spans = {s["name"]: s for s in receiver.events("span")}
-    assert spans["shop.add"]["type"] == "celery" and spans["shop.add"]["outcome"] == "success"
+    eager = spans["shop.add"]
+    assert (eager["type"], eager["subtype"], eager["action"]) == ("app", "internal", "celery")
+    assert eager["outcome"] == "success" and "service" not in eager.get("context", {})
     assert spans["sum"]["parent_id"] == spans["shop.add"]["id"]
     assert event["name"] == "GET /eager"
 

@@ -27,6 +27,11 @@ _client: Client | None = None
 _publishing: ContextVar[Span | None] = ContextVar("beatlib_celery_publish", default=None)
 # task state -> outcome; other states (IGNORED, REJECTED, REVOKED) are "unknown"
 _OUTCOMES = {"SUCCESS": "success", "FAILURE": "failure", "RETRY": "failure"}
+# broker URL scheme -> the publish span's subtype, as Elastic names messaging systems; a
+# transport they have no name for (Redis, memory, SQLAlchemy, filesystem) keeps "celery"
+_BROKERS = {"amqp": "rabbitmq", "amqps": "rabbitmq", "pyamqp": "rabbitmq",
+            "librabbitmq": "rabbitmq", "sqs": "sqs", "azureservicebus": "azureservicebus",
+            "azurestoragequeues": "azurequeue", "confluentkafka": "kafka"}
 
 
 def register(client: Client | None = None) -> bool:
@@ -62,12 +67,29 @@ def _receivers() -> list[tuple[Any, Any]]:
     ]
 
 
-def _before_publish(sender: Any = None, headers: Any = None, **kw: Any) -> None:
+def broker_subtype(app: Any) -> str:
+    """The messaging system `app` publishes to, from its broker URL's scheme (no more of the
+    URL is read: it may hold a password)."""
+    conf = getattr(app, "conf", None)
+    url = (conf.broker_write_url or conf.broker_url) if conf is not None else None
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else None
+    scheme = str(url or "amqp://").split(";", 1)[0].split("://", 1)[0].split("+", 1)[0]
+    return _BROKERS.get(scheme.strip().lower(), "celery")
+
+
+def _before_publish(sender: Any = None, headers: Any = None, routing_key: Any = None,
+                    **kw: Any) -> None:
     try:
         if not isinstance(headers, dict) or context.current_transaction() is None:
             return
-        span = start_span(f"Celery send {sender}", "messaging", "celery", "send", leaf=True)
+        from celery import current_app  # the app publishing: the signal does not name it
+
+        span = start_span(f"Celery send {sender}", "messaging", broker_subtype(current_app),
+                          "send", leaf=True)
         if span is not None:
+            if isinstance(routing_key, str) and routing_key:
+                span.set_context("message", {"queue": {"name": routing_key}}, captured=True)
             # Not left active: the send may fail and never reach after_task_publish.
             context.set_active(span.parent)
             _publishing.set(span)
@@ -96,7 +118,7 @@ def _prerun(task_id: Any = None, task: Any = None, **kw: Any) -> None:
         name = getattr(task, "name", None) or str(task)
         segment: Transaction | Span | None
         if context.current_transaction() is not None:  # run eagerly inside a transaction
-            segment = start_span(name, "celery")
+            segment = start_span(name, "app", "internal", "celery")
         else:
             parent = parse_traceparent(
                 getattr(request, "traceparent", None), getattr(request, "tracestate", None)
