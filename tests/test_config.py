@@ -128,6 +128,9 @@ def test_integer_rejects(name, value):
 
 @pytest.mark.parametrize("value, expected", [
     (0, 0.0), (1, 1.0), ("0.5", 0.5), (0.123456, 0.1235), (" 0.25 ", 0.25),
+    # half away from zero on the decimal digits written, and never down to 0
+    (0.33335, 0.3334), ("0.66665", 0.6667), (0.33334, 0.3333), (0.00001, 0.0001),
+    ("0.00004", 0.0001), (0.99999, 1.0),
 ])
 def test_sample_rate(value, expected):
     assert make(transaction_sample_rate=value).transaction_sample_rate == expected

@@ -13,6 +13,7 @@ from beatlib.tracing import (
     Tracer,
     capture_span,
     format_traceparent,
+    outgoing_headers,
     parse_traceparent,
     start_span,
 )
@@ -376,3 +377,69 @@ def test_a_repeated_tracestate_key_keeps_its_first_member(header, kept):
     from beatlib.tracing import valid_tracestate
 
     assert valid_tracestate(header) == kept
+
+
+# -- the sampling rate in `tracestate` (`es=s:<rate>`) -------------------------------------
+
+CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0%d"
+
+
+def _traced(rec, trace_parent=None):
+    """Begin a transaction (continuing `trace_parent`), open a span, take the outgoing
+    headers in it, end both; the headers and the encoded transaction and span."""
+    tx = rec.tracer.begin_transaction("request", trace_parent)
+    with capture_span("call"):
+        headers = outgoing_headers()
+    rec.tracer.end_transaction("t")
+    event, spans = rec.events(tx)
+    return headers, event, spans
+
+
+def test_a_root_transaction_sends_the_rate_it_sampled_with():
+    rec = Recorder(transaction_sample_rate=0.25)
+    try:
+        for _ in range(500):  # sampled one time in four
+            headers, event, spans = _traced(rec)
+            if event["sampled"]:
+                break
+        assert headers["tracestate"] == "es=s:0.25"
+        assert event["sample_rate"] == spans[0]["sample_rate"] == 0.25
+        for _ in range(500):
+            headers, event, _ = _traced(rec)
+            if not event["sampled"]:
+                break
+        assert headers["tracestate"] == "es=s:0" and event["sample_rate"] == 0.0
+    finally:
+        context.set_active(None)
+
+
+@pytest.mark.parametrize(("rate", "member"), [
+    (1.0, "es=s:1"), (0.0, "es=s:0"), (0.0001, "es=s:0.0001"), (0.5556, "es=s:0.5556"),
+    (0.1, "es=s:0.1"),
+])  # fmt: skip
+def test_es_member_has_at_most_four_decimals_and_no_exponent(rate, member):
+    from beatlib.tracing import es_tracestate
+
+    assert es_tracestate(rate) == member
+
+
+@pytest.mark.parametrize(("tracestate", "rate"), [
+    ("es=s:0.125", 0.125),
+    ("vendor=abc,es=s:0.5;ext:1,more=x", 0.5),  # among others', with more attributes
+    ("es=x:1;s:1", 1.0),
+    ("es=s:0", 0.0),
+    (None, None),  # no tracestate: no rate is claimed
+    ("vendor=abc", None),
+    ("es=x:1", None), ("es=s:", None), ("es=s:1.5", None), ("es=s:-0.5", None),
+    ("es=s:nan", None), ("es=s:1e-3", None), ("es=s:0x1", None), ("notes=s:0.5", None),
+])  # fmt: skip
+def test_a_continued_trace_carries_the_roots_rate(rec, tracestate, rate):
+    headers, event, spans = _traced(rec, parse_traceparent(CALLER % 1, tracestate))
+    assert event.get("sample_rate") == rate and spans[0].get("sample_rate") == rate
+    assert headers.get("tracestate") == tracestate  # passed on as it came, ours untouched
+
+
+def test_an_unsampled_continued_trace_counts_for_nothing(rec):
+    headers, event, _ = _traced(rec, parse_traceparent(CALLER % 0, "es=s:0.5"))
+    assert event["sampled"] is False and event["sample_rate"] == 0.0
+    assert headers["tracestate"] == "es=s:0.5"

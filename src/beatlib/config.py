@@ -7,6 +7,7 @@ raises `ConfigError`), then read as a plain slot attribute, cheap on hot paths.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import importlib
 import logging
@@ -96,6 +97,20 @@ def number(low: float, high: float, digits: int) -> Parser:
         return round(parsed, digits) if low <= parsed <= high else _bad()
 
     return Parser(f"a number from {low:g} to {high:g}", parse)
+
+
+def sample_rate() -> Parser:
+    """A rate from 0 to 1 rounded half away from zero to 4 decimals (0.55555 -> 0.5556), a
+    rate above 0 never to 0 (0.00001 -> 0.0001): the precision `tracestate` carries it with."""
+    base = number(0, 1, 16)
+
+    def parse(value: object) -> float:
+        rate = base.parse(value)
+        rounded = float(decimal.Decimal(repr(rate)).quantize(decimal.Decimal("0.0001"),
+                                                             decimal.ROUND_HALF_UP))
+        return 0.0001 if rate > 0 and rounded == 0 else rounded
+
+    return Parser(base.accepts, parse)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)", re.IGNORECASE)
@@ -270,7 +285,7 @@ class Config:
     api_key: str | None = _setting(None, header_safe(), "Sent as ApiKey authorization",
                                    secret=True)
     enabled: bool = _setting(True, boolean(), "False: record and send nothing")
-    transaction_sample_rate: float = _setting(1.0, number(0, 1, 4),
+    transaction_sample_rate: float = _setting(1.0, sample_rate(),
                                               "Share of transactions recorded with spans")
     transaction_max_spans: int = _setting(500, integer(0), "Spans kept per transaction")
     flush_interval: float = _setting("10s", duration(), "Longest wait before sending events")

@@ -118,6 +118,34 @@ def format_traceparent(trace_id: str, span_id: str, sampled: bool, random: bool 
     return f"00-{trace_id}-{span_id}-{sampled | (random << 1):02x}"
 
 
+_ES_RATE = re.compile(r"\d{1,3}(?:\.\d{1,16})?")
+
+
+def es_sample_rate(tracestate: str | None) -> float | None:
+    """The sampling rate the trace's root put in the `es` member of `tracestate`
+    (`es=s:0.25`, other `key:value` attributes beside it separated by `;`), or None when
+    there is none or it is not a rate from 0 to 1. Other vendors' members are not read."""
+    if not tracestate or "es=" not in tracestate:
+        return None
+    for member in tracestate.split(","):
+        key, _, value = member.strip(" \t").partition("=")
+        if key != "es":
+            continue
+        for attribute in value.split(";"):
+            name, _, text = attribute.partition(":")
+            if name == "s":
+                rate = float(text) if _ES_RATE.fullmatch(text) else -1.0
+                return rate if 0.0 <= rate <= 1.0 else None
+        return None
+    return None
+
+
+def es_tracestate(rate: float) -> str:
+    """The `tracestate` of a trace we start: our `es` member with the rate its events carry
+    (at most 4 decimals, as `transaction_sample_rate` is rounded: `es=s:0.5`, `es=s:1`)."""
+    return "es=s:" + (f"{rate:.4f}".rstrip("0").rstrip(".") or "0")
+
+
 class Segment:
     """What transactions and spans share: labels and context set by the app or integrations."""
 
@@ -176,16 +204,19 @@ class Transaction(Segment):
             self.trace_id = "%032x" % (_getrandbits(128) or 1)
             self.parent_id: str | None = None
             self.sampled = rate >= 1.0 or _random.random() < rate
-            self.tracestate: str | None = None
+            # The rate goes with the data (and downstream, in `es`) so a server can
+            # extrapolate counts; unsampled data counts for nothing.
+            self.sample_rate: float | None = rate if self.sampled else 0.0
+            self.tracestate: str | None = tracer.root_tracestates[self.sampled]
             self.random_trace_id = False  # ours are random, but only a caller's flag is passed on
         else:
             self.trace_id = trace_parent.trace_id
             self.parent_id = trace_parent.span_id
             self.sampled = trace_parent.sampled
-            self.tracestate = trace_parent.tracestate
+            self.tracestate = trace_parent.tracestate  # passed on as it came, `es` included
             self.random_trace_id = trace_parent.random
-        # The rate goes with the data so a server can extrapolate counts.
-        self.sample_rate = (rate if trace_parent is None else None) if self.sampled else 0.0
+            # The root's rate, if it said; else none is claimed.
+            self.sample_rate = es_sample_rate(self.tracestate) if self.sampled else 0.0
         self.timestamp = _wall_ns() // 1000
         self.start = _perf_ns()
 
@@ -448,6 +479,8 @@ class Tracer:
         self.queue = queue
         self.capture_stack = capture_stack
         self.sample_rate = config.transaction_sample_rate
+        # The `tracestate` of the traces this tracer starts, unsampled and sampled.
+        self.root_tracestates = (es_tracestate(0.0), es_tracestate(self.sample_rate))
         self.max_spans = config.transaction_max_spans
         threshold = config.span_stack_trace_min_duration
         self.stack_trace_min_ms = threshold * 1000.0 if threshold >= 0 else -1.0

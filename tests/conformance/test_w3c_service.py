@@ -134,11 +134,14 @@ def test_the_callers_context_is_continued_on_every_call(service, callee):
     assert {s["id"] for s in spans} == parents
 
 
-def test_a_broken_traceparent_starts_a_new_trace_without_tracestate(service, callee):
+def test_a_broken_traceparent_starts_a_new_trace_without_the_callers_tracestate(service,
+                                                                               callee):
     url = f"http://127.0.0.1:{callee.server_port}/0"
     headers = [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x"),
                ("tracestate", "congo=t61rcWkgMzE")]
     assert post(service.address, [{"url": url, "arguments": []}], headers) == [200]
     (sent,) = callee.headers("/0", "traceparent")
     assert sent.split("-")[1] != "4bf92f3577b34da6a3ce929d0e0e4736"
-    assert callee.headers("/0", "tracestate") == []
+    # The caller's state went with its broken context; the new trace has only ours: the
+    # rate it was sampled with, in the `es` member Elastic's agents read.
+    assert callee.headers("/0", "tracestate") == ["es=s:1"]

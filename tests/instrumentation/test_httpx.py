@@ -115,8 +115,10 @@ def test_trace_headers_go_before_the_framing_headers(traced, server):
         names = list(client.send(request).json())
     traced.end()
     assert names.index("traceparent") < names.index("content-length")
+    assert names.index("tracestate") < names.index("content-length")  # es=s:1, ours
     assert names.index("x-mine") < names.index("traceparent")
-    assert [k.lower() for k in request.headers] == [n for n in names if n != "traceparent"]
+    assert [k.lower() for k in request.headers] == [
+        n for n in names if n not in ("traceparent", "tracestate")]
 
 
 def test_users_own_traceparent_is_kept(traced, server):
