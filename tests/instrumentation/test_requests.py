@@ -69,6 +69,37 @@ class RecordingAdapter(HTTPAdapter):
             raise
 
 
+class ForwardingAdapter(HTTPAdapter):
+    """A transport adapter for a scheme of its own (as docker's `http+docker://` or a test's
+    `mock://` are), answering from the real server."""
+
+    def __init__(self, server):
+        super().__init__()
+        self.server = server
+
+    def send(self, request, *args, **kwargs):
+        request.url = self.server.url("/ok")
+        return super().send(request, *args, **kwargs)
+
+
+def test_schemes_without_a_default_port_or_a_host_give_sane_names(traced, server):
+    session = requests.Session()
+    session.mount("http+docker://", ForwardingAdapter(server))
+    session.mount("mock://", ForwardingAdapter(server))
+    traced.begin()
+    assert session.get("http+docker://localhost/v1.43/info").text == "ok"
+    assert session.get("mock:///anything").text == "ok"
+    traced.end()
+    docker, mock = traced.spans()  # the receiver validated both against the schema
+    assert docker["name"] == "GET localhost"  # no port known: none shown (was "localhost:None")
+    assert docker["context"]["destination"] == {"address": "localhost",
+                                                "service": {"resource": "localhost"}}
+    assert docker["context"]["service"]["target"] == {"type": "http", "name": "localhost"}
+    assert mock["name"] == "GET"  # no host: the method alone (was "GET ")
+    assert mock["context"]["service"]["target"] == {"type": "http"}
+    assert mock["context"]["destination"] == {"service": {"resource": "http"}}
+
+
 def test_connection_refused_fails_the_span_and_reraises_the_same_exception(traced):
     port = free_port()
     session = requests.Session()

@@ -386,6 +386,22 @@ def test_postgresql_psycopg_sync_and_async(traced, postgres):
 
 
 @needs_sa2
+def test_a_url_port_given_as_text_ships_as_a_number(traced, postgres):
+    # A URL built by hand (tuple replace, or a framework's settings) keeps the port as text;
+    # the driver takes it, and the span's destination.port is still the schema's integer.
+    url = sa.make_url(postgres.url("postgresql+psycopg"))._replace(port=str(postgres.port))
+    engine = create_engine(url)
+    assert engine.url.port == str(postgres.port)
+    traced.begin()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    traced.end()
+    engine.dispose()
+    (span,) = queries(traced.spans())  # the receiver validated it against the schema
+    assert span["context"]["destination"]["port"] == postgres.port
+
+
+@needs_sa2
 def test_postgresql_error_and_server_side_cursor(traced, postgres):
     engine = create_engine(postgres.url("postgresql+psycopg"))
     traced.begin()

@@ -161,3 +161,17 @@ def test_exit_spans_name_their_destination(span, expected):
     got = event.get("context") or {}
     resource = (got.get("destination") or {}).get("service", {}).get("resource")
     assert ((got.get("service") or {}).get("target"), resource) == expected
+
+
+def test_destination_set_by_the_app_gets_the_schemas_types():
+    tracer, _ = _tracer()
+    tx = tracer.begin_transaction("task")
+    for port in ("5432", True, "x", 70000, 5432):
+        with capture_span("q", "db", "postgresql", leaf=True) as sp:
+            sp.set_context("destination", {"address": Unprintable(), "port": port})
+    tx.end("t")
+    context.set_active(None)
+    spans = [event for kind, event in encode(tx) if kind == "span"]  # each schema-valid
+    assert [s["context"]["destination"].get("port") for s in spans] == [5432, None, None,
+                                                                         None, 5432]
+    assert spans[0]["context"]["destination"]["address"].startswith("<unrepresentable")

@@ -20,7 +20,9 @@ def start(method: Any, url: Any) -> Span | None:
     """Open the exit span (a leaf: the library underneath records nothing more), or None when
     nothing is recorded. Never raises: a URL we cannot read gives no span, the call still runs.
     The name shows the port only when it is not the scheme's default: `GET example.com`,
-    `GET 127.0.0.1:8081`; the service target always has it: `example.com:443`."""
+    `GET 127.0.0.1:8081`; the service target always has it: `example.com:443`. A scheme with
+    no default port and none given (`http+docker://localhost/...`) shows none, and a URL
+    without a host (`mock:///`) is named by the method alone."""
     active = get_active()
     if active is None or active.leaf or not active.transaction.sampled:
         return None  # start_span would say so too; this skips the URL work before it
@@ -31,14 +33,23 @@ def start(method: Any, url: Any) -> Span | None:
         parts = urlsplit(url)
         host = parts.hostname or ""
         default = DEFAULT_PORTS.get(parts.scheme.lower())
-        port = parts.port or default
+        try:
+            port = parts.port or default
+        except ValueError:  # not a number, or out of range: the library will say so
+            port = default
         shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
-        name = f"{method} {shown}" if port == default else f"{method} {shown}:{port}"
+        where = shown if port is None or not shown else f"{shown}:{port}"
+        name = f"{method} {shown if port == default else where}".rstrip()
+        destination: dict[str, Any] = {"address": host} if host else {}
+        if host and port is not None:
+            destination["port"] = port
+        target = {"type": "http", "name": where} if shown else {"type": "http"}
         context: dict[str, Any] = {
             "http": {"url": url, "method": method},  # redacted by the client's processors
-            "destination": {"address": host, "port": port},
-            "service": {"target": {"type": "http", "name": f"{shown}:{port}"}},
+            "service": {"target": target},
         }
+        if destination:
+            context["destination"] = destination
     except Exception:
         report("http: starting an outgoing request span")
         return None

@@ -197,12 +197,14 @@ def span_context(
     subtype: str,
     instance: str | None = None,
     host: str | None = None,
-    port: int | None = None,
+    port: Any = None,
     rows_affected: int | None = None,
 ) -> dict[str, Any]:
     """`context` of a SQL span: the statement (cut, never its parameters), the database
     instance, rows affected by DML, and where the database is (destination, service target)."""
     db: dict[str, Any] = {"type": "sql", "statement": statement[:STATEMENT_LENGTH]}
+    if instance is not None and not isinstance(instance, str):
+        instance = str(instance)
     if instance:
         db["instance"] = instance
     if rows_affected is not None and rows_affected >= 0:
@@ -214,8 +216,9 @@ def span_context(
     destination: dict[str, Any] = {}
     if host:
         destination["address"] = host
-    if port:
+    if port is not None:  # as the driver or URL has it: the encoder gives it the schema's type
         destination["port"] = port
     if destination:
         context["destination"] = destination
     return context
+

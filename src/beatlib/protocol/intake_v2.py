@@ -100,11 +100,29 @@ def context(raw: Mapping[str, Any] | None, raw_labels: Mapping[str, Any] | None
             out[key] = _request(value)
         elif key == "response" and isinstance(value.get("headers"), Mapping):
             out[key] = {**value, "headers": _headers(value["headers"])}
+        elif key == "destination":
+            out[key] = _destination(value)
         else:
             out[key] = dict(value)
     if raw_labels:
         out["tags"] = {**out.get("tags", {}), **labels(raw_labels)}
     return out or None
+
+
+def _destination(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """`destination` with the schema's types: the address as text, the port an integer (text
+    of digits is read as one; anything else is left out)."""
+    out = dict(raw)
+    if out.get("address") is not None:
+        out["address"] = text(out["address"])
+    port = out.get("port")
+    if isinstance(port, str) and port.strip().isdigit():
+        port = int(port)
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+        out["port"] = port
+    else:
+        out.pop("port", None)
+    return out
 
 
 def _headers(headers: Mapping[Any, Any]) -> dict[str, str | list[str]]:
