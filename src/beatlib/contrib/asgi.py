@@ -7,6 +7,7 @@ context, ignored URLs, trace continuation, body rules, result and errors are the
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -58,6 +59,13 @@ def is_error(exc: BaseException) -> bool:
     return True
 
 
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def environ_of(scope: Scope) -> dict[str, Any]:
     """The request of an ASGI scope as a WSGI environ holds it (PEP 3333: the path as
     latin-1 text of its UTF-8 bytes, headers as HTTP_*), for the shared WSGI helpers."""
@@ -98,7 +106,8 @@ class Request:
                  "close_code")
 
     def __init__(self, client: Client, scope: Scope, tx: Transaction, environ: dict[str, Any],
-                 route_of: Callable[[Scope, str], str | None] | None) -> None:
+                 route_of: Callable[[Scope, str], str | None] | None,
+                 body_size: int = 0) -> None:
         self.client = client
         self.scope = scope
         self.environ = environ
@@ -114,10 +123,9 @@ class Request:
         self.complete = False  # the whole response was sent (or the websocket closed)
         self.disconnected = False
         self.close_code: int | None = None
-        if tx.sampled and client.config.capture_body != "off":
-            self.body_size = body_to_keep(environ)
-            if self.body_size:
-                self.body = bytearray()
+        if tx.sampled:
+            self.body_size = body_size
+            self.body = bytearray() if body_size else None
 
     # -- what passes through --------------------------------------------------------------
 
@@ -178,6 +186,7 @@ class Request:
         """An exception of the app (raised, or answered by a framework's handler): captured
         once, with the request, when the rule says it is an error."""
         if is_error(exc):
+            self.name_by_route()  # the route is known by now: the error carries its name
             capture_request_error(self.client, self.environ,
                                   (type(exc), exc, exc.__traceback__))
 
@@ -192,14 +201,20 @@ class Request:
             self.status = 500
         self.capture(exc)
 
-    def end(self) -> None:
+    def name_by_route(self) -> None:
+        """`GET /items/{item_id}` once a framework routed the request, unless the app
+        named the transaction itself."""
         tx = self.tx
-        if tx.ended:
-            return
         if tx.name == self.name and self.route_of is not None:
             route = self.route_of(self.scope, self.root_path)
             if route is not None:
                 tx.name = f"{self.name} {route}"
+
+    def end(self) -> None:
+        tx = self.tx
+        if tx.ended:
+            return
+        self.name_by_route()
         if self.close_code is not None:
             tx.set_label("websocket_close_code", self.close_code)
         left = self.disconnected and not self.complete
@@ -215,7 +230,8 @@ class Request:
 
 class BeatMiddleware:
     """Traces an ASGI 3 app: a transaction per HTTP request, errors captured with the
-    request; lifespan events (and websockets, unless `websockets=True`) pass untouched.
+    request; lifespan events (and websockets, unless `websockets=True`) pass untouched,
+    what was queued is sent at lifespan shutdown.
 
     Uses `client` or the default client, or creates one from the environment. In Starlette
     and FastAPI: `app.add_middleware(BeatMiddleware)` (keywords as `add_middleware` passes
@@ -243,6 +259,9 @@ class BeatMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
+        if kind == "lifespan":
+            await self.app(scope, receive, self._lifespan_send(send))
+            return
         if (kind != "http" and (kind != "websocket" or not self.websockets)) or STATE in scope:
             # Lifespan and other events untouched; a request already traced by an outer
             # BeatMiddleware (a mounted app that has its own) is recorded once.
@@ -288,19 +307,37 @@ class BeatMiddleware:
             current_request.reset(token)
             set_active(previous)  # the request's transaction never outlives the call here
 
+    def _lifespan_send(self, send: Send) -> Send:
+        """The server's lifespan `send`, passing every message on as it is; before the app's
+        `lifespan.shutdown.complete`, what is queued is sent (in a thread: the loop goes
+        on). Servers such as uvicorn end on SIGTERM by raising it again once shut down,
+        which skips the interpreter's exit hooks and so beatlib's flush at exit."""
+
+        async def lifespan_send(message: Message) -> None:
+            if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                with guard("asgi: sending what is queued at shutdown"):
+                    loop = _asyncio_loop()
+                    if loop is not None:  # another loop (trio): the exit hook sends it
+                        await loop.run_in_executor(None, self.client.flush)
+            await send(message)
+
+        return lifespan_send
+
     def _begin(self, scope: Scope) -> Request | None:
         self._starlette()
         if not self._framework_known:
             self._framework_known = True
             self._note_framework(scope)
         environ = environ_of(scope)
+        # A body to copy as the app reads it (its length), or noted by its size now.
+        body_size = body_to_keep(environ) if self.client.config.capture_body != "off" else 0
         websocket = scope["type"] == "websocket"
         tx = begin_request(self.client, environ, "WEBSOCKET" if websocket else None)
         if tx is None:
             return None
         if websocket:
             tx.type = "websocket"
-        request = Request(self.client, scope, tx, environ, self.route_of)
+        request = Request(self.client, scope, tx, environ, self.route_of, body_size)
         scope[STATE] = request
         return request
 
