@@ -5,54 +5,31 @@ queued; a client leaving mid-stream is recorded as such; a websocket is one tran
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.contrib.test_gunicorn import batches_of, free_port
+from tests.contrib.servers import ServerProcess, arrivals, batches_of, served_by, started
 
 pytest.importorskip("uvicorn")
 
-ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.contrib.fastapi_app:application"
 REQUESTS = 200
 
 
-class Server:
+class Server(ServerProcess):
     """An ASGI server in a subprocess serving the test app; `stop()` sends SIGTERM."""
 
     def __init__(self, args: list[str], receiver_url: str, log: Path, workers: int,
                  settings: dict[str, str]) -> None:
-        self.port = free_port()
-        self.log = log
+        super().__init__(args, receiver_url, log, {"ASGI_TEST_APP": "1", **settings})
         self.workers = workers
-        env = {key: value for key, value in os.environ.items() if not key.startswith("BEATLIB_")}
-        env.update(
-            BEATLIB_SERVER_URL=receiver_url,
-            # Nothing is sent on the flush tick during a test: what arrives was sent at exit.
-            BEATLIB_FLUSH_INTERVAL="120s",
-            PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
-            ASGI_TEST_APP="1",
-            **settings,
-        )
-        cmd = [sys.executable, "-m", *[a.replace("{port}", str(self.port)) for a in args]]
-        self._log_file = log.open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def started_pids(self) -> set[int]:
         """The pids that logged serving (uvicorn's 'Started server process [pid]',
@@ -81,12 +58,6 @@ class Server:
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(timeout=30) in (0, -signal.SIGTERM), self.log.read_text()
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log_file.close()
-
 
 SERVERS = {
     "uvicorn": (["uvicorn", APP, "--host", "127.0.0.1", "--port", "{port}"], 1),
@@ -101,20 +72,14 @@ SERVERS = {
 
 @pytest.fixture
 def serve(receiver, tmp_path):
-    started: list[Server] = []
-
-    def start(name: str, **settings: str) -> Server:
+    """`serve(name)`: the test app under that server, ready (it ignores /health)."""
+    def make(n: int, name: str) -> Server:
         args, workers = SERVERS[name]
-        server = Server(args, receiver.url, tmp_path / f"{name}.log", workers,
-                        {"BEATLIB_" + k.upper(): v for k, v in settings.items()}
-                        | {"BEATLIB_TRANSACTION_IGNORE_URLS": "/health"})
-        started.append(server)
-        server.wait_ready()
-        return server
+        return Server(args, receiver.url, tmp_path / f"{name}{n}.log", workers,
+                      {"BEATLIB_TRANSACTION_IGNORE_URLS": "/health"})
 
-    yield start
-    for server in started:
-        server.kill()
+    with started(make) as start:
+        yield start
 
 
 @pytest.mark.parametrize("name", list(SERVERS))
@@ -122,33 +87,16 @@ def test_every_transaction_once_from_the_process_that_served_it(serve, receiver,
     batches = batches_of(receiver)
     server = serve(name)
 
-    def get(n: int) -> int:
-        response = requests.get(f"{server.url}/work/{n}", timeout=10)
-        assert response.status_code == 200
-        return int(response.headers["X-Pid"])
-
-    with ThreadPoolExecutor(4) as pool:
-        served_by = dict(enumerate(pool.map(get, range(REQUESTS))))
-    workers = set(served_by.values())
+    pids = served_by(server.url, REQUESTS)
+    workers = set(pids.values())
     if SERVERS[name][1] == 2:
         assert len(workers) == 2 and server.proc.pid not in workers
     assert receiver.events("transaction") == []  # flush interval 120 s: nothing sent yet
 
     server.stop()
     assert receiver.wait_for("transaction", REQUESTS, timeout=10)
-    pids_sent_from: set[int] = set()
-    arrived: Counter[int] = Counter()
-    for lines in batches:
-        kind, metadata = lines[0]
-        assert kind == "metadata"
-        pid = metadata["process"]["pid"]
-        pids_sent_from.add(pid)
-        for kind, event in lines[1:]:
-            if kind == "transaction":
-                n = int(event["context"]["tags"]["request"])
-                arrived[n] += 1
-                assert served_by[n] == pid == event["context"]["tags"]["pid"]
-                assert event["name"] == "GET /work/{n}"
+    pids_sent_from, arrived = arrivals(batches, pids)
+    assert {t["name"] for t in receiver.events("transaction")} == {"GET /work/{n}"}
     assert arrived == Counter(range(REQUESTS))  # every request once
     assert pids_sent_from == workers  # the supervisor (if any) sent nothing
     assert len(receiver.events("span")) == REQUESTS
