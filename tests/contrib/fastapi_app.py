@@ -15,6 +15,7 @@ import anyio
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.routing import Mount, Route
 
@@ -144,6 +145,15 @@ def make_app(client: beatlib.Client | None, **options) -> FastAPI:
         tasks.add_task(notify, 1)
         tasks.add_task(record, 2)
         return {"queued": 2}
+
+    @app.get("/inline-task")
+    async def inline_task():
+        async def warm_cache():
+            with beatlib.capture_span("fill cache"):
+                await asyncio.sleep(0)
+
+        await BackgroundTask(warm_cache)()  # run now, inside the request
+        return {"warm": True}
 
     @app.get("/background-boom")
     async def background_boom(tasks: BackgroundTasks):

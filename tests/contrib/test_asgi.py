@@ -250,24 +250,33 @@ def test_an_exception_reaches_the_server_unchanged_and_is_captured_once(client, 
     assert error["transaction_id"] == tx["id"] and error["exception"]["type"] == "KeyError"
 
 
-def test_lifespan_passes_untouched(client, receiver):
+def test_lifespan_passes_untouched_and_shutdown_sends_what_is_queued(client, receiver):
     c = client()
-    seen = []
+    seen, forwarded = [], []
 
     async def app(scope, receive, send):
-        seen.append((scope, receive, send))
+        seen.append((scope, receive))
+        assert (await receive())["type"] == "lifespan.startup"
+        await send({"type": "lifespan.startup.complete"})
+        assert (await receive())["type"] == "lifespan.shutdown"
+        c.capture_message("cleaning up")  # queued during the app's own shutdown
+        await send({"type": "lifespan.shutdown.complete"})
 
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    inbound = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
 
     async def receive():
-        return {"type": "lifespan.startup"}
+        return inbound.pop(0)
 
     async def send(message):
-        pass
+        # What the server sees, and whether the error had been sent before it saw it.
+        forwarded.append((dict(message), len(receiver.events("error"))))
 
     run(BeatMiddleware(app, c)(scope, receive, send))
-    assert seen == [(scope, receive, send)]
-    assert seen[0][0] == {"type": "lifespan", "asgi": {"version": "3.0"}}
+    assert seen == [(scope, receive)]
+    assert scope == {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    assert forwarded == [({"type": "lifespan.startup.complete"}, 0),
+                         ({"type": "lifespan.shutdown.complete"}, 1)]
     assert flushed(receiver, c) == []
 
 

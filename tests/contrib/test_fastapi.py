@@ -224,6 +224,16 @@ def test_background_tasks_are_transactions_of_the_same_trace(traced, receiver):
     assert request["duration"] < tasks["notify"]["duration"] + 1000
 
 
+def test_a_background_task_run_inside_the_request_is_a_span_of_it(traced, receiver):
+    app, client = traced()
+    get(app, "/inline-task")
+    (tx,) = transactions(receiver, client)
+    spans = {s["name"].rsplit(".", 1)[-1]: s for s in receiver.events("span")}
+    assert sorted(spans) == ["fill cache", "warm_cache"]
+    assert spans["warm_cache"]["type"] == "task" and spans["warm_cache"]["parent_id"] == tx["id"]
+    assert spans["fill cache"]["parent_id"] == spans["warm_cache"]["id"]
+
+
 def test_a_failing_background_task_is_captured_in_its_own_transaction(traced, receiver):
     app, client = traced()
     with pytest.raises(RuntimeError):
