@@ -62,16 +62,17 @@ def route_template(scope: Scope, root_path: str) -> str | None:
     router = scope.get("router")
     if router is None:
         return None
-    route = scope.get("route") or _by_endpoint(router, scope.get("endpoint"))
+    prefix, routes = "", getattr(router, "routes", ())
+    if scope.get("root_path", "") != root_path:
+        prefix, routes = _mounts(router, scope, root_path)
+    route = scope.get("route") or _by_endpoint(routes, scope.get("endpoint"))
     if route is None:
         return UNKNOWN
     if isinstance(route, Mount):
         path = "/{path}"  # a mounted app that routes nothing itself (StaticFiles, plain ASGI)
     else:
         path = _effective_path(scope, route) or getattr(route, "path_format", None) or ""
-    if scope.get("root_path", "") != root_path:
-        path = _mount_prefix(router, scope, root_path) + path
-    return path or UNKNOWN
+    return prefix + path or UNKNOWN
 
 
 def _effective_path(scope: Scope, route: Any) -> str | None:
@@ -85,20 +86,22 @@ def _effective_path(scope: Scope, route: Any) -> str | None:
     return None
 
 
-def _by_endpoint(router: Any, endpoint: Any) -> Any:
-    """Starlette versions that do not put the route in the scope: found by its endpoint."""
+def _by_endpoint(routes: Any, endpoint: Any) -> Any:
+    """Older Starlette (0.37 here) puts no route in the scope, FastAPI only its own: the
+    others are found by their endpoint, among the routes of the app that served them."""
     if endpoint is None:
         return None
-    for route in getattr(router, "routes", ()):
+    for route in routes:
         if getattr(route, "endpoint", None) is endpoint:
             return route
     return None
 
 
-def _mount_prefix(router: Any, scope: Scope, root_path: str) -> str:
-    """The mounts' path templates from the top router down to the served app, found by
-    matching the request again from the top, mounts only (a mounted request costs one
-    regular expression match per mount tried); their matched text if that fails."""
+def _mounts(router: Any, scope: Scope, root_path: str) -> tuple[str, Any]:
+    """The mounts' path templates from the top router down to the app that served the
+    request, and that app's routes: found by matching the request again from the top,
+    mounts only (a mounted request costs one regular expression match per mount tried);
+    the matched text of the mounts, and no routes, if that fails."""
     target = scope.get("root_path", "")
     current: Scope = {**scope, "root_path": root_path, "path_params": {}}
     routes = getattr(router, "routes", ())
@@ -113,8 +116,8 @@ def _mount_prefix(router: Any, scope: Scope, root_path: str) -> str:
                     routes = route.routes
                     break
         else:
-            return target[len(root_path):]
-    return prefix
+            return target[len(root_path):], ()
+    return prefix, routes
 
 
 # -- exception handlers ------------------------------------------------------------------
