@@ -40,6 +40,7 @@ current_request: ContextVar[Request | None] = ContextVar("beatlib_asgi_request",
 _END = guard("asgi: ending the request's transaction")
 _CAPTURE = guard("asgi: capturing the request's exception")
 _RECORD = guard("asgi: recording a message of the request")
+_SHUTDOWN = guard("asgi: sending what is queued at shutdown")
 # Not the app's errors: the client went away (Starlette's ClientDisconnect, a failed send).
 _DISCONNECTS = frozenset({"ClientDisconnect", "CancelledError"})
 # A framework's answer to a bad request (FastAPI's 422), like an HTTP exception below 500.
@@ -71,7 +72,7 @@ def environ_of(scope: Scope) -> dict[str, Any]:
     latin-1 text of its UTF-8 bytes, headers as HTTP_*), for the shared WSGI helpers."""
     path = scope.get("path", "")
     root_path = scope.get("root_path", "")
-    if root_path and not path.startswith(root_path):  # servers before ASGI put it in `path`
+    if root_path and not path.startswith(root_path):  # older servers left it out of `path`
         path = root_path + path
     server = scope.get("server") or ("", None)
     client = scope.get("client") or ("", None)
@@ -263,7 +264,7 @@ class BeatMiddleware:
             await self.app(scope, receive, self._lifespan_send(send))
             return
         if (kind != "http" and (kind != "websocket" or not self.websockets)) or STATE in scope:
-            # Lifespan and other events untouched; a request already traced by an outer
+            # Other scope types untouched; a request already traced by an outer
             # BeatMiddleware (a mounted app that has its own) is recorded once.
             await self.app(scope, receive, send)
             return
@@ -315,7 +316,7 @@ class BeatMiddleware:
 
         async def lifespan_send(message: Message) -> None:
             if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                with guard("asgi: sending what is queued at shutdown"):
+                with _SHUTDOWN:
                     loop = _asyncio_loop()
                     if loop is not None:  # another loop (trio): the exit hook sends it
                         await loop.run_in_executor(None, self.client.flush)
