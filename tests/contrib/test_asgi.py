@@ -351,3 +351,22 @@ def test_ignored_urls_are_not_traced(client, receiver):
     run(drive(app, http_scope(path="/orders/1")))
     assert [t["context"]["request"]["url"]["pathname"]
             for t in flushed(receiver, c)] == ["/orders/1"]
+
+
+def test_a_full_queue_drops_and_never_waits_on_the_event_loop(client, receiver):
+    """The APM server takes requests and never answers: the queue fills up, and the event
+    loop running the requests drops events rather than waiting for beatlib's worker (a plain
+    thread waits a little, see the transport's backpressure)."""
+    receiver.hang(5)
+    c = client(max_queue_events=100)
+    app = BeatMiddleware(hello, c)
+
+    async def many():
+        for _ in range(3000):
+            await drive(app, http_scope())
+
+    run(many())
+    stats = c.stats()
+    assert stats["dropped_queue_full"] > 0 and stats["backpressure_waits"] == 0
+    receiver.behave()
+    c.close(0.5)
