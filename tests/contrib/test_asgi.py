@@ -370,3 +370,19 @@ def test_a_full_queue_drops_and_never_waits_on_the_event_loop(client, receiver):
     assert stats["dropped_queue_full"] > 0 and stats["backpressure_waits"] == 0
     receiver.behave()
     c.close(0.5)
+
+
+@pytest.mark.parametrize("make, error", [
+    (lambda: KeyError("x"), True),
+    (lambda: type("HTTPException", (Exception,), {"status_code": 404})(), False),
+    (lambda: type("HTTPException", (Exception,), {"status_code": 503})(), True),
+    (lambda: type("RequestValidationError", (ValueError,), {})(), False),
+    (lambda: type("WebSocketException", (Exception,), {"code": 1008})(), False),
+    (lambda: type("WebSocketException", (Exception,), {"code": 1011})(), True),
+    (lambda: type("ClientDisconnect", (Exception,), {})(), False),
+    (lambda: asyncio.CancelledError(), False),
+])
+def test_the_error_rule(make, error):
+    from beatlib.contrib.asgi import is_error
+
+    assert is_error(make()) is error

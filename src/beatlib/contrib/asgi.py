@@ -50,13 +50,16 @@ _CLIENT_ERRORS = frozenset({"RequestValidationError", "WebSocketRequestValidatio
 def is_error(exc: BaseException) -> bool:
     """The one rule: an exception the app raised is an error whatever answered it; HTTP
     exceptions below 500 (Starlette's and FastAPI's `HTTPException`, validation errors
-    answered with a 422) and a client's going away are not."""
+    answered with a 422), websocket closes other than 1011 (`WebSocketException`) and a
+    client's going away are not."""
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & (_DISCONNECTS | _CLIENT_ERRORS) or not isinstance(exc, Exception):
         return False
     if "HTTPException" in names:
         code = getattr(exc, "status_code", None)
         return not isinstance(code, int) or code >= 500
+    if "WebSocketException" in names:  # a close the app chose; 1011 is its internal error
+        return getattr(exc, "code", None) == 1011
     return True
 
 
