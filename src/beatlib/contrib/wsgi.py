@@ -66,11 +66,17 @@ def begin_request(
     parent = parse_traceparent(environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_TRACESTATE"))
     tx = client.begin_transaction("request", parent)
     tx.name = name or environ.get("REQUEST_METHOD", "GET")
+    record_request(tx, environ, client.config)
+    return tx
+
+
+def record_request(tx: Transaction, environ: dict[str, Any], config: Config) -> None:
+    """Set `tx`'s request context from `environ` as it is now (again when it changed: a body
+    that arrived later)."""
     if tx.sampled:
         # Built on the worker thread from a shallow copy: the request thread pays a dict copy.
         tx.set_context("request", functools.partial(
-            request_context, dict(environ), client.config, False))
-    return tx
+            request_context, dict(environ), config, False))
 
 
 def request_context(environ: dict[str, Any], config: Config, for_error: bool) -> dict[str, Any]:
@@ -139,19 +145,27 @@ def keep_body(environ: dict[str, Any], read: Callable[[int], bytes],
     fields are redacted by name), a longer one by its size. `read(length)` reads it ahead of
     the app; multipart bodies are never read here: recorded by size (`multipart="size"`) or
     left to the integration (`"later"`, Django: its fields once the app parsed them)."""
+    length = body_to_keep(environ, multipart)
+    if length:
+        environ["beatlib.body"] = body_value(read(length), environ.get("CONTENT_TYPE", ""))
+
+
+def body_to_keep(environ: dict[str, Any], multipart: str = "size") -> int:
+    """How many bytes of the request body `keep_body` reads (by its Content-Length), 0 for
+    none; a body too long or multipart (with `multipart="size"`) is noted by its size here."""
     if "beatlib.body" in environ:
-        return
+        return 0
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
-        return
+        return 0
     if length <= 0:
-        return
+        return 0
     is_multipart = environ.get("CONTENT_TYPE", "").startswith("multipart/")
     if length > BODY_LIMIT or (is_multipart and multipart == "size"):
         environ["beatlib.body"] = f"[body of {length} bytes not recorded]"
-    elif not is_multipart:
-        environ["beatlib.body"] = body_value(read(length), environ.get("CONTENT_TYPE", ""))
+        return 0
+    return 0 if is_multipart else length
 
 
 def body_value(raw: bytes, content_type: str) -> str | dict[str, Any]:
@@ -178,8 +192,12 @@ def end_request(
     status: int | str | None,
     headers: Iterable[tuple[str, str]] | None = None,
     name: str | None = None,
+    *,
+    finished: bool = True,
+    headers_sent: bool = True,
 ) -> None:
-    """Result (`HTTP 2xx`), outcome (failure on 5xx), response context; then end `tx`."""
+    """Result (`HTTP 2xx`), outcome (failure on 5xx), response context (`finished` false
+    when the client left before the whole response was sent); then end `tx`."""
     if tx is None or tx.ended:
         return
     try:
@@ -191,7 +209,8 @@ def end_request(
     if tx.outcome is None:
         tx.outcome = "failure" if code >= 500 else "success"
     if tx.sampled:
-        response: dict[str, Any] = {"status_code": code, "finished": True, "headers_sent": True}
+        response: dict[str, Any] = {"status_code": code, "finished": finished,
+                                    "headers_sent": headers_sent}
         if headers is not None and tx.tracer.config.capture_headers:
             response["headers"] = dict(headers)
         tx.set_context("response", response, captured=True)
