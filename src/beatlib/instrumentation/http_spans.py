@@ -1,6 +1,6 @@
 """What the HTTP client instrumentations (requests, urllib3, httpx) share: the exit span for one
 outgoing request (name `GET host[:port]`, URL, destination, service target), its end
-(status code, outcome failure on 5xx or an exception) and the W3C trace headers to add.
+(status code, outcome failure on 4xx, 5xx or an exception) and the W3C trace headers to add.
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ def start(method: Any, url: Any) -> Span | None:
 
 
 def end(span: Span | None, status: Any = None, exc: BaseException | None = None) -> None:
-    """End the span with the response's status code (5xx: failure) or the exception raised."""
+    """End the span with the response's status code or the exception raised. A 4xx is a
+    failure too: from the caller's side the call did not do what it asked (Elastic's agents
+    and OpenTelemetry's client spans count it so); a server's own 4xx answers do not."""
     if span is None:
         return
     if isinstance(status, int) and span.context is not None:
         span.context["http"]["response"] = {"status_code": status}
-        if status >= 500:
+        if status >= 400:
             span.outcome = "failure"
     span.end(exc)
 
