@@ -32,6 +32,7 @@ AVAILABLE = (
     "beatlib.instrumentation.requests:Requests",
     "beatlib.instrumentation.urllib3:Urllib3",
     "beatlib.instrumentation.httpx:Httpx",
+    "beatlib.instrumentation.aiohttp:Aiohttp",
     "beatlib.instrumentation.jinja2:Jinja2",
     "beatlib.instrumentation.mako:Mako",
     "beatlib.instrumentation.django_templates:DjangoTemplates",
