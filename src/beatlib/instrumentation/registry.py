@@ -27,6 +27,7 @@ AVAILABLE = (
     "beatlib.instrumentation.sqlite3:SQLite3",
     "beatlib.instrumentation.psycopg:Psycopg",
     "beatlib.instrumentation.psycopg2:Psycopg2",
+    "beatlib.instrumentation.asyncpg:Asyncpg",
     "beatlib.instrumentation.pymysql:PyMySQL",
     "beatlib.instrumentation.sqlalchemy:SQLAlchemy",
     "beatlib.instrumentation.requests:Requests",
