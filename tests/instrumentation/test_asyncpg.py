@@ -130,6 +130,23 @@ def test_prepared_statements_and_copies(traced, postgres):
     assert spans[8]["context"]["db"]["statement"] == "SELECT a FROM t WHERE a > $1"
 
 
+@pytest.mark.skipif(not hasattr(asyncpg.Connection, "fetchmany"), reason="asyncpg 0.30+")
+def test_fetchmany(traced, postgres):
+    async def main():
+        conn = await asyncpg.connect(**login(postgres))
+        try:
+            rows = await conn.fetchmany("SELECT $1::int * 2 AS a", [(1,), (2,)])
+            stmt = await conn.prepare("SELECT $1::int + 1 AS a")
+            return [r["a"] for r in rows + await stmt.fetchmany([(1,), (5,)])]
+        finally:
+            await conn.close()
+
+    result, spans = run(traced, main)
+    assert result == [2, 4, 2, 6]
+    assert [s["name"] for s in spans] == ["asyncpg.connect", "SELECT", "SELECT"]
+    assert spans[2]["context"]["db"]["statement"] == "SELECT $1::int + ? AS a"
+
+
 def test_pool_and_transaction_blocks(traced, postgres):
     """Pool shortcuts and acquired connections give one span per statement; BEGIN/COMMIT of
     a transaction block and the pool's reset on release are not spans."""
