@@ -153,6 +153,13 @@ def test_sql_literals_become_placeholders() -> None:
     assert keep.sql("SELECT 1 WHERE a = 'x'") == "SELECT 1 WHERE a = 'x'"
 
 
+def test_postgresql_positional_parameters_are_kept() -> None:
+    sql = "SELECT $1::int + 5, $$a$1$$ FROM t WHERE a = $2 AND b = 'x$3'"
+    assert placeholders(sql) == "SELECT $1::int + ?, ? FROM t WHERE a = $2 AND b = ?"
+    assert Sanitizer([]).sql("UPDATE t SET a = $1 WHERE id = $22") == (
+        "UPDATE t SET a = $1 WHERE id = $22")
+
+
 def test_argv(sanitizer: Sanitizer) -> None:
     argv = ["app.py", "--password", "x1", "--db-password=y2", "-v", "--token", "z3", "--n", "4"]
     assert sanitizer.argv(argv) == ["app.py", "--password", REDACTED, f"--db-password={REDACTED}",

@@ -119,11 +119,13 @@ _MAYBE = re.compile(
 )
 _TRAILING = ".,;:!?)]}'\""
 
-# SQL, as the span names' tokenizer reads it (instrumentation/sql.py uses it too).
+# SQL, as the span names' tokenizer reads it (instrumentation/sql.py uses it too). `$1` is
+# PostgreSQL's positional parameter (asyncpg, SQLAlchemy's asyncpg dialect), not a literal.
 SQL_TOKEN = re.compile(
     r"""
       (?P<space>\s+)
     | (?P<comment>--[^\n]*|\#[^\n]*|/\*.*?(?:\*/|\Z))
+    | (?P<param>\$\d+)
     | (?P<string>'(?:[^'\\]|\\.|'')*(?:'|\Z)
                 |[eE]'(?:[^'\\]|\\.|'')*(?:'|\Z)
                 |\$(?P<tag>\w*)\$.*?(?:\$(?P=tag)\$|\Z))

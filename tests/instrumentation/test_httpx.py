@@ -49,6 +49,14 @@ def test_server_error_is_a_failure(traced, server):
     check_span(span, server, server.url("/error"), 500, "failure", method="POST")
 
 
+def test_client_error_is_a_failure(traced, server):
+    traced.begin()
+    assert httpx.get(server.url("/missing")).status_code == 404
+    traced.end()
+    (span,) = traced.spans()
+    check_span(span, server, server.url("/missing"), 404, "failure")
+
+
 def test_connection_refused_fails_the_span(traced):
     port = free_port()
     traced.begin()

@@ -53,6 +53,14 @@ def test_server_error_is_a_failure(traced, server, pool):
     check_span(span, server, server.url("/error"), 500, "failure", method="POST")
 
 
+def test_client_error_is_a_failure(traced, server, pool):
+    traced.begin()
+    assert pool.urlopen("GET", "/missing").status == 404
+    traced.end()
+    (span,) = traced.spans()
+    check_span(span, server, server.url("/missing"), 404, "failure")
+
+
 def test_connection_refused_fails_the_span(traced):
     port = free_port()
     traced.begin()

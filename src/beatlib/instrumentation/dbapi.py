@@ -225,10 +225,11 @@ def unwrapping(wrapped: Any, instance: Any, args: tuple[Any, ...],
     return wrapped(*map(unwrap, args), **{k: unwrap(v) for k, v in kwargs.items()})
 
 
-def _opened_by_traced_sqlalchemy() -> bool:
+def opened_by_traced_sqlalchemy() -> bool:
     """Whether an instrumented SQLAlchemy pool is opening this connection. Its statement spans
     already cover every query, so a proxy would only add cost (and a second span's work) to
-    each statement. Looked up on the stack: connects are rare, pooled."""
+    each statement. Looked up on the stack from the caller of the driver's connect wrapper
+    (the one calling this): connects are rare, pooled."""
     if not registry.is_instrumented("sqlalchemy"):
         return False
     frame: FrameType | None = sys._getframe(2)
@@ -270,7 +271,7 @@ class DBAPIInstrumentation(Instrumentation):
 
     def connect(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
-        if _opened_by_traced_sqlalchemy():
+        if opened_by_traced_sqlalchemy():
             return wrapped(*args, **kwargs)
         span = self._connect_span()
         try:
@@ -283,7 +284,7 @@ class DBAPIInstrumentation(Instrumentation):
 
     async def aconnect(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Any:
-        if _opened_by_traced_sqlalchemy():
+        if opened_by_traced_sqlalchemy():
             return await wrapped(*args, **kwargs)
         span = self._connect_span()
         try:
