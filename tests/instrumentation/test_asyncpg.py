@@ -27,7 +27,9 @@ def assert_postgres_span(span, postgres, name, action="query"):
     assert (span["name"], span["type"], span["subtype"], span["action"]) == (
         name, "db", "postgresql", action)
     assert span["context"]["db"]["instance"] == postgres.dbname
-    assert span["context"]["destination"] == {"address": "127.0.0.1", "port": postgres.port}
+    assert span["context"]["destination"] == {
+        "address": "127.0.0.1", "port": postgres.port,
+        "service": {"resource": f"postgresql/{postgres.dbname}"}}
     assert span["context"]["service"]["target"] == {"type": "postgresql", "name": "beatlib"}
 
 
@@ -60,7 +62,7 @@ def test_statements_name_context_and_rows(traced, postgres):
     connect, *spans = spans
     assert_postgres_span(connect, postgres, "asyncpg.connect", "connect")
     assert "statement" not in connect["context"]["db"]
-    names = ["CREATE TABLE items", "INSERT INTO items", "UPDATE items", "SELECT FROM items",
+    names = ["CREATE", "INSERT INTO items", "UPDATE items", "SELECT FROM items",
              "SELECT FROM items", "SELECT FROM items", "DELETE FROM items"]
     for span, name in zip(spans, names, strict=True):
         assert_postgres_span(span, postgres, name)
@@ -120,7 +122,7 @@ def test_prepared_statements_and_copies(traced, postgres):
     assert result == (([1, 2], 2, 1), "COPY 2", 4, b"3\n4\n", "COPY 1")
     names = [(s["name"], s["context"]["db"].get("rows_affected")) for s in spans[1:]]
     assert names == [
-        ("CREATE TABLE t", None), ("INSERT INTO t", None), ("SELECT FROM t", None),
+        ("CREATE", None), ("INSERT INTO t", None), ("SELECT FROM t", None),
         ("SELECT FROM t", None), ("SELECT FROM t", None), ("COPY t", 2),
         ("COPY pg_temp.t", 4), ("COPY SELECT FROM t", 2), ("COPY t", 1)]
     for span in spans[1:]:
@@ -166,7 +168,7 @@ def test_pool_and_transaction_blocks(traced, postgres):
 
     asyncio.run(main())
     spans = traced.spans()
-    assert [s["name"] for s in spans] == ["SELECT", "SELECT", "CREATE TABLE p", "INSERT INTO p",
+    assert [s["name"] for s in spans] == ["SELECT", "SELECT", "CREATE", "INSERT INTO p",
                                           "SELECT FROM p"]
     for span in spans:
         assert_postgres_span(span, postgres, span["name"])
@@ -265,7 +267,7 @@ def test_sqlalchemy_asyncpg_dialect_gives_one_span_per_statement(traced, postgre
     result, spans = run(traced, main)
     assert result == [1]
     queries = [(s["name"], s["subtype"]) for s in spans if s["action"] == "query"]
-    assert queries == [("CREATE TABLE s", "postgresql"), ("INSERT INTO s", "postgresql"),
+    assert queries == [("CREATE", "postgresql"), ("INSERT INTO s", "postgresql"),
                        ("SELECT FROM s", "postgresql"), ("SELECT", "postgresql")]
     assert [s["name"] for s in spans if s["action"] == "connect"] == ["sqlalchemy.connect"]
     select = [s for s in spans if s["name"] == "SELECT FROM s"][0]
@@ -320,7 +322,7 @@ def test_transparency(traced, postgres):
     for method in ("execute", "fetch", "fetchval", "fetchrow", "executemany"):
         assert inspect.iscoroutinefunction(getattr(asyncpg.Connection, method))
     names = [s["name"] for s in traced.spans()]
-    assert names == ["asyncpg.connect", "CREATE TABLE r", "INSERT INTO r", "SELECT FROM r",
+    assert names == ["asyncpg.connect", "CREATE", "INSERT INTO r", "SELECT FROM r",
                      "SELECT FROM r", "SELECT FROM r", "SELECT"]
 
 
