@@ -149,3 +149,78 @@ def test_transparency(traced, tmp_path):
     assert conn.in_transaction is False  # `with conn` committed
     names = [s["name"] for s in traced.spans()]
     assert names.count("SELECT FROM t") == 2 and "SELECT" in names
+
+
+def test_the_drivers_own_types(traced, tmp_path):
+    """Connections and cursors are sqlite3's own objects: the C checks of `Cursor(conn)`,
+    `backup`, `__init__` and subclass factories see what they expect."""
+
+    class MyConnection(sqlite3.Connection):
+        pass
+
+    class MyCursor(sqlite3.Cursor):
+        def execute(self, sql, parameters=()):
+            return super().execute(sql, parameters)
+
+    traced.begin()
+    conn = sqlite3.connect(str(tmp_path / "shop.db"))
+    assert type(conn) is sqlite3.Connection and type(conn.cursor()) is sqlite3.Cursor
+    conn.execute("CREATE TABLE t (a)")
+    assert type(sqlite3.Cursor(conn).execute("INSERT INTO t VALUES (1)")) is sqlite3.Cursor
+    cur = conn.cursor(MyCursor)
+    assert type(cur) is MyCursor and cur.execute("SELECT a FROM t").fetchall() == [(1,)]
+    assert type(MyCursor(conn).execute("SELECT a FROM t")) is MyCursor
+    assert type(conn("SELECT 1")).__name__ == "Statement"  # a connection is callable
+    conn.row_factory = sqlite3.Row
+    assert conn.execute("SELECT a FROM t").fetchone()["a"] == 1
+    conn.commit()
+    sqlite3.Connection(":memory:").backup(conn)  # a target from connect() is a Connection
+    conn.__init__(":memory:")  # re-initialised in place, as the driver allows
+    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    mine = sqlite3.connect(":memory:", factory=MyConnection)
+    assert type(mine) is MyConnection
+    mine.executescript("CREATE TABLE u (b); INSERT INTO u VALUES (2);")
+    mine.cursor().executemany("INSERT INTO u VALUES (?)", [(3,), (4,)])
+    traced.end()
+    names = [s["name"] for s in queries(traced.spans())]
+    assert names == ["CREATE TABLE t", "INSERT INTO t", "SELECT FROM t", "SELECT FROM t",
+                     "SELECT FROM t", "SELECT FROM sqlite_master", "CREATE TABLE u",
+                     "INSERT INTO u"]
+
+
+def test_one_span_per_statement_call(traced):
+    conn = sqlite3.connect(":memory:")
+    cur = conn.cursor()
+    traced.begin()
+    conn.execute("CREATE TABLE t (a)")
+    conn.executemany("INSERT INTO t VALUES (?)", [(1,), (2,)])
+    conn.executescript("INSERT INTO t VALUES (3); DELETE FROM t WHERE a = 1;")
+    cur.execute("UPDATE t SET a = 0")
+    cur.executemany("DELETE FROM t WHERE a = ?", [(0,)])
+    cur.executescript("DROP TABLE t")
+    traced.end()
+    spans = queries(traced.spans())
+    assert [s["name"] for s in spans] == [
+        "CREATE TABLE t", "INSERT INTO t", "INSERT INTO t", "UPDATE t", "DELETE FROM t",
+        "DROP TABLE t"]
+    assert [s["context"]["db"].get("rows_affected") for s in spans] == [
+        None, 2, None, 2, 2, None]
+    assert spans[2]["context"]["db"]["statement"] == (
+        "INSERT INTO t VALUES (?); DELETE FROM t WHERE a = ?;")  # literals: not shipped
+    assert {s["context"]["db"]["instance"] for s in spans} == {":memory:"}
+
+
+def test_connections_from_before_instrument_are_traced(receiver):
+    conn = sqlite3.connect(":memory:")
+    client = beatlib.Client(server_url=receiver.url, environ={})
+    beatlib.instrument(client.config)
+    try:
+        client.begin_transaction("task")
+        conn.execute("SELECT 1")
+        client.end_transaction("job")
+        assert client.flush(5)
+    finally:
+        beatlib.uninstrument()
+        client.close(5)
+    (span,) = receiver.events("span")
+    assert span["name"] == "SELECT" and "instance" not in span["context"]["db"]
