@@ -1,8 +1,10 @@
-"""sqlite3 through beatlib's connection/cursor proxies: spans, errors, transparency."""
+"""sqlite3 through beatlib's wrappers on its Connection and Cursor types: spans, errors,
+the driver's own objects and types, uninstrument."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
 
@@ -10,6 +12,10 @@ import beatlib
 from tests.databases import run_instrumented
 
 ORIGINAL_CONNECT = sqlite3.connect
+PATCHED = [(cls, name) for cls in (sqlite3.Connection, sqlite3.Cursor)
+           for name in ("execute", "executemany", "executescript")]
+PATCHED.append((sqlite3.Connection, "close"))
+ORIGINAL_METHODS = {(cls, name): vars(cls)[name] for cls, name in PATCHED}
 
 
 def queries(spans):
@@ -89,15 +95,17 @@ def test_nothing_outside_a_transaction(traced):
     assert [s["name"] for s in traced.spans()] == ["SELECT FROM t"]
 
 
-def test_uninstrument_restores_connect(traced):
+def test_uninstrument_restores_connect_and_the_types(traced):
     assert sqlite3.connect is not ORIGINAL_CONNECT
+    assert all(vars(cls)[name] is not ORIGINAL_METHODS[cls, name] for cls, name in PATCHED)
     assert sqlite3.connect.__wrapped__ is ORIGINAL_CONNECT
     earlier = sqlite3.connect(":memory:")
     beatlib.uninstrument()
     assert sqlite3.connect is ORIGINAL_CONNECT and sqlite3.dbapi2.connect is ORIGINAL_CONNECT
     assert type(sqlite3.connect(":memory:")) is sqlite3.Connection
+    assert {key: vars(key[0])[key[1]] for key in PATCHED} == ORIGINAL_METHODS
     traced.begin()
-    assert earlier.execute("SELECT 1").fetchone() == (1,)  # a proxy from before: now silent
+    assert earlier.execute("SELECT 1").fetchone() == (1,)  # opened instrumented: now silent
     traced.end()
     assert traced.spans() == []
 
@@ -143,7 +151,7 @@ def test_transparency(traced, tmp_path):
         conn.create_function("double", 1, lambda v: v * 2)
         assert conn.execute("SELECT double(21)").fetchone()[0] == 42
         target = sqlite3.connect(str(tmp_path / "copy.db"))
-        conn.backup(target)  # the C code wants a real Connection: the proxy is unwrapped
+        conn.backup(target)
         assert target.execute("SELECT count(*) FROM t").fetchone()[0] == 11
     traced.end()
     assert conn.in_transaction is False  # `with conn` committed
@@ -210,17 +218,66 @@ def test_one_span_per_statement_call(traced):
     assert {s["context"]["db"]["instance"] for s in spans} == {":memory:"}
 
 
+class EarlyCursor(sqlite3.Cursor):  # defined before instrument()
+    pass
+
+
+def select(cursor):
+    return cursor.execute("SELECT 1")  # one call site, which the interpreter specialises
+
+
 def test_connections_from_before_instrument_are_traced(receiver):
     conn = sqlite3.connect(":memory:")
+    cursors = [conn.cursor(), conn.cursor(EarlyCursor)]
+    for _ in range(100):
+        for cursor in cursors:
+            select(cursor)
     client = beatlib.Client(server_url=receiver.url, environ={})
     beatlib.instrument(client.config)
     try:
         client.begin_transaction("task")
-        conn.execute("SELECT 1")
+        for cursor in cursors:
+            select(cursor)
+        conn.execute("SELECT 2")
         client.end_transaction("job")
         assert client.flush(5)
     finally:
         beatlib.uninstrument()
         client.close(5)
-    (span,) = receiver.events("span")
-    assert span["name"] == "SELECT" and "instance" not in span["context"]["db"]
+    spans = receiver.events("span")
+    assert [s["name"] for s in spans] == ["SELECT"] * 3
+    assert all("instance" not in s["context"]["db"] for s in spans)
+
+
+def test_patching_while_other_threads_query(receiver):
+    """The types' methods are swapped under running queries: every query still gives its
+    result (the interpreter's method caches never hand out a freed method)."""
+    client = beatlib.Client(server_url=receiver.url, environ={}, enabled=False)
+    stop, results, errors = threading.Event(), [], []
+
+    def work():
+        conn = sqlite3.connect(":memory:", check_same_thread=False)
+        cursor = conn.cursor()
+        client.begin_transaction("task")
+        try:
+            while not stop.is_set():
+                results.append(cursor.execute("SELECT 1").fetchone() == (1,))
+                results.append(conn.execute("SELECT 2").fetchone() == (2,))
+        except BaseException as exc:
+            errors.append(exc)
+        client.end_transaction("job")
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(200):
+            beatlib.instrument(client.config)
+            beatlib.uninstrument()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        beatlib.uninstrument()
+        client.close(5)
+    assert errors == [] and results and all(results)

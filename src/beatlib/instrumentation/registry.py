@@ -7,7 +7,6 @@ post-import hook, so a library imported after `instrument()` is patched when it 
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import gc
 import importlib
@@ -119,13 +118,16 @@ def _set_on_immutable_type(cls: type, attribute: str, value: Any) -> None:
             referents[0].keys() != cls.__dict__.keys()):
         raise TypeError(f"cannot reach the dict of {cls.__qualname__}")
     if _type_modified is None:
+        import ctypes  # only here: most processes never need it
+
         _type_modified = ctypes.PYFUNCTYPE(None, ctypes.py_object)(
             ("PyType_Modified", ctypes.pythonapi))
-    if value is None:
-        referents[0].pop(attribute, None)
-    else:
+    # The interpreter's caches hold the old value without a reference: it must outlive them.
+    old = referents[0].pop(attribute, None) if value is None else referents[0].get(attribute)
+    if value is not None:
         referents[0][attribute] = value
     _type_modified(cls)
+    del old
 
 
 def _parse(version: str) -> tuple[int, ...]:
