@@ -117,7 +117,7 @@ class CursorProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         self._self_connection = connection
 
     def _self_same(self, result: Any) -> Any:
-        # execute() returning the cursor itself (sqlite3, psycopg) keeps chaining traced.
+        # execute() returning the cursor itself (psycopg) keeps chaining traced.
         return self if result is self.__wrapped__ else result
 
     def _self_run(self, method: str, args: Any, kwargs: Any, proc: bool = False) -> Any:
@@ -193,7 +193,7 @@ class ConnectionProxy(wrapt.ObjectProxy):  # type: ignore[misc]
 
 
 class ExecuteConnectionProxy(ConnectionProxy):
-    """Connections with an `execute` shortcut that returns a new cursor (sqlite3, psycopg)."""
+    """Connections with an `execute` shortcut that returns a new cursor (psycopg)."""
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         method = self.__wrapped__.execute

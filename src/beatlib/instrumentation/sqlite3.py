@@ -19,7 +19,9 @@ from beatlib.instrumentation.dbapi import (
 
 _STATEMENTS = ("execute", "executemany", "executescript")
 # Where the connections opened by `connect` go, by id: a sqlite3.Connection takes neither
-# attributes nor weak references. Forgotten on close; the oldest dropped past this many.
+# attributes nor weak references. Forgotten on close; the oldest dropped past this many. One
+# made by calling sqlite3.Connection itself is not seen (its spans have no instance), unless
+# it has the address of a dead one that was never closed: then it gets that one's name.
 _KEPT = 1024
 
 
