@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -78,6 +79,13 @@ def remove_package(root: Path, package: str, keep: str | None) -> None:
         shutil.move(saved, root / package / keep)
 
 
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def run_suite(root: Path, tests: str, plugin: bool, extra: list[str]) -> dict:
     """Run pytest in the sdist; returns {"outcomes": {test id: outcome}, "report": ...}."""
     label = "beatlib" if plugin else "plain"
@@ -128,6 +136,9 @@ def main() -> int:
             if opts.only and dist != opts.only:
                 continue
             if dist in STDLIB:
+                if not has_module(STDLIB[dist]):
+                    sys.exit(f"{dist}: this interpreter has no {STDLIB[dist]} (its test "
+                             "package is not installed)")
                 version = f"Python {platform.python_version()}"
                 root = workdir / f"{dist}-stdlib"
                 root.mkdir(exist_ok=True)
