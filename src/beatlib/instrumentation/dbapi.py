@@ -1,8 +1,9 @@
-"""What the DB-API drivers share: connection and cursor proxies that record one `db` span per
-`execute`/`executemany`/`callproc`, and a span around `connect`.
+"""What the DB-API drivers share: one `db` span per `execute`/`executemany`/`callproc`
+(`call_traced`), and a span around `connect`.
 
-C types (sqlite3, psycopg2) cannot be patched, so each driver's `connect` is wrapped to return
-wrapt proxies; all four drivers work the same way. Commit and rollback are not recorded.
+psycopg, psycopg2 and PyMySQL: `connect` is wrapped to return wrapt proxies of the connection
+and its cursors. sqlite3 patches its C types' methods instead (sqlite3.py), so its objects stay
+the driver's own. Commit and rollback are not recorded.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def _end(span: Span, db: Database, text: str, cursor: Any, exc: BaseException | 
 def call_traced(db: Database, method: Callable[..., Any], args: tuple[Any, ...],
                 kwargs: dict[str, Any], cursor: Any = None, proc: bool = False) -> Any:
     """`method(*args, **kwargs)` in a span; `cursor` None means the result is the cursor."""
-    if get_active() is None:
+    active = get_active()
+    if active is None or active.leaf:  # under an exit span (SQLAlchemy's) nothing is recorded
         return method(*args, **kwargs)
     span, text = _begin(db, args, kwargs, proc)
     if span is None:
@@ -115,7 +117,7 @@ class CursorProxy(wrapt.ObjectProxy):  # type: ignore[misc]
         self._self_connection = connection
 
     def _self_same(self, result: Any) -> Any:
-        # execute() returning the cursor itself (sqlite3, psycopg) keeps chaining traced.
+        # execute() returning the cursor itself (psycopg) keeps chaining traced.
         return self if result is self.__wrapped__ else result
 
     def _self_run(self, method: str, args: Any, kwargs: Any, proc: bool = False) -> Any:
@@ -191,7 +193,7 @@ class ConnectionProxy(wrapt.ObjectProxy):  # type: ignore[misc]
 
 
 class ExecuteConnectionProxy(ConnectionProxy):
-    """Connections with an `execute` shortcut that returns a new cursor (sqlite3, psycopg)."""
+    """Connections with an `execute` shortcut that returns a new cursor (psycopg)."""
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         method = self.__wrapped__.execute
@@ -247,6 +249,8 @@ class DBAPIInstrumentation(Instrumentation):
 
     subtype: ClassVar[str]
     connection_proxy: ClassVar[type[ConnectionProxy]] = ExecuteConnectionProxy
+    # A proxy costs every statement: SQLAlchemy's pools, whose spans cover them, get none.
+    skip_sqlalchemy_pools: ClassVar[bool] = True
 
     def where(self, connection: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> tuple[str | None, str | None, int | None]:
@@ -255,6 +259,10 @@ class DBAPIInstrumentation(Instrumentation):
         info = connection.info
         return info.dbname, info.host, info.port
 
+    def opened(self, connection: Any, db: Database, proxy: type[ConnectionProxy]) -> Any:
+        """What `connect` returns for a new connection going to `db`."""
+        return proxy(connection, db)
+
     def _wrap(self, connection: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               proxy: type[ConnectionProxy], span: Span | None) -> Any:
         db = Database(self.subtype, raw=connection, source=self)
@@ -262,7 +270,7 @@ class DBAPIInstrumentation(Instrumentation):
             db = Database(self.subtype, *self.where(connection, args, kwargs), connection, self)
         if span is not None:
             _end(span, db, "", None, None)
-        return proxy(connection, db)
+        return self.opened(connection, db, proxy)
 
     def _connect_span(self) -> Span | None:
         if get_active() is None:
@@ -271,7 +279,7 @@ class DBAPIInstrumentation(Instrumentation):
 
     def connect(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
-        if opened_by_traced_sqlalchemy():
+        if self.skip_sqlalchemy_pools and opened_by_traced_sqlalchemy():
             return wrapped(*args, **kwargs)
         span = self._connect_span()
         try:

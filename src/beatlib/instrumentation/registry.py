@@ -8,6 +8,7 @@ post-import hook, so a library imported after `instrument()` is patched when it 
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import importlib.metadata
 import logging
@@ -16,7 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import wrapt
 
@@ -65,16 +66,22 @@ class Instrumentation:
         raise NotImplementedError
 
     def wrap(self, owner: Any, path: str, wrapper: Wrapper) -> None:
-        """Wrap `owner.<path>` (e.g. "Session.send") with a wrapt function wrapper."""
+        """Wrap `owner.<path>` (e.g. "Session.send") with a wrapt function wrapper; also a
+        method of an immutable C type (e.g. "Cursor.execute" of sqlite3)."""
         parent, attribute, original = wrapt.resolve_path(owner, path)
         own = attribute in vars(parent)  # else it came from a base class: delete, not restore
-        wrapt.wrap_function_wrapper(owner, path, wrapper)
+        if _immutable(parent):
+            _set_on_immutable_type(parent, attribute, wrapt.FunctionWrapper(original, wrapper))
+        else:
+            wrapt.wrap_function_wrapper(owner, path, wrapper)
         self._replaced.append((parent, attribute, original, own))
 
     def unpatch(self) -> None:
         while self._replaced:
             parent, attribute, original, own = self._replaced.pop()
-            if own:
+            if _immutable(parent):
+                _set_on_immutable_type(parent, attribute, original if own else None)
+            elif own:
                 setattr(parent, attribute, original)
             else:
                 delattr(parent, attribute)
@@ -90,6 +97,39 @@ class Instrumentation:
         lowest, below = self.versions
         found = _parse(version)
         return found >= _parse(lowest) and (below is None or found < _parse(below)), version
+
+
+_IMMUTABLETYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: C types that refuse setattr
+_type_modified: Any = None
+
+
+def _immutable(owner: Any) -> TypeGuard[type]:
+    return isinstance(owner, type) and bool(owner.__flags__ & _IMMUTABLETYPE)
+
+
+def _set_on_immutable_type(cls: type, attribute: str, value: Any) -> None:
+    """Put `value` (None: remove) in the dict of a C type that refuses setattr (sqlite3's
+    types since Python 3.10), then tell the interpreter, as setattr would: PyType_Modified
+    drops the method caches of the type and its subclasses. Only plain methods are set this
+    way: no slot (`__init__`, `__call__`) is recomputed."""
+    global _type_modified
+    if sys.implementation.name != "cpython" or attribute.startswith("__"):
+        raise TypeError(f"cannot patch {cls.__qualname__}.{attribute}")
+    referents = gc.get_referents(cls.__dict__)  # the mappingproxy refers to the type's dict
+    if len(referents) != 1 or not isinstance(referents[0], dict) or (
+            referents[0].keys() != cls.__dict__.keys()):
+        raise TypeError(f"cannot reach the dict of {cls.__qualname__}")
+    if _type_modified is None:
+        import ctypes  # only here: most processes never need it
+
+        _type_modified = ctypes.PYFUNCTYPE(None, ctypes.py_object)(
+            ("PyType_Modified", ctypes.pythonapi))
+    # The interpreter's caches hold the old value without a reference: it must outlive them.
+    old = referents[0].pop(attribute, None) if value is None else referents[0].get(attribute)
+    if value is not None:
+        referents[0][attribute] = value
+    _type_modified(cls)
+    del old
 
 
 def _parse(version: str) -> tuple[int, ...]:

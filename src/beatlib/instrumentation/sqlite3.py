@@ -1,4 +1,6 @@
-"""sqlite3: `connect` returns traced proxies; the instance is the database file's base name."""
+"""sqlite3: the `execute`, `executemany` and `executescript` of its C `Connection` and `Cursor`
+types are wrapped in place, so every connection and cursor stays the driver's own object (C
+type checks, subclasses, `type(conn)`). `connect` records a span and the database's name."""
 
 from __future__ import annotations
 
@@ -6,34 +8,48 @@ import os
 from types import ModuleType
 from typing import Any
 
+from beatlib.context import get_active
+from beatlib.guard import guard
 from beatlib.instrumentation.dbapi import (
+    ConnectionProxy,
+    Database,
     DBAPIInstrumentation,
-    ExecuteConnectionProxy,
     call_traced,
-    unwrap,
 )
 
-
-class SQLiteConnectionProxy(ExecuteConnectionProxy):
-    def executemany(self, *args: Any, **kwargs: Any) -> Any:
-        method = self.__wrapped__.executemany
-        return self._self_cursor(call_traced(self._self_db, method, args, kwargs))
-
-    def backup(self, target: Any, *args: Any, **kwargs: Any) -> Any:
-        # The C code accepts only a real sqlite3.Connection as the target.
-        return self.__wrapped__.backup(unwrap(target), *args, **kwargs)
+_STATEMENTS = ("execute", "executemany", "executescript")
+# Where the connections opened by `connect` go, by id: a sqlite3.Connection takes neither
+# attributes nor weak references. Forgotten on close; the oldest dropped past this many. One
+# made by calling sqlite3.Connection itself is not seen (its spans have no instance), unless
+# it has the address of a dead one that was never closed: then it gets that one's name.
+_KEPT = 1024
 
 
 class SQLite3(DBAPIInstrumentation):
     name = "sqlite3"
     module = "sqlite3"
     subtype = "sqlite"
-    connection_proxy = SQLiteConnectionProxy
+    skip_sqlalchemy_pools = False  # no proxy: a database name costs nothing per statement
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._places: dict[int, Database] = {}
+        self._unknown = Database(self.subtype, source=self)
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "connect", self.connect)
         if getattr(module, "dbapi2", None) is not None:
             self.wrap(module.dbapi2, "connect", self.connect)  # what SQLAlchemy calls
+        # Connection.execute makes a cursor and runs it in C, not through Cursor.execute
+        # (3.11+): both are wrapped, and the connection's span, a leaf, is the only one.
+        for method in _STATEMENTS:
+            self.wrap(module, f"Connection.{method}", self.connection_statement)
+            self.wrap(module, f"Cursor.{method}", self.cursor_statement)
+        self.wrap(module, "Connection.close", self.close)
+
+    def unpatch(self) -> None:
+        super().unpatch()
+        self._places.clear()
 
     def where(self, connection: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> tuple[str | None, str | None, int | None]:
@@ -42,3 +58,34 @@ class SQLite3(DBAPIInstrumentation):
             path, _, query = database[5:].partition("?")
             database = ":memory:" if "mode=memory" in query else path
         return os.path.basename(database) or None, None, None
+
+    def opened(self, connection: Any, db: Database, proxy: type[ConnectionProxy]) -> Any:
+        places = self._places
+        places[id(connection)] = db._replace(raw=None)  # never keep the connection alive
+        with guard("sqlite3: forgetting old connections"):
+            while len(places) > _KEPT:
+                del places[next(iter(places))]
+        return connection
+
+    def connection_statement(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                             kwargs: dict[str, Any]) -> Any:
+        active = get_active()
+        if active is None or active.leaf:
+            return wrapped(*args, **kwargs)
+        return call_traced(self._places.get(id(instance), self._unknown), wrapped, args, kwargs)
+
+    def cursor_statement(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Any:
+        active = get_active()
+        if active is None or active.leaf:
+            return wrapped(*args, **kwargs)
+        db = self._unknown
+        with guard("sqlite3: finding a cursor's connection"):
+            # None for a cursor whose __init__ was not called: the driver says so below.
+            db = self._places.get(id(instance.connection), db)
+        return call_traced(db, wrapped, args, kwargs, instance)
+
+    def close(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> Any:
+        self._places.pop(id(instance), None)
+        return wrapped(*args, **kwargs)
