@@ -14,6 +14,7 @@ import importlib.metadata
 import logging
 import re
 import sys
+import sysconfig
 import threading
 from collections.abc import Callable
 from types import ModuleType
@@ -113,7 +114,9 @@ def _set_on_immutable_type(cls: type, attribute: str, value: Any) -> None:
     drops the method caches of the type and its subclasses. Only plain methods are set this
     way: no slot (`__init__`, `__call__`) is recomputed."""
     global _type_modified
-    if sys.implementation.name != "cpython" or attribute.startswith("__"):
+    # CPython with its GIL only: a free-threaded build may read the dict while it changes.
+    if (sys.implementation.name != "cpython" or attribute.startswith("__")
+            or sysconfig.get_config_var("Py_GIL_DISABLED")):
         raise TypeError(f"cannot patch {cls.__qualname__}.{attribute}")
     referents = gc.get_referents(cls.__dict__)  # the mappingproxy refers to the type's dict
     if len(referents) != 1 or not isinstance(referents[0], dict) or (
