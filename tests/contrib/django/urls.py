@@ -17,6 +17,14 @@ urlpatterns = [
     path("renamed/", views.renamed),
     path("health/", views.health),
     path("reset/<str:token>/", views.reset),
+    path("async/posts/<int:pk>/", views.async_posts),
+    path("async/wait/", views.async_wait),
+    path("async/boom/", views.async_boom),
+    path("async/signup/", views.async_signup),
+    path("async/reset/<str:token>/", views.async_reset),
+    path("async/stream/", views.async_stream),
+    path("async/stream-fail/", views.async_stream_fail),
+    path("async/call/", views.async_call),
 ]
 
 handler500 = "tests.contrib.django.shop.views.server_error"

@@ -83,7 +83,7 @@ def _request_failed(sender: Any, request: Any = None, **_: Any) -> None:
     """An exception Django turns into a 500 (or re-raises): captured once, with the request
     and the user; Django's own handling (500 page, handler500, debug page) runs unchanged."""
     try:
-        from beatlib.contrib.django.middleware import form_fields, record_user
+        from beatlib.contrib.django.middleware import form_fields, record_user, request_meta
 
         client = app_client()
         if client is None:
@@ -94,6 +94,6 @@ def _request_failed(sender: Any, request: Any = None, **_: Any) -> None:
             return
         record_user(request)
         form_fields(request)
-        capture_request_error(client, meta)
+        capture_request_error(client, request_meta(request))
     except Exception:
         report("django: capturing the request's exception")

@@ -22,9 +22,12 @@ class LoggingHandler(beat_logging.LoggingHandler):
         return _django_client() or get_client()
 
     def record_context(self, record: logging.LogRecord, client: Client) -> dict[str, Any]:
-        meta = getattr(getattr(record, "request", None), "META", None)
-        if isinstance(meta, dict):
-            return {"request": request_context(meta, client.config, for_error=True)}
+        request = getattr(record, "request", None)
+        if isinstance(getattr(request, "META", None), dict):
+            from beatlib.contrib.django.middleware import request_meta
+
+            return {"request": request_context(request_meta(request), client.config,
+                                               for_error=True)}
         return {}
 
 

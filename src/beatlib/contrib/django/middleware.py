@@ -1,13 +1,15 @@
 """`TracingMiddleware`: one `request` transaction per request, named by the URL pattern
 (`GET posts/<int:pk>/`), with the request (and body when `capture_body` asks), the response
-and the authenticated user; streamed responses end when Django closes them."""
+and the authenticated user; streamed responses end when Django closes them. Sync and async:
+under ASGI it runs on the event loop (no thread of its own), under WSGI as plain code."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.core.exceptions import MiddlewareNotUsed  # type: ignore[import-untyped,import-not-found]
 from django.http import HttpRequest, HttpResponseBase  # type: ignore[import-untyped,import-not-found]
 from django.utils.functional import LazyObject, empty  # type: ignore[import-untyped,import-not-found]
@@ -21,33 +23,38 @@ from beatlib.contrib.wsgi import (
     keep_body,
     produced,
     request_context,
+    set_active_for,
 )
 from beatlib.guard import guard, report
 from beatlib.tracing import Transaction
 
 
 class TracingMiddleware:
-    """Traces each request; put first in MIDDLEWARE (the app config does that for you)."""
+    """Traces each request; put first in MIDDLEWARE (the app config does that for you).
+
+    Async when the handler below it is (Django under ASGI), so it adds no thread hop there;
+    sync otherwise (WSGI), exactly as before."""
 
     sync_capable = True
-    async_capable = False
+    async_capable = True
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
         self.get_response = get_response
         client = app_client()
         if client is None or not client.config.enabled:
             raise MiddlewareNotUsed("beatlib is disabled or its settings are invalid")
         self.client = client
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+            # Django awaits a coroutine view hook under ASGI; a sync one would be run in a
+            # thread of its own for every request.
+            self.process_view = self._process_view_async  # type: ignore[method-assign,assignment]
 
-    def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        if self.client.config.capture_body != "off":
-            _guarded(_read_body, request)
-        previous = get_active()
-        try:
-            tx = begin_request(self.client, request.META)
-        except Exception:  # never let tracing take the request down
-            report("django: beginning the request's transaction")
-            tx = None
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self._call_async(request)
+        tx, previous = self._begin(request)
         if tx is None:
             return self.get_response(request)
         unnamed = tx.name
@@ -61,14 +68,42 @@ class TracingMiddleware:
         _guarded(self._finish, tx, unnamed, request, response)
         return response
 
+    async def _call_async(self, request: HttpRequest) -> HttpResponseBase:
+        tx, previous = self._begin(request)
+        get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response
+        if tx is None:
+            return await get_response(request)
+        unnamed = tx.name
+        try:
+            response = await get_response(request)
+        except BaseException:
+            _guarded(end_request, tx, 500)
+            raise
+        finally:
+            set_active(previous)
+        _guarded(self._finish, tx, unnamed, request, response)
+        return response
+
+    def _begin(self, request: HttpRequest) -> tuple[Transaction | None, Any]:
+        """The request's transaction (None if ignored or if beginning it failed), and what
+        was active before, to put back."""
+        if self.client.config.capture_body != "off":
+            _guarded(_read_body, request)
+        previous = get_active()
+        try:
+            return begin_request(self.client, request_meta(request)), previous
+        except Exception:  # never let tracing take the request down
+            report("django: beginning the request's transaction")
+            return None, previous
+
     def process_view(self, request: HttpRequest, view: Any, args: Any, kwargs: Any) -> None:
         """Named as soon as the URL is resolved, so errors in the view carry the name; the
         route's sensitive variables (`<token>`) are redacted in everything it records."""
-        tx = current_transaction()
-        if tx is not None and tx.name == request.method:
-            _guarded(_name, tx, request)
-        if tx is not None and kwargs:
-            _guarded(tx.set_route_params, kwargs)
+        _resolved(request, kwargs)
+
+    async def _process_view_async(self, request: HttpRequest, view: Any, args: Any,
+                                  kwargs: Any) -> None:
+        _resolved(request, kwargs)
 
     def _finish(self, tx: Transaction, unnamed: str | None, request: HttpRequest,
                 response: HttpResponseBase) -> None:
@@ -86,11 +121,12 @@ class TracingMiddleware:
 
         def failed() -> None:
             tx.outcome = tx.outcome or "failure"  # the app's own wins
-            capture_request_error(self.client, request.META)
+            capture_request_error(self.client, request_meta(request))
 
-        if getattr(response, "file_to_stream", None) is None and not getattr(
-                response, "is_async", False):
-            response.streaming_content = produced(  # type: ignore[attr-defined]
+        # A file's chunks are read, nothing of the app's runs: left as Django streams it.
+        if getattr(response, "file_to_stream", None) is None:
+            wrap = aproduced if getattr(response, "is_async", False) else produced
+            response.streaming_content = wrap(  # type: ignore[attr-defined]
                 response.streaming_content, tx,  # type: ignore[attr-defined]
                 lambda: _guarded(failed))
         # HttpResponseBase.close() (called by the server, or by Django's file wrapper) runs
@@ -108,6 +144,57 @@ class TracingMiddleware:
                     closed()
 
             response.close = traced_close  # type: ignore[method-assign]
+
+
+async def aproduced(body: AsyncIterable[bytes], segment: Any,
+                    on_error: Callable[[], Any]) -> AsyncIterator[bytes]:
+    """`produced` for an async iterator (`StreamingHttpResponse` of an async generator):
+    each chunk awaited with `segment` active, `on_error` when producing one raises."""
+    try:
+        previous = set_active_for(segment)
+        try:
+            iterator = aiter(body)
+        finally:
+            set_active(previous)
+        while True:
+            previous = set_active_for(segment)
+            try:
+                chunk = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            finally:
+                set_active(previous)
+            yield chunk
+    except GeneratorExit:
+        raise  # left unfinished (a client gone): not the app's error
+    except Exception:
+        previous = set_active_for(segment)
+        try:
+            on_error()
+        finally:
+            set_active(previous)
+        raise
+
+
+def request_meta(request: HttpRequest) -> dict[str, Any]:
+    """`request.META`, read by the WSGI request context; for an ASGI request, a copy with
+    what its scope holds instead (scheme, HTTP version) under the WSGI names."""
+    meta: dict[str, Any] = request.META
+    scope = getattr(request, "scope", None)
+    if not isinstance(scope, dict) or "wsgi.url_scheme" in meta:
+        return meta
+    extra = {"wsgi.url_scheme": scope.get("scheme") or "http"}
+    if isinstance(scope.get("http_version"), str):
+        extra["SERVER_PROTOCOL"] = "HTTP/" + scope["http_version"]
+    return {**meta, **extra}
+
+
+def _resolved(request: HttpRequest, kwargs: Any) -> None:
+    tx = current_transaction()
+    if tx is not None and tx.name == request.method:
+        _guarded(_name, tx, request)
+    if tx is not None and kwargs:
+        _guarded(tx.set_route_params, kwargs)
 
 
 def _name(tx: Transaction, request: HttpRequest) -> None:
@@ -129,13 +216,17 @@ def transaction_name(request: HttpRequest, status_code: int) -> str:
 
 def record_user(request: HttpRequest, tx: Transaction | None = None) -> None:
     """The authenticated user as `context.user`, if the app already looked the user up
-    (a lazy `request.user` nobody touched stays untouched: no session query of ours)."""
+    (`request.user`, or `await request.auser()`; a lazy user nobody touched stays untouched:
+    no session query of ours)."""
     tx = tx or current_transaction()
     if tx is None or not tx.sampled or (tx.context and "user" in tx.context):
         return
-    user = vars(request).get("_cached_user")
+    found = vars(request)
+    user = found.get("_cached_user")
     if user is None:
-        user = vars(request).get("user")
+        user = found.get("_acached_user")  # `await request.auser()`
+    if user is None:
+        user = found.get("user")
         if isinstance(user, LazyObject):
             wrapped = vars(user).get("_wrapped", empty)
             user = None if wrapped is empty else wrapped
@@ -170,7 +261,7 @@ def form_fields(request: HttpRequest, tx: Transaction | None = None) -> None:
         config = tx.tracer.config
         if config.capture_body in ("all", "transactions"):  # the request again, with its body
             tx.set_context("request", functools.partial(
-                request_context, dict(meta), config, False))
+                request_context, dict(request_meta(request)), config, False))
 
 
 def _guarded(function: Callable[..., Any], *args: Any) -> None:

@@ -1,10 +1,13 @@
 """The shop's views: ORM queries, templates, an outgoing HTTP call, a view that raises,
-streamed and file responses, a form with a password, logging."""
+streamed and file responses, a form with a password, logging; and async ones of the same."""
 
+import asyncio
 import json
 import logging
+import threading
 import time
 
+import httpx
 import requests
 from django.conf import settings
 from django.http import FileResponse, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -103,3 +106,68 @@ def reset(request, token):
 
 def health(request):
     return HttpResponse("ok")
+
+
+# Async views (served through AsyncClient and under a real ASGI server in the tests).
+
+async def async_posts(request, pk):
+    """The async ORM (each call run by Django in a thread) and where the view ran."""
+    post = await Post.objects.aget(pk=pk)
+    count = await Post.objects.filter(published__year=2024).acount()
+    titles = [p.title async for p in Post.objects.all()]
+    with beatlib.capture_span("price lookup"):
+        await asyncio.sleep(0.01)
+    tx = beatlib.get_current_transaction()
+    return JsonResponse({"title": post.title, "count": count, "titles": titles,
+                         "thread": threading.get_ident(),
+                         "transaction": tx and "%016x" % tx.id})
+
+
+async def async_wait(request):
+    await asyncio.sleep(float(request.GET.get("s", "0.2")))
+    return HttpResponse("waited")
+
+
+async def async_boom(request):
+    user = await request.auser()
+    await Post.objects.acount()
+    raise OutOfStock(f"nothing left for {user.get_username() or 'anyone'}")
+
+
+async def async_signup(request):
+    if request.content_type == "application/json":
+        data = json.loads(request.body)
+    else:
+        data = request.POST.dict()
+    return JsonResponse({"user": data.get("username"), "fields": sorted(data)}, status=201)
+
+
+async def async_reset(request, token):
+    logging.getLogger("shop.reset").error("reset for %s failed", request.path)
+    return HttpResponse("reset")
+
+
+async def async_stream(request):
+    async def chunks():
+        for i in range(3):
+            with beatlib.capture_span(f"chunk {i}"):
+                await asyncio.sleep(0.05)
+                await Post.objects.acount()
+            yield f"{i};"
+
+    return StreamingHttpResponse(chunks(), content_type="text/plain")
+
+
+async def async_stream_fail(request):
+    async def chunks():
+        yield "0;"
+        raise OutOfStock("ran out while streaming")
+
+    return StreamingHttpResponse(chunks(), content_type="text/plain")
+
+
+async def async_call(request):
+    """An outgoing call from an async view (httpx), carrying the trace to the next service."""
+    async with httpx.AsyncClient() as client:
+        upstream = await client.get(request.GET["url"], timeout=5)
+    return HttpResponse(upstream.text)
