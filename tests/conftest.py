@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole test suite: the validating intake v2 `receiver`."""
+"""Fixtures shared by the whole test suite: the validating intake v2 `receiver`, and the real
+database servers (one of each per session, whichever folder uses it)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.databases import mariadb, postgres  # noqa: F401
 from tests.receiver import Receiver
 
 

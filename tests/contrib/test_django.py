@@ -4,6 +4,7 @@ by the user, invalid settings, and `manage.py beatlib check` / `test` against th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 pytest.importorskip("django")
 
+from tests.databases import DatabaseServer  # noqa: E402
 from tests.instrumentation.http_server import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +38,17 @@ def test_the_django_project_tests():
                  BEATLIBTEST_DJANGO="1")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+def test_async_views_and_the_async_orm_on_postgresql(postgres: DatabaseServer):
+    """aget/acount/async for run the sync ORM in Django's thread: on a real PostgreSQL, their
+    queries (psycopg) are spans of the request's transaction, ten requests at once too."""
+    result = run(["-m", "pytest", "tests/contrib/django/test_async.py", "-q",
+                  "-p", "no:cacheprovider", "-k", "async_orm or concurrent"],
+                 BEATLIBTEST_DJANGO="1", SHOP_POSTGRES=json.dumps(postgres.login),
+                 DJANGO_SETTINGS_MODULE="tests.contrib.django.settings_postgres")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert "2 passed" in result.stdout, result.stdout[-3000:]
 
 
 def test_middleware_placed_by_the_user_is_not_inserted_again(receiver, tmp_path):

@@ -8,7 +8,6 @@ import pytest
 
 import beatlib
 from beatlib import context
-from tests.databases import mariadb, postgres  # noqa: F401
 from tests.instrumentation.http_server import HTTPServer
 
 

@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 import pytest
-from asgiref.sync import SyncToAsync
+from asgiref.sync import SyncToAsync, sync_to_async
 from django.db import connection
 from django.test import AsyncClient, Client, override_settings
 
@@ -24,6 +24,13 @@ SUBTYPE = {"sqlite": "sqlite", "postgresql": "postgresql"}[connection.vendor]
 
 def run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
+
+
+async def login(client: AsyncClient, user: Any) -> None:
+    if hasattr(client, "aforce_login"):  # Django 5.0+
+        await client.aforce_login(user)
+    else:
+        await sync_to_async(client.force_login)(user)
 
 
 async def get(path: str, client: AsyncClient | None = None, **kwargs: Any) -> Any:
@@ -113,7 +120,7 @@ def test_concurrent_async_requests_each_their_own_transaction(beat, shop_data):
 def test_an_async_view_that_raises_is_captured_once(beat, shop_data):
     async def request() -> Any:
         client = AsyncClient(raise_request_exception=False)
-        await client.aforce_login(shop_data[1])
+        await login(client, shop_data[1])
         return await get("/async/boom/?page=2", client)
 
     resp = run(request())
@@ -185,7 +192,7 @@ def test_a_sync_view_under_asgi(beat, shop_data):
 
     async def request() -> Any:
         client = AsyncClient()
-        await client.aforce_login(user)
+        await login(client, user)
         return await get(f"/posts/{post.pk}/", client)
 
     resp = run(request())

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import requests
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import FileResponse, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, render
@@ -129,7 +130,10 @@ async def async_wait(request):
 
 
 async def async_boom(request):
-    user = await request.auser()
+    if hasattr(request, "auser"):  # Django 5.0+
+        user = await request.auser()
+    else:  # Django 4.2: the lazy user looked up in Django's thread
+        user = await sync_to_async(lambda: (request.user.get_username(), request.user)[1])()
     await Post.objects.acount()
     raise OutOfStock(f"nothing left for {user.get_username() or 'anyone'}")
 
