@@ -70,6 +70,13 @@ def test_async_view_and_async_orm_in_the_request(beat, shop_data):
     assert all(s["transaction_id"] == tx["id"] and s["parent_id"] == tx["id"] for s in spans)
 
 
+def test_the_scheme_and_http_version_come_from_the_asgi_scope(beat):
+    assert run(get("/async/wait/?s=0", secure=True)).status_code == 200
+    request = beat.transaction()["context"]["request"]
+    assert request["url"]["full"] == "https://testserver/async/wait/?s=0"
+    assert (request["url"]["protocol"], request["http_version"]) == ("https:", "1.1")
+
+
 def _owner(func: Any) -> str:
     return str(getattr(inspect.unwrap(func), "__module__", "") or "")
 

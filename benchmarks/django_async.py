@@ -1,0 +1,152 @@
+"""Django under ASGI, plain and with beatlib: N concurrent requests through Django's
+`AsyncClient` to an async view that awaits (I/O-bound, 0.2 s), and the cost per request of an
+async view that returns at once (CPU-bound), each mode in its own interpreter.
+
+    python benchmarks/django_async.py [--concurrency 10 50] [--rounds 5] [--fast 500] [--runs 3]
+
+beatlib ships to a local sink answering 202 (the worker's gzip and HTTP run as in production).
+The two modes' interpreters take turns (--runs each); each figure is the best of all rounds;
+the ratio is beatlib / plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+WAIT = 0.2  # seconds the I/O-bound view awaits
+
+
+class Sink(BaseHTTPRequestHandler):
+    """An APM server that accepts every batch."""
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server naming
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(202)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def waiting(request: Any) -> Any:
+    from django.http import HttpResponse
+
+    await asyncio.sleep(WAIT)
+    return HttpResponse("waited")
+
+
+async def fast(request: Any) -> Any:
+    from django.http import HttpResponse
+
+    return HttpResponse("fast")
+
+
+def setup(mode: str) -> None:
+    import django
+    from django.conf import settings
+    from django.urls import path
+
+    apps = ["django.contrib.auth", "django.contrib.contenttypes", "django.contrib.sessions"]
+    beat: dict[str, Any] = {}
+    if mode == "beatlib":
+        sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+        threading.Thread(target=sink.serve_forever, daemon=True).start()
+        apps.append("beatlib.contrib.django")
+        beat = {"SERVICE_NAME": "bench", "SERVER_URL": f"http://127.0.0.1:{sink.server_port}",
+                "FLUSH_INTERVAL": "1s"}
+    settings.configure(
+        DEBUG=False, SECRET_KEY="bench", ALLOWED_HOSTS=["*"], ROOT_URLCONF=__name__,
+        INSTALLED_APPS=apps, BEATLIB=beat,
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        MIDDLEWARE=["django.middleware.security.SecurityMiddleware",
+                    "django.contrib.sessions.middleware.SessionMiddleware",
+                    "django.middleware.common.CommonMiddleware",
+                    "django.contrib.auth.middleware.AuthenticationMiddleware"],
+    )
+    globals()["urlpatterns"] = [path("wait/", waiting), path("fast/", fast)]
+    django.setup()
+
+
+async def concurrent(client: Any, url: str, n: int) -> float:
+    started = time.perf_counter()
+    responses = await asyncio.gather(*(client.get(url) for _ in range(n)))
+    elapsed = time.perf_counter() - started
+    assert all(r.status_code == 200 for r in responses)
+    return elapsed
+
+
+async def measure(concurrency: list[int], rounds: int, fast_requests: int) -> dict[str, Any]:
+    from django.test import AsyncClient
+
+    client = AsyncClient()
+    await concurrent(client, "/fast/", 20)  # middleware loaded, code paths warm
+    figures: dict[str, Any] = {}
+    for n in concurrency:
+        figures[f"wait x{n} (s)"] = min([await concurrent(client, "/wait/", n)
+                                         for _ in range(rounds)])
+    per = []
+    for _ in range(rounds):
+        elapsed = await concurrent(client, "/fast/", fast_requests)
+        per.append(elapsed / fast_requests * 1e6)
+    figures["fast (us/request)"] = min(per)
+    return figures
+
+
+def child(args: argparse.Namespace) -> None:
+    setup(args.mode)
+    figures = asyncio.run(measure(args.concurrency, args.rounds, args.fast))
+    if args.mode == "beatlib":
+        from beatlib import get_client
+
+        client = get_client()
+        assert client is not None and client.flush(10)
+        figures["events sent"] = client.stats().get("sent_events", -1)
+    print(json.dumps(figures))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--fast", type=int, default=500, help="requests in the CPU-bound case")
+    parser.add_argument("--runs", type=int, default=3, help="interpreters per mode, in turn")
+    parser.add_argument("--mode", choices=["plain", "beatlib"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        child(args)
+        return
+    results: dict[str, dict[str, float]] = {"plain": {}, "beatlib": {}}
+    for _ in range(args.runs):
+        for mode in ("plain", "beatlib"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--mode", mode, "--rounds", str(args.rounds),
+                 "--fast", str(args.fast), "--concurrency", *map(str, args.concurrency)],
+                check=True, capture_output=True, text=True).stdout
+            for key, value in json.loads(out.strip().splitlines()[-1]).items():
+                best = results[mode].get(key)
+                results[mode][key] = value if best is None else min(best, value)
+    print(f"{'':24} {'plain':>10} {'beatlib':>10} {'ratio':>7}")
+    sent = results["beatlib"].pop("events sent")
+    for key, plain in results["plain"].items():
+        beat = results["beatlib"][key]
+        print(f"{key:24} {plain:10.4f} {beat:10.4f} {beat / plain:7.2f}")
+    print(f"events sent by beatlib (fewest of a run): {sent:.0f}")
+
+
+if __name__ == "__main__":
+    main()
