@@ -13,7 +13,8 @@ most of a fast request's time. beatlib ships to a local sink (a process of its o
 The two modes' interpreters take turns (--runs each); each figure is the best of all rounds;
 the ratio is beatlib / plain. The fast case's wall time is at the mercy of other processes on
 the machine; its CPU times (the event loop's thread; the whole process: Django's sync thread,
-beatlib's worker included) much less so.
+beatlib's worker included) much less so. Last, the fast case once more in one interpreter,
+with and without beatlib's middleware in alternate rounds: the median ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import atexit
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -76,7 +78,7 @@ def setup(mode: str, middleware: list[str]) -> None:
 
     apps = ["django.contrib.auth", "django.contrib.contenttypes", "django.contrib.sessions"]
     beat: dict[str, Any] = {}
-    if mode == "beatlib":
+    if mode in ("beatlib", "paired"):
         # In a process of its own, so the process CPU measured here is beatlib's and Django's.
         sink = subprocess.Popen([sys.executable, __file__, "--sink"], stdout=subprocess.PIPE,
                                 text=True)
@@ -119,8 +121,36 @@ async def measure(concurrency: list[int], rounds: int, fast_requests: int) -> di
     return figures
 
 
+async def paired(rounds: int, fast_requests: int) -> dict[str, Any]:
+    """One interpreter, beatlib installed, two handlers: without and with its middleware, in
+    alternate rounds, so a change in the machine's load hits both alike. The median of the
+    rounds' ratios."""
+    from django.conf import settings
+    from django.test import AsyncClient, override_settings
+
+    plain, beat = AsyncClient(), AsyncClient()
+    with override_settings(MIDDLEWARE=[m for m in settings.MIDDLEWARE if "beatlib" not in m]):
+        await concurrent(plain, "/fast/", 20)  # its middleware chain is built now
+    await concurrent(beat, "/fast/", 20)
+    ratios: list[list[float]] = [[], [], []]
+    for n in range(rounds):  # ABBA: neither goes first every time
+        if n % 2:
+            with_ = await concurrent(beat, "/fast/", fast_requests)
+            without = await concurrent(plain, "/fast/", fast_requests)
+        else:
+            without = await concurrent(plain, "/fast/", fast_requests)
+            with_ = await concurrent(beat, "/fast/", fast_requests)
+        for i in range(3):
+            ratios[i].append(with_[i] / without[i])
+    return {f"paired fast, {what} (ratio)": statistics.median(ratios[i])
+            for i, what in enumerate(("wall", "loop thread CPU", "process CPU"))}
+
+
 def child(args: argparse.Namespace) -> None:
     setup(args.mode, [] if args.no_middleware else DEFAULT_MIDDLEWARE)
+    if args.mode == "paired":
+        print(json.dumps(asyncio.run(paired(args.rounds * 2, args.fast))))
+        return
     figures = asyncio.run(measure(args.concurrency, args.rounds, args.fast))
     if args.mode == "beatlib":
         from beatlib import get_client
@@ -139,7 +169,8 @@ def main() -> None:
     parser.add_argument("--no-middleware", action="store_true",
                         help="no Django middleware but beatlib's")
     parser.add_argument("--runs", type=int, default=3, help="interpreters per mode, in turn")
-    parser.add_argument("--mode", choices=["plain", "beatlib"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["plain", "beatlib", "paired"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
@@ -166,6 +197,12 @@ def main() -> None:
         beat = results["beatlib"][key]
         print(f"{key:32} {plain:10.4f} {beat:10.4f} {beat / plain:7.2f}")
     print(f"events sent by beatlib (fewest of a run): {sent:.0f}")
+    out = subprocess.run(
+        [sys.executable, __file__, "--mode", "paired", "--rounds", str(args.rounds),
+         "--fast", str(args.fast), *(["--no-middleware"] if args.no_middleware else [])],
+        check=True, capture_output=True, text=True).stdout
+    for key, ratio in json.loads(out.strip().splitlines()[-1]).items():
+        print(f"{key:54} {ratio:7.2f}")
 
 
 if __name__ == "__main__":
