@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 pytest.importorskip("django")
 
+from tests.contrib.servers import ServerProcess  # noqa: E402
 from tests.databases import DatabaseServer  # noqa: E402
 from tests.instrumentation.http_server import free_port  # noqa: E402
 
@@ -49,6 +53,38 @@ def test_async_views_and_the_async_orm_on_postgresql(postgres: DatabaseServer):
                  DJANGO_SETTINGS_MODULE="tests.contrib.django.settings_postgres")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "2 passed" in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("application", ["beatlib", "django"])
+def test_uvicorn_sigterm_sends_what_is_queued(receiver, tmp_path, application):
+    """uvicorn ends on SIGTERM by raising it again, skipping exit hooks, and Django refuses
+    lifespan: with Django's own get_asgi_application() what was queued is lost; with
+    beatlib's, it is sent at lifespan shutdown (the flush interval here is 120 s)."""
+    pytest.importorskip("uvicorn")
+    server = ServerProcess(
+        ["uvicorn", "tests.contrib.django.asgi:application", "--host", "127.0.0.1",
+         "--port", "{port}"], receiver.url, tmp_path / "uvicorn.log",
+        {"DJANGO_SETTINGS_MODULE": "tests.contrib.django.settings",
+         "SHOP_DB": str(tmp_path / "db.sqlite3"),
+         **({"ASGI_PLAIN": "1"} if application == "django" else {})})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.proc.poll() is None, server.log.read_text()
+            try:
+                if requests.get(f"{server.url}/health/", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                assert time.monotonic() < deadline, server.log.read_text()
+                time.sleep(0.1)
+        for _ in range(20):
+            assert requests.get(f"{server.url}/async/wait/?s=0", timeout=10).ok
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == -signal.SIGTERM, server.log.read_text()
+    finally:
+        server.kill()
+    sent = len(receiver.events("transaction"))
+    assert sent == (21 if application == "beatlib" else 0), server.log.read_text()
 
 
 def test_middleware_placed_by_the_user_is_not_inserted_again(receiver, tmp_path):

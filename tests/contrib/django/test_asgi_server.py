@@ -17,11 +17,11 @@ uvicorn = pytest.importorskip("uvicorn")
 
 @pytest.fixture(scope="module")
 def server():
-    from django.core.asgi import get_asgi_application
+    from beatlib.contrib.django.asgi import get_asgi_application
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(get_asgi_application(), lifespan="off", log_level="warning",
+    config = uvicorn.Config(get_asgi_application(), lifespan="on", log_level="warning",
                             access_log=False)
     httpd = uvicorn.Server(config)
     thread = threading.Thread(target=httpd.run, kwargs={"sockets": [sock]}, daemon=True)
