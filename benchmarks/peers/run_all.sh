@@ -2,13 +2,15 @@
 # Interleaved overhead benchmark of Python APM agents on a realistic Flask app.
 #   bash run_all.sh                      # 3 rounds x 5 agents, N=3000
 #   N=1000 ROUNDS=1 bash run_all.sh      # quick check
-# Env: PY (venv python), N, ROUNDS, AGENTS (space separated), OUT (jsonl path)
+#   RUNNER=run_one_asgi.py bash run_all.sh   # the FastAPI twin under uvicorn
+# Env: PY (venv python), N, ROUNDS, AGENTS (space separated), OUT (jsonl path), RUNNER
 set -uo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-../../.tox/bench/bin/python}
 N=${N:-3000}
 ROUNDS=${ROUNDS:-3}
 AGENTS=${AGENTS:-"none beatlib elasticapm sentry ddtrace otel"}
+RUNNER=${RUNNER:-run_one.py}
 mkdir -p results
 OUT=${OUT:-results/run_all_$(date +%Y%m%d_%H%M%S).jsonl}
 ERR=${OUT%.jsonl}.stderr.log
@@ -20,7 +22,7 @@ for r in $(seq 1 "$ROUNDS"); do
   for a in $AGENTS; do
     ts=$(date +%s)
     echo "=== round $r agent $a ===" >> "$ERR"
-    if ! "$PY" run_one.py "$a" "$N" --round "$r" >> "$OUT" 2>> "$ERR"; then
+    if ! "$PY" "$RUNNER" "$a" "$N" --round "$r" >> "$OUT" 2>> "$ERR"; then
       echo "{\"agent\": \"$a\", \"round\": $r, \"failed\": true}" >> "$OUT"
       echo "round $r $a: FAILED (see $ERR)" >&2
     else
