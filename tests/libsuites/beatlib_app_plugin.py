@@ -1,12 +1,13 @@
 """pytest plugin for a web app's own test suite: beatlib enabled as a user enables it for the
 framework (BEATLIBTEST_APP_FRAMEWORK): Flask, `Beat(app)` on every app the suite creates;
+Pyramid, `config.include("beatlib.contrib.pyramid")` before each `config.make_wsgi_app()`;
 Django, the settings of beatlib_app_settings (INSTALLED_APPS and BEATLIB added to the app's).
 
 Beside beatlib, and without asking it, the plugin notes every request the framework
-dispatches in each test and the name its route gives (the naming rule of docs/flask.md and
-docs/django.md). At the end it writes to BEATLIBTEST_SUITE_REPORT, for run.py to compare:
-those requests and the transactions that arrived per test, spans by type, invalid lines,
-beatlib's internal errors and its warnings.
+dispatches in each test and the name its route gives (the naming rules of docs/flask.md,
+docs/pyramid.md and docs/django.md). At the end it writes to BEATLIBTEST_SUITE_REPORT, for
+run.py to compare: those requests and the transactions that arrived per test, spans by type,
+invalid lines, beatlib's internal errors and its warnings.
 """
 
 from __future__ import annotations
@@ -106,6 +107,40 @@ def _hook_flask() -> Any:
     return client
 
 
+def _hook_pyramid() -> Any:
+    from pyramid.config import Configurator
+    from pyramid.router import Router
+
+    client = beatlib.Client(service_name=SERVICE, server_url=receiver_url(),
+                            flush_interval="1s", environ={})  # fmt: skip
+
+    def make_wsgi_app(wrapped: Any, config: Any, args: Any, kwargs: Any) -> Any:
+        # As the app's main() would: the `beatlib.client` setting, then the include.
+        config.registry.settings["beatlib.client"] = client
+        config.include("beatlib.contrib.pyramid")
+        return wrapped(*args, **kwargs)
+
+    wrapt.wrap_function_wrapper(Configurator, "make_wsgi_app", make_wsgi_app)
+    depth = [0]
+
+    def invoke_request(wrapped: Any, router: Any, args: Any, kwargs: Any) -> Any:
+        depth[0] += 1
+        status = None
+        try:
+            response = wrapped(*args, **kwargs)
+            status = response.status_code
+            return response
+        finally:
+            depth[0] -= 1
+            request = args[0] if args else kwargs["request"]
+            route = getattr(request, "matched_route", None)
+            if depth[0] == 0:  # a subrequest belongs to its parent's transaction
+                _note(f"{request.method} {route.pattern if route else 'unknown route'}", status)
+
+    wrapt.wrap_function_wrapper(Router, "invoke_request", invoke_request)
+    return client
+
+
 def _hook_django() -> None:
     from django.core.handlers.base import BaseHandler
 
@@ -131,10 +166,12 @@ def _hook_django() -> None:
 _client: Any = None
 if FRAMEWORK == "flask":
     _client = _hook_flask()
+elif FRAMEWORK == "pyramid":
+    _client = _hook_pyramid()
 elif FRAMEWORK == "django":
     _hook_django()  # the client is the app config's, from beatlib_app_settings
 else:
-    raise RuntimeError(f"BEATLIBTEST_APP_FRAMEWORK={FRAMEWORK!r}: flask or django")
+    raise RuntimeError(f"BEATLIBTEST_APP_FRAMEWORK={FRAMEWORK!r}: flask, pyramid or django")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -151,7 +188,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def _app_client() -> Any:
-    if FRAMEWORK == "flask":
+    if FRAMEWORK != "django":
         return _client
     from django.apps import apps
 

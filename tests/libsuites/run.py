@@ -67,10 +67,11 @@ class AppSuite:
     dist: str
     version: str | None  # None: the installed version (a framework's own example apps)
     root: str
-    framework: str  # how beatlib_app_plugin enables beatlib: "flask" or "django"
+    framework: str  # how beatlib_app_plugin enables beatlib: "flask", "pyramid" or "django"
     tests: str = "tests"
     paths: tuple[str, ...] = ()
     deps: tuple[str, ...] = ()
+    installed: bool = False  # the app pip-installed beside too, for its entry points
     settings: str | None = None  # Django: the app's settings module
     spans: tuple[str, ...] = ()  # span type/subtype the requests must have recorded
     min_requests: int = 1  # the suite's tests make at least this many requests
@@ -84,6 +85,15 @@ APP_SUITES = {
     # Flask's JavaScript example (templates, a JSON view), in Flask's own sdist.
     "flask-js-example": AppSuite("flask", None, "examples/javascript", "flask",
                                  spans=("template/jinja2",), min_requests=8),
+    # The wiki of Pyramid's SQLAlchemy tutorial, its last step (routes, a security policy,
+    # pyramid_tm, Jinja2 templates, alembic), in Pyramid's sdist. Installed beside, since its
+    # testing.ini names it by its entry point (`use = egg:tutorial`).
+    "pyramid-wiki": AppSuite(
+        "pyramid", None, "docs/tutorials/wiki2/src/tests", "pyramid", installed=True,
+        deps=("alembic==1.20.1", "bcrypt==5.0.0", "docutils==0.23", "pyramid-jinja2==2.10.1",
+              "pyramid-retry==2.1.1", "pyramid-tm==2.6", "transaction==5.1",
+              "zope.sqlalchemy==4.1"),
+        spans=("db/sqlite", "template/jinja2"), min_requests=20),
     # A registration app for Django (forms, the auth models, e-mail, signed activation
     # links); its own runner is Django's, here pytest-django runs the same TestCases.
     "django-registration": AppSuite(
@@ -191,8 +201,9 @@ def run_app_suite(name: str, suite: AppSuite, workdir: Path, extra: list[str]) -
     version = suite.version or importlib.metadata.version(suite.dist)
     root = fetch(suite.dist, version, workdir) / suite.root
     deps = workdir / f"deps-{name}"
-    install_deps(suite.deps, deps)
-    paths = (root, *(root / p for p in suite.paths), *([deps] if suite.deps else []))
+    install_deps((*suite.deps, *([str(root)] if suite.installed else [])), deps)
+    paths = (root, *(root / p for p in suite.paths),
+             *([deps] if suite.deps or suite.installed else []))  # fmt: skip
     plain_env = {"DJANGO_SETTINGS_MODULE": suite.settings} if suite.settings else {}
     traced_env = {"BEATLIBTEST_APP_FRAMEWORK": suite.framework}
     if suite.settings:
