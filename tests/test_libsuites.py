@@ -31,7 +31,7 @@ def report(**changes):
     base = {
         "requests": 2, "transactions": 2, "transaction_types": {"request": 2},
         "spans": {"db/sqlite": 3}, "errors": 0, "invalid_lines": 0, "internal_errors": {},
-        "beatlib_log": [], "instrumented": ["sqlite3"],
+        "beatlib_log": [], "instrumented": ["sqlite3"], "client_stats": {"dropped_queue_full": 0},
         "tests": {"tests/test_blog.py::test_index": {
             "requests": [["GET /", "HTTP 2xx"], ["POST /<int:id>/update", None]],
             "transactions": [["POST /<int:id>/update", "HTTP 5xx"], ["GET /", "HTTP 2xx"]]}},
@@ -60,6 +60,7 @@ def test_an_app_suite_whose_requests_all_arrived_passes():
     ("too few requests: the plugin not hooked in", {}, {"requests": 1}, "only 1 requests"),
     ("a transaction of another type", {}, {"transaction_types": {"test": 1}}, "types"),
     ("a span type missing", {}, {"spans": {}}, "no db/sqlite span"),
+    ("events dropped", {}, {"client_stats": {"dropped_queue_full": 2}}, "dropped_queue_full"),
     ("an invalid line", {}, {"invalid_lines": 1}, "1 invalid lines"),
     ("an internal error", {}, {"internal_errors": {"flask: x": 1}}, "internal errors"),
     ("a warning of beatlib", {}, {"beatlib_log": ["beatlib: queue full"]}, "queue full"),

@@ -145,18 +145,19 @@ def _hook_django() -> None:
     from django.core.handlers.base import BaseHandler
 
     def get_response(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        response = wrapped(*args, **kwargs)
-        request = args[0] if args else kwargs["request"]
-        match = getattr(request, "resolver_match", None)
-        route = getattr(match, "route", None)
-        if isinstance(route, str):
-            name = f"{request.method} {route or '/'}"
-        elif response.status_code == 404:
-            name = f"{request.method} unknown route"
-        else:
-            name = request.method
-        _note(name, response.status_code)
-        return response
+        status = None
+        try:
+            response = wrapped(*args, **kwargs)
+            status = response.status_code
+            return response
+        finally:
+            request = args[0] if args else kwargs["request"]
+            route = getattr(getattr(request, "resolver_match", None), "route", None)
+            if isinstance(route, str):
+                _note(f"{request.method} {route or '/'}", status)
+            else:  # no pattern matched (404), or a middleware answered before resolving
+                _note(f"{request.method} unknown route" if status == 404 else request.method,
+                      status)  # fmt: skip
 
     # The full middleware chain (test Client, runserver, any WSGI server); RequestFactory
     # requests call a view directly, as they do without beatlib: no transaction.
@@ -205,8 +206,13 @@ def _test_of(timestamp: int) -> str:
 def pytest_unconfigure(config: pytest.Config) -> None:
     client = _app_client()
     flushed = client.flush(30) if client is not None else None
+    stats = client.stats() if client is not None else {}
     if client is not None:
         client.close(10)
+    # Not every event comes through that client: a Django test that changes INSTALLED_APPS
+    # (modify_settings) has the app registry make the app configs anew, and so a client of
+    # its own, which sends on its flush interval (and at exit, too late for this receiver).
+    _receiver.wait_for("transaction", sum(len(r) for r in _requests.values()), timeout=20)
     _receiver.stop()
     transactions = _receiver.events("transaction")
     per_test: dict[str, dict[str, list[Any]]] = collections.defaultdict(
@@ -219,6 +225,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     report = {
         "instrumented": instrumented(),
         "flushed": flushed,
+        "client_stats": stats,
         "requests": sum(len(r) for r in _requests.values()),
         "transactions": len(transactions),
         "transaction_types": dict(collections.Counter(tx["type"] for tx in transactions)),

@@ -251,6 +251,9 @@ def app_problems(suite: AppSuite, plain: dict[str, str], traced: dict[str, str],
     if report["transaction_types"].keys() - {"request"}:
         problems.append(f"transaction types {report['transaction_types']}")
     problems += [f"no {span} span" for span in suite.spans if not report["spans"].get(span)]
+    dropped = {k: v for k, v in report["client_stats"].items() if k.startswith("dropped") and v}
+    if dropped:
+        problems.append(f"events dropped: {dropped}")
     if report["invalid_lines"]:
         problems.append(f"{report['invalid_lines']} invalid lines")
     if report["internal_errors"] or report["beatlib_log"]:
