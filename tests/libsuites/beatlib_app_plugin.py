@@ -58,6 +58,11 @@ def receiver_url() -> str:
     return str(_receiver.url)
 
 
+def _new_client() -> beatlib.Client:
+    return beatlib.Client(service_name=SERVICE, server_url=receiver_url(), flush_interval="1s",
+                          environ={})  # fmt: skip
+
+
 def _note(name: str, status: int | None) -> list[Any]:
     """One request the framework dispatched: [its name by its route, its result if known]."""
     noted = [name, None if status is None else f"HTTP {status // 100}xx"]
@@ -71,8 +76,7 @@ def _hook_flask() -> Any:
 
     from beatlib.contrib.flask import Beat
 
-    client = beatlib.Client(service_name=SERVICE, server_url=receiver_url(),
-                            flush_interval="1s", environ={})  # fmt: skip
+    client = _new_client()
 
     def init(wrapped: Any, app: Any, args: Any, kwargs: Any) -> None:
         wrapped(*args, **kwargs)
@@ -111,8 +115,7 @@ def _hook_pyramid() -> Any:
     from pyramid.config import Configurator
     from pyramid.router import Router
 
-    client = beatlib.Client(service_name=SERVICE, server_url=receiver_url(),
-                            flush_interval="1s", environ={})  # fmt: skip
+    client = _new_client()
 
     def make_wsgi_app(wrapped: Any, config: Any, args: Any, kwargs: Any) -> Any:
         # As the app's main() would: the `beatlib.client` setting, then the include.
