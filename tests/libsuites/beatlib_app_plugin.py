@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,27 @@ def _note(name: str, status: int | None) -> list[Any]:
     noted = [name, None if status is None else f"HTTP {status // 100}xx"]
     _requests[_test["id"] or "(outside a test)"].append(noted)
     return noted
+
+
+def _noting(name_of: Callable[[Any, int | None], str]) -> Any:
+    """A wrapper of the framework's request handling (`handle(request) -> response`) that
+    notes each request, the outermost only (a subrequest belongs to its parent's
+    transaction), also when the handling raised (no result then)."""
+    depth = [0]
+
+    def handle(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        depth[0] += 1
+        status = None
+        try:
+            response = wrapped(*args, **kwargs)
+            status = response.status_code
+            return response
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                _note(name_of(args[0] if args else kwargs["request"], status), status)
+
+    return handle
 
 
 def _hook_flask() -> Any:
@@ -124,47 +145,28 @@ def _hook_pyramid() -> Any:
         return wrapped(*args, **kwargs)
 
     wrapt.wrap_function_wrapper(Configurator, "make_wsgi_app", make_wsgi_app)
-    depth = [0]
 
-    def invoke_request(wrapped: Any, router: Any, args: Any, kwargs: Any) -> Any:
-        depth[0] += 1
-        status = None
-        try:
-            response = wrapped(*args, **kwargs)
-            status = response.status_code
-            return response
-        finally:
-            depth[0] -= 1
-            request = args[0] if args else kwargs["request"]
-            route = getattr(request, "matched_route", None)
-            if depth[0] == 0:  # a subrequest belongs to its parent's transaction
-                _note(f"{request.method} {route.pattern if route else 'unknown route'}", status)
+    def name(request: Any, status: int | None) -> str:
+        route = getattr(request, "matched_route", None)
+        return f"{request.method} {route.pattern if route is not None else 'unknown route'}"
 
-    wrapt.wrap_function_wrapper(Router, "invoke_request", invoke_request)
+    wrapt.wrap_function_wrapper(Router, "invoke_request", _noting(name))
     return client
 
 
 def _hook_django() -> None:
     from django.core.handlers.base import BaseHandler
 
-    def get_response(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        status = None
-        try:
-            response = wrapped(*args, **kwargs)
-            status = response.status_code
-            return response
-        finally:
-            request = args[0] if args else kwargs["request"]
-            route = getattr(getattr(request, "resolver_match", None), "route", None)
-            if isinstance(route, str):
-                _note(f"{request.method} {route or '/'}", status)
-            else:  # no pattern matched (404), or a middleware answered before resolving
-                _note(f"{request.method} unknown route" if status == 404 else request.method,
-                      status)  # fmt: skip
+    def name(request: Any, status: int | None) -> str:
+        route = getattr(getattr(request, "resolver_match", None), "route", None)
+        if isinstance(route, str):
+            return f"{request.method} {route or '/'}"
+        # No pattern matched (404), or a middleware answered before resolving.
+        return f"{request.method} unknown route" if status == 404 else str(request.method)
 
     # The full middleware chain (test Client, runserver, any WSGI server); RequestFactory
     # requests call a view directly, as they do without beatlib: no transaction.
-    wrapt.wrap_function_wrapper(BaseHandler, "get_response", get_response)
+    wrapt.wrap_function_wrapper(BaseHandler, "get_response", _noting(name))
 
 
 _client: Any = None
