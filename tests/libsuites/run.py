@@ -1,5 +1,6 @@
 """Run libraries' own test suites (Jinja2's, Mako's, Bottle's and SQLAlchemy's from their
-sdists, and the interpreter's own sqlite3 tests) without and with beatlib.
+sdists, and the interpreter's own sqlite3 tests), and web apps' own (APP_SUITES), without and
+with beatlib.
 
     python tests/libsuites/run.py [--workdir DIR] [--only NAME] [-- extra pytest args]
 
@@ -8,7 +9,11 @@ and each suite runs twice with the same pytest: plain, then with beatlib_suite_p
 (instrumentation on, a transaction around every test; for Bottle, its plugin installed into
 every app). The outcome of every test must be the same both times, and the instrumented run
 must have recorded the suite's spans (templates, queries; Bottle: request transactions) with
-no invalid events. Exit status 0 only then. Used by `tox -e libtests`.
+no invalid events. An app suite runs with beatlib enabled as a user enables it for its
+framework (beatlib_app_plugin): besides the same outcomes, every request a test made must
+have arrived as a transaction named by its route, with no invalid event and no internal
+error of beatlib. Exit status 0 only then. Used by tests/test_libsuites.py and
+`tox -e libtests`.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +58,55 @@ EXPECTED = {"sqlalchemy": ("db/sqlite", "sqlalchemy"), "sqlite3": ("db/sqlite", 
             "bottle": ("request_transactions", None)}
 
 
+@dataclass(frozen=True)
+class AppSuite:
+    """A web app whose sdist ships its tests (fetched from the package index: CI reaches no
+    code host). Run in `root`, the app's directory inside the sdist, with `root` and `paths`
+    on PYTHONPATH and `deps` (pinned, not installed in the project's venv) installed beside."""
+
+    dist: str
+    version: str | None  # None: the installed version (a framework's own example apps)
+    root: str
+    framework: str  # how beatlib_app_plugin enables beatlib: "flask", "pyramid" or "django"
+    tests: str = "tests"
+    paths: tuple[str, ...] = ()
+    deps: tuple[str, ...] = ()
+    installed: bool = False  # the app pip-installed beside too, for its entry points
+    settings: str | None = None  # Django: the app's settings module
+    spans: tuple[str, ...] = ()  # span type/subtype the requests must have recorded
+    min_requests: int = 1  # the suite's tests make at least this many requests
+
+
+# None of these suites has a test that needs the network: nothing is deselected.
+APP_SUITES = {
+    # Flask's tutorial app (blog with login, sqlite3, Jinja2), in Flask's own sdist.
+    "flaskr": AppSuite("flask", None, "examples/tutorial", "flask",
+                       spans=("db/sqlite", "template/jinja2"), min_requests=30),
+    # Flask's JavaScript example (templates, a JSON view), in Flask's own sdist.
+    "flask-js-example": AppSuite("flask", None, "examples/javascript", "flask",
+                                 spans=("template/jinja2",), min_requests=8),
+    # The wiki of Pyramid's SQLAlchemy tutorial, its last step (routes, a security policy,
+    # pyramid_tm, Jinja2 templates, alembic), in Pyramid's sdist. Installed beside, since its
+    # testing.ini names it by its entry point (`use = egg:tutorial`).
+    "pyramid-wiki": AppSuite(
+        "pyramid", None, "docs/tutorials/wiki2/src/tests", "pyramid", installed=True,
+        deps=("alembic==1.20.1", "bcrypt==5.0.0", "docutils==0.23", "pyramid-jinja2==2.10.1",
+              "pyramid-retry==2.1.1", "pyramid-tm==2.6", "transaction==5.1",
+              "zope.sqlalchemy==4.1"),
+        spans=("db/sqlite", "template/jinja2"), min_requests=20),
+    # A registration app for Django (forms, the auth models, e-mail, signed activation
+    # links); its own runner is Django's, here pytest-django runs the same TestCases.
+    "django-registration": AppSuite(
+        "django-registration", "5.2.1", ".", "django", paths=("src", "tests"),
+        deps=("pytest-django==4.14.0", "confusable-homoglyphs==3.3.1"),
+        settings="test_settings", spans=("db/sqlite", "template/django"), min_requests=30),
+}
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def fetch(dist: str, version: str, workdir: Path) -> Path:
     root = workdir / f"{dist}-{version}"
     if root.exists():
@@ -61,10 +117,13 @@ def fetch(dist: str, version: str, workdir: Path) -> Path:
          "--quiet", "--dest", str(workdir), f"{dist}=={version}"],
         check=True,
     )  # fmt: skip
-    [archive] = [p for p in workdir.iterdir() if p.name.lower().startswith(f"{dist}-{version}.")]
+    # An sdist's name may spell the project another way (django_registration-5.2.1.tar.gz).
+    [archive] = [p for p in workdir.iterdir() if p.is_file()
+                 and _normal(p.name).startswith(_normal(f"{dist}-{version}-"))]  # fmt: skip
     with tarfile.open(archive) as tar:
         tar.extractall(workdir, filter="data")
-    [unpacked] = [p for p in workdir.iterdir() if p.is_dir() and p.name.lower() == root.name]
+    [unpacked] = [p for p in workdir.iterdir()
+                  if p.is_dir() and _normal(p.name) == _normal(root.name)]  # fmt: skip
     unpacked.rename(root)
     return root
 
@@ -91,7 +150,9 @@ def has_module(name: str) -> bool:
         return False
 
 
-def run_suite(root: Path, tests: str, plugin: bool, extra: list[str], dist: str) -> dict:
+def run_suite(root: Path, tests: str, plugin: bool, extra: list[str], dist: str,
+              plugin_name: str = "beatlib_suite_plugin", env_extra: dict[str, str] | None = None,
+              paths: tuple[Path, ...] = ()) -> dict:  # fmt: skip
     """Run pytest in the sdist; returns {"outcomes": {test id: outcome}, "report": ...}."""
     label = "beatlib" if plugin else "plain"
     junit, report = root / f"junit-{label}.xml", root / f"report-{label}.json"
@@ -99,15 +160,16 @@ def run_suite(root: Path, tests: str, plugin: bool, extra: list[str], dist: str)
         sys.exit(f"no loopback guard at {LOOPBACK_GUARD}: third-party suites run only under it "
                  "(set BEATLIBTEST_LOOPBACK_GUARD)")
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LOOPBACK_GUARD),
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LOOPBACK_GUARD), *map(str, paths),
                                                       env.get("PYTHONPATH")]))
+    env.update(env_extra or {})
     args = [sys.executable, "-m", "pytest", *tests.split(), "-p", "no:cacheprovider", "-q",
             f"--junitxml={junit}", *extra]  # fmt: skip
     if plugin:
         env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(HERE)])
         env["BEATLIBTEST_SUITE_REPORT"] = str(report)
         env["BEATLIBTEST_SUITE"] = dist
-        args[3:3] = ["-p", "beatlib_suite_plugin"]
+        args[3:3] = ["-p", plugin_name]
     log = root / f"pytest-{label}.log"
     with log.open("w") as out:
         code = subprocess.run(args, cwd=root, env=env, stdout=out, stderr=out).returncode
@@ -128,10 +190,82 @@ def counts(outcomes: dict[str, str]) -> dict[str, int]:
     return result
 
 
+def install_deps(deps: tuple[str, ...], target: Path) -> None:
+    if deps and not target.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--target", str(target), *deps], check=True)  # fmt: skip
+
+
+def run_app_suite(name: str, suite: AppSuite, workdir: Path, extra: list[str]) -> bool:
+    """Run the app's suite plain and with beatlib; print what differs; True if nothing."""
+    version = suite.version or importlib.metadata.version(suite.dist)
+    root = fetch(suite.dist, version, workdir) / suite.root
+    deps = workdir / f"deps-{name}"
+    install_deps((*suite.deps, *([str(root)] if suite.installed else [])), deps)
+    paths = (root, *(root / p for p in suite.paths),
+             *([deps] if suite.deps or suite.installed else []))  # fmt: skip
+    plain_env = {"DJANGO_SETTINGS_MODULE": suite.settings} if suite.settings else {}
+    traced_env = {"BEATLIBTEST_APP_FRAMEWORK": suite.framework}
+    if suite.settings:
+        traced_env.update(DJANGO_SETTINGS_MODULE="beatlib_app_settings",
+                          BEATLIBTEST_APP_SETTINGS=suite.settings)
+    plain = run_suite(root, suite.tests, False, extra, name, env_extra=plain_env, paths=paths)
+    traced = run_suite(root, suite.tests, True, extra, name, "beatlib_app_plugin", traced_env,
+                       paths)
+    problems = app_problems(suite, plain["outcomes"], traced["outcomes"], traced["report"])
+    label = f"{name} ({suite.dist} {version})"
+    report = {k: v for k, v in traced["report"].items() if k != "tests"}
+    print(f"{label}: plain {counts(plain['outcomes'])}")
+    print(f"{label}: beatlib {counts(traced['outcomes'])}")
+    print(f"{label}: beatlib recorded {json.dumps(report)}")
+    for problem in problems[:20]:
+        print(f"  {problem}")
+    if problems:
+        print(f"{name}: NOT transparent; logs: {plain['log']} {traced['log']}")
+    return not problems
+
+
+def app_problems(suite: AppSuite, plain: dict[str, str], traced: dict[str, str],
+                 report: dict) -> list[str]:  # fmt: skip
+    """What breaks the promise: an outcome that differs, a request whose transaction did not
+    arrive (or not under its route's name and result), an invalid event, an internal error
+    or warning of beatlib, a span type the app's requests should have recorded and did not."""
+    problems = [f"differs: {t}: {plain.get(t)} -> {traced.get(t)}"
+                for t in sorted(plain.keys() | traced.keys()) if plain.get(t) != traced.get(t)]
+    for test, seen in sorted(report["tests"].items()):
+        # [name, result] per request (result None: the app raised through the test client),
+        # those with a known result matched first.
+        missing, arrived = [], list(seen["transactions"])
+        for name, result in sorted(seen["requests"], key=lambda r: r[1] is None):
+            match = next((tx for tx in arrived if tx[0] == name and result in (None, tx[1])),
+                         None)  # fmt: skip
+            if match is None:
+                missing.append([name, result])
+            else:
+                arrived.remove(match)
+        if missing or arrived:
+            problems.append(f"transactions of {test}: none for {missing}, unexpected {arrived}")
+    if report["requests"] < suite.min_requests:
+        problems.append(f"only {report['requests']} requests seen (at least "
+                        f"{suite.min_requests} expected): is the plugin hooked in?")  # fmt: skip
+    if report["transaction_types"].keys() - {"request"}:
+        problems.append(f"transaction types {report['transaction_types']}")
+    problems += [f"no {span} span" for span in suite.spans if not report["spans"].get(span)]
+    dropped = {k: v for k, v in report["client_stats"].items() if k.startswith("dropped") and v}
+    if dropped:
+        problems.append(f"events dropped: {dropped}")
+    if report["invalid_lines"]:
+        problems.append(f"{report['invalid_lines']} invalid lines")
+    if report["internal_errors"] or report["beatlib_log"]:
+        problems.append(f"internal errors {report['internal_errors']}, "
+                        f"logged {report['beatlib_log']}")  # fmt: skip
+    return problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, help="keep sdists here (default: a temp dir)")
-    parser.add_argument("--only", choices=sorted(SUITES))
+    parser.add_argument("--only", choices=sorted([*SUITES, *APP_SUITES]))
     parser.add_argument("pytest_args", nargs="*")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="beatlib-libsuites-") as tmp:
@@ -170,6 +304,9 @@ def main() -> int:
                     or (instrumentation and instrumentation not in report["instrumented"])):
                 ok = False
                 print(f"{dist}: NOT transparent; logs: {plain['log']} {traced['log']}")
+        for name, suite in APP_SUITES.items():
+            if not opts.only or name == opts.only:
+                ok = run_app_suite(name, suite, workdir, opts.pytest_args) and ok
         return 0 if ok else 1
 
 
