@@ -40,6 +40,15 @@ def ignored(path: str, config: Config) -> bool:
     return match is not None and match(path)
 
 
+def run_in(segment: Any, function: Callable[[], Any]) -> Any:
+    """`function()` with `segment` (if any) active, then what was active before."""
+    previous = set_active_for(segment)
+    try:
+        return function()
+    finally:
+        set_active(previous)
+
+
 def set_active_for(segment: Any) -> Any:
     """Make `segment` (if any) the active one; returns what was active, to put back."""
     previous = get_active()
@@ -303,11 +312,7 @@ def produced(body: Iterable[bytes], segment: Any, on_error: Callable[[], Any],
     except GeneratorExit:
         raise  # left unfinished (a client gone, a test not reading): not the app's error
     except errors:
-        previous = set_active_for(segment)
-        try:
-            on_error()
-        finally:
-            set_active(previous)
+        run_in(segment, on_error)
         raise
 
 

@@ -23,6 +23,7 @@ from beatlib.contrib.wsgi import (
     keep_body,
     produced,
     request_context,
+    run_in,
     set_active_for,
 )
 from beatlib.guard import guard, report
@@ -151,11 +152,7 @@ async def aproduced(body: AsyncIterable[bytes], segment: Any,
     """`produced` for an async iterator (`StreamingHttpResponse` of an async generator):
     each chunk awaited with `segment` active, `on_error` when producing one raises."""
     try:
-        previous = set_active_for(segment)
-        try:
-            iterator = aiter(body)
-        finally:
-            set_active(previous)
+        iterator = run_in(segment, lambda: aiter(body))
         while True:
             previous = set_active_for(segment)
             try:
@@ -168,11 +165,7 @@ async def aproduced(body: AsyncIterable[bytes], segment: Any,
     except GeneratorExit:
         raise  # left unfinished (a client gone): not the app's error
     except Exception:
-        previous = set_active_for(segment)
-        try:
-            on_error()
-        finally:
-            set_active(previous)
+        run_in(segment, on_error)
         raise
 
 
