@@ -161,11 +161,11 @@ def test_consumer_continues_the_trace(traced, session, aws):
     (message,) = sqs.receive_message(QueueUrl=url, MessageAttributeNames=["traceparent",
                                                                           "tracestate"])["Messages"]
     attributes = message["MessageAttributes"]
-    consumer = traced.client.begin_transaction(
-        "messaging", trace_parent=beatlib.parse_traceparent(
-            attributes["traceparent"]["StringValue"],
-            attributes.get("tracestate", {}).get("StringValue")))
-    traced.client.end_transaction("SQS RECEIVE from jobs", "success")
+    parent = beatlib.parse_traceparent(attributes["traceparent"]["StringValue"],
+                                       attributes["tracestate"]["StringValue"])
+    with beatlib.transaction("SQS RECEIVE from jobs", "messaging", traced.client,
+                             trace_parent=parent) as consumer:
+        pass
     assert consumer.trace_id == producer.trace_id
     transactions, spans, _ = traced.shipped()
     (send,) = spans
