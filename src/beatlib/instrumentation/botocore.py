@@ -10,6 +10,7 @@ and not values): never a message body, an item, an attribute value or a phone nu
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from types import ModuleType
@@ -98,19 +99,23 @@ def _start(client: Any, operation: Any, params: Any) -> Span | None:
 
 
 def _destination(endpoint_url: Any, region: Any) -> dict[str, Any]:
-    destination: dict[str, Any] = {}
-    parts = urlsplit(str(endpoint_url or ""))
-    if parts.hostname:
-        destination["address"] = parts.hostname
-        try:
-            port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
-        except ValueError:
-            port = None
-        if port:
-            destination["port"] = port
+    destination: dict[str, Any] = dict(_endpoint(str(endpoint_url or "")))
     if region:
         destination["cloud"] = {"region": str(region)}
     return destination
+
+
+@functools.lru_cache(maxsize=64)  # a process talks to few endpoints; parsing is most of a span
+def _endpoint(url: str) -> tuple[tuple[str, Any], ...]:
+    """(("address", host), ("port", port)) of an endpoint URL, as far as it has them."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return ()
+    try:
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        port = None
+    return (("address", parts.hostname), ("port", port)) if port else (("address", parts.hostname),)
 
 
 def _describe(service: str, operation: str, params: Mapping[str, Any], region: Any,
