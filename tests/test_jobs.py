@@ -115,6 +115,23 @@ def test_inside_an_open_transaction_a_job_is_a_span(client, receiver):
     assert receiver.events("error") == []  # left to whatever handles the request's errors
 
 
+def test_trace_parent_continues_a_callers_trace(client, receiver):
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with transaction("consume", "messaging", trace_parent=caller) as tx:
+        assert tx.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    with transaction("consume", trace_parent=beatlib.parse_traceparent(caller, "es=s:0.5")):
+        pass
+    with transaction("consume", trace_parent="garbage"):  # a new trace, no error
+        pass
+    assert client.flush(5)
+    first, second, third = receiver.events("transaction")
+    for tx in (first, second):
+        assert (tx["trace_id"], tx["parent_id"]) == ("0af7651916cd43dd8448eb211c80319c",
+                                                     "b7ad6b7169203331")
+    assert first["type"] == "messaging" and second["sample_rate"] == 0.5
+    assert "parent_id" not in third and third["trace_id"] != first["trace_id"]
+
+
 def test_after_a_job_the_previous_state_is_back(client):
     with transaction("first"):
         pass

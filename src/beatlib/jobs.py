@@ -13,7 +13,14 @@ from typing import Any, TypeVar
 
 from beatlib import context
 from beatlib.client import Client, get_client
-from beatlib.tracing import Span, Transaction, each_call_in, is_bare_decoration, start_span
+from beatlib.tracing import (
+    Span,
+    TraceParent,
+    Transaction,
+    each_call_in,
+    is_bare_decoration,
+    start_span,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,7 +34,7 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
     (none given and no default client) the code runs untouched.
     """
 
-    __slots__ = ("name", "transaction_type", "client", "_segment", "_client")
+    __slots__ = ("name", "transaction_type", "client", "trace_parent", "_segment", "_client")
 
     def __new__(cls, name: Any = None, *args: Any, **kwargs: Any) -> Any:
         if is_bare_decoration(name, args, kwargs):  # @beatlib.transaction, no parentheses
@@ -35,11 +42,13 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
         return super().__new__(cls)
 
     def __init__(
-        self, name: str | None = None, transaction_type: str = "task", client: Client | None = None
+        self, name: str | None = None, transaction_type: str = "task", client: Client | None = None,
+        trace_parent: TraceParent | str | None = None,
     ) -> None:
         self.name = name
         self.transaction_type = transaction_type
         self.client = client
+        self.trace_parent = trace_parent  # a caller's trace to continue (a message's traceparent)
         self._segment: Transaction | Span | None = None
         self._client: Client | None = None
 
@@ -52,7 +61,7 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
                                        self.transaction_type)
             return self._segment
         self._client = client
-        tx = client.begin_transaction(self.transaction_type)
+        tx = client.begin_transaction(self.transaction_type, self.trace_parent)
         tx.name = self.name  # now, so errors captured inside carry it
         self._segment = tx
         return tx
@@ -81,5 +90,5 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
     def __call__(self, func: F) -> F:
         inner = func.__func__ if isinstance(func, classmethod | staticmethod) else func
         name = self.name or getattr(inner, "__qualname__", None) or repr(inner)
-        args = (name, self.transaction_type, self.client)
+        args = (name, self.transaction_type, self.client, self.trace_parent)
         return each_call_in(lambda: transaction(*args), func)
