@@ -22,6 +22,7 @@ from tests.databases import READY_TIMEOUT, _free_port, _stop
 class CacheServer:
     host: str
     port: int
+    unix_socket: str | None = None
 
 
 def _answers(port: int, probe: bytes, reply: bytes) -> bool:
@@ -46,7 +47,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheServ
     proc = subprocess.Popen(
         [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(home),
          "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", str(log),
-         "--protected-mode", "no"],
+         "--protected-mode", "no", "--unixsocket", str(home / "redis.sock")],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -55,6 +56,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheServ
                 tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
                 pytest.fail(f"redis-server did not start (exit {proc.poll()}):\n{tail}")
             time.sleep(0.05)
-        yield CacheServer("127.0.0.1", port)
+        yield CacheServer("127.0.0.1", port, str(home / "redis.sock"))
     finally:
         _stop(proc, signal.SIGTERM)

@@ -6,13 +6,17 @@ and its key only (`SET user:1 ?`): values never leave the process; AUTH keeps no
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable
 from types import ModuleType
 from typing import Any
 
+import wrapt
+
 from beatlib.context import get_active
 from beatlib.guard import guard
 from beatlib.instrumentation.registry import Instrumentation
+from beatlib.instrumentation.registry import _lock as registry_lock
 from beatlib.tracing import Span, start_span
 
 SUBTYPE = "redis"
@@ -30,15 +34,35 @@ class Redis(Instrumentation):
     distribution = "redis"
     versions = ("4.2", "9")
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._asyncio_hooked = False
+
     def patch(self, module: ModuleType) -> None:
         # A Pipeline is a Redis whose execute_command queues (not wrapped: execute is) or,
         # while WATCHing, runs at once through immediate_execute_command.
         self.wrap(module, "client.Redis.execute_command", _command)
         self.wrap(module, "client.Pipeline.immediate_execute_command", _command)
         self.wrap(module, "client.Pipeline.execute", _pipeline)
-        self.wrap(module, "asyncio.client.Redis.execute_command", _async_command)
-        self.wrap(module, "asyncio.client.Pipeline.immediate_execute_command", _async_command)
-        self.wrap(module, "asyncio.client.Pipeline.execute", _async_pipeline)
+        # `import redis` brings redis.asyncio along in 5.0 (not in 4.2): else when the app
+        # imports it.
+        asyncio = sys.modules.get("redis.asyncio")
+        if asyncio is not None:
+            self._patch_asyncio(asyncio)
+        elif not self._asyncio_hooked:
+            self._asyncio_hooked = True
+            wrapt.register_post_import_hook(self._on_asyncio_import, "redis.asyncio")
+
+    def _patch_asyncio(self, asyncio: ModuleType) -> None:
+        self.wrap(asyncio, "client.Redis.execute_command", _async_command)
+        self.wrap(asyncio, "client.Pipeline.immediate_execute_command", _async_command)
+        self.wrap(asyncio, "client.Pipeline.execute", _async_pipeline)
+
+    def _on_asyncio_import(self, asyncio: ModuleType) -> None:
+        with registry_lock, _SPAN:
+            if self.patched and not isinstance(vars(asyncio.client.Redis)["execute_command"],
+                                               wrapt.FunctionWrapper):
+                self._patch_asyncio(asyncio)
 
 
 def _recorded() -> bool:
