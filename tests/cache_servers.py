@@ -1,10 +1,12 @@
-"""Real cache servers for tests: `redis_server` (Debian's `redis-server`), started once per
-session on 127.0.0.1 and a free port in a temporary directory, with no persistence; stopped at
-the end. Tests are skipped only when the binary is absent (.ci/run installs it).
+"""Real cache servers for tests: `redis_server` (Debian's `redis-server`, no persistence, in
+a temporary directory) and `memcached` (Debian's `memcached`), started once per session on
+127.0.0.1 and a free port, stopped at the end. Tests are skipped only when the binary is absent
+(.ci/run installs both).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -57,5 +59,28 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheServ
                 pytest.fail(f"redis-server did not start (exit {proc.poll()}):\n{tail}")
             time.sleep(0.05)
         yield CacheServer("127.0.0.1", port, str(home / "redis.sock"))
+    finally:
+        _stop(proc, signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def memcached() -> Iterator[CacheServer]:
+    """A memcached on TCP only (no UDP), 64 MB, as `nobody` when we are root (it refuses root)."""
+    binary = shutil.which("memcached")
+    if binary is None:
+        pytest.skip("memcached not found: install Debian's memcached package (.ci/run does)")
+    port = _free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    proc = subprocess.Popen([binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64",
+                             *user], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not _answers(port, b"version\r\n", b"VERSION"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc, signal.SIGKILL)
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                pytest.fail(f"memcached did not start (exit {proc.poll()}):\n{err}")
+            time.sleep(0.05)
+        yield CacheServer("127.0.0.1", port)
     finally:
         _stop(proc, signal.SIGTERM)
