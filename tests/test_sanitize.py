@@ -153,6 +153,19 @@ def test_sql_literals_become_placeholders() -> None:
     assert keep.sql("SELECT 1 WHERE a = 'x'") == "SELECT 1 WHERE a = 'x'"
 
 
+def test_only_sql_statements_get_placeholders() -> None:
+    span = {"context": {"db": {"type": "redis", "statement": "SET user:1 ?"}}}
+    assert Sanitizer([]).clean(span)["context"]["db"]["statement"] == "SET user:1 ?"
+    sql = {"context": {"db": {"type": "sql", "statement": "SELECT 1"}}}
+    assert Sanitizer([]).clean(sql)["context"]["db"]["statement"] == "SELECT ?"
+    untyped = {"context": {"db": {"statement": "SELECT 1"}}}
+    assert Sanitizer([]).clean(untyped)["context"]["db"]["statement"] == "SELECT ?"
+    # Still redacted by value: a token-shaped key.
+    key = "GET ghp_" + "a1B2" * 9
+    redis = {"context": {"db": {"type": "redis", "statement": key}}}
+    assert "a1B2" not in Sanitizer([]).clean(redis)["context"]["db"]["statement"]
+
+
 def test_postgresql_positional_parameters_are_kept() -> None:
     sql = "SELECT $1::int + 5, $$a$1$$ FROM t WHERE a = $2 AND b = 'x$3'"
     assert placeholders(sql) == "SELECT $1::int + ?, ? FROM t WHERE a = $2 AND b = ?"

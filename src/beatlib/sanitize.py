@@ -293,6 +293,10 @@ class Sanitizer:
                 if item is not None and self.is_sensitive(key):
                     out[key] = REDACTED
                     continue
+            elif key == "statement" and value.get("type", "sql") != "sql":
+                # A command of another kind of database (Redis): no SQL literals to replace.
+                out[key] = self.clean(item, False, values)
+                continue
             elif key in OWN_FIELDS:  # our ids and the fields that need their own rule
                 out[key] = self._own(key, item, values)
                 continue

@@ -32,6 +32,8 @@ AVAILABLE = (
     "beatlib.instrumentation.asyncpg:Asyncpg",
     "beatlib.instrumentation.pymysql:PyMySQL",
     "beatlib.instrumentation.sqlalchemy:SQLAlchemy",
+    "beatlib.instrumentation.redis:Redis",
+    "beatlib.instrumentation.pymemcache:Pymemcache",
     "beatlib.instrumentation.requests:Requests",
     "beatlib.instrumentation.urllib3:Urllib3",
     "beatlib.instrumentation.httpx:Httpx",
