@@ -197,3 +197,28 @@ def test_decorators_without_parentheses_run_the_function_and_record_it(client, r
     assert ("Billing.fee", txs["Billing.nightly"]["id"]) in spans
     assert ("bare_async_span", txs["bare_async"]["id"]) in spans
     assert Billing.run.__name__ == "run" and bare_async.__name__ == "bare_async"
+
+
+def test_headers_of_a_message_continue_its_trace(client, receiver):
+    trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    headers = {"Traceparent": f"00-{trace_id}-{parent_id}-01".encode(), "tracestate": "es=s:1",
+               "other": 3}
+    with transaction("consume", "messaging", headers=headers):
+        pass
+
+    @transaction("each call", headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    def job():
+        pass
+
+    job()
+    with transaction("no parent", headers={"traceparent": "garbage"}):
+        pass
+    with transaction("odd headers", headers=["not", "a", "mapping"]):  # type: ignore[arg-type]
+        pass
+    assert client.flush(5)
+    txs = {t["name"]: t for t in receiver.events("transaction")}
+    for name in ("consume", "each call"):
+        assert (txs[name]["trace_id"], txs[name]["parent_id"]) == (trace_id, parent_id)
+    assert txs["consume"]["type"] == "messaging"
+    for name in ("no parent", "odd headers"):
+        assert txs[name]["trace_id"] != trace_id and "parent_id" not in txs[name]
