@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.brokers import rabbitmq  # noqa: F401
 from tests.databases import mariadb, postgres  # noqa: F401
 from tests.receiver import Receiver
 

@@ -36,6 +36,8 @@ AVAILABLE = (
     "beatlib.instrumentation.urllib3:Urllib3",
     "beatlib.instrumentation.httpx:Httpx",
     "beatlib.instrumentation.aiohttp:Aiohttp",
+    "beatlib.instrumentation.pika:Pika",
+    "beatlib.instrumentation.kombu:Kombu",
     "beatlib.instrumentation.jinja2:Jinja2",
     "beatlib.instrumentation.mako:Mako",
     "beatlib.instrumentation.django_templates:DjangoTemplates",
