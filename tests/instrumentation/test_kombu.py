@@ -54,7 +54,7 @@ def test_publish_is_a_send_span_with_trace_headers_in_a_copy(traced, connection)
 
 
 def test_the_consumer_continues_the_trace_with_beatlib_transaction(traced, connection):
-    queue = kombu.Queue("beatlib-jobs", auto_delete=True)
+    queue = kombu.Queue("beatlib-kombu-jobs", auto_delete=True)
 
     def handle(body, message):
         with beatlib.transaction("handle job", "messaging", headers=message.headers):
@@ -62,7 +62,7 @@ def test_the_consumer_continues_the_trace_with_beatlib_transaction(traced, conne
 
     with connection.Consumer(queue, callbacks=[handle]):
         publisher = traced.begin()
-        connection.Producer().publish("x", routing_key="beatlib-jobs")
+        connection.Producer().publish("x", routing_key="beatlib-kombu-jobs")
         traced.end()
         connection.drain_events(timeout=5)
     txs, (send,), _ = traced.shipped()
@@ -71,18 +71,18 @@ def test_the_consumer_continues_the_trace_with_beatlib_transaction(traced, conne
 
 
 def test_outside_a_transaction_and_failures(traced, connection):
-    queue = kombu.Queue("beatlib-plain", auto_delete=True)
+    queue = kombu.Queue("beatlib-kombu-plain", auto_delete=True)
     received = []
     with connection.Consumer(queue, callbacks=[lambda body, m: received.append(m)]):
-        connection.Producer().publish("x", routing_key="beatlib-plain")
+        connection.Producer().publish("x", routing_key="beatlib-kombu-plain")
         connection.drain_events(timeout=5)
         traced.begin()
         with pytest.raises(kombu.exceptions.EncodeError):
-            connection.Producer().publish(object(), routing_key="beatlib-plain")
+            connection.Producer().publish(object(), routing_key="beatlib-kombu-plain")
         traced.end()
     assert received[0].headers == {}
     (span,) = traced.spans()
-    assert (span["name"], span["outcome"]) == ("RabbitMQ SEND to beatlib-plain", "failure")
+    assert (span["name"], span["outcome"]) == ("RabbitMQ SEND to beatlib-kombu-plain", "failure")
 
 
 def test_uninstrument_restores_and_disabling_skips_it(traced):
@@ -99,10 +99,10 @@ def test_instrumenting_before_kombu_is_imported(receiver, rabbitmq):
         import kombu
         with kombu.Connection({rabbitmq.url!r}) as conn:
             client.begin_transaction("test")
-            conn.Producer().publish("x", routing_key="beatlib-late")
+            conn.Producer().publish("x", routing_key="beatlib-kombu-late")
             client.end_transaction("t", "success")
     """, receiver.url)
-    assert [s["name"] for s in receiver.events("span")] == ["RabbitMQ SEND to beatlib-late"]
+    assert [s["name"] for s in receiver.events("span")] == ["RabbitMQ SEND to beatlib-kombu-late"]
 
 
 def test_celery_over_rabbitmq_keeps_its_one_send_span_and_task_transaction(traced, rabbitmq):

