@@ -15,6 +15,7 @@ import timeit
 from collections.abc import Callable
 
 import jinja2
+import kombu
 import sqlalchemy
 
 import beatlib
@@ -60,10 +61,18 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
         template = jinja2.Environment().from_string("<p>{{ name }}</p>")
         return lambda: template.render(name="x")
 
+    def kombu_publish() -> Callable[[], object]:
+        # The in-memory transport, to a fanout exchange nothing is bound to: no broker, and
+        # nothing piles up; what is timed is kombu's own work and ours.
+        producer = kombu.Connection("memory://").Producer(
+            exchange=kombu.Exchange("bench", "fanout"))
+        return lambda: producer.publish({"n": 1}, routing_key="bench")
+
     return {
         "sqlite3 cursor.execute": sqlite_execute,
         "SQLAlchemy conn.execute": sqlalchemy_execute,
         "Jinja2 Template.render": jinja2_render,
+        "kombu Producer.publish": kombu_publish,
     }
 
 

@@ -1,5 +1,5 @@
 """Fixtures shared by the whole test suite: the validating intake v2 `receiver`, and the real
-database servers (one of each per session, whichever folder uses it)."""
+database servers and message broker (one of each per session, whichever folder uses it)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.brokers import rabbitmq  # noqa: F401
 from tests.databases import mariadb, postgres  # noqa: F401
 from tests.receiver import Receiver
 

@@ -115,23 +115,6 @@ def test_inside_an_open_transaction_a_job_is_a_span(client, receiver):
     assert receiver.events("error") == []  # left to whatever handles the request's errors
 
 
-def test_trace_parent_continues_a_callers_trace(client, receiver):
-    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    with transaction("consume", "messaging", trace_parent=caller) as tx:
-        assert tx.trace_id == "0af7651916cd43dd8448eb211c80319c"
-    with transaction("consume", trace_parent=beatlib.parse_traceparent(caller, "es=s:0.5")):
-        pass
-    with transaction("consume", trace_parent="garbage"):  # a new trace, no error
-        pass
-    assert client.flush(5)
-    first, second, third = receiver.events("transaction")
-    for tx in (first, second):
-        assert (tx["trace_id"], tx["parent_id"]) == ("0af7651916cd43dd8448eb211c80319c",
-                                                     "b7ad6b7169203331")
-    assert first["type"] == "messaging" and second["sample_rate"] == 0.5
-    assert "parent_id" not in third and third["trace_id"] != first["trace_id"]
-
-
 def test_after_a_job_the_previous_state_is_back(client):
     with transaction("first"):
         pass
@@ -214,3 +197,28 @@ def test_decorators_without_parentheses_run_the_function_and_record_it(client, r
     assert ("Billing.fee", txs["Billing.nightly"]["id"]) in spans
     assert ("bare_async_span", txs["bare_async"]["id"]) in spans
     assert Billing.run.__name__ == "run" and bare_async.__name__ == "bare_async"
+
+
+def test_headers_of_a_message_continue_its_trace(client, receiver):
+    trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    headers = {"Traceparent": f"00-{trace_id}-{parent_id}-01".encode(), "tracestate": "es=s:1",
+               "other": 3}
+    with transaction("consume", "messaging", headers=headers):
+        pass
+
+    @transaction("each call", headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    def job():
+        pass
+
+    job()
+    with transaction("no parent", headers={"traceparent": "garbage"}):
+        pass
+    with transaction("odd headers", headers=["not", "a", "mapping"]):  # type: ignore[arg-type]
+        pass
+    assert client.flush(5)
+    txs = {t["name"]: t for t in receiver.events("transaction")}
+    for name in ("consume", "each call"):
+        assert (txs[name]["trace_id"], txs[name]["parent_id"]) == (trace_id, parent_id)
+    assert txs["consume"]["type"] == "messaging"
+    for name in ("no parent", "odd headers"):
+        assert txs[name]["trace_id"] != trace_id and "parent_id" not in txs[name]

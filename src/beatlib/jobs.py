@@ -1,6 +1,9 @@
 """`transaction`: a background job (a cron script, a queue consumer, a nightly report) recorded
 as one transaction, as a decorator (sync and async) or a context manager.
 
+Given the `headers` of the message that started the job (`traceparent`, `tracestate`), the
+transaction continues the publisher's trace.
+
 Called while a transaction is already open (a job function run inside a request), the job is
 recorded as a span of that transaction instead (type `app`, subtype `internal`, action the
 transaction type): one unit of work keeps one transaction.
@@ -8,18 +11,18 @@ transaction type): one unit of work keeps one transaction.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from beatlib import context
 from beatlib.client import Client, get_client
 from beatlib.tracing import (
     Span,
-    TraceParent,
     Transaction,
     each_call_in,
     is_bare_decoration,
     start_span,
+    trace_parent_from,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -31,10 +34,12 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
     As a decorator each call is one transaction, named after the function unless a name is
     given. Result "success" or "failure"; when the body raises, the outcome is failure, the
     exception is captured as an unhandled error and goes on unchanged. Without a client
-    (none given and no default client) the code runs untouched.
+    (none given and no default client) the code runs untouched. `headers` (a mapping, e.g. a
+    queue message's headers) name the trace to continue; without a valid `traceparent` in
+    them a new trace begins.
     """
 
-    __slots__ = ("name", "transaction_type", "client", "trace_parent", "_segment", "_client")
+    __slots__ = ("name", "transaction_type", "client", "headers", "_segment", "_client")
 
     def __new__(cls, name: Any = None, *args: Any, **kwargs: Any) -> Any:
         if is_bare_decoration(name, args, kwargs):  # @beatlib.transaction, no parentheses
@@ -43,12 +48,12 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
 
     def __init__(
         self, name: str | None = None, transaction_type: str = "task", client: Client | None = None,
-        trace_parent: TraceParent | str | None = None,
+        *, headers: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.transaction_type = transaction_type
         self.client = client
-        self.trace_parent = trace_parent  # a caller's trace to continue (a message's traceparent)
+        self.headers = headers
         self._segment: Transaction | Span | None = None
         self._client: Client | None = None
 
@@ -61,7 +66,8 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
                                        self.transaction_type)
             return self._segment
         self._client = client
-        tx = client.begin_transaction(self.transaction_type, self.trace_parent)
+        parent = trace_parent_from(self.headers) if self.headers is not None else None
+        tx = client.begin_transaction(self.transaction_type, parent)
         tx.name = self.name  # now, so errors captured inside carry it
         self._segment = tx
         return tx
@@ -90,5 +96,6 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
     def __call__(self, func: F) -> F:
         inner = func.__func__ if isinstance(func, classmethod | staticmethod) else func
         name = self.name or getattr(inner, "__qualname__", None) or repr(inner)
-        args = (name, self.transaction_type, self.client, self.trace_parent)
-        return each_call_in(lambda: transaction(*args), func)
+        args = (name, self.transaction_type, self.client)
+        headers = self.headers
+        return each_call_in(lambda: transaction(*args, headers=headers), func)

@@ -76,6 +76,24 @@ def parse_traceparent(header: Any, tracestate: Any = None) -> TraceParent | None
                        bool(bits & 2))
 
 
+
+def trace_parent_from(headers: Any) -> TraceParent | None:
+    """The trace parent in a message's or request's `headers` (a mapping; `traceparent` and
+    `tracestate` looked up in any case, as text or bytes), or None. Never raises."""
+    try:
+        if not headers or not hasattr(headers, "items"):
+            return None
+        found: dict[str, Any] = {}
+        for key, value in headers.items():
+            key = key.decode("latin-1") if isinstance(key, bytes) else key
+            if isinstance(key, str) and key.lower() in ("traceparent", "tracestate"):
+                if isinstance(value, bytes):
+                    value = value.decode("latin-1")
+                found.setdefault(key.lower(), value)
+        return parse_traceparent(found.get("traceparent"), found.get("tracestate"))
+    except Exception:  # an odd mapping: a new trace
+        return None
+
 # A key is up to 256 of a-z 0-9 _ - * / @, beginning with a letter or digit: the grammar of
 # trace context level 2, which replaced level 1's tenant@vendor form and its 241/14 split.
 _STATE_KEY = re.compile(r"[a-z0-9][_0-9a-z\-*/@]{0,255}")

@@ -160,11 +160,9 @@ def test_consumer_continues_the_trace(traced, session, aws):
     traced.end("produce")
     (message,) = sqs.receive_message(QueueUrl=url, MessageAttributeNames=["traceparent",
                                                                           "tracestate"])["Messages"]
-    attributes = message["MessageAttributes"]
-    parent = beatlib.parse_traceparent(attributes["traceparent"]["StringValue"],
-                                       attributes["tracestate"]["StringValue"])
+    headers = {name: value["StringValue"] for name, value in message["MessageAttributes"].items()}
     with beatlib.transaction("SQS RECEIVE from jobs", "messaging", traced.client,
-                             trace_parent=parent) as consumer:
+                             headers=headers) as consumer:
         pass
     assert consumer.trace_id == producer.trace_id
     transactions, spans, _ = traced.shipped()

@@ -8,12 +8,12 @@ installed it says so and does nothing.
 from __future__ import annotations
 
 import logging
-from contextvars import ContextVar
 from typing import Any
 
 from beatlib import context
 from beatlib.client import Client, get_client
 from beatlib.guard import report
+from beatlib.instrumentation.messaging import sending
 from beatlib.tracing import Span, Transaction, outgoing_headers, parse_traceparent, start_span
 
 try:
@@ -24,7 +24,6 @@ except ImportError:  # pragma: no cover - exercised only without celery
 logger = logging.getLogger("beatlib")
 
 _client: Client | None = None
-_publishing: ContextVar[Span | None] = ContextVar("beatlib_celery_publish", default=None)
 # task state -> outcome; other states (IGNORED, REJECTED, REVOKED) are "unknown"
 _OUTCOMES = {"SUCCESS": "success", "FAILURE": "failure", "RETRY": "failure"}
 # broker URL scheme -> the publish span's subtype, as Elastic names messaging systems; a
@@ -92,7 +91,7 @@ def _before_publish(sender: Any = None, headers: Any = None, routing_key: Any = 
                 span.set_context("message", {"queue": {"name": routing_key}}, captured=True)
             # Not left active: the send may fail and never reach after_task_publish.
             context.set_active(span.parent)
-            _publishing.set(span)
+            sending.set(span)  # kombu's publish underneath: no second span
             headers["traceparent"] = span.traceparent()
             if span.transaction.tracestate:
                 headers["tracestate"] = span.transaction.tracestate
@@ -103,9 +102,9 @@ def _before_publish(sender: Any = None, headers: Any = None, routing_key: Any = 
 
 
 def _after_publish(**kw: Any) -> None:
-    span = _publishing.get()
+    span = sending.get()
     if span is not None:
-        _publishing.set(None)
+        sending.set(None)
         span.end()
 
 

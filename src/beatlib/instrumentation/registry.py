@@ -39,6 +39,8 @@ AVAILABLE = (
     "beatlib.instrumentation.httpx:Httpx",
     "beatlib.instrumentation.aiohttp:Aiohttp",
     "beatlib.instrumentation.botocore:Botocore",
+    "beatlib.instrumentation.pika:Pika",
+    "beatlib.instrumentation.kombu:Kombu",
     "beatlib.instrumentation.jinja2:Jinja2",
     "beatlib.instrumentation.mako:Mako",
     "beatlib.instrumentation.django_templates:DjangoTemplates",
