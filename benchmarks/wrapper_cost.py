@@ -10,9 +10,12 @@ the figures are the request thread's cost. Each figure is the best of --repeat r
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib.util
 import sqlite3
 import timeit
 from collections.abc import Callable
+from concurrent import futures
 
 import jinja2
 import sqlalchemy
@@ -60,11 +63,27 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
         template = jinja2.Environment().from_string("<p>{{ name }}</p>")
         return lambda: template.render(name="x")
 
-    return {
+    def grpc_unary_call() -> Callable[[], object]:
+        # Both sides in this process: the client span and the served call's transaction.
+        import grpc  # not in the peers' lock file: the case is listed only when installed
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("b.Echo", {
+            "Unary": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        atexit.register(server.stop, None)
+        stub = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary("/b.Echo/Unary")
+        return lambda: stub(b"x", timeout=10)
+
+    found = {
         "sqlite3 cursor.execute": sqlite_execute,
         "SQLAlchemy conn.execute": sqlalchemy_execute,
         "Jinja2 Template.render": jinja2_render,
     }
+    if importlib.util.find_spec("grpc") is not None:
+        found["grpc unary call"] = grpc_unary_call
+    return found
 
 
 def main() -> None:

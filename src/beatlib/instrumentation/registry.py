@@ -36,6 +36,7 @@ AVAILABLE = (
     "beatlib.instrumentation.urllib3:Urllib3",
     "beatlib.instrumentation.httpx:Httpx",
     "beatlib.instrumentation.aiohttp:Aiohttp",
+    "beatlib.instrumentation.grpc:Grpc",
     "beatlib.instrumentation.jinja2:Jinja2",
     "beatlib.instrumentation.mako:Mako",
     "beatlib.instrumentation.django_templates:DjangoTemplates",
