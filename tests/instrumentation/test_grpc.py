@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -305,7 +306,8 @@ SERVER_SCRIPT = textwrap.dedent("""
 def test_trace_continues_in_a_server_process(traced):
     env = {**os.environ, "RECEIVER_URL": traced.receiver.url}
     proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            cwd=Path(__file__).parents[2])  # where `tests` imports from
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
@@ -320,3 +322,38 @@ def test_trace_continues_in_a_server_process(traced):
     (server_tx,) = served(transactions)
     assert server_tx["trace_id"] == tx.trace_id and server_tx["parent_id"] == span["id"]
     assert (server_tx["name"], server_tx["result"]) == (f"/{SERVICE}/Unary", "OK")
+
+
+def test_secure_channel(traced):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((echo_handler(),))
+    port = server.add_secure_port("127.0.0.1:0", grpc.local_server_credentials())
+    server.start()
+    try:
+        tx = traced.begin()
+        credentials = grpc.local_channel_credentials()
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+            assert call(channel, "Unary", b"tls") == b"echo:tls"
+        traced.end()
+    finally:
+        server.stop(None)
+    transactions, (span,), _ = traced.shipped()
+    check_span(span, port)
+    (server_tx,) = served(transactions)
+    assert server_tx["trace_id"] == tx.trace_id and server_tx["parent_id"] == span["id"]
+
+
+def test_unsampled_transaction_sends_its_decision(receiver, echo):
+    client = beatlib.Client(service_name="t", server_url=receiver.url, environ={},
+                            transaction_sample_rate=0.0)  # the default client while it lives
+    try:
+        tx = client.begin_transaction("test")
+        with grpc.insecure_channel(f"127.0.0.1:{echo}") as channel:
+            assert call(channel, "Unary") == b"echo:hi"
+        client.end_transaction("test", "success")
+        assert client.flush(10)
+    finally:
+        client.close(5)
+        context.set_active(None)
+    assert seen_metadata[0]["traceparent"] == f"00-{tx.trace_id}-{tx.id:016x}-00"
+    assert receiver.events("span") == []
