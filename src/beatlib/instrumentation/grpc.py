@@ -7,6 +7,8 @@ interceptor put first, continuing the caller's trace). Outcomes follow Elastic's
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 import re
 from collections.abc import Callable
 from types import ModuleType
@@ -41,6 +43,14 @@ class Grpc(Instrumentation):
         self.wrap(module, "insecure_channel", self._channel)
         self.wrap(module, "secure_channel", self._channel)
         self.wrap(module, "server", self._server_made)
+        aio = getattr(module, "aio", None)  # grpc.aio: unary-unary calls only
+        if aio is not None:
+            self._aio_client = _aio_client_interceptor_type(self, aio)
+            self._aio_server = _aio_server_interceptor_type(self, aio)
+            # Where each takes `interceptors` when it is passed by position.
+            self.wrap(aio, "insecure_channel", functools.partial(self._aio_channel, 3))
+            self.wrap(aio, "secure_channel", functools.partial(self._aio_channel, 4))
+            self.wrap(aio, "server", self._aio_server_made)
 
     # -- client ------------------------------------------------------------------------
 
@@ -122,7 +132,104 @@ class Grpc(Instrumentation):
             report("grpc: adding trace metadata")
             return details
 
+    def _aio_channel(self, at: int, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        # An asyncio channel takes its interceptors when it is made: ours goes last, nearest
+        # the network, so it sees what the app's own interceptors put in the metadata.
+        try:
+            target = args[0] if args else kwargs.get("target", "")
+            if len(args) > at:
+                args = (*args[:at], [*(args[at] or ()), self._aio_client(target)], *args[at + 1:])
+            else:
+                kwargs = {**kwargs, "interceptors": [*(kwargs.get("interceptors") or ()),
+                                                     self._aio_client(target)]}
+        except Exception:
+            report("grpc: intercepting a new asyncio channel")
+        return wrapped(*args, **kwargs)
+
+    async def aio_client_call(self, destination: tuple[str, int | None],
+                              continuation: Callable[..., Any], details: Any,
+                              request: Any) -> Any:
+        """One asyncio unary call: it runs in a task of its own, so the span being active
+        here never shows in the caller's context; it ends when the status is in."""
+        if get_active() is None:
+            return await continuation(details, request)
+        span = self._client_span(details, destination)
+        details = self._with_aio_trace_metadata(details)
+        try:
+            call = await continuation(details, request)
+            code = await call.code()
+        except BaseException as exc:
+            if span is not None:
+                span.end(exc)
+            raise
+        if span is not None:
+            if code is not self._ok:
+                span.outcome = "failure"
+            span.end()
+        return call
+
+    def _with_aio_trace_metadata(self, details: Any) -> Any:
+        try:
+            metadata = list(details.metadata or ())
+            extra = http_spans.trace_headers(key for key, _ in metadata)
+            if not extra:
+                return details
+            return self._grpc.aio.ClientCallDetails(
+                details.method, details.timeout,
+                self._grpc.aio.Metadata(*metadata, *extra.items()), details.credentials,
+                details.wait_for_ready)
+        except Exception:
+            report("grpc: adding trace metadata")
+            return details
+
     # -- server ------------------------------------------------------------------------
+
+    def _aio_server_made(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Any:
+        try:
+            if len(args) > 2:
+                args = (*args[:2], [self._aio_server(), *(args[2] or ())], *args[3:])
+            else:
+                kwargs = {**kwargs, "interceptors": [self._aio_server(),
+                                                     *(kwargs.get("interceptors") or ())]}
+        except Exception:
+            report("grpc: adding the asyncio server interceptor")
+        return wrapped(*args, **kwargs)
+
+    async def aio_served(self, continuation: Callable[..., Any], call_details: Any) -> Any:
+        """The handler, its behaviour wrapped in a transaction when it is a unary-unary
+        coroutine function (asyncio streaming handlers are served untraced)."""
+        handler = await continuation(call_details)
+        try:
+            behaviour = getattr(handler, "unary_unary", None)
+            if behaviour is None or not inspect.iscoroutinefunction(behaviour):
+                return handler
+            method = call_details.method
+            method = method.decode("utf-8", "replace") if isinstance(method, bytes) else method
+            name = str(method)
+
+            async def traced(request: Any, context: Any) -> Any:  # grpc.aio checks it is one
+                return await self._awaited(behaviour, name, request, context)
+
+            return self._grpc.unary_unary_rpc_method_handler(
+                traced, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        except Exception:
+            report("grpc: wrapping an asyncio server handler")
+            return handler
+
+    async def _awaited(self, behaviour: Callable[..., Any], method: str, request: Any,
+                       context: Any) -> Any:
+        begun = self._begin(method, context)
+        try:
+            response = await behaviour(request, context)
+        except BaseException as exc:
+            self._finish(begun, context, exc)
+            raise
+        self._finish(begun, context, None)
+        return response
+
 
     def _server_made(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> Any:
@@ -284,3 +391,27 @@ def _server_interceptor_type(inst: Grpc, grpc: ModuleType) -> Callable[[], Any]:
             return inst.served(continuation, handler_call_details)
 
     return ServerInterceptor
+
+
+def _aio_client_interceptor_type(inst: Grpc, aio: ModuleType) -> Callable[[Any], Any]:
+    base: Any = aio.UnaryUnaryClientInterceptor
+
+    class AioClientInterceptor(base):
+        def __init__(self, target: Any) -> None:
+            self.destination = destination(target)
+
+        async def intercept_unary_unary(self, continuation: Any, details: Any,
+                                        request: Any) -> Any:
+            return await inst.aio_client_call(self.destination, continuation, details, request)
+
+    return AioClientInterceptor
+
+
+def _aio_server_interceptor_type(inst: Grpc, aio: ModuleType) -> Callable[[], Any]:
+    base: Any = aio.ServerInterceptor
+
+    class AioServerInterceptor(base):
+        async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+            return await inst.aio_served(continuation, handler_call_details)
+
+    return AioServerInterceptor
