@@ -32,7 +32,7 @@ class Grpc(Instrumentation):
     name = "grpc"
     module = "grpc"
     distribution = "grpcio"
-    versions = ("1.38", "2")  # ServicerContext.code() came in 1.38
+    versions = ("1.60", "2")  # the oldest tested; ServicerContext.code() needs 1.38
 
     def patch(self, module: ModuleType) -> None:
         self._grpc = module
