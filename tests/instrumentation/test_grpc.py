@@ -254,7 +254,7 @@ def test_app_interceptors_still_run(traced, echo):
 
 
 def test_disabled_and_uninstrumented(receiver):
-    plain = grpc.insecure_channel
+    plain, plain_server, plain_aio = grpc.insecure_channel, grpc.server, grpc.aio.server
     client = beatlib.Client(service_name="t", server_url=receiver.url, environ={},
                             disabled_instrumentations=["grpc"])
     try:
@@ -263,9 +263,11 @@ def test_disabled_and_uninstrumented(receiver):
         beatlib.uninstrument()
         beatlib.instrument(beatlib.Client(service_name="t", server_url=receiver.url,
                                           environ={}).config)
-        assert grpc.insecure_channel is not plain
+        assert grpc.insecure_channel is not plain and grpc.server is not plain_server
+        assert grpc.aio.server is not plain_aio
         beatlib.uninstrument()
-        assert grpc.insecure_channel is plain and grpc.server.__module__ == "grpc"
+        assert grpc.insecure_channel is plain and grpc.server is plain_server
+        assert grpc.aio.server is plain_aio
     finally:
         beatlib.uninstrument()
         client.close(5)
