@@ -359,3 +359,24 @@ def test_unsampled_transaction_sends_its_decision(receiver, echo):
         context.set_active(None)
     assert seen_metadata[0]["traceparent"] == f"00-{tx.trace_id}-{tx.id:016x}-00"
     assert receiver.events("span") == []
+
+
+def test_channel_made_before_instrument_traced_through_intercept_channel(traced, echo):
+    beatlib.uninstrument()
+    raw = grpc.insecure_channel(f"127.0.0.1:{echo}")
+    beatlib.instrument(traced.client.config)
+    try:
+        traced.begin()
+        assert call(raw, "Unary", b"raw") == b"echo:raw"  # as it was made: untraced
+        channel = grpc.intercept_channel(raw)
+        assert call(channel, "Unary") == b"echo:hi"
+        mine = grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{echo}"))
+        assert call(mine, "Unary") == b"echo:hi"  # made since: traced as before
+        traced.end()
+    finally:
+        raw.close()
+    _, spans, _ = traced.shipped()
+    assert len(spans) == 2
+    for span in spans:
+        check_span(span, echo)
+    assert ["traceparent" in m for m in seen_metadata] == [False, True, True]

@@ -1,7 +1,8 @@
 """grpcio: an `external`/`grpc` exit span per call on the channels `insecure_channel` and
-`secure_channel` make (a client interceptor added at creation, W3C trace context in the call
-metadata), and a `request` transaction per call a `grpc.server(...)` serves (a server
-interceptor put first, continuing the caller's trace). Outcomes follow Elastic's gRPC spec.
+`secure_channel` make (a client interceptor added at creation, or by `intercept_channel` to a
+channel made before `instrument()`; W3C trace context in the call metadata), and a `request`
+transaction per call a `grpc.server(...)` serves (a server interceptor put first, continuing
+the caller's trace). Outcomes follow Elastic's gRPC spec; `grpc.aio`: unary-unary calls.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ class Grpc(Instrumentation):
         self._details = _call_details_type(module)
         self._client = _client_interceptor_type(self, module)
         self._server = _server_interceptor_type(self, module)
+        self._intercept = module.intercept_channel  # the original: ours is added with it
         self.wrap(module, "insecure_channel", self._channel)
         self.wrap(module, "secure_channel", self._channel)
+        self.wrap(module, "intercept_channel", self._intercept_channel)
         self.wrap(module, "server", self._server_made)
         aio = getattr(module, "aio", None)  # grpc.aio: unary-unary calls only
         if aio is not None:
@@ -59,10 +62,23 @@ class Grpc(Instrumentation):
         channel = wrapped(*args, **kwargs)
         try:
             target = args[0] if args else kwargs.get("target", "")
-            return self._grpc.intercept_channel(channel, self._client(target))
+            return self._intercept(channel, self._client(target))
         except Exception:
             report("grpc: intercepting a new channel")
             return channel
+
+    def _intercept_channel(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> Any:
+        # A bare channel here was made before instrument(); one made since has ours already.
+        try:
+            channel = args[0] if args else None
+            kind = type(channel)
+            if (kind.__module__, kind.__qualname__) == ("grpc._channel", "Channel"):
+                target = channel._channel.target()  # type: ignore[union-attr]
+                args = (self._intercept(channel, self._client(target)), *args[1:])
+        except Exception:
+            report("grpc: intercepting a channel")
+        return wrapped(*args, **kwargs)
 
     def client_call(self, destination: tuple[str, int | None], continuation: Callable[..., Any],
                     details: Any, request: Any) -> Any:
