@@ -10,12 +10,14 @@ the figures are the request thread's cost. Each figure is the best of --repeat r
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib.util
 import sqlite3
 import timeit
 from collections.abc import Callable
+from concurrent import futures
 
 import jinja2
-import kombu
 import sqlalchemy
 
 import beatlib
@@ -64,16 +66,35 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
     def kombu_publish() -> Callable[[], object]:
         # The in-memory transport, to a fanout exchange nothing is bound to: no broker, and
         # nothing piles up; what is timed is kombu's own work and ours.
+        import kombu  # not in the peers' lock file: the case is listed only when installed
+
         producer = kombu.Connection("memory://").Producer(
             exchange=kombu.Exchange("bench", "fanout"))
         return lambda: producer.publish({"n": 1}, routing_key="bench")
 
-    return {
+    def grpc_unary_call() -> Callable[[], object]:
+        # Both sides in this process: the client span and the served call's transaction.
+        import grpc  # not in the peers' lock file: the case is listed only when installed
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("b.Echo", {
+            "Unary": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        atexit.register(server.stop, None)
+        stub = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary("/b.Echo/Unary")
+        return lambda: stub(b"x", timeout=10)
+
+    found = {
         "sqlite3 cursor.execute": sqlite_execute,
         "SQLAlchemy conn.execute": sqlalchemy_execute,
         "Jinja2 Template.render": jinja2_render,
-        "kombu Producer.publish": kombu_publish,
     }
+    for module, name, case in (("kombu", "kombu Producer.publish", kombu_publish),
+                               ("grpc", "grpc unary call", grpc_unary_call)):
+        if importlib.util.find_spec(module) is not None:
+            found[name] = case
+    return found
 
 
 def main() -> None:

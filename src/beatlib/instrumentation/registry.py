@@ -41,6 +41,7 @@ AVAILABLE = (
     "beatlib.instrumentation.botocore:Botocore",
     "beatlib.instrumentation.pika:Pika",
     "beatlib.instrumentation.kombu:Kombu",
+    "beatlib.instrumentation.grpc:Grpc",
     "beatlib.instrumentation.jinja2:Jinja2",
     "beatlib.instrumentation.mako:Mako",
     "beatlib.instrumentation.django_templates:DjangoTemplates",

@@ -1,0 +1,433 @@
+"""grpcio: an `external`/`grpc` exit span per call on the channels `insecure_channel` and
+`secure_channel` make (a client interceptor added at creation, or by `intercept_channel` to a
+channel made before `instrument()`; W3C trace context in the call metadata), and a `request`
+transaction per call a `grpc.server(...)` serves (a server interceptor put first, continuing
+the caller's trace). Outcomes follow Elastic's gRPC spec; `grpc.aio`: unary-unary calls.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import re
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from beatlib.context import get_active, set_active
+from beatlib.guard import report
+from beatlib.instrumentation import http_spans
+from beatlib.instrumentation.registry import Instrumentation
+from beatlib.tracing import Span, Transaction, parse_traceparent, start_span
+
+# What the server did wrong, as its caller sees it; any other code is the caller's doing.
+SERVER_FAILURES = frozenset((
+    "UNKNOWN", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+))  # fmt: skip
+_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+class Grpc(Instrumentation):
+    name = "grpc"
+    module = "grpc"
+    distribution = "grpcio"
+    versions = ("1.60", "2")  # the oldest tested; ServicerContext.code() needs 1.38
+
+    def patch(self, module: ModuleType) -> None:
+        self._grpc = module
+        self._ok = module.StatusCode.OK
+        self._details = _call_details_type(module)
+        self._client = _client_interceptor_type(self, module)
+        self._server = _server_interceptor_type(self, module)
+        self._intercept = module.intercept_channel  # the original: ours is added with it
+        self.wrap(module, "insecure_channel", self._channel)
+        self.wrap(module, "secure_channel", self._channel)
+        self.wrap(module, "intercept_channel", self._intercept_channel)
+        self.wrap(module, "server", self._server_made)
+        aio = getattr(module, "aio", None)  # grpc.aio: unary-unary calls only
+        if aio is not None:
+            self._aio_client = _aio_client_interceptor_type(self, aio)
+            self._aio_server = _aio_server_interceptor_type(self, aio)
+            # Where each takes `interceptors` when it is passed by position.
+            self.wrap(aio, "insecure_channel", functools.partial(self._aio_channel, 3))
+            self.wrap(aio, "secure_channel", functools.partial(self._aio_channel, 4))
+            self.wrap(aio, "server", self._aio_server_made)
+
+    # -- client ------------------------------------------------------------------------
+
+    def _channel(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+        channel = wrapped(*args, **kwargs)
+        try:
+            target = args[0] if args else kwargs.get("target", "")
+            return self._intercept(channel, self._client(target))
+        except Exception:
+            report("grpc: intercepting a new channel")
+            return channel
+
+    def _intercept_channel(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> Any:
+        # A bare channel here was made before instrument(); one made since has ours already.
+        try:
+            channel = args[0] if args else None
+            kind = type(channel)
+            if (kind.__module__, kind.__qualname__) == ("grpc._channel", "Channel"):
+                target = channel._channel.target()  # type: ignore[union-attr]
+                args = (self._intercept(channel, self._client(target)), *args[1:])
+        except Exception:
+            report("grpc: intercepting a channel")
+        return wrapped(*args, **kwargs)
+
+    def client_call(self, destination: tuple[str, int | None], continuation: Callable[..., Any],
+                    details: Any, request: Any) -> Any:
+        """One call through the client interceptor: the span, the trace metadata, the span
+        ended when the call completes (at once for a blocking call, later for a future or a
+        stream), from its status code."""
+        if get_active() is None:
+            return continuation(details, request)
+        span = self._client_span(details, destination)
+        details = self._with_trace_metadata(details)
+        try:
+            call = continuation(details, request)
+        except BaseException as exc:
+            if span is not None:
+                span.end(exc)
+            raise
+        if span is not None:
+            try:
+                call.add_done_callback(lambda done: self._client_done(span, done))
+            except Exception:
+                report("grpc: following a call to its end")
+                span.end()
+            if get_active() is span:  # a future or a stream: the caller goes on without it
+                set_active(span.parent)
+        return call
+
+    def _client_span(self, details: Any, destination: tuple[str, int | None]) -> Span | None:
+        active = get_active()
+        if active is None or active.leaf or not active.transaction.sampled:
+            return None
+        try:
+            method = details.method
+            method = method.decode("utf-8", "replace") if isinstance(method, bytes) else str(method)
+            host, port = destination
+            shown = f"[{host}]" if ":" in host else host
+            where = f"{shown}:{port}" if port is not None else shown
+            context: dict[str, Any] = {"service": {"target": {"type": "grpc", "name": where}}}
+            if host:
+                context["destination"] = {"address": host, **({"port": port} if port else {})}
+        except Exception:
+            report("grpc: starting a call span")
+            return None
+        span = start_span(method, "external", "grpc", leaf=True)
+        if span is not None:
+            span.context = context
+        return span
+
+    def _client_done(self, span: Span, call: Any) -> None:
+        try:
+            code = call.code()
+        except Exception:  # cancelled before it started: no code to read
+            code = None
+        if code is not self._ok:
+            span.outcome = "failure"
+        span.end()
+
+    def _with_trace_metadata(self, details: Any) -> Any:
+        try:
+            metadata = list(details.metadata or ())
+            extra = http_spans.trace_headers(key for key, _ in metadata)
+            if not extra:
+                return details
+            return self._details(details.method, details.timeout, (*metadata, *extra.items()),
+                                 details.credentials, getattr(details, "wait_for_ready", None),
+                                 getattr(details, "compression", None))
+        except Exception:
+            report("grpc: adding trace metadata")
+            return details
+
+    def _aio_channel(self, at: int, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        # An asyncio channel takes its interceptors when it is made: ours goes last, nearest
+        # the network, so it sees what the app's own interceptors put in the metadata.
+        try:
+            target = args[0] if args else kwargs.get("target", "")
+            if len(args) > at:
+                args = (*args[:at], [*(args[at] or ()), self._aio_client(target)], *args[at + 1:])
+            else:
+                kwargs = {**kwargs, "interceptors": [*(kwargs.get("interceptors") or ()),
+                                                     self._aio_client(target)]}
+        except Exception:
+            report("grpc: intercepting a new asyncio channel")
+        return wrapped(*args, **kwargs)
+
+    async def aio_client_call(self, destination: tuple[str, int | None],
+                              continuation: Callable[..., Any], details: Any,
+                              request: Any) -> Any:
+        """One asyncio unary call: it runs in a task of its own, so the span being active
+        here never shows in the caller's context; it ends when the status is in."""
+        if get_active() is None:
+            return await continuation(details, request)
+        span = self._client_span(details, destination)
+        details = self._with_aio_trace_metadata(details)
+        try:
+            call = await continuation(details, request)
+            code = await call.code()
+        except BaseException as exc:
+            if span is not None:
+                span.end(exc)
+            raise
+        if span is not None:
+            if code is not self._ok:
+                span.outcome = "failure"
+            span.end()
+        return call
+
+    def _with_aio_trace_metadata(self, details: Any) -> Any:
+        try:
+            metadata = list(details.metadata or ())
+            extra = http_spans.trace_headers(key for key, _ in metadata)
+            if not extra:
+                return details
+            return self._grpc.aio.ClientCallDetails(
+                details.method, details.timeout,
+                self._grpc.aio.Metadata(*metadata, *extra.items()), details.credentials,
+                details.wait_for_ready)
+        except Exception:
+            report("grpc: adding trace metadata")
+            return details
+
+    # -- server ------------------------------------------------------------------------
+
+    def _aio_server_made(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Any:
+        try:
+            if len(args) > 2:
+                args = (*args[:2], [self._aio_server(), *(args[2] or ())], *args[3:])
+            else:
+                kwargs = {**kwargs, "interceptors": [self._aio_server(),
+                                                     *(kwargs.get("interceptors") or ())]}
+        except Exception:
+            report("grpc: adding the asyncio server interceptor")
+        return wrapped(*args, **kwargs)
+
+    async def aio_served(self, continuation: Callable[..., Any], call_details: Any) -> Any:
+        """The handler, its behaviour wrapped in a transaction when it is a unary-unary
+        coroutine function (asyncio streaming handlers are served untraced)."""
+        handler = await continuation(call_details)
+        try:
+            behaviour = getattr(handler, "unary_unary", None)
+            if behaviour is None or not inspect.iscoroutinefunction(behaviour):
+                return handler
+            method = call_details.method
+            method = method.decode("utf-8", "replace") if isinstance(method, bytes) else method
+            name = str(method)
+
+            async def traced(request: Any, context: Any) -> Any:  # grpc.aio checks it is one
+                return await self._awaited(behaviour, name, request, context)
+
+            return self._grpc.unary_unary_rpc_method_handler(
+                traced, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        except Exception:
+            report("grpc: wrapping an asyncio server handler")
+            return handler
+
+    async def _awaited(self, behaviour: Callable[..., Any], method: str, request: Any,
+                       context: Any) -> Any:
+        begun = self._begin(method, context)
+        try:
+            response = await behaviour(request, context)
+        except BaseException as exc:
+            self._finish(begun, context, exc)
+            raise
+        self._finish(begun, context, None)
+        return response
+
+
+    def _server_made(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        try:
+            if len(args) > 2:
+                given = args[2]
+                args = (*args[:2], [self._server(), *(given or ())], *args[3:])
+            else:
+                kwargs = {**kwargs, "interceptors": [self._server(),
+                                                     *(kwargs.get("interceptors") or ())]}
+        except Exception:
+            report("grpc: adding the server interceptor")
+        return wrapped(*args, **kwargs)
+
+    def served(self, continuation: Callable[..., Any], call_details: Any) -> Any:
+        """The handler `continuation` finds, its behaviour wrapped in a transaction."""
+        handler = continuation(call_details)
+        if handler is None:
+            return None
+        try:
+            kind = next(k for k in _KINDS if getattr(handler, k, None) is not None)
+            behaviour = getattr(handler, kind)
+            method = call_details.method
+            method = method.decode("utf-8", "replace") if isinstance(method, bytes) else method
+            wrapper = self._streamed if handler.response_streaming else self._answered
+            traced = _bind(wrapper, behaviour, str(method))
+            make = getattr(self._grpc, f"{kind}_rpc_method_handler")
+            return make(traced, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+        except Exception:
+            report("grpc: wrapping a server handler")
+            return handler
+
+    def _begin(self, method: str, context: Any) -> tuple[Any, Transaction] | None:
+        from beatlib.client import get_client  # the app's client: a server call has no tracer yet
+
+        client = get_client()
+        if client is None:
+            return None
+        parent = tracestate = None
+        try:
+            for key, value in context.invocation_metadata() or ():
+                if key == "traceparent" and parent is None:
+                    parent = value
+                elif key == "tracestate" and tracestate is None:
+                    tracestate = value
+        except Exception:
+            report("grpc: reading the call metadata")
+        tx = client.begin_transaction("request", parse_traceparent(parent, tracestate))
+        tx.name = method  # now, so errors captured inside carry it
+        return client, tx
+
+    def _finish(self, begun: tuple[Any, Transaction] | None, context: Any,
+                exc: BaseException | None) -> None:
+        """End the transaction with the status code the caller gets: the one the handler set
+        (`set_code`, `abort`), else OK, or UNKNOWN when it raised (that error is captured)."""
+        if begun is None:
+            return
+        client, tx = begun
+        try:
+            code = context.code()
+            if code is None and exc is not None:
+                code = self._grpc.StatusCode.UNKNOWN
+                if isinstance(exc, Exception):
+                    client.capture_exception(exc, handled=False)
+            name = getattr(code, "name", None) or "OK"
+            tx.outcome = "failure" if name in SERVER_FAILURES else "success"
+            tx.end(result=name)
+        except Exception:
+            report("grpc: ending a served call")
+            tx.end()
+
+    def _answered(self, behaviour: Callable[..., Any], method: str, request: Any,
+                  context: Any) -> Any:
+        begun = self._begin(method, context)
+        try:
+            response = behaviour(request, context)
+        except BaseException as exc:
+            self._finish(begun, context, exc)
+            raise
+        self._finish(begun, context, None)
+        return response
+
+    def _streamed(self, behaviour: Callable[..., Any], method: str, request: Any,
+                  context: Any) -> Any:
+        begun = self._begin(method, context)
+        try:
+            yield from behaviour(request, context)
+        except BaseException as exc:
+            self._finish(begun, context, exc)
+            raise
+        self._finish(begun, context, None)
+
+
+def _bind(wrapper: Callable[..., Any], behaviour: Callable[..., Any],
+          method: str) -> Callable[[Any, Any], Any]:
+    def traced(request: Any, context: Any) -> Any:
+        return wrapper(behaviour, method, request, context)
+
+    return traced
+
+
+def destination(target: Any) -> tuple[str, int | None]:
+    """(host, port) of a channel target: `host:port`, `[::1]:port`, `dns:///host:port`,
+    `ipv4:1.2.3.4:port`; a bare host has gRPC's default port, 443; a unix socket has none."""
+    try:
+        target = target.decode() if isinstance(target, bytes) else str(target)
+        if target.startswith(("unix:", "unix-abstract:")):
+            return "", None
+        target = re.sub(r"^(dns|ipv4|ipv6):(//[^/]*/)?", "", target).split(",")[0]
+        found = re.fullmatch(r"\[([^\]]*)\](?::(\d+))?|([^:]*)(?::(\d+))?", target)
+        if found is None:  # an IPv6 literal without brackets
+            return target, 443
+        host = found.group(1) if found.group(1) is not None else found.group(3) or ""
+        port = found.group(2) or found.group(4)
+        return host, int(port) if port else 443
+    except Exception:
+        return "", None
+
+
+def _call_details_type(grpc: ModuleType) -> type:
+
+    base: Any = grpc.ClientCallDetails  # the module is only known at patch time
+
+    fields = collections.namedtuple("fields", (
+        "method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"))
+
+    class CallDetails(fields, base):
+        """A call's details with our metadata added (grpc's own type is private)."""
+
+    return CallDetails
+
+
+def _client_interceptor_type(inst: Grpc, grpc: ModuleType) -> Callable[[Any], Any]:
+    uu: Any = grpc.UnaryUnaryClientInterceptor
+    us: Any = grpc.UnaryStreamClientInterceptor
+    su: Any = grpc.StreamUnaryClientInterceptor
+    ss: Any = grpc.StreamStreamClientInterceptor
+
+    class ClientInterceptor(uu, us, su, ss):
+        def __init__(self, target: Any) -> None:
+            self.destination = destination(target)
+
+        def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            return inst.client_call(self.destination, continuation, details, request)
+
+        intercept_unary_stream = intercept_unary_unary
+        intercept_stream_unary = intercept_unary_unary
+        intercept_stream_stream = intercept_unary_unary
+
+    return ClientInterceptor
+
+
+def _server_interceptor_type(inst: Grpc, grpc: ModuleType) -> Callable[[], Any]:
+    base: Any = grpc.ServerInterceptor
+
+    class ServerInterceptor(base):
+        def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+            return inst.served(continuation, handler_call_details)
+
+    return ServerInterceptor
+
+
+def _aio_client_interceptor_type(inst: Grpc, aio: ModuleType) -> Callable[[Any], Any]:
+    base: Any = aio.UnaryUnaryClientInterceptor
+
+    class AioClientInterceptor(base):
+        def __init__(self, target: Any) -> None:
+            self.destination = destination(target)
+
+        async def intercept_unary_unary(self, continuation: Any, details: Any,
+                                        request: Any) -> Any:
+            return await inst.aio_client_call(self.destination, continuation, details, request)
+
+    return AioClientInterceptor
+
+
+def _aio_server_interceptor_type(inst: Grpc, aio: ModuleType) -> Callable[[], Any]:
+    base: Any = aio.ServerInterceptor
+
+    class AioServerInterceptor(base):
+        async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+            return await inst.aio_served(continuation, handler_call_details)
+
+    return AioServerInterceptor
