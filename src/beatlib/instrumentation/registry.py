@@ -35,6 +35,7 @@ AVAILABLE = (
     "beatlib.instrumentation.requests:Requests",
     "beatlib.instrumentation.urllib3:Urllib3",
     "beatlib.instrumentation.httpx:Httpx",
+    "beatlib.instrumentation.http_client:HTTPClient",
     "beatlib.instrumentation.aiohttp:Aiohttp",
     "beatlib.instrumentation.jinja2:Jinja2",
     "beatlib.instrumentation.mako:Mako",
