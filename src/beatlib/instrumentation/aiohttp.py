@@ -22,7 +22,7 @@ class Aiohttp(Instrumentation):
     name = "aiohttp"
     module = "aiohttp"
     distribution = "aiohttp"
-    versions = ("3.9", "4")
+    versions = ">= 3.9, < 4"
 
     def patch(self, module: ModuleType) -> None:
         import multidict  # aiohttp's own dependency: its header type

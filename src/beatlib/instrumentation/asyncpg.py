@@ -44,7 +44,7 @@ class Asyncpg(Instrumentation):
     name = "asyncpg"
     module = "asyncpg"
     distribution = "asyncpg"
-    versions = ("0.27", "1")
+    versions = ">= 0.27, < 1"
 
     def patch(self, module: ModuleType) -> None:
         # Its submodules (connection, prepared_stmt, transaction, pool) are imported with it.

@@ -18,7 +18,7 @@ class DjangoTemplates(Instrumentation):
     name = "django_templates"
     module = "django.template.base"
     distribution = "Django"
-    versions = ("3.2", "7")
+    versions = ">= 3.2, < 7"
 
     def patch(self, module: ModuleType) -> None:
         # {% include %} calls render again (counted in the outer span); {% extends %} calls

@@ -18,7 +18,7 @@ class Httpx(Instrumentation):
     name = "httpx"
     module = "httpx"
     distribution = "httpx"
-    versions = ("0.23", "1")
+    versions = ">= 0.23, < 1"
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "Client.send", _send)

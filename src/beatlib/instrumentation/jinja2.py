@@ -23,7 +23,7 @@ class Jinja2(Instrumentation):
     name = "jinja2"
     module = "jinja2"
     distribution = "Jinja2"
-    versions = ("3.0", "4")
+    versions = ">= 3.0, < 4"
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "Template.render", render_wrapper(ENGINE, _name))

@@ -12,7 +12,7 @@ class Psycopg(DBAPIInstrumentation):
     name = "psycopg"
     module = "psycopg"
     distribution = "psycopg"
-    versions = ("3.1", "4")
+    versions = ">= 3.1, < 4"
     subtype = "postgresql"
 
     def patch(self, module: ModuleType) -> None:

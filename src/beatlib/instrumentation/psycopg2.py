@@ -13,7 +13,7 @@ class Psycopg2(DBAPIInstrumentation):
     name = "psycopg2"
     module = "psycopg2"
     distribution = "psycopg2"  # psycopg2-binary is not found under it: its import is trusted
-    versions = ("2.8", "3")
+    versions = ">= 2.8, < 3"
     subtype = "postgresql"
     connection_proxy = ProcConnectionProxy
 

@@ -12,7 +12,7 @@ class PyMySQL(DBAPIInstrumentation):
     name = "pymysql"
     module = "pymysql"
     distribution = "PyMySQL"
-    versions = ("1.0", "2")
+    versions = ">= 1.0, < 2"
     subtype = "mysql"
     connection_proxy = ProcConnectionProxy
 

@@ -16,7 +16,7 @@ class Requests(Instrumentation):
     name = "requests"
     module = "requests"
     distribution = "requests"
-    versions = ("2.20", "3")
+    versions = ">= 2.20, < 3"
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "Session.send", _send)

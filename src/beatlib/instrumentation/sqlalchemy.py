@@ -30,7 +30,7 @@ class SQLAlchemy(Instrumentation):
     name = "sqlalchemy"
     module = "sqlalchemy"
     distribution = "sqlalchemy"
-    versions = ("1.4", "3")
+    versions = ">= 1.4, < 3"
 
     def patch(self, module: ModuleType) -> None:
         from sqlalchemy.engine import base
