@@ -22,6 +22,12 @@ _PENDING = "_beatlib_request"
 class HTTPClient(Instrumentation):
     name = "http.client"
     module = "http.client"
+    library = "http.client (standard library), and so urllib.request"
+    wraps = (
+        "`HTTPConnection` (and `HTTPSConnection`) `putrequest`, `endheaders`, `getresponse`, "
+        "`close`: `request()` and the low-level `putrequest`/`putheader`/`endheaders` calls "
+        "alike"
+    )
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "HTTPConnection.putrequest", _putrequest)

@@ -19,6 +19,9 @@ class Httpx(Instrumentation):
     module = "httpx"
     distribution = "httpx"
     versions = ">= 0.23, < 1"
+    library = "httpx"
+    tested = "0.28"
+    wraps = "`Client.send`, `AsyncClient.send`"
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "Client.send", _send)

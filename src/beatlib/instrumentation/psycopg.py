@@ -14,6 +14,9 @@ class Psycopg(DBAPIInstrumentation):
     distribution = "psycopg"
     versions = ">= 3.1, < 4"
     subtype = "postgresql"
+    library = "psycopg 3"
+    tested = "3.3"
+    wraps = "`connect` and `AsyncConnection.connect`: `execute`, `executemany`, `callproc`"
 
     def patch(self, module: ModuleType) -> None:
         # psycopg.connect is a bound method taken at import: wrapped apart from the classmethod.

@@ -62,6 +62,10 @@ class Instrumentation:
     # The supported versions of `distribution`: a PEP 440 specifier set (">= 1.26, < 3"); the
     # older form, a (lowest, below or None) pair, is read as ">= lowest, < below".
     versions: ClassVar[str | tuple[str, str | None]] = ""
+    # For the table of supported libraries in docs/instrumentation.md (docs/gen_instrumentation.py):
+    library: ClassVar[str] = ""  # as people name it: "SQLAlchemy", "sqlite3 (standard library)"
+    tested: ClassVar[str | None] = None  # the versions the test suite ran on: "1.4.54, 2.1.9"
+    wraps: ClassVar[str] = ""  # what is patched, in Markdown
 
     def __init__(self) -> None:
         self.enabled = False

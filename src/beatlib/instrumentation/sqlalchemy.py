@@ -31,6 +31,12 @@ class SQLAlchemy(Instrumentation):
     module = "sqlalchemy"
     distribution = "sqlalchemy"
     versions = ">= 1.4, < 3"
+    library = "SQLAlchemy"
+    tested = "1.4.54, 2.1.9"
+    wraps = (
+        "statement execution on `Connection` (Core, ORM, asyncio engines, engines created "
+        "before `instrument()`), new pool connections"
+    )
 
     def patch(self, module: ModuleType) -> None:
         from sqlalchemy.engine import base

@@ -24,6 +24,9 @@ class Urllib3(Instrumentation):
     module = "urllib3"
     distribution = "urllib3"
     versions = ">= 1.26, < 3"
+    library = "urllib3"
+    tested = "2.8"
+    wraps = "`HTTPConnectionPool.urlopen`"
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "HTTPConnectionPool.urlopen", _urlopen)
