@@ -53,13 +53,13 @@ def _url(connection: Any, target: Any) -> str:
     return f"{scheme}://{where}{target}"
 
 
-def _finish(connection: Any, status: Any = None, exc: BaseException | None = None,
-            unanswered: bool = False) -> None:
+def _unanswered(connection: Any) -> None:
+    """End the span of a request sent whose response was never asked for: outcome unknown."""
     pending = connection.__dict__.pop(_PENDING, None)
     if pending is not None and pending[0] is not None:
-        if unanswered and pending[0].outcome is None:
-            pending[0].outcome = "unknown"  # it went out, and nothing came back (yet)
-        http_spans.end(pending[0], status, exc)
+        if pending[0].outcome is None:
+            pending[0].outcome = "unknown"
+        http_spans.end(pending[0])
 
 
 def _putrequest(wrapped: Any, instance: Any, args: tuple[Any, ...],
@@ -70,7 +70,7 @@ def _putrequest(wrapped: Any, instance: Any, args: tuple[Any, ...],
     result = wrapped(*args, **kwargs)  # a refused method or URL raises here: no request
     span: Span | None = None
     try:
-        _finish(instance, unanswered=True)  # an earlier one on it that never got its response
+        _unanswered(instance)  # an earlier request on it (defensive: http.client refuses one)
         method = args[0] if args else kwargs.get("method", "")
         url = args[1] if len(args) > 1 else kwargs.get("url", "")
         span = http_spans.start(method, _url(instance, url))
@@ -140,5 +140,5 @@ def _getresponse(wrapped: Any, instance: Any, args: tuple[Any, ...],
 
 def _close(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if _PENDING in instance.__dict__:
-        _finish(instance, unanswered=True)  # closed before its response was asked for
+        _unanswered(instance)  # closed before its response was asked for
     return wrapped(*args, **kwargs)
