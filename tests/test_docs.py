@@ -1,4 +1,5 @@
-"""The configuration reference is generated from `Config.settings()` and must not drift."""
+"""The configuration reference and the table of supported libraries are generated (from
+`Config.settings()`, from the instrumentation registry) and must not drift."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ def test_configuration_reference_is_current():
     gen = runpy.run_path(str(DOCS / "gen_config.py"))
     page = (DOCS / "configuration.md").read_text(encoding="utf-8")
     assert gen["render"](page) == page, "docs/configuration.md is stale: run docs/gen_config.py"
+
+
+def test_supported_libraries_table_is_current():
+    gen = runpy.run_path(str(DOCS / "gen_instrumentation.py"))
+    page = (DOCS / "instrumentation.md").read_text(encoding="utf-8")
+    assert gen["render"](page) == page, (
+        "docs/instrumentation.md is stale: run docs/gen_instrumentation.py")
 
 
 def test_every_public_name_is_documented():

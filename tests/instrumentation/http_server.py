@@ -1,7 +1,8 @@
 """A small real HTTP server on 127.0.0.1 for the HTTP client instrumentation tests.
 
 Routes: /ok (200), /error (500), /redirect (302 to /ok), /stream (a slow chunked body),
-/headers (the request headers as JSON, names lower-cased). Anything else: 404.
+/headers (the request headers as JSON, names lower-cased), /close (200 with `Connection:
+close`). Anything else: 404.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(500, b"boom")
         elif path == "/redirect":
             self._answer(302, b"", {"Location": "/ok"})
+        elif path == "/close":
+            self.close_connection = True
+            self._answer(200, b"bye", {"Connection": "close"})
         elif path == "/headers":
             headers = {k.lower(): v for k, v in self.headers.items()}
             self._answer(200, json.dumps(headers).encode(), {"Content-Type": "application/json"})

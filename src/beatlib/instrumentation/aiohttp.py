@@ -22,7 +22,12 @@ class Aiohttp(Instrumentation):
     name = "aiohttp"
     module = "aiohttp"
     distribution = "aiohttp"
-    versions = ("3.9", "4")
+    versions = ">= 3.9, < 4"
+    library = "aiohttp (client)"
+    tested = "3.14"
+    wraps = (
+        "`ClientSession._request`, which `request`, `get`, `post`, ... and `ws_connect` await"
+    )
 
     def patch(self, module: ModuleType) -> None:
         import multidict  # aiohttp's own dependency: its header type

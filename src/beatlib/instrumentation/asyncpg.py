@@ -44,7 +44,15 @@ class Asyncpg(Instrumentation):
     name = "asyncpg"
     module = "asyncpg"
     distribution = "asyncpg"
-    versions = ("0.27", "1")
+    versions = ">= 0.27, < 1"
+    library = "asyncpg"
+    tested = "0.32"
+    wraps = (
+        "`Connection`'s `execute`, `executemany`, `fetch`, `fetchval`, `fetchrow`, `fetchmany`,"
+        " `copy_from_table`, `copy_from_query`, `copy_to_table`, `copy_records_to_table` (and "
+        "so a `Pool`'s shortcuts and its acquired connections), `PreparedStatement`'s `fetch`, "
+        "`fetchval`, `fetchrow`, `fetchmany`, `executemany`; `connect`"
+    )
 
     def patch(self, module: ModuleType) -> None:
         # Its submodules (connection, prepared_stmt, transaction, pool) are imported with it.

@@ -41,7 +41,13 @@ class Botocore(Instrumentation):
     name = "botocore"
     module = "botocore.client"
     distribution = "botocore"
-    versions = ("1.20", "2")
+    versions = ">= 1.20, < 2"
+    library = "botocore, and so boto3"
+    tested = "1.44.8, with boto3 1.44.8"
+    wraps = (
+        "`BaseClient._make_api_call`, which every client method, resource action and"
+        " paginator page calls"
+    )
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "BaseClient._make_api_call", _make_api_call)

@@ -18,7 +18,10 @@ class DjangoTemplates(Instrumentation):
     name = "django_templates"
     module = "django.template.base"
     distribution = "Django"
-    versions = ("3.2", "7")
+    versions = ">= 3.2, < 7"
+    library = "Django templates"
+    tested = "5.2"
+    wraps = "`django.template.base.Template.render`"
 
     def patch(self, module: ModuleType) -> None:
         # {% include %} calls render again (counted in the outer span); {% extends %} calls

@@ -33,7 +33,14 @@ class Grpc(Instrumentation):
     name = "grpc"
     module = "grpc"
     distribution = "grpcio"
-    versions = ("1.60", "2")  # the oldest tested; ServicerContext.code() needs 1.38
+    versions = ">= 1.60, < 2"  # the oldest tested; ServicerContext.code() needs 1.38
+    library = "grpcio (client and server; `grpc.aio` unary-unary calls)"
+    tested = "1.60.2, 1.85.3"
+    wraps = (
+        "`insecure_channel` and `secure_channel` (the channel they return gets a client"
+        " interceptor), `intercept_channel` (for channels made before `instrument()`),"
+        " `server` (gets a server interceptor); the same three of `grpc.aio`"
+    )
 
     def patch(self, module: ModuleType) -> None:
         self._grpc = module

@@ -18,7 +18,10 @@ class Httpx(Instrumentation):
     name = "httpx"
     module = "httpx"
     distribution = "httpx"
-    versions = ("0.23", "1")
+    versions = ">= 0.23, < 1"
+    library = "httpx"
+    tested = "0.28"
+    wraps = "`Client.send`, `AsyncClient.send`"
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "Client.send", _send)

@@ -23,7 +23,12 @@ class Jinja2(Instrumentation):
     name = "jinja2"
     module = "jinja2"
     distribution = "Jinja2"
-    versions = ("3.0", "4")
+    versions = ">= 3.0, < 4"
+    library = "Jinja2"
+    tested = "3.1"
+    wraps = (
+        "`Template.render`, `render_async`, `generate`, `generate_async` (and so `stream`)"
+    )
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "Template.render", render_wrapper(ENGINE, _name))

@@ -24,7 +24,10 @@ class Kombu(Instrumentation):
     name = "kombu"
     module = "kombu.messaging"
     distribution = "kombu"
-    versions = ("5.0", "6")
+    versions = ">= 5.0, < 6"
+    library = "kombu"
+    tested = "5.7.0, RabbitMQ 3.10.8"
+    wraps = "`Producer.publish` (and so `SimpleQueue.put`)"
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "Producer.publish", self._publish)

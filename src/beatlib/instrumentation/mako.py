@@ -30,7 +30,10 @@ class Mako(Instrumentation):
     name = "mako"
     module = "mako.template"
     distribution = "Mako"
-    versions = ("1.1", "2")
+    versions = ">= 1.1, < 2"
+    library = "Mako"
+    tested = "1.4"
+    wraps = "`Template.render`, `render_unicode`"
 
     def patch(self, module: ModuleType) -> None:
         # Inheritance, <%include> and namespaces render through mako.runtime, not these.

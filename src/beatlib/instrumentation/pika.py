@@ -21,7 +21,13 @@ class Pika(Instrumentation):
     name = "pika"
     module = "pika.adapters.blocking_connection"
     distribution = "pika"
-    versions = ("1.0", "2")
+    versions = ">= 1.0, < 2"
+    library = "pika (`BlockingConnection`)"
+    tested = "1.4.4, RabbitMQ 3.10.8"
+    wraps = (
+        "`BlockingChannel.basic_publish`, `basic_consume` (each delivery to the"
+        " callback), `basic_get`"
+    )
 
     def patch(self, module: ModuleType) -> None:
         from pika.spec import BasicProperties  # type: ignore[import-untyped,import-not-found]

@@ -18,6 +18,12 @@ class ProcessPools(Instrumentation):
     name = "process_pools"
     module = "multiprocessing.pool"
     distribution = None
+    library = "multiprocessing (standard library)"
+    wraps = (
+        "the pool worker: before a worker hands a task's result back it sends what the task "
+        "recorded, so `Pool.terminate()` (and the end of a `with Pool(...)` block) loses "
+        "nothing; costs such a task one request"
+    )
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "worker", _worker)

@@ -12,8 +12,11 @@ class Psycopg(DBAPIInstrumentation):
     name = "psycopg"
     module = "psycopg"
     distribution = "psycopg"
-    versions = ("3.1", "4")
+    versions = ">= 3.1, < 4"
     subtype = "postgresql"
+    library = "psycopg 3"
+    tested = "3.3"
+    wraps = "`connect` and `AsyncConnection.connect`: `execute`, `executemany`, `callproc`"
 
     def patch(self, module: ModuleType) -> None:
         # psycopg.connect is a bound method taken at import: wrapped apart from the classmethod.

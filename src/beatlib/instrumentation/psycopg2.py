@@ -13,8 +13,11 @@ class Psycopg2(DBAPIInstrumentation):
     name = "psycopg2"
     module = "psycopg2"
     distribution = "psycopg2"  # psycopg2-binary is not found under it: its import is trusted
-    versions = ("2.8", "3")
+    versions = ">= 2.8, < 3"
     subtype = "postgresql"
+    library = "psycopg2"
+    tested = "2.9"
+    wraps = "`connect`: `execute`, `executemany`, `callproc`"
     connection_proxy = ProcConnectionProxy
 
     def patch(self, module: ModuleType) -> None:

@@ -29,7 +29,15 @@ class Pymemcache(Instrumentation):
     name = "pymemcache"
     module = "pymemcache.client.base"
     distribution = "pymemcache"
-    versions = ("3.5", "5")
+    versions = ">= 3.5, < 5"
+    library = "pymemcache"
+    tested = "4.0.0"
+    wraps = (
+        "`Client`'s `get`, `gets`, `get_many`, `gets_many`, `set`, `set_many`, `add`,"
+        " `replace`, `append`, `prepend`, `cas`, `delete`, `delete_many`, `incr`,"
+        " `decr`, `touch`, `flush_all`, `stats`, `version` (and the `*_multi` aliases;"
+        " so also `PooledClient` and `HashClient`, which run them on a `Client`)"
+    )
 
     def patch(self, module: ModuleType) -> None:
         for method in (*_ONE_KEY, *_MANY_KEYS, *_NO_KEY):

@@ -12,8 +12,11 @@ class PyMySQL(DBAPIInstrumentation):
     name = "pymysql"
     module = "pymysql"
     distribution = "PyMySQL"
-    versions = ("1.0", "2")
+    versions = ">= 1.0, < 2"
     subtype = "mysql"
+    library = "PyMySQL"
+    tested = "1.2"
+    wraps = "`connect`: `execute`, `executemany`, `callproc`"
     connection_proxy = ProcConnectionProxy
 
     def patch(self, module: ModuleType) -> None:

@@ -32,7 +32,13 @@ class Redis(Instrumentation):
     name = "redis"
     module = "redis"
     distribution = "redis"
-    versions = ("4.2", "9")
+    versions = ">= 4.2, < 9"
+    library = "redis-py"
+    tested = "4.2.2, 5.0.8, 8.1.0"
+    wraps = (
+        "`Redis.execute_command`, `Pipeline.execute` and"
+        " `Pipeline.immediate_execute_command`, and the same in `redis.asyncio`"
+    )
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,8 +1,9 @@
 """`instrument()` / `uninstrument()`: patch every supported library, whatever the import order.
 
 Each library has one small module here with an `Instrumentation` subclass that names the
-module to hook, the supported versions and what it wraps. Patching happens in a wrapt
-post-import hook, so a library imported after `instrument()` is patched when it arrives.
+module to hook, the supported versions and what it wraps; other packages add theirs with
+`register()` or an entry point in the `beatlib.instrumentations` group. Patching happens in a
+wrapt post-import hook, so a library imported after `instrument()` is patched when it arrives.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import gc
 import importlib
 import importlib.metadata
 import logging
-import re
 import sys
 import sysconfig
 import threading
@@ -21,6 +21,8 @@ from types import ModuleType
 from typing import Any, ClassVar, TypeGuard
 
 import wrapt
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 logger = logging.getLogger("beatlib.instrumentation")
 
@@ -37,6 +39,7 @@ AVAILABLE = (
     "beatlib.instrumentation.requests:Requests",
     "beatlib.instrumentation.urllib3:Urllib3",
     "beatlib.instrumentation.httpx:Httpx",
+    "beatlib.instrumentation.http_client:HTTPClient",
     "beatlib.instrumentation.aiohttp:Aiohttp",
     "beatlib.instrumentation.botocore:Botocore",
     "beatlib.instrumentation.pika:Pika",
@@ -62,7 +65,13 @@ class Instrumentation:
     name: ClassVar[str]  # the key in disabled_instrumentations
     module: ClassVar[str]  # the import that triggers patching
     distribution: ClassVar[str | None] = None  # the installed package whose version is checked
-    versions: ClassVar[tuple[str, str | None]] = ("0", None)  # [lowest, below) supported
+    # The supported versions of `distribution`: a PEP 440 specifier set (">= 1.26, < 3"); the
+    # older form, a (lowest, below or None) pair, is read as ">= lowest, < below".
+    versions: ClassVar[str | tuple[str, str | None]] = ""
+    # For the table of supported libraries in docs/instrumentation.md (docs/gen_instrumentation.py):
+    library: ClassVar[str] = ""  # as people name it: "SQLAlchemy", "sqlite3 (standard library)"
+    tested: ClassVar[str | None] = None  # the versions the test suite ran on: "1.4.54, 2.1.9"
+    wraps: ClassVar[str] = ""  # what is patched, in Markdown
 
     def __init__(self) -> None:
         self.enabled = False
@@ -101,9 +110,21 @@ class Instrumentation:
             version = importlib.metadata.version(self.distribution)
         except importlib.metadata.PackageNotFoundError:
             return True, None  # vendored or built in: trust the import
-        lowest, below = self.versions
-        found = _parse(version)
-        return found >= _parse(lowest) and (below is None or found < _parse(below)), version
+        try:
+            found = Version(version)
+        except InvalidVersion:  # not PEP 440 (a distro's own scheme): trust the import
+            return True, version
+        # A pre-release inside the range is supported: "< 3" still refuses 3.0rc1.
+        return specifiers(self.versions).contains(found, prereleases=True), version
+
+
+@functools.cache
+def specifiers(versions: str | tuple[str, str | None]) -> SpecifierSet:
+    """An instrumentation's `versions` as a SpecifierSet (raises InvalidSpecifier)."""
+    if isinstance(versions, tuple):
+        lowest, below = versions
+        versions = f">={lowest}" + (f",<{below}" if below is not None else "")
+    return SpecifierSet(versions)
 
 
 _IMMUTABLETYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: C types that refuse setattr
@@ -141,10 +162,6 @@ def _set_on_immutable_type(cls: type, attribute: str, value: Any) -> None:
     del old
 
 
-def _parse(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
-
-
 _lock = threading.RLock()
 _instances: dict[str, Instrumentation] = {}
 _hooked: set[str] = set()
@@ -160,7 +177,36 @@ def _all() -> list[Instrumentation]:
                 logger.error("beatlib: instrumentation %s failed to load", spec, exc_info=True)
                 continue
             _instances[cls.name] = cls()
+        _load_entry_points()
     return list(_instances.values())
+
+
+ENTRY_POINTS = "beatlib.instrumentations"
+
+
+def _load_entry_points() -> None:
+    """Other packages' instrumentations: each entry point of the group names an
+    `Instrumentation` subclass (`fancydb = fancydb_beatlib:FancyDB`). beatlib's own win a
+    clash of names; a broken one is logged and skipped."""
+    try:
+        found = importlib.metadata.entry_points(group=ENTRY_POINTS)
+    except Exception:
+        logger.error("beatlib: could not read the %s entry points", ENTRY_POINTS, exc_info=True)
+        return
+    for entry_point in sorted(found, key=lambda e: e.name):
+        try:
+            cls = entry_point.load()
+            if not (isinstance(cls, type) and issubclass(cls, Instrumentation)):
+                raise TypeError(f"{entry_point.value} is not an Instrumentation subclass")
+            if cls.name in _instances:
+                logger.warning("beatlib: instrumentation %s from %s ignored: beatlib has its "
+                               "own", cls.name, entry_point.value)
+                continue
+            specifiers(cls.versions)  # a bad declaration is the package's bug: said here, once
+            _instances[cls.name] = cls()
+        except Exception:  # that package's bug; every other library is still instrumented
+            logger.error("beatlib: instrumentation %s (%s) failed to load", entry_point.name,
+                         entry_point.value, exc_info=True)
 
 
 def instrumentations() -> list[Instrumentation]:
@@ -245,10 +291,15 @@ def _on_import(inst: Instrumentation, module: ModuleType) -> None:
     with _lock:
         if not inst.enabled or inst.patched:
             return
-        ok, version = inst.supported()
+        try:
+            ok, version = inst.supported()
+        except InvalidSpecifier:
+            logger.error("beatlib: %s declares versions %r, not a PEP 440 specifier set; not "
+                         "instrumented", inst.name, inst.versions)
+            return
         if not ok:
-            logger.debug("beatlib: %s %s is not supported (%s to %s); not instrumented",
-                         inst.name, version, *inst.versions)
+            logger.debug("beatlib: %s %s is not supported (%s); not instrumented",
+                         inst.name, version, specifiers(inst.versions))
             return
         try:
             inst.patch(module)

@@ -16,7 +16,10 @@ class Requests(Instrumentation):
     name = "requests"
     module = "requests"
     distribution = "requests"
-    versions = ("2.20", "3")
+    versions = ">= 2.20, < 3"
+    library = "requests"
+    tested = "2.34"
+    wraps = "`Session.send`"
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "Session.send", _send)

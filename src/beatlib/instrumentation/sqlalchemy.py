@@ -30,7 +30,13 @@ class SQLAlchemy(Instrumentation):
     name = "sqlalchemy"
     module = "sqlalchemy"
     distribution = "sqlalchemy"
-    versions = ("1.4", "3")
+    versions = ">= 1.4, < 3"
+    library = "SQLAlchemy"
+    tested = "1.4.54, 2.1.9"
+    wraps = (
+        "statement execution on `Connection` (Core, ORM, asyncio engines, engines created "
+        "before `instrument()`), new pool connections"
+    )
 
     def patch(self, module: ModuleType) -> None:
         from sqlalchemy.engine import base

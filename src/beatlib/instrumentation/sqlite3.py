@@ -29,6 +29,11 @@ class SQLite3(DBAPIInstrumentation):
     name = "sqlite3"
     module = "sqlite3"
     subtype = "sqlite"
+    library = "sqlite3 (standard library)"
+    wraps = (
+        "`Connection` and `Cursor` `execute`, `executemany`, `executescript` (every connection,"
+        " also those opened before `instrument()`); `sqlite3.connect`"
+    )
     skip_sqlalchemy_pools = False  # no proxy: a database name costs nothing per statement
 
     def __init__(self) -> None:

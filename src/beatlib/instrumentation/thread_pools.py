@@ -19,6 +19,12 @@ class ThreadPools(Instrumentation):
     name = "thread_pools"
     module = "concurrent.futures"
     distribution = None
+    library = "concurrent.futures (standard library)"
+    wraps = (
+        "`ThreadPoolExecutor.submit` (and so `map` and asyncio's `run_in_executor`): work "
+        "submitted inside a transaction records its spans there, under the submitting span; "
+        "only beatlib's own context goes with it"
+    )
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "ThreadPoolExecutor.submit", _submit)

@@ -23,7 +23,10 @@ class Urllib3(Instrumentation):
     name = "urllib3"
     module = "urllib3"
     distribution = "urllib3"
-    versions = ("1.26", "3")
+    versions = ">= 1.26, < 3"
+    library = "urllib3"
+    tested = "2.8"
+    wraps = "`HTTPConnectionPool.urlopen`"
 
     def patch(self, module: ModuleType) -> None:
         self.wrap(module, "HTTPConnectionPool.urlopen", _urlopen)
