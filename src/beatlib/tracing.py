@@ -375,6 +375,20 @@ def start_span(
     return span
 
 
+def call_in(span: Span | None, function: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """`function(*args, **kwargs)` timed by `span`, which ends with what it raises; without a
+    span, the plain call."""
+    if span is None:
+        return function(*args, **kwargs)
+    try:
+        result = function(*args, **kwargs)
+    except BaseException as exc:
+        span.end(exc)
+        raise
+    span.end()
+    return result
+
+
 def outgoing_headers() -> dict[str, str] | None:
     """`traceparent` (and `tracestate`) naming the active span or transaction, for a call to
     another service; also for unsampled transactions, so the callee follows our decision.

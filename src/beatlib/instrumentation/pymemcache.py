@@ -11,7 +11,7 @@ from typing import Any
 from beatlib.context import get_active
 from beatlib.guard import guard
 from beatlib.instrumentation.registry import Instrumentation
-from beatlib.tracing import Span, start_span
+from beatlib.tracing import Span, call_in, start_span
 
 SUBTYPE = "memcached"
 KEY_LENGTH = 200  # characters of one key kept
@@ -91,14 +91,6 @@ def _wrapper(method: str) -> Any:
             span = start_span(method, "db", SUBTYPE, "query", leaf=True)
             if span is not None:
                 _context(span, client, _statement(method, args, kwargs))
-        if span is None:
-            return wrapped(*args, **kwargs)
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            span.end(exc)
-            raise
-        span.end()
-        return result
+        return call_in(span, wrapped, args, kwargs)
 
     return wrapper

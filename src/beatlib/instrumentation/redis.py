@@ -17,7 +17,7 @@ from beatlib.context import get_active
 from beatlib.guard import guard
 from beatlib.instrumentation.registry import Instrumentation
 from beatlib.instrumentation.registry import _lock as registry_lock
-from beatlib.tracing import Span, start_span
+from beatlib.tracing import Span, call_in, start_span
 
 SUBTYPE = "redis"
 KEY_LENGTH = 200  # characters of a key kept in the statement
@@ -167,15 +167,7 @@ def _command(wrapped: Any, client: Any, args: tuple[Any, ...], kwargs: dict[str,
     if not _recorded():
         return wrapped(*args, **kwargs)
     span = _start(client, _command_name(args), lambda: _statement(args), None)
-    if span is None:
-        return wrapped(*args, **kwargs)
-    try:
-        result = wrapped(*args, **kwargs)
-    except BaseException as exc:
-        span.end(exc)
-        raise
-    span.end()
-    return result
+    return call_in(span, wrapped, args, kwargs)
 
 
 def _pipeline(wrapped: Any, pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 from beatlib.context import get_active
 from beatlib.instrumentation.registry import Wrapper
-from beatlib.tracing import Span, start_span
+from beatlib.tracing import Span, call_in, start_span
 
 UNNAMED = "<string>"
 
@@ -41,15 +41,6 @@ def render_wrapper(engine: str, name_of: Callable[[Any], Any]) -> Wrapper:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         if get_active() is None:
             return wrapped(*args, **kwargs)
-        span = start_render(engine, name_of, instance)
-        if span is None:
-            return wrapped(*args, **kwargs)
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            span.end(exc)
-            raise
-        span.end()
-        return result
+        return call_in(start_render(engine, name_of, instance), wrapped, args, kwargs)
 
     return wrapper
