@@ -233,14 +233,14 @@ def test_sns_publish(traced, session, aws):
     arn = sns.create_topic(Name="topic")["TopicArn"]
     traced.begin()
     sns.publish(TopicArn=arn, Message="hi")
-    sns.publish(PhoneNumber="+15555550123", Message="code 1234")
+    sns.publish(PhoneNumber="+15555550123", Message="code qzxw-secret")
     traced.end()
     topic, phone = traced.spans()
     check_exit(topic, aws, "SNS PUBLISH to topic", "messaging", "sns", "publish")
     assert topic["context"]["service"]["target"] == {"type": "sns", "name": "topic"}
     assert topic["context"]["destination"]["service"]["resource"] == "sns/topic"
     assert phone["name"] == "SNS PUBLISH to [PHONENUMBER]"
-    assert "5555550123" not in repr(phone) and "1234" not in repr(phone)
+    assert "5555550123" not in repr(phone) and "qzxw-secret" not in repr(phone)
 
 
 def test_dynamodb(traced, session, aws):

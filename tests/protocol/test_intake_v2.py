@@ -76,11 +76,11 @@ def test_request_context_is_redacted_and_cut():
     tx = tracer.begin_transaction("request")
     tx.set_context("request", {
         "method": "POST",
-        "headers": {"Authorization": "Bearer abc", "X-Api-Key": "k", "Accept": "text/html",
+        "headers": {"Authorization": "Bearer tok-qwz", "X-Api-Key": "k", "Accept": "text/html",
                     "Cookie": "sessionid=s3cr3t; theme=dark"},
         "cookies": {"sessionid": "s3cr3t", "theme": "dark"},
-        "url": {"full": "https://bob:hunter2@shop.example/pay?card_number=4111&page=2",
-                "search": "card_number=4111&page=2", "hostname": "shop.example"},
+        "url": {"full": "https://bob:hunter2@shop.example/pay?card_number=4111111111111111&page=2",
+                "search": "card_number=4111111111111111&page=2", "hostname": "shop.example"},
         "body": {"password": "hunter2", "amount": 12, "note": "n" * 20000},
     })  # fmt: skip
     tx.set_context("response", {"status_code": 200, "headers": {"Set-Cookie": "sid=1"}})
@@ -88,8 +88,8 @@ def test_request_context_is_redacted_and_cut():
     event = encode(tx)[0][1]
     req = event["context"]["request"]
     text = json.dumps(event)
-    assert "abc" not in text and "s3cr3t" not in text and "hunter2" not in text
-    assert "4111" not in text
+    assert "tok-qwz" not in text and "s3cr3t" not in text and "hunter2" not in text
+    assert "4111111111111111" not in text
     assert req["headers"]["Accept"] == "text/html"
     assert req["headers"]["Authorization"] == "[REDACTED]"
     assert req["cookies"] == {"sessionid": "[REDACTED]", "theme": "dark"}
