@@ -84,6 +84,82 @@ def test_check_event_rejected(receiver, capsys):
     assert code == 1 and "HTTP 400" in err and "line 2 is wrong" in err
 
 
+PAGE = ("<!DOCTYPE html>\n<html><head><title>Welcome to nginx!</title>\n"
+        "<style>body { width: 35em; }</style></head>\n<body>\n<h1>Welcome to nginx!</h1>\n"
+        "<p>If you see this page, the "
+        "web server is installed &amp; working.</p>\n" + "<p>more text</p>\n" * 200
+        + "</body></html>\n")
+
+
+class WebServer:
+    """A plain web server (http.server): GET answers `get` (HTML by default), POST a 405
+    HTML error page, as a web server or proxy in front of nothing APM would."""
+
+    def __init__(self, get: tuple[int, str, str] = (200, "text/html", PAGE)) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, kind, body = get
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body.encode())))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def do_POST(self) -> None:
+                self.send_error(405, "Method Not Allowed")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> WebServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_check_against_a_web_server_says_it_is_no_apm_server_in_one_line(capsys):
+    with WebServer() as web:
+        code, _, err = run(capsys, "check", "--server-url", web.url)
+    assert code == 1 and err.count("\n") == 1 and "<" not in err, err
+    assert len(err) < 300, err
+    assert f"{web.url}/ answered HTTP 200" in err
+    assert '("Welcome to nginx! If you see this page, the web server is installed & working.' in err
+    assert "it does not look like an APM server" in err
+
+
+def test_check_when_only_the_event_post_gets_an_html_page(capsys):
+    with WebServer(get=(200, "application/json", '{"version": "8.99.0"}')) as web:
+        code, out, err = run(capsys, "check", "--server-url", web.url)
+    assert "version 8.99.0" in out
+    assert code == 1 and err.count("\n") == 1 and "<" not in err and len(err) < 300, err
+    assert "test event not accepted (HTTP 405): Error response Error code: 405" in err
+    assert "it does not look like an APM server" in err
+
+
+def test_check_with_the_intake_path_in_server_url_says_to_drop_it(receiver, capsys):
+    for given in (receiver.url + "/intake/v2/events", receiver.url + "/intake/v2/events/"):
+        code, _, err = run(capsys, "check", "--server-url", given)
+        assert code == 1 and "HTTP 404" in err, err
+        assert f"drop the path (server_url={receiver.url})" in err
+    code, _, err = run(capsys, "check", "--server-url", receiver.url + "/apm")
+    assert code == 1 and "HTTP 404" in err and "drop the path" not in err
+
+
+def test_check_and_release_help_describe_the_command(capsys):
+    for command, says in (("check", "send one test transaction"),
+                          ("release", "the git commits since the previous release")):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert says in out and "Exit code 0" in out, out
+
+
 def test_check_bad_configuration_names_the_setting(capsys, monkeypatch):
     code, out, err = run(capsys, "check", "--server-url", "ftp://apm")
     assert code == 2 and out == "" and "server_url: 'ftp://apm'" in err

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from beatlib.config import Config, ConfigError, unknown_env_vars
-from beatlib.transport.http import server_message
+from beatlib.transport.http import is_html, path_hint, server_message
 from beatlib.version import __version__
 
 RELEASES_PATH = "/beatlib/v1/releases"
@@ -78,7 +78,10 @@ def check(args: argparse.Namespace) -> int:
     headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"}
     status, text = _request(config, "POST", INTAKE_PATH, gzip.compress(body), headers)
     if status != 202:
-        hint = "; check secret_token / api_key" if status in (401, 403) else ""
+        hint = ("; check secret_token / api_key" if status in (401, 403)
+                else "; it does not look like an APM server" if is_html(text) else "")
+        if status == 404:
+            hint += path_hint(config.server_url)
         raise Failure(f"test event not accepted (HTTP {status}): {server_message(text)}{hint}")
     print("test event: accepted (HTTP 202)")
     return 0
@@ -143,10 +146,21 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--" + name.replace("_", "-"), dest=name,
                              help=f"default: BEATLIB_{name.upper()}")
 
-    sub = commands.add_parser("check", help="check the configuration and the server")
+    sub = commands.add_parser(
+        "check", help="check the configuration and the server",
+        description="Check what the app would do: parse the settings as the client does "
+        "(naming a bad value and where it came from), ask the APM server for its version, "
+        "then send one test transaction and say whether it was accepted. Exit code 0: all "
+        "good; 1: the server could not be reached or refused; 2: bad configuration.")
     connection(sub)
     sub.set_defaults(run=check)
-    sub = commands.add_parser("release", help="record a release (deploy) of the service")
+    sub = commands.add_parser(
+        "release", help="record a release (deploy) of the service",
+        description="Record a release of the service: its version and the git commits since "
+        "the previous release, sent to the local receiver (beatlib serve), or printed as a "
+        "Kibana annotation for Elastic APM Server. Exit code 0: recorded; 1: the server "
+        "could not be reached or refused; 2: bad configuration or usage (no service name, "
+        "no version and no git repository).")
     connection(sub)
     sub.add_argument("--version", help="default: git describe --tags --always --dirty")
     sub.add_argument("--previous", help="the previous release's tag or commit "

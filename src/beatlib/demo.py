@@ -2,7 +2,7 @@
 a checkout that fails now and then) under a burst of traffic, traced by beatlib into a local
 receiver; then a text report of what was recorded and the dashboard's address.
 
-Needs the demo extra: `pip install 'beatlib[demo]'`.
+Needs the demo extra: from a checkout, `pip install -e '.[demo]'`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
+from urllib.parse import urlencode
 
 SERVICE = "beatlib-demo"
+PROGRESS_EVERY = 5.0  # seconds between progress lines when stdout is not a terminal
 
 TEMPLATES = {
     "base.html": """<!doctype html><title>{% block title %}Shop{% endblock %}</title>
@@ -130,13 +133,48 @@ def _traffic(base: str, total: int, progress: Any) -> None:
         t.join()
 
 
-def _progress(done: int, total: int) -> None:
-    width = 40
-    filled = width * done // total
-    sys.stdout.write(f"\r  traffic [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-    if done == total:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
+def progress_for(stream: TextIO, clock: Callable[[], float] = time.monotonic
+                 ) -> Callable[[int, int], None]:
+    """Traffic progress on `stream`: a bar redrawn in place on a terminal; elsewhere (a pipe,
+    a CI log) one line every PROGRESS_EVERY seconds and one at the end, not a `\\r` per
+    request."""
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+
+    def bar(done: int, total: int) -> None:
+        width = 40
+        filled = width * done // total
+        stream.write(f"\r  traffic [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done == total:
+            stream.write("\n")
+        stream.flush()
+
+    last = [clock()]
+
+    def lines(done: int, total: int) -> None:
+        now = clock()
+        if done == total or now - last[0] >= PROGRESS_EVERY:
+            last[0] = now
+            stream.write(f"  traffic: {done}/{total} requests\n")
+            stream.flush()
+
+    return bar if terminal else lines
+
+
+def where_to_look(dashboard_url: str, service: str = SERVICE) -> list[tuple[str, str]]:
+    """The dashboard pages worth opening after the demo: (what it shows, URL)."""
+    def page(path: str, **params: str) -> str:
+        return f"{dashboard_url}{path}?{urlencode({'service': service, **params})}"
+
+    return [
+        ("the shop's transactions, with latency and error rate", page("transactions")),
+        ("the checkout: its spans, the call to the price API, its failures",
+         page("transactions/group", name="POST /checkout")),
+        ("the error groups (the discount-code KeyError), with stack and locals",
+         page("errors")),
+    ]
 
 
 def report(receiver: Any, service: str = SERVICE) -> str:
@@ -165,7 +203,8 @@ def report(receiver: Any, service: str = SERVICE) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="beatlib demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="beatlib demo",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--port", type=int, default=8200, help="receiver port (0: any free)")
     parser.add_argument("--requests", type=int, default=600, help="requests to send")
     parser.add_argument("--db", help="receiver database (default: a temporary file)")
@@ -179,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         from beatlib.contrib.flask import Beat
         from beatlib.receiver.server import Receiver
     except ImportError as exc:
-        print(f"beatlib demo needs the demo extra (pip install 'beatlib[demo]'): {exc}",
-              file=sys.stderr)
+        print("beatlib demo needs the demo extra (from a checkout: pip install -e "
+              f"'.[demo]'): {exc}", file=sys.stderr)
         return 2
 
     workdir = tempfile.mkdtemp(prefix="beatlib-demo-")
@@ -207,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         print(f"shop: http://127.0.0.1:{server.server_port}/; sending {args.requests} requests")
-        _traffic(f"http://127.0.0.1:{server.server_port}", args.requests, _progress)
+        _traffic(f"http://127.0.0.1:{server.server_port}", args.requests,
+                 progress_for(sys.stdout))
     finally:
         server.shutdown()
         sent = client.close(10)
@@ -216,12 +256,18 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if sent else f"; not everything was sent: {client.transport.stats()}"))
     print()
     print(report(receiver))
+    print("\nWhere to look:")
+    for what, url in where_to_look(receiver.dashboard_url):
+        print(f"  {what}:\n    {url}")
     if args.keep:
-        print("\nThe receiver keeps running; Ctrl-C stops it.")
+        print("\nThe receiver keeps running; Ctrl-C stops it.", flush=True)
         try:
             receiver.wait()
         except KeyboardInterrupt:
             pass
+    else:
+        print("\nThe dashboard stops with the demo, now. To browse it, run the demo with "
+              "--keep\n(beatlib demo --keep): the receiver then keeps running until Ctrl-C.")
     receiver.stop()
     return 0 if sent else 1
 

@@ -308,3 +308,15 @@ def _sending(transport, timeout=2.0):
             return True
         time.sleep(0.01)
     return False
+
+
+def test_404_from_a_server_url_with_the_intake_path_says_to_drop_it(make_transport, receiver,
+                                                                    caplog):
+    transport = make_transport(receiver, server_url=receiver.url + "/intake/v2/events")
+    with caplog.at_level(logging.ERROR, "beatlib.transport"):
+        transport.queue(1)
+        assert not transport.flush(3)
+    messages = [r.getMessage() for r in caplog.records if r.name == "beatlib.transport"]
+    assert len(messages) == 1 and "HTTP 404" in messages[0]
+    assert f"drop the path (server_url={receiver.url})" in messages[0]
+    assert receiver.requests == []  # it went to .../intake/v2/events/intake/v2/events

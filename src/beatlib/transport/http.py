@@ -7,12 +7,15 @@ batch; `Backoff` spaces out retries; `RateLimitedLog` keeps an outage to a few l
 from __future__ import annotations
 
 import enum
+import html
 import json
 import logging
+import re
 import socket
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import urllib3
 import urllib3.connection
@@ -127,6 +130,7 @@ class Sender:
         self.url = config.server_url + INTAKE_PATH
         self.timeout = config.server_timeout
         self._log = log
+        self._hint = path_hint(config.server_url)
         self.headers = {
             "Content-Type": "application/x-ndjson",
             "Content-Encoding": "gzip",
@@ -210,8 +214,8 @@ class Sender:
             return Verdict.TOO_LARGE, None
         # 400 (and other 4xx): the batch itself is wrong; sending it again cannot help.
         self._log.log("rejected", logging.ERROR,
-                      "APM server rejected a batch (HTTP %d), dropping it: %s",
-                      status, server_message(text)[:2000])
+                      "APM server rejected a batch (HTTP %d), dropping it: %s%s",
+                      status, server_message(text)[:2000], self._hint if status == 404 else "")
         return Verdict.DROP, None
 
 
@@ -252,9 +256,10 @@ def server_version(config: Any) -> str | None:
     if status in (401, 403):
         raise ServerProblem(f"{config.server_url} refused the credentials (HTTP {status}): "
                             f"{server_message(text)}; check secret_token / api_key")
-    if not 200 <= status < 300:
-        raise ServerProblem(f"{config.server_url}/ answered HTTP {status}, not like an APM "
-                            "server")
+    if not 200 <= status < 300 or is_html(text):
+        shown = f' ("{excerpt(text)}")' if text.strip() else ""
+        raise ServerProblem(f"{config.server_url}/ answered HTTP {status}{shown}: it does not "
+                            f"look like an APM server{path_hint(config.server_url)}")
     try:
         version = json.loads(text).get("version")
     except (ValueError, AttributeError):
@@ -293,11 +298,39 @@ def _retry_after(value: str | None) -> float | None:
 
 def server_message(text: str) -> str:
     """The first error messages of an error reply (intake's `errors`, or one `error`), or
-    the raw text."""
+    a one-line excerpt of the text (a proxy's HTML error page is not worth a screenful)."""
     try:
         reply = json.loads(text)
         errors = reply.get("errors") or [reply]
         return "; ".join(str(e.get("message") or e.get("error") or e)
-                         for e in errors[:3]) or text.strip()
+                         for e in errors[:3]) or excerpt(text)
     except Exception:
-        return text.strip() or "no reason given"
+        return excerpt(text) or "no reason given"
+
+
+def is_html(text: str) -> bool:
+    """Whether a reply is an HTML page (a web server or proxy answered, not an APM server)."""
+    start = text.lstrip()[:100].lower()
+    return start.startswith(("<!doctype html", "<html", "<head", "<body", "<title"))
+
+
+def excerpt(text: str, limit: int = 120) -> str:
+    """`text` on one line, at most `limit` characters: an HTML page's head (its title is
+    the heading again), scripts and tags dropped, whitespace runs made one space."""
+    if is_html(text):
+        text = re.sub(r"(?is)<(head|script|style)\b.*?</\1\s*>", " ", text)
+        text = html.unescape(re.sub(r"(?s)<[^>]*>", " ", text))
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
+
+
+def path_hint(server_url: str) -> str:
+    """A hint when `server_url` carries the intake path, which beatlib adds itself (the
+    server then answers 404); "" otherwise."""
+    path = urlsplit(server_url).path.rstrip("/")
+    for tail in (INTAKE_PATH, "/intake/v2", "/intake"):
+        if path.endswith(tail):
+            base = server_url.rstrip("/")[: -len(tail)]
+            return (f"; server_url is the server's base address, beatlib adds {INTAKE_PATH}"
+                    f" itself: drop the path (server_url={base})")
+    return ""
