@@ -220,7 +220,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_rows(tmp_path) -> None:
     import sqlite3
 
     from beatlib.receiver import Receiver
-    from beatlib.receiver.store import SCHEMA_VERSION
+    from beatlib.receiver.schema import SCHEMA_VERSION
 
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
