@@ -168,7 +168,7 @@ def test_dashboard_pages_answer(serve: Receiver, client: beatlib.Client) -> None
     assert client.flush(10) and serve.flush(10)
     status, page = get(serve.url + "/ui/transactions?service=shop&window=15m")
     assert status == 200
-    assert b"GET /&lt;b&gt;&amp;&#x27;&quot;" in page and b"<b>&" not in page
+    assert b"GET /&lt;b&gt;&amp;&#39;&#34;" in page and b"<b>&" not in page  # markupsafe's
     assert get(serve.url + "/ui")[0] == 200  # redirected
     assert get(serve.url + "/ui/transaction?id=nope")[0] == 404
     assert get(serve.url + "/ui/error?service=shop")[0] == 404
@@ -220,7 +220,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_rows(tmp_path) -> None:
     import sqlite3
 
     from beatlib.receiver import Receiver
-    from beatlib.receiver.store import SCHEMA_VERSION
+    from beatlib.receiver.schema import SCHEMA_VERSION
 
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
@@ -284,3 +284,37 @@ def test_a_broken_database_is_told_from_a_busy_one(tmp_path, caplog) -> None:
             assert [r[0] for r in conn.execute("SELECT id FROM transactions")] == [f"{2:016x}"]
         assert receiver.store.health()["writer_running"]
     assert "cannot write to" in caplog.text and "no such table" in caplog.text
+
+
+def test_a_database_of_this_version_opens_as_it_is_and_takes_a_new_step(tmp_path,
+                                                                        monkeypatch) -> None:
+    """Made by this receiver, it opens again with its rows; a step appended to MIGRATIONS (as
+    schema.py's docstring shows) upgrades it in place."""
+    import sqlite3
+
+    from beatlib.receiver import Receiver, schema
+    from tests.receiver_server.conftest import ndjson, post, transaction
+
+    path = str(tmp_path / "now.db")
+    error = ("error", {"id": "e" * 32, "exception": {"type": "E", "message": "boom"}})
+    with Receiver(port=0, db_path=path) as receiver:
+        assert post(receiver.url, ndjson(transaction(1), error))[0] == 202
+        assert receiver.flush(10)
+    with Receiver(port=0, db_path=path) as receiver, receiver.store.reader() as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+        assert conn.execute("SELECT count(*) FROM transactions").fetchone()[0] == 1
+
+    step = schema.Migration(schema.SCHEMA_VERSION + 1, "error groups can be resolved", (
+        "ALTER TABLE error_groups ADD COLUMN status TEXT NOT NULL DEFAULT 'open'",))
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, step])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", step.version)
+    with Receiver(port=0, db_path=path) as receiver, receiver.store.reader() as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == step.version
+        assert [tuple(r) for r in conn.execute("SELECT message, status FROM error_groups")] == [
+            ("boom", "open")]
+        assert conn.execute("SELECT count(*) FROM transactions").fetchone()[0] == 1
+    monkeypatch.undo()
+    conn = sqlite3.connect(path)  # and this receiver, older than that database now, refuses it
+    with pytest.raises(sqlite3.DatabaseError, match="newer than this receiver's"):
+        schema.create_schema(conn)
+    conn.close()

@@ -321,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         print("beatlib serve: --port must be 0-65535 and --max-queue-events at least 1",
               file=sys.stderr)
         return 2
+    if not ui.available():
+        print(f"beatlib serve: the dashboard needs Jinja2, which is not installed: "
+              f"{ui.INSTALL_HINT}", file=sys.stderr)
+        return 1
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 

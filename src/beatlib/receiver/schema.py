@@ -1,0 +1,201 @@
+"""The receiver's SQLite schema, how a connection is opened, and the migrations that bring a
+database made by an older receiver up to this one's schema (PRAGMA user_version).
+
+To change the schema (a column `status` on error groups, say):
+
+1. change the table in `SCHEMA`, which is always the latest schema (a new database is made
+   from it alone: `status TEXT NOT NULL DEFAULT 'open'` in `error_groups`);
+2. append a step to `MIGRATIONS` with the next number and the statements that turn a
+   database of the number before into one of this number::
+
+       Migration(3, "error groups can be resolved and ignored", (
+           "ALTER TABLE error_groups ADD COLUMN status TEXT NOT NULL DEFAULT 'open'",
+       )),
+
+   `SCHEMA` then runs as well (its `IF NOT EXISTS` statements add new tables and indexes,
+   also those over a column a step added), so a step only changes what already exists;
+3. test it on a database made by the receiver before the change (tests/receiver_server/
+   test_storage.py has one for each step).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import NamedTuple
+
+logger = logging.getLogger("beatlib.receiver")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS services (
+    name TEXT PRIMARY KEY,
+    environment TEXT,
+    version TEXT,               -- the latest seen
+    agent TEXT,                 -- "beatlib 0.1.0"
+    language TEXT,
+    framework TEXT,
+    hostname TEXT,
+    first_seen INTEGER NOT NULL,  -- µs since epoch, when received
+    last_seen INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    service TEXT NOT NULL,
+    version TEXT NOT NULL,      -- service.version in metadata, or a recorded release
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    -- set by `beatlib release` (POST /beatlib/v1/releases); NULL for versions only seen
+    deployed_at TEXT,           -- ISO 8601
+    environment TEXT,
+    branch TEXT,
+    commit_sha TEXT,
+    previous TEXT,
+    commits TEXT,               -- JSON [{commit, author, subject}]
+    PRIMARY KEY (service, version)
+);
+CREATE TABLE IF NOT EXISTS transactions (
+    id TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    parent_id TEXT,
+    service TEXT NOT NULL,
+    service_version TEXT,
+    environment TEXT,
+    name TEXT NOT NULL,         -- "" when the agent sent none
+    type TEXT NOT NULL,
+    result TEXT,
+    outcome TEXT,
+    timestamp INTEGER NOT NULL, -- µs since epoch
+    duration REAL NOT NULL,     -- ms
+    sampled INTEGER,
+    spans_started INTEGER,
+    spans_dropped INTEGER,
+    context TEXT                -- JSON
+);
+CREATE UNIQUE INDEX IF NOT EXISTS transactions_id ON transactions (id);
+CREATE INDEX IF NOT EXISTS transactions_stats
+    ON transactions (service, timestamp, name, type, duration, outcome, result);
+CREATE INDEX IF NOT EXISTS transactions_by_name
+    ON transactions (service, name, timestamp);
+CREATE INDEX IF NOT EXISTS transactions_release ON transactions (service, service_version);
+CREATE TABLE IF NOT EXISTS spans (
+    id TEXT NOT NULL,
+    transaction_id TEXT,
+    trace_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    subtype TEXT,
+    action TEXT,
+    timestamp INTEGER,          -- µs since epoch; or:
+    start REAL,                 -- ms after the transaction's start
+    duration REAL NOT NULL,
+    outcome TEXT,
+    sync INTEGER,
+    context TEXT,               -- JSON
+    stacktrace TEXT             -- JSON
+);
+CREATE UNIQUE INDEX IF NOT EXISTS spans_id ON spans (id, trace_id);
+CREATE INDEX IF NOT EXISTS spans_transaction ON spans (transaction_id);
+CREATE INDEX IF NOT EXISTS spans_trace ON spans (trace_id);
+CREATE TABLE IF NOT EXISTS errors (
+    id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    service_version TEXT,
+    environment TEXT,
+    grouping_key TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    trace_id TEXT,
+    transaction_id TEXT,
+    parent_id TEXT,
+    transaction_name TEXT,
+    culprit TEXT,
+    type TEXT,                  -- exception type, or NULL for a logged message
+    message TEXT,
+    handled INTEGER,
+    level TEXT,
+    assignee_key TEXT,          -- lower-cased email, else name
+    body TEXT NOT NULL          -- the whole event, JSON
+);
+CREATE UNIQUE INDEX IF NOT EXISTS errors_id ON errors (id);
+CREATE INDEX IF NOT EXISTS errors_group ON errors (service, grouping_key, timestamp);
+CREATE INDEX IF NOT EXISTS errors_transaction ON errors (transaction_id);
+CREATE INDEX IF NOT EXISTS errors_release ON errors (service, service_version);
+CREATE TABLE IF NOT EXISTS error_groups (
+    service TEXT NOT NULL,
+    grouping_key TEXT NOT NULL,
+    type TEXT,
+    message TEXT,               -- of the latest occurrence
+    culprit TEXT,
+    count INTEGER NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    first_version TEXT,         -- the service version that first sent it
+    latest_error_id TEXT NOT NULL,
+    assignee_key TEXT,          -- of the latest occurrence that named one
+    assignee_name TEXT,
+    assignee_email TEXT,
+    assignee_commit TEXT,
+    assignee_date TEXT,
+    PRIMARY KEY (service, grouping_key)
+);
+CREATE INDEX IF NOT EXISTS error_groups_assignee ON error_groups (assignee_key);
+CREATE INDEX IF NOT EXISTS error_groups_release ON error_groups (service, first_version);
+CREATE TABLE IF NOT EXISTS metricsets (
+    service TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    transaction_name TEXT,
+    transaction_type TEXT,
+    span_type TEXT,
+    span_subtype TEXT,
+    tags TEXT,                  -- JSON
+    samples TEXT NOT NULL,      -- JSON
+    key TEXT                    -- of the whole metricset: one sent again is stored once
+);
+CREATE INDEX IF NOT EXISTS metricsets_service ON metricsets (service, timestamp);
+CREATE UNIQUE INDEX IF NOT EXISTS metricsets_key ON metricsets (key);
+"""
+
+
+
+class Migration(NamedTuple):
+    version: int  # the schema this step brings the database to
+    why: str
+    statements: tuple[str, ...]
+
+
+# Numbered from 2 (1 is the first schema), one after another, each applied in a transaction
+# of its own. Never change a step that was released: add one.
+MIGRATIONS: list[Migration] = [
+    Migration(2, "a metricset sent again is stored once", (
+        "ALTER TABLE metricsets ADD COLUMN key TEXT",
+    )),
+]
+SCHEMA_VERSION = MIGRATIONS[-1].version  # PRAGMA user_version of a database made or migrated
+
+
+def connect(path: str, timeout: float = 1.0) -> sqlite3.Connection:
+    """A connection with the settings every user of the database wants."""
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """Makes the schema in a new database, or migrates an older one in place; refuses
+    (sqlite3.DatabaseError) one made by a newer receiver."""
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable enough for a local dashboard
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"database schema {version} is newer than this receiver's "
+                                    f"({SCHEMA_VERSION}); use a newer beatlib or another --db")
+    for step in MIGRATIONS if version else ():  # version 0: a new database, made below
+        if step.version <= version:
+            continue
+        with conn:  # each step whole or not at all
+            for statement in step.statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={step.version}")
+        logger.info("receiver: database migrated to schema %d (%s)", step.version, step.why)
+    conn.executescript(SCHEMA)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
