@@ -16,10 +16,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from beatlib.receiver.group_state import GroupChange, add_group_state_columns, on_occurrence
 from beatlib.receiver.grouping import culprit, grouping_key
 
 logger = logging.getLogger("beatlib.receiver")
@@ -185,6 +186,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
             conn.execute(f"PRAGMA user_version={target}")
         logger.info("receiver: database migrated to schema %d", target)
     conn.executescript(SCHEMA)
+    add_group_state_columns(conn)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
@@ -238,9 +240,11 @@ class Store:
     """The database at `path`, its queue and its writer thread."""
 
     def __init__(
-        self, path: str, max_queue_events: int = 20_000, batch_events: int = 5_000
+        self, path: str, max_queue_events: int = 20_000, batch_events: int = 5_000,
+        on_group_change: Callable[[list[GroupChange]], None] | None = None,
     ) -> None:
         self.path = path
+        self.on_group_change = on_group_change  # called after a commit; must not block
         self.queue = BatchQueue(max_queue_events)
         self.batch_events = batch_events
         # stored, skipped, refused, write_retries, writer_errors
@@ -389,6 +393,7 @@ class Store:
         """One transaction for all `batches`. An event that cannot be stored is skipped and
         counted; sqlite3.OperationalError (locked, busy, I/O) aborts it all for a retry."""
         skipped = 0
+        changes: list[GroupChange] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             for metadata, events, received in batches:
@@ -397,7 +402,7 @@ class Store:
                 if meta["version"]:
                     conn.execute(_UPSERT_RELEASE, (meta["name"], meta["version"], received))
                 for kind, event in events:
-                    if not _store_event(conn, kind, event, meta, received):
+                    if not _store_event(conn, kind, event, meta, received, changes):
                         skipped += 1
             conn.execute("COMMIT")
         except BaseException:
@@ -406,6 +411,8 @@ class Store:
             raise
         self.counts["stored"] += sum(len(b[1]) for b in batches) - skipped
         self.counts["skipped"] += skipped
+        if changes and self.on_group_change is not None:
+            self.on_group_change(changes)
 
 
 _BROKEN_TRIES = 5  # attempts at a batch the database refuses for a reason other than busy
@@ -432,13 +439,16 @@ _EVENT_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError
 
 
 def _store_event(conn: sqlite3.Connection, kind: str, event: dict[str, Any],
-                 meta: dict[str, Any], received: int) -> bool:
+                 meta: dict[str, Any], received: int, changes: list[GroupChange]) -> bool:
     try:
         meta = _override(meta, event)
         if kind == "error":
             error, group = _error_rows(event, meta, received)
             if conn.execute(_INSERT_ERROR, error).rowcount:  # not a resent duplicate
+                change = on_occurrence(conn, group[0], group[1], error[2], error[3], error[5])
                 conn.execute(_UPSERT_GROUP, group)
+                if change is not None:
+                    changes.append(change)
         else:
             sql, build = _INSERTS[kind]
             conn.execute(sql, build(event, meta, received))
