@@ -379,7 +379,8 @@ def test_huge_number_is_a_config_error():
 def test_a_mistyped_environment_variable_is_warned_about_with_the_setting_meant(caplog,
                                                                               monkeypatch):
     monkeypatch.setattr(config_module, "_warned_env", set())  # as in a fresh process
-    environ = {"BEATLIB_SAMPLE_RATE": "2", "BEATLIB_SERVCE_NAME": "x", "BEATLIB_ZZZ_QQQ": "1"}
+    environ = {"BEATLIB_SAMPLE_RATE": "2", "BEATLIB_SERVCE_NAME": "x", "BEATLIB_ZZZ_QQQ": "1",
+               "BEATLIB_SERVE_NOTIFY_WEBHOOK": "http://127.0.0.1:9/hook"}  # beatlib serve's
     with caplog.at_level(logging.WARNING, logger="beatlib"):
         config = Config(environ=environ)
         Config(environ=environ)  # once per process, not per client

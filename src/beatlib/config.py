@@ -406,6 +406,10 @@ _SETTINGS = tuple(
 _warned_env: set[str] = set()
 
 
+# Variables of beatlib's commands, not of a client (`beatlib serve` reads BEATLIB_SERVE_*).
+_OTHER_ENV_PREFIXES = ("BEATLIB_SERVE_",)
+
+
 def unknown_env_vars(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """`BEATLIB_*` variables that name no setting (a typo is silently ignored otherwise),
     each with the variable it most likely meant."""
@@ -413,6 +417,8 @@ def unknown_env_vars(environ: Mapping[str, str]) -> list[tuple[str, str | None]]
     out = []
     for name in environ:
         given = name[len("BEATLIB_"):]
+        if name.startswith(_OTHER_ENV_PREFIXES):
+            continue
         if name.startswith("BEATLIB_") and given not in known:
             near = difflib.get_close_matches(given, known, n=1, cutoff=0.7)
             ending = [k for k in known if k.endswith("_" + given)] if given else []

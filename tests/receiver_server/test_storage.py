@@ -228,12 +228,18 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_rows(tmp_path) -> None:
         CREATE TABLE metricsets (service TEXT NOT NULL, timestamp INTEGER NOT NULL,
             transaction_name TEXT, transaction_type TEXT, span_type TEXT, span_subtype TEXT,
             tags TEXT, samples TEXT NOT NULL);
+        CREATE TABLE error_groups (service TEXT NOT NULL, grouping_key TEXT NOT NULL,
+            type TEXT, message TEXT, culprit TEXT, count INTEGER NOT NULL,
+            first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL, first_version TEXT,
+            latest_error_id TEXT NOT NULL, assignee_key TEXT, assignee_name TEXT,
+            assignee_email TEXT, assignee_commit TEXT, assignee_date TEXT,
+            PRIMARY KEY (service, grouping_key));
         INSERT INTO metricsets (service, timestamp, samples) VALUES ('shop', 1, '{}');
         PRAGMA user_version=1;
     """)
     old.close()
     with Receiver(port=0, db_path=str(path)) as receiver, receiver.store.reader() as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert [tuple(r) for r in conn.execute("SELECT service, key FROM metricsets")] == [
             ("shop", None)]
 
@@ -304,14 +310,14 @@ def test_a_database_of_this_version_opens_as_it_is_and_takes_a_new_step(tmp_path
         assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         assert conn.execute("SELECT count(*) FROM transactions").fetchone()[0] == 1
 
-    step = schema.Migration(schema.SCHEMA_VERSION + 1, "error groups can be resolved", (
-        "ALTER TABLE error_groups ADD COLUMN status TEXT NOT NULL DEFAULT 'open'",))
+    step = schema.Migration(schema.SCHEMA_VERSION + 1, "error groups can have a note", (
+        "ALTER TABLE error_groups ADD COLUMN note TEXT NOT NULL DEFAULT 'none'",))
     monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, step])
     monkeypatch.setattr(schema, "SCHEMA_VERSION", step.version)
     with Receiver(port=0, db_path=path) as receiver, receiver.store.reader() as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == step.version
-        assert [tuple(r) for r in conn.execute("SELECT message, status FROM error_groups")] == [
-            ("boom", "open")]
+        assert [tuple(r) for r in conn.execute("SELECT message, note FROM error_groups")] == [
+            ("boom", "none")]
         assert conn.execute("SELECT count(*) FROM transactions").fetchone()[0] == 1
     monkeypatch.undo()
     conn = sqlite3.connect(path)  # and this receiver, older than that database now, refuses it

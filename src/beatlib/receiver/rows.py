@@ -9,6 +9,7 @@ import sqlite3
 import time
 from typing import Any
 
+from beatlib.receiver.group_state import GroupChange, on_occurrence
 from beatlib.receiver.grouping import culprit, grouping_key
 
 _KEYWORD = 1024  # indexed text is cut here; the JSON columns keep the rest
@@ -20,14 +21,18 @@ _EVENT_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError
 
 
 def store_event(conn: sqlite3.Connection, kind: str, event: dict[str, Any],
-                meta: dict[str, Any], received: int) -> bool:
-    """Stores one event; False (and nothing stored) if it cannot be."""
+                meta: dict[str, Any], received: int, changes: list[GroupChange]) -> bool:
+    """Stores one event; False (and nothing stored) if it cannot be. A new error group, or
+    a resolved one that regressed, is appended to `changes`."""
     try:
         meta = _override(meta, event)
         if kind == "error":
             error, group = _error_rows(event, meta, received)
             if conn.execute(_INSERT_ERROR, error).rowcount:  # not a resent duplicate
+                change = on_occurrence(conn, group[0], group[1], error[2], error[3], error[5])
                 conn.execute(_UPSERT_GROUP, group)
+                if change is not None:
+                    changes.append(change)
         else:
             sql, build = _INSERTS[kind]
             conn.execute(sql, build(event, meta, received))

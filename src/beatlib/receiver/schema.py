@@ -1,21 +1,18 @@
 """The receiver's SQLite schema, how a connection is opened, and the migrations that bring a
 database made by an older receiver up to this one's schema (PRAGMA user_version).
 
-To change the schema (a column `status` on error groups, say):
+To change the schema (step 3 below did this for the error groups' `status`):
 
 1. change the table in `SCHEMA`, which is always the latest schema (a new database is made
    from it alone: `status TEXT NOT NULL DEFAULT 'open'` in `error_groups`);
 2. append a step to `MIGRATIONS` with the next number and the statements that turn a
-   database of the number before into one of this number::
-
-       Migration(3, "error groups can be resolved and ignored", (
-           "ALTER TABLE error_groups ADD COLUMN status TEXT NOT NULL DEFAULT 'open'",
-       )),
+   database of the number before into one of this number
+   (`"ALTER TABLE error_groups ADD COLUMN status TEXT NOT NULL DEFAULT 'open'"`);
 
    `SCHEMA` then runs as well (its `IF NOT EXISTS` statements add new tables and indexes,
    also those over a column a step added), so a step only changes what already exists;
 3. test it on a database made by the receiver before the change (tests/receiver_server/
-   test_storage.py has one for each step).
+   test_storage.py and test_notify.py have one for each step).
 """
 
 from __future__ import annotations
@@ -136,6 +133,12 @@ CREATE TABLE IF NOT EXISTS error_groups (
     assignee_email TEXT,
     assignee_commit TEXT,
     assignee_date TEXT,
+    status TEXT NOT NULL DEFAULT 'open',  -- open | resolved | ignored
+    resolved_at INTEGER,        -- µs since epoch
+    resolved_in_version TEXT,   -- the release said to fix it
+    regressed_in TEXT,          -- the version of the occurrence that reopened it
+    regressed_at INTEGER,
+    regressions INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (service, grouping_key)
 );
 CREATE INDEX IF NOT EXISTS error_groups_assignee ON error_groups (assignee_key);
@@ -168,6 +171,14 @@ class Migration(NamedTuple):
 MIGRATIONS: list[Migration] = [
     Migration(2, "a metricset sent again is stored once", (
         "ALTER TABLE metricsets ADD COLUMN key TEXT",
+    )),
+    Migration(3, "error groups can be resolved and ignored, and regress", (
+        "ALTER TABLE error_groups ADD COLUMN status TEXT NOT NULL DEFAULT 'open'",
+        "ALTER TABLE error_groups ADD COLUMN resolved_at INTEGER",
+        "ALTER TABLE error_groups ADD COLUMN resolved_in_version TEXT",
+        "ALTER TABLE error_groups ADD COLUMN regressed_in TEXT",
+        "ALTER TABLE error_groups ADD COLUMN regressed_at INTEGER",
+        "ALTER TABLE error_groups ADD COLUMN regressions INTEGER NOT NULL DEFAULT 0",
     )),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1].version  # PRAGMA user_version of a database made or migrated

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import socket
 import sqlite3
@@ -21,8 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from beatlib.receiver import intake, ui
-from beatlib.receiver.store import Store
+from beatlib.receiver import group_state, intake, ui
+from beatlib.receiver.notify import FORMATS, Notifier, NotifyConfig, split_list
+from beatlib.receiver.store import Store, connect
 
 logger = logging.getLogger("beatlib.receiver")
 
@@ -46,12 +48,17 @@ class Receiver:
         db_path: str = DEFAULT_DB,
         secret_token: str | None = None,
         max_queue_events: int = 20_000,
+        notify: NotifyConfig | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.db_path = str(db_path)
         self.secret_token = secret_token or None
-        self.store = Store(self.db_path, max_queue_events=max_queue_events)
+        # New and regressed error groups, told after the writer commits (None: not told).
+        self.notifier = Notifier(notify, self.db_path, lambda: self.url) \
+            if notify is not None and notify.enabled else None
+        self.store = Store(self.db_path, max_queue_events=max_queue_events,
+                           on_group_change=self.notifier.offer if self.notifier else None)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -74,6 +81,8 @@ class Receiver:
             server.server_close()
             raise
         self.port = server.server_address[1]
+        if self.notifier is not None:
+            self.notifier.start()
         self._stopped.clear()
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -92,6 +101,8 @@ class Receiver:
             server.shutdown()
             server.server_close()
         self.store.stop(timeout)
+        if self.notifier is not None:
+            self.notifier.stop(timeout)
         self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -161,6 +172,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(_error(405, "this is the server information endpoint; did you mean "
                                      "to send data to another endpoint instead?"))
             return
+        if url.path.startswith(group_state.ACTION_PREFIX):
+            self._group_action(url.path)
+            return
         if url.path not in (intake.RELEASES_PATH, intake.INTAKE_PATH):
             self._send(404, b"404 page not found\n", "text/plain; charset=utf-8", close=True)
             return
@@ -185,6 +199,33 @@ class _Handler(BaseHTTPRequestHandler):
                                               receiver.store.offer, verbose))
         finally:
             self.server.bodies.release()
+
+    def _group_action(self, path: str) -> None:
+        """POST /ui/errors/<service>/<key>/resolve|ignore|reopen from the dashboard's forms:
+        refused cross-site (a page elsewhere must not change groups), then back to the group."""
+        action = group_state.parse_action(path)
+        if action is None:
+            self._send(404, b"404 page not found\n", "text/plain; charset=utf-8", close=True)
+            return
+        if not group_state.same_origin(self.headers, self.headers.get("Host")):
+            self._send(403, b"cross-site request refused\n", "text/plain; charset=utf-8",
+                       close=True)
+            return
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit() or int(length) > group_state.MAX_FORM:
+            self._send(400, b"form too large\n", "text/plain; charset=utf-8", close=True)
+            return
+        service, key, verb = action
+        conn = connect(self.server.receiver.db_path, timeout=5.0)
+        try:
+            found = group_state.set_status(conn, service, key, verb,
+                                      group_state.form_version(self.rfile.read(int(length))))
+        finally:
+            conn.close()
+        if not found:
+            self._send(404, b"no such error group\n", "text/plain; charset=utf-8")
+            return
+        self._send(303, b"", None, {"Location": group_state.group_page(service, key)})
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -272,10 +313,11 @@ def run(
     secret_token: str | None = None,
     ready: Callable[[Receiver], Any] | threading.Event | None = None,
     max_queue_events: int = 20_000,
+    notify: NotifyConfig | None = None,
 ) -> None:
     """Serves until Ctrl-C or SIGTERM (or `stop()` on the receiver given to `ready`, a
     callable; a threading.Event is set instead). Raises OSError if it cannot listen."""
-    receiver = Receiver(host, port, db_path, secret_token, max_queue_events).start()
+    receiver = Receiver(host, port, db_path, secret_token, max_queue_events, notify).start()
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
@@ -312,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="require 'Authorization: Bearer TOKEN' on intake")
     parser.add_argument("--max-queue-events", type=int, default=20_000, metavar="N",
                         help="events waiting for the database before intake answers 503")
+    _notify_arguments(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -320,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("beatlib serve: --port must be 0-65535 and --max-queue-events at least 1",
               file=sys.stderr)
+        return 2
+    notify, problem = _notify_config(args)
+    if problem:
+        parser.print_usage(sys.stderr)
+        print(f"beatlib serve: {problem}", file=sys.stderr)
         return 2
     if not ui.available():
         print(f"beatlib serve: the dashboard needs Jinja2, which is not installed: "
@@ -334,10 +382,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{' (secret token required)' if receiver.secret_token else ''}\n"
               f"  dashboard: {receiver.dashboard_url}\n"
               f"  database:  {receiver.db_path}\n"
+              + (f"  notifying: {len(notify.webhooks)} webhook(s)"
+                 f"{', e-mail via ' + notify.smtp if notify.smtp else ''}\n" if notify else "") +
               "Ctrl-C to stop.", flush=True)
 
     try:
-        run(args.host, args.port, args.db, args.secret_token, announce, args.max_queue_events)
+        run(args.host, args.port, args.db, args.secret_token, announce, args.max_queue_events,
+            notify)
     except OSError as exc:
         print(f"beatlib serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -345,3 +396,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"beatlib serve: cannot use the database {args.db}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _notify_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("notifications", "told once per new error group and "
+                                      "once per regression (see docs/receiver.md)")
+    group.add_argument("--notify-webhook", action="append", default=None, metavar="URL",
+                       help="POST a notification to URL (repeatable; default: the URLs in "
+                       "BEATLIB_SERVE_NOTIFY_WEBHOOK, separated by spaces or commas)")
+    group.add_argument("--notify-format", choices=FORMATS, default="json",
+                       help="webhook payload: json (generic, default) or slack (an incoming "
+                       "webhook's text and blocks)")
+    group.add_argument("--notify-smtp", default=None, metavar="HOST:PORT",
+                       help="also send e-mail through this SMTP relay (plain SMTP, no login)")
+    group.add_argument("--notify-email-to", action="append", default=None, metavar="ADDRESS",
+                       help="recipient of the e-mails (repeatable; needed with --notify-smtp)")
+    group.add_argument("--notify-email-from", default="beatlib@localhost", metavar="ADDRESS",
+                       help="sender of the e-mails (default beatlib@localhost)")
+    group.add_argument("--public-url", default=None, metavar="URL",
+                       help="base URL the links in notifications use, when the dashboard is "
+                       "reached under another address than the one it listens on")
+
+
+def _notify_config(args: argparse.Namespace) -> tuple[NotifyConfig | None, str | None]:
+    """The notification settings from the command line (and the environment), or a problem."""
+    webhooks = args.notify_webhook or split_list(os.environ.get("BEATLIB_SERVE_NOTIFY_WEBHOOK"))
+    for url in webhooks + ([args.public_url] if args.public_url else []):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return None, f"not an http(s) URL: {url!r}"
+    email_to = [a for arg in args.notify_email_to or () for a in split_list(arg)]
+    if args.notify_smtp:
+        host, _, port = args.notify_smtp.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return None, f"--notify-smtp takes HOST:PORT, not {args.notify_smtp!r}"
+        if not email_to:
+            return None, "--notify-smtp needs --notify-email-to"
+    elif email_to:
+        return None, "--notify-email-to needs --notify-smtp"
+    config = NotifyConfig(webhooks=webhooks, format=args.notify_format, smtp=args.notify_smtp,
+                          email_to=email_to, email_from=args.notify_email_from,
+                          public_url=args.public_url)
+    return (config if config.enabled else None), None

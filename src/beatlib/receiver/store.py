@@ -15,11 +15,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from beatlib.receiver import rows
+from beatlib.receiver.group_state import GroupChange
 from beatlib.receiver.schema import connect, create_schema
 
 logger = logging.getLogger("beatlib.receiver")
@@ -78,9 +79,11 @@ class Store:
     """The database at `path`, its queue and its writer thread."""
 
     def __init__(
-        self, path: str, max_queue_events: int = 20_000, batch_events: int = 5_000
+        self, path: str, max_queue_events: int = 20_000, batch_events: int = 5_000,
+        on_group_change: Callable[[list[GroupChange]], None] | None = None,
     ) -> None:
         self.path = path
+        self.on_group_change = on_group_change  # called after a commit; must not block
         self.queue = BatchQueue(max_queue_events)
         self.batch_events = batch_events
         # stored, skipped, refused, write_retries, writer_errors
@@ -229,6 +232,7 @@ class Store:
         """One transaction for all `batches`. An event that cannot be stored is skipped and
         counted; sqlite3.OperationalError (locked, busy, I/O) aborts it all for a retry."""
         skipped = 0
+        changes: list[GroupChange] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             for metadata, events, received in batches:
@@ -237,7 +241,7 @@ class Store:
                 if meta["version"]:
                     conn.execute(rows.UPSERT_RELEASE, (meta["name"], meta["version"], received))
                 for kind, event in events:
-                    if not rows.store_event(conn, kind, event, meta, received):
+                    if not rows.store_event(conn, kind, event, meta, received, changes):
                         skipped += 1
             conn.execute("COMMIT")
         except BaseException:
@@ -246,6 +250,8 @@ class Store:
             raise
         self.counts["stored"] += sum(len(b[1]) for b in batches) - skipped
         self.counts["skipped"] += skipped
+        if changes and self.on_group_change is not None:
+            self.on_group_change(changes)
 
 
 _BROKEN_TRIES = 5  # attempts at a batch the database refuses for a reason other than busy
