@@ -7,12 +7,13 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from beatlib.receiver import Receiver, queries, series
+from beatlib.receiver import Receiver, queries, series, svg
 from beatlib.receiver.store import connect
 from tests.receiver_server.conftest import ndjson, post, transaction
 
@@ -246,3 +247,33 @@ def test_dependency_index_never_fails_an_insert(tmp_path: Any) -> None:
     series.create_indexes(conn)
     conn.execute("INSERT INTO spans VALUES ('s', 1, 'db', 1.0, 'not json {')")
     assert conn.execute("SELECT count(*) FROM spans").fetchone()[0] == 1
+
+
+def test_charts_of_stored_data(charts: Receiver) -> None:
+    # Every chart of the dashboard from the series of real stored events: drawn with data,
+    # valid SVG, a dependency named with markup escaped, distribution bars linked.
+    evil = '<img src=x onerror="alert(1)">'
+    _, tx = transaction(1, duration=40.0, timestamp=NOW - 2 * MINUTE, outcome="failure")
+    events: list[Any] = [("transaction", tx), *[
+        transaction(n, duration=float(n), timestamp=NOW - n * SECOND) for n in range(2, 50)]]
+    events.append(span(tx, 100, "external", 30.0, tx["timestamp"], evil))
+    error = {"id": "e1", "timestamp": NOW - MINUTE,
+             "exception": {"type": "KeyError", "message": "x"}}
+    send(charts, *events, ("error", error))
+    with charts.store.reader() as conn:
+        data = series.transaction_series(conn, "shop", "1h", now_us=NOW)
+        dist = series.distribution(conn, "shop", "GET /orders", "1h", NOW)
+        deps = series.dependency_series(conn, "shop", "1h", now_us=NOW)
+        [group] = queries.error_groups(conn, "shop")
+        errors = series.error_series(conn, "shop", group["grouping_key"], "1h", NOW)
+    drawn = [svg.latency_chart(data), svg.throughput_chart(data), svg.error_rate_chart(data),
+             svg.distribution_chart(dist, lambda lo, hi: f"?min={lo!r}&max={hi!r}"),
+             svg.stacked_time_chart(deps, title="Time by dependency"),
+             svg.occurrences_chart(errors)]
+    for chart in drawn:
+        ET.fromstring(chart.svg)
+        assert not chart.empty and chart.rows
+    assert "<img" not in drawn[4].svg and evil in drawn[4].header
+    links = [a.get("href") for a in ET.fromstring(drawn[3].svg).iter(
+        "{http://www.w3.org/2000/svg}a")]
+    assert len(links) == sum(1 for b in dist["buckets"] if b["count"])

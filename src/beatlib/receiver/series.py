@@ -248,15 +248,17 @@ def _stacked(b: Buckets, rows: list[Any], max_keys: int) -> dict[str, Any]:
         keys = [*keys[:max_keys - 1], OTHER]
     else:
         keep = set(keys)
-    buckets = [{"start": start, "total": dict.fromkeys(keys, 0.0), "count": dict.fromkeys(keys, 0)}
-               for start in b.starts()]
+    spent = [dict.fromkeys(keys, 0.0) for _ in range(b.count)]
+    spans = [dict.fromkeys(keys, 0) for _ in range(b.count)]
     for index, key, total, count in rows:
         key = key if key in keep else OTHER
-        buckets[index]["total"][key] += total
-        buckets[index]["count"][key] += count
+        spent[index][key] += total
+        spans[index][key] += count
     return {"window": b.window, "step": b.step // 1_000_000, "since": b.since,
-            "until": b.until, "keys": keys, "buckets": buckets,
-            "totals": {k: sum(bk["total"][k] for bk in buckets) for k in keys}}
+            "until": b.until, "keys": keys,
+            "buckets": [{"start": start, "total": spent[i], "count": spans[i]}
+                        for i, start in enumerate(b.starts())],
+            "totals": {k: sum(t[k] for t in spent) for k in keys}}
 
 
 def span_type_series(
