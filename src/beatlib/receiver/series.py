@@ -35,7 +35,7 @@ DEPENDENCY = (
     "json_extract(context, '$.service.target.name')) END"
 )
 INDEXES = (
-    "CREATE INDEX IF NOT EXISTS spans_time ON spans (service, timestamp, type, duration)",
+    "CREATE INDEX IF NOT EXISTS spans_type_time ON spans (service, type, timestamp, duration)",
     f"CREATE INDEX IF NOT EXISTS spans_dependency ON spans (service, timestamp, {DEPENDENCY}, "
     "duration)",
     "CREATE INDEX IF NOT EXISTS transactions_name_time "
@@ -270,7 +270,28 @@ def span_type_series(
     count: {type: spans}}], `totals`. Summed span durations, not self time (see docs);
     spans stored without an absolute timestamp are not counted."""
     b = bucketing(window, now_us)
-    return _stacked(b, _span_rows(conn, b, service, name, "s.type"), max_keys)
+    if name is not None:
+        return _stacked(b, _span_rows(conn, b, service, name, "s.type"), max_keys)
+    # One sum per type and bucket, each a range of the (service, type, timestamp) index:
+    # a GROUP BY over the same rows sorts them all first, which costs 3 times as much.
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    rows: list[tuple[int, str, float, int]] = []
+    kind = cursor.execute("SELECT min(type) FROM spans WHERE service = ?",
+                          (service,)).fetchone()[0]
+    while True:  # the service's span types, one index probe each
+        if kind is None:
+            break
+        for i, start in enumerate(b.starts()):
+            total, count = cursor.execute(
+                "SELECT sum(duration), count(*) FROM spans WHERE service = ? AND type = ? "
+                "AND timestamp >= ? AND timestamp < ?",
+                (service, kind, start, start + b.step)).fetchone()
+            if count:
+                rows.append((i, kind, total, count))
+        kind = cursor.execute("SELECT min(type) FROM spans WHERE service = ? AND type > ?",
+                              (service, kind)).fetchone()[0]
+    return _stacked(b, rows, max_keys)
 
 
 def dependency_series(
