@@ -1,0 +1,188 @@
+"""How fast the dashboard's chart queries answer on a big database (not a test; run by hand):
+
+    .venv/bin/python benchmarks/receiver_pages.py [--db PATH] [--keep]
+
+Fills a database with 100,000 transactions and 1,000,000 spans over the last 24 h (four
+services, a dozen transaction names each, ten spans per transaction of the usual types, exit
+spans with their destination) and 5,000 errors in 20 groups, straight through executemany;
+then times each query of `beatlib.receiver.series` (best of 3) and prints its query plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from beatlib.receiver import series
+from beatlib.receiver.store import connect, create_schema
+
+TRANSACTIONS = 100_000
+SPANS_PER_TRANSACTION = 10
+ERRORS = 5_000
+SERVICES = {"shop": 0.5, "api": 0.25, "worker": 0.15, "auth": 0.1}  # share of transactions
+# (type, subtype, action, destination resource, target name), weighted by position
+SPAN_KINDS = [
+    ("db", "postgresql", "query", "postgresql/shop", "shop"),
+    ("db", "postgresql", "query", "postgresql/shop", "shop"),
+    ("db", "postgresql", "query", "postgresql/shop", "shop"),
+    ("cache", "redis", "query", "redis", None),
+    ("cache", "redis", "query", "redis", None),
+    ("external", "http", "GET", "payments.example.com:443", "payments.example.com:443"),
+    ("external", "http", "GET", "prices.internal:8080", "prices.internal:8080"),
+    ("template", "jinja2", "render", None, None),
+    ("app", None, None, None, None),
+    ("db", "sqlite", "query", "sqlite/local", "local"),
+]
+NOW = time.time_ns() // 1000
+DAY = 86_400_000_000
+
+
+def transactions(rng: random.Random) -> Iterator[tuple[Any, ...]]:
+    names = {s: [f"{verb} /{s}/{thing}" for verb in ("GET", "POST")
+                 for thing in ("items", "orders", "cart", "users", "search", "health")]
+             for s in SERVICES}
+    services, weights = list(SERVICES), list(SERVICES.values())
+    for i in range(TRANSACTIONS):
+        service = rng.choices(services, weights)[0]
+        # more traffic by day than by night
+        ts = NOW - int(DAY * rng.random() ** 1.3)
+        failed = rng.random() < 0.03
+        yield (f"{i:016x}", f"{i:032x}", None, service, "1.0", "production",
+               rng.choice(names[service]), "request", "HTTP 5xx" if failed else "HTTP 2xx",
+               "failure" if failed else "success", ts, rng.lognormvariate(3, 0.9), 1,
+               SPANS_PER_TRANSACTION, 0, None)
+
+
+def spans(rows: list[tuple[Any, ...]], rng: random.Random) -> Iterator[tuple[Any, ...]]:
+    for tx in rows:
+        tx_id, trace_id, service, ts, duration = tx[0], tx[1], tx[3], tx[10], tx[11]
+        for n in range(SPANS_PER_TRANSACTION):
+            kind, subtype, action, resource, target = SPAN_KINDS[n]
+            context: dict[str, Any] | None = None
+            if resource:
+                context = {"destination": {"service": {"resource": resource}},
+                           "service": {"target": {"type": subtype, "name": target}}}
+                if kind == "db":
+                    context["db"] = {"statement": "SELECT * FROM items WHERE id = ?",
+                                     "type": "sql"}
+            yield (f"{tx_id[:12]}{n:04x}", tx_id, trace_id, tx_id, service,
+                   f"{kind} {n}", kind, subtype, action,
+                   ts + int(duration * 1000 * n / SPANS_PER_TRANSACTION), None,
+                   duration / SPANS_PER_TRANSACTION * rng.random(), "success", 1,
+                   None if context is None else json.dumps(context), None)
+
+
+def errors(rows: list[tuple[Any, ...]], rng: random.Random) -> Iterator[tuple[Any, ...]]:
+    for i in range(ERRORS):
+        tx = rng.choice(rows)
+        body = json.dumps({"id": f"e{i:015x}", "exception": {"type": "KeyError"}})
+        yield (f"e{i:015x}", tx[3], "1.0", "production", f"group{i % 20:02d}", tx[10], tx[1],
+               tx[0], tx[0], tx[6], "shop/views.py in checkout", "KeyError", "'user'", 0,
+               None, None, body)
+
+
+def fill(conn: sqlite3.Connection) -> None:
+    rng = random.Random(13)
+    started = time.perf_counter()
+    conn.execute("PRAGMA synchronous=OFF")  # a throwaway database: no fsync while filling
+    conn.execute("PRAGMA cache_size=-262144")
+    tx_rows = list(transactions(rng))
+    with conn:
+        conn.executemany(f"INSERT INTO transactions VALUES ({', '.join('?' * 16)})", tx_rows)
+        conn.executemany(f"INSERT INTO spans VALUES ({', '.join('?' * 16)})", spans(tx_rows, rng))
+        conn.executemany("""INSERT INTO errors (id, service, service_version, environment,
+                            grouping_key, timestamp, trace_id, transaction_id, parent_id,
+                            transaction_name, culprit, type, message, handled, level,
+                            assignee_key, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                            ?, ?, ?, ?, ?)""", errors(tx_rows, rng))
+    print(f"filled {TRANSACTIONS:,} transactions, {TRANSACTIONS * SPANS_PER_TRANSACTION:,} "
+          f"spans, {ERRORS:,} errors in {time.perf_counter() - started:.1f} s")
+    started = time.perf_counter()
+    series.create_indexes(conn)
+    conn.execute("ANALYZE")
+    print(f"created series.INDEXES (and ANALYZE) in {time.perf_counter() - started:.1f} s")
+
+
+def plans(conn: sqlite3.Connection, run: Callable[[], Any]) -> list[str]:
+    """The query plan of every statement `run` executes (a trace callback catches them)."""
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        run()
+    finally:
+        conn.set_trace_callback(None)
+    out = []
+    for sql in statements:
+        plan = conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+        out.extend(row[3] for row in plan)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--db", help="database to fill (default: a temporary file)")
+    parser.add_argument("--keep", action="store_true", help="reuse --db if already filled")
+    args = parser.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    path = args.db or os.path.join(tmp.name, "pages.sqlite3")
+    conn = connect(path)
+    create_schema(conn)
+    if not (args.keep and conn.execute("SELECT count(*) FROM spans").fetchone()[0]):
+        conn.execute("DELETE FROM spans")
+        conn.execute("DELETE FROM transactions")
+        conn.execute("DELETE FROM errors")
+        fill(conn)
+    series.create_indexes(conn)  # idempotent: a kept database gets indexes added since
+    print(f"database {os.path.getsize(path) / 2**20:.0f} MiB; sqlite {sqlite3.sqlite_version}")
+    name = "GET /shop/items"
+    cases: list[tuple[str, Callable[[], Any]]] = []
+    for window in ("1h", "24h", "7d"):
+        cases += [
+            (f"transaction_series shop {window}",
+             lambda w=window: series.transaction_series(conn, "shop", w)),
+            (f"transaction_series shop+name {window}",
+             lambda w=window: series.transaction_series(conn, "shop", w, name=name)),
+            (f"distribution {window}", lambda w=window: series.distribution(conn, "shop", name, w)),
+            (f"samples 10-20 ms {window}",
+             lambda w=window: series.samples(conn, "shop", name, 10.0, 20.0, w)),
+            (f"samples 5000+ ms {window}",
+             lambda w=window: series.samples(conn, "shop", name, 5000.0, 1e9, w)),
+            (f"span_type_series shop {window}",
+             lambda w=window: series.span_type_series(conn, "shop", w)),
+            (f"span_type_series shop+name {window}",
+             lambda w=window: series.span_type_series(conn, "shop", w, name=name)),
+            (f"dependency_series shop {window}",
+             lambda w=window: series.dependency_series(conn, "shop", w)),
+            (f"dependency_series shop+name {window}",
+             lambda w=window: series.dependency_series(conn, "shop", w, name=name)),
+            (f"error_series {window}",
+             lambda w=window: series.error_series(conn, "shop", "group03", w)),
+        ]
+    seen_plans: set[str] = set()
+    for label, run in cases:
+        best = min(_timed(run) for _ in range(3))
+        print(f"  {label:38s} {best * 1000:8.1f} ms")
+        for line in plans(conn, run):
+            if line not in seen_plans:
+                seen_plans.add(line)
+                print(f"      plan: {line}")
+    conn.close()
+    tmp.cleanup()
+
+
+def _timed(run: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    sys.exit(main())
