@@ -81,12 +81,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheServ
         pytest.fail(str(exc))
 
 
-@pytest.fixture(scope="session")
-def memcached() -> Iterator[CacheServer]:
-    """A memcached on TCP only (no UDP), 64 MB, as `nobody` when we are root (it refuses root)."""
-    binary = shutil.which("memcached")
-    if binary is None:
-        pytest.skip("memcached not found: install Debian's memcached package (.ci/run does)")
+@contextlib.contextmanager
+def running_memcached(binary: str) -> Iterator[CacheServer]:
+    """A memcached on TCP only (no UDP), 64 MB, as `nobody` when we are root (it refuses
+    root), on 127.0.0.1 and a free port, stopped on exit. Also what
+    benchmarks/wrapper_cost.py times pymemcache against: hence ServerFailed."""
     port = _free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     proc = subprocess.Popen([binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64",
@@ -97,8 +96,21 @@ def memcached() -> Iterator[CacheServer]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 _stop(proc, signal.SIGKILL)
                 err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                pytest.fail(f"memcached did not start (exit {proc.poll()}):\n{err}")
+                raise ServerFailed(f"memcached did not start (exit {proc.poll()}):\n{err}")
             time.sleep(0.05)
         yield CacheServer("127.0.0.1", port)
     finally:
         _stop(proc, signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def memcached() -> Iterator[CacheServer]:
+    """A memcached on TCP only, see running_memcached."""
+    binary = shutil.which("memcached")
+    if binary is None:
+        pytest.skip("memcached not found: install Debian's memcached package (.ci/run does)")
+    try:
+        with running_memcached(binary) as running:
+            yield running
+    except ServerFailed as exc:
+        pytest.fail(str(exc))
