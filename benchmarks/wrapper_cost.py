@@ -10,11 +10,12 @@ the figures are the request thread's cost. Each figure is the best of --repeat r
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import importlib.util
 import sqlite3
 import timeit
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent import futures
 
 import jinja2
@@ -85,13 +86,40 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
         stub = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary("/b.Echo/Unary")
         return lambda: stub(b"x", timeout=10)
 
+    def grpc_aio_stream_call() -> Callable[[], object]:
+        # A grpc.aio server and channel on a loop of their own, run for each call: a
+        # unary-stream call of three messages, read to its end (async generator handler).
+        import grpc
+
+        async def numbers(request: bytes, context: object) -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield request
+
+        async def start() -> tuple[object, Callable[[], Awaitable[object]]]:
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("b.Echo", {
+                "Numbers": grpc.unary_stream_rpc_method_handler(numbers)}),))
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            stub = grpc.aio.insecure_channel(f"127.0.0.1:{port}").unary_stream("/b.Echo/Numbers")
+
+            async def call() -> object:
+                return [m async for m in stub(b"x", timeout=10)]
+
+            return server, call  # the server is stopped when collected: it is kept with the call
+
+        loop = asyncio.new_event_loop()
+        server_and_call = loop.run_until_complete(start())
+        return lambda: loop.run_until_complete(server_and_call[1]())
+
     found = {
         "sqlite3 cursor.execute": sqlite_execute,
         "SQLAlchemy conn.execute": sqlalchemy_execute,
         "Jinja2 Template.render": jinja2_render,
     }
     for module, name, case in (("kombu", "kombu Producer.publish", kombu_publish),
-                               ("grpc", "grpc unary call", grpc_unary_call)):
+                               ("grpc", "grpc unary call", grpc_unary_call),
+                               ("grpc", "grpc.aio stream call", grpc_aio_stream_call)):
         if importlib.util.find_spec(module) is not None:
             found[name] = case
     return found
