@@ -9,11 +9,16 @@ import gc
 
 import grpc
 import pytest
+from packaging.version import Version
 
 import beatlib
 from beatlib import context
 
 SERVICE = "test.AioStreams"
+# Older grpc.aio changes what an intercepted stream's read() does at its end: no interceptor.
+CLIENT_STREAMS_TRACED = Version(grpc.__version__) >= Version("1.65")
+client_streams_traced = pytest.mark.skipif(not CLIENT_STREAMS_TRACED,
+                                           reason="grpcio < 1.65: client streams untraced")
 seen_metadata: list[dict[str, str]] = []
 handler_stopped: list[str] = []  # the handlers' finally blocks, as they run
 
@@ -108,6 +113,7 @@ async def requests(*messages: bytes):
         yield m
 
 
+@client_streams_traced
 def test_every_kind_and_style_traced_across(traced):
     async def body(channel):
         tx = traced.begin()
@@ -153,6 +159,7 @@ def test_every_kind_and_style_traced_across(traced):
         assert {s["parent_id"] for s in mine} == {server_tx["id"]}
 
 
+@client_streams_traced
 def test_stream_span_lasts_until_the_last_message(traced):
     async def body(channel):
         traced.begin()
@@ -169,6 +176,7 @@ def test_stream_span_lasts_until_the_last_message(traced):
     assert served(transactions)[method("Numbers")]["duration"] >= 200
 
 
+@client_streams_traced
 def test_handler_raising_mid_stream(traced):
     async def body(channel):
         traced.begin()
@@ -190,6 +198,7 @@ def test_handler_raising_mid_stream(traced):
     assert error["transaction_id"] == server_tx["id"]
 
 
+@client_streams_traced
 def test_abort_in_a_written_stream(traced):
     async def body(channel):
         traced.begin()
@@ -206,6 +215,7 @@ def test_abort_in_a_written_stream(traced):
     assert (server_tx["result"], server_tx["outcome"]) == ("FAILED_PRECONDITION", "failure")
 
 
+@client_streams_traced
 def test_client_cancels_mid_stream(traced):
     async def body(channel):
         traced.begin()
@@ -230,6 +240,7 @@ def test_client_cancels_mid_stream(traced):
     assert handler_stopped == ["slow"]  # the handler's generator was closed, not left open
 
 
+@client_streams_traced
 def test_deadline_exceeded(traced):
     async def body(channel):
         traced.begin()
@@ -249,10 +260,11 @@ def test_deadline_exceeded(traced):
     assert errors == []
 
 
+@client_streams_traced
 @pytest.mark.parametrize("ended_by", ["deadline", "channel closed"])
 def test_app_stops_reading_and_drops_the_call(traced, ended_by):
-    # grpc keeps a call it is still running alive when the app drops it: the span ends
-    # when the call does, at its deadline or when its channel is closed.
+    # The span ends when the call does: at its deadline or when its channel is closed, or
+    # sooner where grpc cancels a dropped call when it is collected (1.65 does, 1.85 not).
     async def body(channel):
         traced.begin()
         timeout = 0.5 if ended_by == "deadline" else 30
@@ -272,9 +284,10 @@ def test_app_stops_reading_and_drops_the_call(traced, ended_by):
     assert span["outcome"] == "failure"
     assert "unfinished" not in span["context"].get("tags", {})
     if ended_by == "deadline":
-        assert 400 <= span["duration"] < 800
+        assert span["duration"] < 800
 
 
+@client_streams_traced
 def test_gathered_streams_keep_their_own_parents(traced):
     async def one(channel, n):
         with beatlib.capture_span(f"caller {n}", "app"):
@@ -312,3 +325,17 @@ def test_outside_a_transaction_served_but_no_span(traced):
     transactions, spans, _ = traced.shipped()
     assert exits(spans) == [] and "traceparent" not in seen_metadata[0]
     assert "parent_id" not in served(transactions)[method("Numbers")]
+
+
+def test_read_past_the_end_returns_eof_as_without_beatlib(traced):
+    async def body(channel):
+        traced.begin()
+        stream = channel.unary_stream(method("Numbers"))(b"n:1", timeout=10)
+        got = [await stream.read(), await stream.read(), await stream.read()]
+        traced.end()
+        return got
+
+    got, _ = run(body)
+    assert got == [b"n-0", grpc.aio.EOF, grpc.aio.EOF]
+    _, spans, _ = traced.shipped()
+    assert len(exits(spans)) == (1 if CLIENT_STREAMS_TRACED else 0)

@@ -1,6 +1,6 @@
 """grpc.aio for the grpc instrumentation (grpc.py): an exit span per call of every kind on the
-channels `grpc.aio.insecure_channel` and `secure_channel` make (an interceptor put last), and
-a transaction per call a `grpc.aio.server(...)` serves with a coroutine or async generator
+channels `grpc.aio.insecure_channel` and `secure_channel` make (interceptors put last), and a
+transaction per call a `grpc.aio.server(...)` serves with a coroutine or async generator
 handler (an interceptor put first). What is recorded is what the sync side records.
 """
 
@@ -12,16 +12,15 @@ import functools
 import inspect
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from packaging.version import Version
 
 from beatlib.context import get_active
 from beatlib.guard import report
 from beatlib.instrumentation import http_spans
-from beatlib.instrumentation.grpc import KINDS, destination
+from beatlib.instrumentation.grpc import KINDS, Grpc, destination
 from beatlib.tracing import Span
-
-if TYPE_CHECKING:
-    from beatlib.instrumentation.grpc import Grpc
 
 
 def patch(inst: Grpc, aio: ModuleType) -> None:
@@ -258,9 +257,14 @@ def _client_interceptors_type(inst: Grpc, aio: ModuleType) -> Callable[[Any], li
     class StreamStream(Streaming, ss):
         intercept_stream_stream = Streaming._intercept
 
+    # Before 1.65 an intercepted stream's `read()` raised StopAsyncIteration at the end where
+    # a plain one returns EOF: there, streaming calls are left without an interceptor.
+    streams = Version(getattr(inst.grpc, "__version__", "0")) >= Version("1.65")
+    kinds = (UnaryUnary, UnaryStream, StreamUnary, StreamStream) if streams else (UnaryUnary,)
+
     def interceptors(target: Any) -> list[Any]:
         where = destination(target)
-        return [kind(where) for kind in (UnaryUnary, UnaryStream, StreamUnary, StreamStream)]
+        return [kind(where) for kind in kinds]
 
     return interceptors
 
