@@ -34,7 +34,7 @@ class Grpc(Instrumentation):
     distribution = "grpcio"
     versions = ">= 1.60, < 2"  # the oldest tested; ServicerContext.code() needs 1.38
     library = "grpcio (client and server, `grpc.aio` too)"
-    tested = "1.60.2, 1.85.3"
+    tested = "1.60.2, 1.65.0, 1.85.3"
     wraps = (
         "`insecure_channel` and `secure_channel` (the channel they return gets a client"
         " interceptor), `intercept_channel` (for channels made before `instrument()`),"
