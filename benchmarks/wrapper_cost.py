@@ -13,6 +13,7 @@ round trip too: read their added µs, not their ratio.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import contextlib
 import http.client
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import threading
 import timeit
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -122,6 +123,7 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
 
         s3 = botocore.session.get_session().create_client(
             "s3", region_name="eu-west-1", aws_access_key_id="k", aws_secret_access_key="s")
+
         class Body:  # what AWSResponse reads an empty body from
             def stream(self, **kwargs: object) -> Iterator[bytes]:
                 return iter(())
@@ -139,6 +141,32 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
             return conn.getresponse().read()
         return get
 
+    def grpc_aio_stream_call() -> Callable[[], object]:
+        # A grpc.aio server and channel on a loop of their own, run for each call: a
+        # unary-stream call of three messages, read to its end (async generator handler).
+        import grpc
+
+        async def numbers(request: bytes, context: object) -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield request
+
+        async def start() -> tuple[object, Callable[[], Awaitable[object]]]:
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("b.Echo", {
+                "Numbers": grpc.unary_stream_rpc_method_handler(numbers)}),))
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            stub = grpc.aio.insecure_channel(f"127.0.0.1:{port}").unary_stream("/b.Echo/Numbers")
+
+            async def call() -> object:
+                return [m async for m in stub(b"x", timeout=10)]
+
+            return server, call  # the server is stopped when collected: it is kept with the call
+
+        loop = asyncio.new_event_loop()
+        server_and_call = loop.run_until_complete(start())
+        return lambda: loop.run_until_complete(server_and_call[1]())
+
     found = {
         "sqlite3 cursor.execute": sqlite_execute,
         "SQLAlchemy conn.execute": sqlalchemy_execute,
@@ -147,6 +175,7 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
     }
     for needs, name, case in (("kombu", "kombu Producer.publish", kombu_publish),
                               ("grpc", "grpc unary call", grpc_unary_call),
+                              ("grpc", "grpc.aio stream call", grpc_aio_stream_call),
                               ("redis redis-server", "redis GET", redis_get),
                               ("pymemcache memcached", "pymemcache get", pymemcache_get),
                               ("botocore", "botocore S3 HeadObject", botocore_call)):
