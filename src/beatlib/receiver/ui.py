@@ -13,12 +13,12 @@ import functools
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from beatlib.receiver import queries
+from beatlib.receiver import health, queries
 from beatlib.receiver.store import Store
 
 if TYPE_CHECKING:
@@ -214,6 +214,16 @@ def releases_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
         "services": _service_names(conn) if service else []})
 
 
+def health_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
+    """/ui/health?window=: per service, what its clients sent, retried and dropped."""
+    window = query.get("window") or queries.DEFAULT_WINDOW
+    if window not in queries.WINDOWS:
+        window = queries.DEFAULT_WINDOW
+    windows = [(w, href("health", window=w), w == window) for w in queries.WINDOWS]
+    return View("health.html", "Agent health", {
+        "window": window, "windows": windows, "services": health.agent_health(conn, window)})
+
+
 _Handler = Callable[[sqlite3.Connection, dict[str, str]], View]
 _ROUTES: dict[str, _Handler] = {
     "": services_page,
@@ -223,6 +233,7 @@ _ROUTES: dict[str, _Handler] = {
     "errors": errors_page,
     "error": error_page,
     "releases": releases_page,
+    "health": health_page,
 }
 
 
@@ -486,7 +497,7 @@ def _sort_value(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
-def sort_of(query: dict[str, str], page: str, columns: list[tuple[str, str | None, str]],
+def sort_of(query: dict[str, str], page: str, columns: Sequence[tuple[str, str | None, str]],
             default: str, default_dir: str = "desc", **params: Any) -> Sort:
     """The sort for a table of `columns` (label, sort key or None when it does not sort,
     the direction it sorts first: "asc" or "desc"); `default` names the key used when
