@@ -109,7 +109,9 @@ class Retention:
                 break
             marks = ",".join("?" * len(rows))
             with _write(conn):
-                spans += conn.execute(f"DELETE FROM spans WHERE timestamp IS NULL AND "
+                # By their transaction (index spans_transaction; the unary + keeps SQLite
+                # off spans_time, where every span without a timestamp is one key).
+                spans += conn.execute(f"DELETE FROM spans WHERE +timestamp IS NULL AND "
                                       f"transaction_id IN ({marks})",
                                       [r[1] for r in rows]).rowcount
                 total += conn.execute(f"DELETE FROM transactions WHERE rowid IN ({marks})",
