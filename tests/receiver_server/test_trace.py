@@ -10,7 +10,7 @@ import sqlite3
 import time
 from typing import Any
 
-from beatlib.receiver import Receiver, queries, ui
+from beatlib.receiver import Receiver, queries
 from beatlib.receiver.schema import SCHEMA
 from tests.receiver_server.conftest import get, ndjson, post
 from tests.receiver_server.test_pages import mark

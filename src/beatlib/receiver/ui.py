@@ -336,12 +336,17 @@ def _span_facts(span: dict[str, Any]) -> dict[str, Any]:
     """What a span's detail shows (`_waterfall_row` extras): the whole statement or URL,
     destination and service target, db instance and rows affected, outcome, sync, labels,
     and its stack trace when one was recorded."""
-    context = span.get("context") if isinstance(span.get("context"), dict) else {}
+    context = span.get("context")
+    context = context if isinstance(context, dict) else {}
+
+    def part(key: str) -> dict[str, Any]:
+        value = context.get(key)
+        return value if isinstance(value, dict) else {}
+
     db, http, destination, service, message = (
-        value if isinstance(value, dict) else {}
-        for value in (context.get(key) for key in ("db", "http", "destination", "service",
-                                                    "message")))
-    target = service.get("target") if isinstance(service.get("target"), dict) else {}
+        part(key) for key in ("db", "http", "destination", "service", "message"))
+    target = service.get("target")
+    target = target if isinstance(target, dict) else {}
     resource = destination.get("service")
     resource = resource.get("resource") if isinstance(resource, dict) else None
     address = destination.get("address")
