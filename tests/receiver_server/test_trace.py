@@ -222,3 +222,17 @@ def test_trace_query_uses_indexes_at_a_million_spans() -> None:
     assert elapsed < 0.3, elapsed
     child = queries.child_transactions(Explaining(), trace_id, ["a", "b"])  # type: ignore
     assert child == {} and "transactions_trace" in plans[-1]
+
+
+def test_spans_of_a_transaction_never_received_are_placed_from_the_trace(
+        serve: Receiver) -> None:
+    send(serve, "shop", span("a", "c" * 16, "c" * 16, 10),
+         ("span", {"id": "rel", "trace_id": TRACE, "parent_id": "c" * 16,
+                   "transaction_id": "c" * 16, "name": "rel", "type": "app", "duration": 1.0,
+                   "start": 4.0}))
+    assert serve.flush(10)
+    with serve.store.reader() as conn:
+        found = queries.trace(conn, TRACE)
+    assert found is not None
+    assert [(n["id"], n["offset"], n["orphan"]) for n in found["nodes"]] == [
+        ("a", 0.0, True), ("rel", 4.0, True)]

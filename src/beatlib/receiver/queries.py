@@ -280,11 +280,14 @@ def trace(
         tx["context"] = _loads(tx["context"])
     for span in spans:
         span["kind"] = "span"
-        span["at"] = span["at"] if span["at"] is not None else 0
         span["context"] = _loads(span["context"])
         span["stacktrace"] = _loads(span["stacktrace"])
     nodes = transactions + spans
-    start = min(node["at"] for node in nodes)
+    known = [node["at"] for node in nodes if node["at"] is not None]
+    start = min(known) if known else 0
+    for span in spans:  # a relative start whose transaction never came: from the trace's
+        if span["at"] is None:
+            span["at"] = start + int((span["start"] or 0) * 1000)
     end = max(node["at"] + int(node["duration"] * 1000) for node in nodes)
     for node in nodes:
         node["offset"] = (node["at"] - start) / 1000
