@@ -253,3 +253,123 @@ def releases(conn: sqlite3.Connection, service: str | None = None) -> list[dict[
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+# --- traces: every transaction and span of one trace, across services ------------------------
+
+TRACE_SPAN_LIMIT = 1000  # spans shown on a trace page; the earliest, the rest are counted
+TRACE_TRANSACTION_LIMIT = 500
+TRACE_ERROR_LIMIT = 200
+
+
+def trace(
+    conn: sqlite3.Connection, trace_id: str, span_limit: int = TRACE_SPAN_LIMIT,
+) -> dict[str, Any] | None:
+    """One trace as a waterfall: its transactions and spans in one tree, depth first, each
+    child transaction under the exit span that called it (its `parent_id`), siblings by
+    start. Every node has `kind` ("transaction" or "span"), `at` (µs), `offset` (ms from the
+    trace's start), `depth` and `orphan` (its parent was never received: shown at the top
+    level). Only the earliest `span_limit` spans are read (a parent starts before its
+    children, so the tree stays whole); `spans_total - len(spans shown)` were left out.
+    Errors of the trace come with `offset` too. None if nothing of the trace is stored."""
+    transactions = _rows(conn, """
+        SELECT * FROM transactions WHERE trace_id = ? ORDER BY timestamp LIMIT ?""",
+                         (trace_id, TRACE_TRANSACTION_LIMIT))
+    spans_total = int(conn.execute("SELECT count(*) FROM spans WHERE trace_id = ?",
+                                   (trace_id,)).fetchone()[0])
+    # A span with a relative `start` is placed by its transaction's timestamp.
+    spans = _rows(conn, """
+        SELECT s.*, coalesce(s.timestamp, t.timestamp + CAST(s.start * 1000 AS INTEGER))
+                    AS at
+        FROM spans s LEFT JOIN transactions t ON t.id = s.transaction_id
+        WHERE s.trace_id = ? ORDER BY at, s.rowid LIMIT ?""", (trace_id, span_limit))
+    if not transactions and not spans:
+        return None
+    errors = _rows(conn, """
+        SELECT id, service, grouping_key, type, message, culprit, timestamp, transaction_id,
+               parent_id, handled FROM errors WHERE trace_id = ? ORDER BY timestamp LIMIT ?""",
+                   (trace_id, TRACE_ERROR_LIMIT))
+    for tx in transactions:
+        tx["kind"], tx["at"] = "transaction", tx["timestamp"]
+        tx["context"] = _loads(tx["context"])
+    for span in spans:
+        span["kind"] = "span"
+        span["context"] = _loads(span["context"])
+        span["stacktrace"] = _loads(span["stacktrace"])
+    nodes = transactions + spans
+    known = [node["at"] for node in nodes if node["at"] is not None]
+    start = min(known) if known else 0
+    for span in spans:  # a relative start whose transaction never came: from the trace's
+        if span["at"] is None:
+            span["at"] = start + int((span["start"] or 0) * 1000)
+    end = max(node["at"] + int(node["duration"] * 1000) for node in nodes)
+    for node in nodes:
+        node["offset"] = (node["at"] - start) / 1000
+    for error in errors:
+        error["offset"] = (error["timestamp"] - start) / 1000
+    return {
+        "trace_id": trace_id, "start": start, "duration": (end - start) / 1000,
+        "nodes": _trace_tree(nodes), "errors": errors,
+        "services": sorted({node["service"] for node in nodes}),
+        "transactions": len(transactions), "spans": len(spans), "spans_total": spans_total,
+    }
+
+
+def _trace_tree(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Depth first from the roots (no parent, or a parent never received: `orphan`),
+    children by start; a node in a cycle of parents is shown as an orphan too."""
+    ids = {node["id"] for node in nodes}
+    children: dict[str, list[dict[str, Any]]] = {}
+    roots = []
+    for node in nodes:
+        parent = node["parent_id"]
+        node["orphan"] = bool(parent) and parent not in ids
+        if parent and parent in ids and parent != node["id"]:
+            children.setdefault(parent, []).append(node)
+        else:
+            roots.append(node)
+
+    def order(node: dict[str, Any]) -> tuple[Any, ...]:
+        return (node["at"], node["kind"] != "transaction", node["id"])
+
+    for siblings in children.values():
+        siblings.sort(key=order)
+    ordered: list[dict[str, Any]] = []
+    seen: set[int] = set()
+
+    def walk(tops: list[dict[str, Any]]) -> None:
+        stack = [(node, 0) for node in reversed(sorted(tops, key=order))]
+        while stack:
+            node, depth = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            node["depth"] = depth
+            ordered.append(node)
+            stack.extend((child, depth + 1)
+                         for child in reversed(children.get(node["id"], [])))
+
+    walk(roots)
+    left = [node for node in nodes if id(node) not in seen]  # cycles: no way in from a root
+    first = len(ordered)
+    walk(left)
+    for node in ordered[first:]:
+        node["orphan"] = node["orphan"] or node["depth"] == 0
+    return ordered
+
+
+def child_transactions(
+    conn: sqlite3.Connection, trace_id: str, parent_ids: list[str],
+) -> dict[str, list[dict[str, Any]]]:
+    """The transactions of the trace called from the spans `parent_ids` (by parent id): what
+    a transaction's exit spans started in other services."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for start in range(0, len(parent_ids), 500):
+        chunk = parent_ids[start:start + 500]
+        for row in _rows(conn, f"""
+                SELECT id, parent_id, service, name, type, result, outcome, timestamp,
+                       duration FROM transactions
+                WHERE trace_id = ? AND parent_id IN ({", ".join("?" * len(chunk))})
+                ORDER BY timestamp""", (trace_id, *chunk)):
+            out.setdefault(row["parent_id"], []).append(row)
+    return out

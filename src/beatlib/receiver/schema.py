@@ -73,6 +73,7 @@ CREATE INDEX IF NOT EXISTS transactions_stats
 CREATE INDEX IF NOT EXISTS transactions_by_name
     ON transactions (service, name, timestamp);
 CREATE INDEX IF NOT EXISTS transactions_release ON transactions (service, service_version);
+CREATE INDEX IF NOT EXISTS transactions_trace ON transactions (trace_id, parent_id);
 CREATE TABLE IF NOT EXISTS spans (
     id TEXT NOT NULL,
     transaction_id TEXT,
@@ -117,6 +118,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS errors_id ON errors (id);
 CREATE INDEX IF NOT EXISTS errors_group ON errors (service, grouping_key, timestamp);
 CREATE INDEX IF NOT EXISTS errors_transaction ON errors (transaction_id);
 CREATE INDEX IF NOT EXISTS errors_release ON errors (service, service_version);
+CREATE INDEX IF NOT EXISTS errors_trace ON errors (trace_id, timestamp);
 CREATE TABLE IF NOT EXISTS error_groups (
     service TEXT NOT NULL,
     grouping_key TEXT NOT NULL,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, unquote, urlencode
 
 from beatlib.receiver import health, queries
 from beatlib.receiver.store import Store
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 ROOT = "/ui/"
 INSTALL_HINT = "pip install -e '.[serve]' (in a checkout of beatlib)"
+TRACES = "traces/"  # /ui/traces/<trace_id>: the one page with its key in the path
 
 
 @dataclass
@@ -54,6 +55,11 @@ def href(path: str, **params: Any) -> str:
     return ROOT + path + ("?" + query if query else "")
 
 
+def trace_href(trace_id: str) -> str:
+    """The trace page of `trace_id`: /ui/traces/<trace_id>."""
+    return ROOT + TRACES + quote(str(trace_id), safe="")
+
+
 def available() -> bool:
     """Whether the pages can be rendered (Jinja2 is installed)."""
     try:
@@ -80,6 +86,8 @@ def _render(store: Store, path: str, query: dict[str, str]) -> Page:
         return Page(503, f"The dashboard needs Jinja2: {INSTALL_HINT}\n".encode(),
                     "text/plain; charset=utf-8")
     route = _ROUTES.get(path[len(ROOT):].strip("/"))
+    if route is None and path.startswith(ROOT + TRACES):
+        route, query = trace_page, {**query, "trace_id": unquote(path[len(ROOT + TRACES):])}
     if route is None:
         return _page(environment, 404, _message("Not found", "No such page."))
     try:
@@ -166,12 +174,24 @@ def transaction_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
     total = max(tx["duration"], 1e-6)
     waterfall = [_waterfall_row(tx["name"] or "(transaction)", tx["type"], 0, 0.0,
                                 tx["duration"], total, "transaction")]
+    called = queries.child_transactions(conn, tx["trace_id"],
+                                        [span["id"] for span in tx["spans"]])
     for span in tx["spans"]:
         waterfall.append(_waterfall_row(span["name"], _span_kind(span), span["depth"],
                                         span["offset"], span["duration"], total,
-                                        _css_type(span["type"]), *_span_detail(span)))
+                                        _css_type(span["type"]), *_span_detail(span),
+                                        **_span_facts(span)))
+        # What this exit span called in another service (or this one): its transaction.
+        for child in called.get(span["id"], []):
+            waterfall.append(_waterfall_row(
+                child["name"] or "(transaction)", child["type"], span["depth"] + 1,
+                (child["timestamp"] - tx["timestamp"]) / 1000, child["duration"], total,
+                "transaction", service=child["service"],
+                link=href("transaction", id=child["id"]),
+                note="called by the span above: see the whole trace"))
     return View("transaction.html", tx["name"] or "(unnamed transaction)",
-                {"tx": tx, "waterfall": waterfall})
+                {"tx": tx, "waterfall": waterfall,
+                 "child_transactions": sum(len(c) for c in called.values())})
 
 
 def errors_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
@@ -224,6 +244,43 @@ def health_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
         "window": window, "windows": windows, "services": health.agent_health(conn, window)})
 
 
+def trace_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
+    """/ui/traces/<trace_id>: every transaction and span of the trace in one waterfall,
+    the errors of the trace as markers where they happened."""
+    trace_id = _required(query, "trace_id")
+    found = queries.trace(conn, trace_id)
+    if found is None:
+        raise NotFound("Nothing of this trace is stored.")
+    total = max(found["duration"], 1e-6)
+    rows = []
+    for node in found["nodes"]:
+        if node["kind"] == "transaction":
+            row = _waterfall_row(
+                node["name"] or "(transaction)", node["type"], node["depth"], node["offset"],
+                node["duration"], total, "transaction", service=node["service"],
+                link=href("transaction", id=node["id"]), facts=_transaction_facts(node))
+        else:
+            row = _waterfall_row(node["name"], _span_kind(node), node["depth"],
+                                 node["offset"], node["duration"], total,
+                                 _css_type(node["type"]), *_span_detail(node),
+                                 service=node["service"], **_span_facts(node))
+        if node["orphan"]:
+            row["note"] = f"parent {node['parent_id']} not received"
+        rows.append((node["id"], row))
+    by_id = dict(rows)
+    for error in found["errors"]:
+        # On the span (or transaction) it was raised in; else on the trace's first row.
+        row = (by_id.get(error["parent_id"]) or by_id.get(error["transaction_id"])
+               or rows[0][1])
+        row["markers"].append({
+            "left": min(max(error["offset"] / total * 100, 0.0), 100.0),
+            "title": f"{error['type'] or 'log'}: {_cut(error['message'], 160)}",
+            "href": href("error", service=error["service"], key=error["grouping_key"])})
+    return View("trace.html", f"Trace {trace_id}", {
+        "trace": found, "waterfall": [row for _, row in rows],
+        "left_out": found["spans_total"] - found["spans"]})
+
+
 _Handler = Callable[[sqlite3.Connection, dict[str, str]], View]
 _ROUTES: dict[str, _Handler] = {
     "": services_page,
@@ -266,6 +323,7 @@ def _occurrence(error: dict[str, Any]) -> dict[str, Any]:
         if isinstance(log, dict) else None,
         "context": error.get("context"),
         "transaction_id": error.get("transaction_id"),
+        "trace_id": error.get("trace_id"),
         "transaction_name": tx.get("name") if isinstance(tx, dict) else None,
     }
 
@@ -302,12 +360,70 @@ def _source(frame: dict[str, Any], lineno: int | None) -> list[tuple[str, str, b
 
 
 def _waterfall_row(name: str, kind: str, depth: int, offset: float, duration: float,
-                   total: float, css: str, detail: str = "", status: Any = None
-                   ) -> dict[str, Any]:
+                   total: float, css: str, detail: str = "", status: Any = None,
+                   **extra: Any) -> dict[str, Any]:
+    """A row of `macros.waterfall_row`. `extra`: service, link (of the name), note,
+    markers [{left, title, href}], and the detail opened under the row: facts [(label,
+    text)], labels [(key, value)], full (the whole statement or URL), frames."""
     left = min(max(offset / total * 100, 0.0), 100.0)
     width = min(max(duration / total * 100, 0.3), max(100.0 - left, 0.3))
     return {"name": name, "kind": kind, "depth": depth, "left": left, "width": width,
-            "duration": duration, "css": css, "detail": detail, "status": status}
+            "offset": offset, "duration": duration, "css": css, "detail": detail,
+            "status": status, "service": None, "link": None, "note": None, "markers": [],
+            "facts": [], "labels": [], "full": None, "frames": [], **extra}
+
+
+def _span_facts(span: dict[str, Any]) -> dict[str, Any]:
+    """What a span's detail shows (`_waterfall_row` extras): the whole statement or URL,
+    destination and service target, db instance and rows affected, outcome, sync, labels,
+    and its stack trace when one was recorded."""
+    context = span.get("context")
+    context = context if isinstance(context, dict) else {}
+
+    def part(key: str) -> dict[str, Any]:
+        value = context.get(key)
+        return value if isinstance(value, dict) else {}
+
+    db, http, destination, service, message = (
+        part(key) for key in ("db", "http", "destination", "service", "message"))
+    target = service.get("target")
+    target = target if isinstance(target, dict) else {}
+    resource = destination.get("service")
+    resource = resource.get("resource") if isinstance(resource, dict) else None
+    address = destination.get("address")
+    if address is not None and destination.get("port") is not None:
+        address = f"{address}:{destination['port']}"
+    queue = message.get("queue")
+    sync = span.get("sync")
+    facts = [
+        ("Type", _span_kind(span)), ("Outcome", span.get("outcome") or "unknown"),
+        ("Sync", "" if sync is None else ("yes" if sync else "no")),
+        ("Destination", address), ("Destination resource", resource),
+        ("Service target", "/".join(str(target[k]) for k in ("type", "name")
+                                    if target.get(k) is not None)),
+        ("Database", db.get("type")), ("DB instance", db.get("instance")),
+        ("DB user", db.get("user")), ("Rows affected", db.get("rows_affected")),
+        ("HTTP method", http.get("method")), ("HTTP status", http.get("status_code")),
+        ("Queue", queue.get("name") if isinstance(queue, dict) else None),
+        ("Span id", span.get("id")),
+    ]
+    tags = context.get("tags")
+    stacktrace = span.get("stacktrace")
+    return {
+        "facts": [(label, str(value)) for label, value in facts if value not in (None, "")],
+        "labels": [(str(k), _repr(v)) for k, v in tags.items()] if isinstance(tags, dict)
+        else [],
+        "full": db.get("statement") or http.get("url") or None,
+        "frames": _frames(stacktrace) if isinstance(stacktrace, list) else [],
+    }
+
+
+def _transaction_facts(tx: dict[str, Any]) -> list[tuple[str, str]]:
+    facts = [("Service", tx["service"]), ("Version", tx.get("service_version")),
+             ("Type", tx["type"]), ("Result", tx.get("result")),
+             ("Outcome", tx.get("outcome") or "unknown"),
+             ("Spans", tx.get("spans_started")), ("Transaction id", tx["id"])]
+    return [(label, str(value)) for label, value in facts if value not in (None, "")]
 
 
 def _span_kind(span: dict[str, Any]) -> str:
@@ -550,7 +666,8 @@ def _environment() -> jinja2.Environment:
         autoescape=True, auto_reload=False, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, cache_size=-1,
         finalize=lambda value: "" if value is None else value)
-    environment.globals.update(href=href, context_sections=context_sections)
+    environment.globals.update(href=href, trace_href=trace_href,
+                               context_sections=context_sections)
     environment.filters.update(ms=_ms, pct=_pct, mib=_mib, when=_when, ago=_ago, cut=_cut,
                                pretty=_pretty, value=_repr)
     return environment
