@@ -33,6 +33,11 @@ def store_event(conn: sqlite3.Connection, kind: str, event: dict[str, Any],
                 conn.execute(_UPSERT_GROUP, group)
                 if change is not None:
                     changes.append(change)
+        elif kind == "span":
+            row = _span_row(event, meta, received)
+            if conn.execute(_INSERT_SPAN, row).rowcount and isinstance(row[9], int):
+                conn.execute(_ADD_SPAN_MINUTE, (row[4], row[9] // _MINUTE * _MINUTE, row[6],
+                                                row[16] or "", row[11]))
         else:
             sql, build = _INSERTS[kind]
             conn.execute(sql, build(event, meta, received))
@@ -239,6 +244,13 @@ INSERT OR IGNORE INTO spans (id, transaction_id, trace_id, parent_id, service, n
     destination)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+_MINUTE = 60_000_000
+_ADD_SPAN_MINUTE = """
+INSERT INTO span_minutes (service, minute, type, destination, spans, duration)
+VALUES (?, ?, ?, ?, 1, ?)
+ON CONFLICT (service, minute, type, destination) DO UPDATE SET
+    spans = spans + 1, duration = duration + excluded.duration
+"""
 _INSERT_METRICSET = """
 INSERT OR IGNORE INTO metricsets (service, timestamp, transaction_name, transaction_type,
     span_type, span_subtype, tags, samples, key)
@@ -283,7 +295,6 @@ ON CONFLICT (service, grouping_key) DO UPDATE SET
 """
 _INSERTS = {
     "transaction": (_INSERT_TRANSACTION, _transaction_row),
-    "span": (_INSERT_SPAN, _span_row),
     "metricset": (_INSERT_METRICSET, _metricset_row),
     "release": (_RECORD_RELEASE, _release_row),
 }

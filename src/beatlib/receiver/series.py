@@ -25,11 +25,6 @@ MAX_BUCKETS = 60
 MAX_KEYS = 8
 OTHER = "other"
 
-# The dependency of a span: a column rows.destination fills at insert (schema step 4), so
-# the charts read it from the (service, destination, timestamp, duration) index.
-DEPENDENCY = "destination"
-
-
 # Same rule as queries.transaction_groups: the outcome, else an HTTP result's class.
 _OUTCOME = """CASE WHEN outcome IN ('success', 'failure') THEN outcome
                    WHEN result LIKE 'HTTP 5%' THEN 'failure'
@@ -171,7 +166,7 @@ def transaction_overview(
               "last": last, "tpm": rate_per_minute(count, first, last),
               "error_rate": sum(failures) / sum(known) if sum(known) else None}
     everything = sorted(d for g in groups.values() for d in g.durations)
-    out = {"series": series, "distribution": _distribution(b, everything)}
+    out: dict[str, Any] = {"series": series, "distribution": _distribution(b, everything)}
     if name is None:
         minutes = max((last or 0) - (first or 0), 1_000_000) / 60e6
         out["groups"] = sorted((g.summary(n, t, minutes) for (n, t), g in groups.items()),
@@ -311,33 +306,7 @@ def span_type_series(
     breakdown metrics here, and the exit spans (db, external, cache) where the time goes are
     leaves, whose duration is their self time. Spans stored with only a relative `start`
     (no timestamp) are not counted."""
-    b = bucketing(window, now_us)
-    if name is None:
-        return _stacked(b, _probe_rows(conn, b, service, "type"), max_keys)
-    return _stacked(b, _span_rows(conn, b, service, name, "s.type"), max_keys)
-
-
-def _probe_rows(conn: sqlite3.Connection, b: Buckets, service: str,
-                key: str) -> list[tuple[int, str, float, int]]:
-    """(bucket, key, total ms, count) of the spans of `service`: one sum per key and bucket,
-    each a range of a (service, key, timestamp, duration) index. A GROUP BY over the same
-    rows sorts them all first and costs 3 to 7 times as much at 500,000 spans."""
-    cursor = conn.cursor()
-    cursor.row_factory = None
-    rows: list[tuple[int, str, float, int]] = []
-    value = cursor.execute(f"SELECT min({key}) FROM spans WHERE service = ?",
-                           (service,)).fetchone()[0]
-    while value is not None:  # the service's distinct keys, one index probe each
-        for i, start in enumerate(b.starts()):
-            total, count = cursor.execute(
-                f"SELECT sum(duration), count(*) FROM spans WHERE service = ? AND {key} = ? "
-                "AND timestamp >= ? AND timestamp < ?",
-                (service, value, start, start + b.step)).fetchone()
-            if count:
-                rows.append((i, value, total, count))
-        value = cursor.execute(f"SELECT min({key}) FROM spans WHERE service = ? AND {key} > ?",
-                               (service, value)).fetchone()[0]
-    return rows
+    return span_breakdown(conn, service, window, name, now_us, max_keys)["types"]
 
 
 def dependency_series(
@@ -346,25 +315,60 @@ def dependency_series(
 ) -> dict[str, Any]:
     """As `span_type_series`, by dependency: the exit span's destination service resource
     ("postgresql/shop", "api.example.com:443"), else its service target as "type/name"."""
+    return span_breakdown(conn, service, window, name, now_us, max_keys)["dependencies"]
+
+
+def span_breakdown(
+    conn: sqlite3.Connection, service: str, window: str = DEFAULT_WINDOW,
+    name: str | None = None, now_us: int | None = None, max_keys: int = MAX_KEYS,
+) -> dict[str, Any]:
+    """Both `span_type_series` (`types`) and `dependency_series` (`dependencies`) from one
+    pass over the same rows. For a whole service in buckets of whole minutes that is the
+    writer's per-minute sums (`span_minutes`, exact: sums and counts add up); otherwise
+    the spans themselves."""
     b = bucketing(window, now_us)
-    if name is None:
-        return _stacked(b, _probe_rows(conn, b, service, DEPENDENCY), max_keys)
-    return _stacked(b, _span_rows(conn, b, service, name, f"s.{DEPENDENCY}"),
-                    max_keys)
-
-
-def _span_rows(conn: sqlite3.Connection, b: Buckets, service: str, name: str,
-               key: str) -> list[Any]:
-    """(bucket, key, total ms, count) of the spans of the transactions `name` in the window
-    (a transaction begun up to a bucket before it contributes its spans inside it)."""
-    return conn.execute(f"""
-        SELECT CAST((s.timestamp - ?) / ? AS INTEGER) AS b, {key} AS k, sum(s.duration),
-               count(*)
-        FROM transactions t JOIN spans s ON s.transaction_id = t.id
-        WHERE t.service = ? AND t.name = ? AND t.timestamp >= ? AND t.timestamp < ?
-              AND s.timestamp >= ? AND s.timestamp < ? AND k IS NOT NULL
-        GROUP BY b, k""", (b.first, b.step, service, name, b.first - b.step, b.end, b.first,
-                           b.end)).fetchall()
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    if name is None and b.step % 60_000_000 == 0:
+        rows = cursor.execute("""
+            SELECT CAST((minute - ?) / ? AS INTEGER), type, destination, sum(duration),
+                   sum(spans)
+            FROM span_minutes WHERE service = ? AND minute >= ? AND minute < ?
+            GROUP BY 1, 2, 3""", (b.first, b.step, service, b.first, b.end)).fetchall()
+    elif name is None:  # buckets of seconds (15m): each type's range of spans_type_time
+        rows = []
+        kind = cursor.execute("SELECT min(type) FROM spans WHERE service = ?",
+                              (service,)).fetchone()[0]
+        while kind is not None:
+            rows += cursor.execute("""
+                SELECT CAST((timestamp - ?) / ? AS INTEGER), type, ifnull(destination, ''),
+                       sum(duration), count(*)
+                FROM spans WHERE service = ? AND type = ? AND timestamp >= ? AND timestamp < ?
+                GROUP BY 1, 3""", (b.first, b.step, service, kind, b.first, b.end)).fetchall()
+            kind = cursor.execute("SELECT min(type) FROM spans WHERE service = ? AND type > ?",
+                                  (service, kind)).fetchone()[0]
+    else:
+        # A transaction begun up to a bucket before the window contributes its spans in it.
+        rows = cursor.execute("""
+            SELECT CAST((s.timestamp - ?) / ? AS INTEGER), s.type, ifnull(s.destination, ''),
+                   sum(s.duration), count(*)
+            FROM transactions t JOIN spans s ON s.transaction_id = t.id
+            WHERE t.service = ? AND t.name = ? AND t.timestamp >= ? AND t.timestamp < ?
+                  AND s.timestamp >= ? AND s.timestamp < ?
+            GROUP BY 1, 2, 3""", (b.first, b.step, service, name, b.first - b.step, b.end,
+                                  b.first, b.end)).fetchall()
+    types: dict[tuple[int, str], list[float]] = {}
+    dependencies: dict[tuple[int, str], list[float]] = {}
+    for index, kind, destination, total, count in rows:
+        for found, key in ((types, kind), (dependencies, destination)):
+            if key == "" and found is dependencies:
+                continue  # not an exit span
+            sums = found.setdefault((index, key), [0.0, 0])
+            sums[0] += total
+            sums[1] += count
+    return {kind: _stacked(b, [(i, k, t, c) for (i, k), (t, c) in sorted(found.items())],
+                           max_keys)
+            for kind, found in (("types", types), ("dependencies", dependencies))}
 
 
 def error_series(

@@ -246,7 +246,8 @@ def _charts(conn: sqlite3.Connection, service: str, window: str, data: dict[str,
 def _occurrences(conn: sqlite3.Connection, service: str, key: str,
                  query: dict[str, str]) -> dict[str, Any]:
     """The error page's occurrences chart: its window (default 24h), chips, the chart."""
-    window = query.get("window") if query.get("window") in series.WINDOWS else "24h"
+    window = query.get("window") or "24h"
+    window = window if window in series.WINDOWS else "24h"
     data = series.error_series(conn, service, key, window)
     rate = "" if data["per_minute"] is None else f": {data['per_minute']:,.2f}/min"
     return {"window": window, "chart_css": _chart_style(),
