@@ -315,3 +315,23 @@ def test_charts_of_stored_data(charts: Receiver) -> None:
     links = [a.get("href") for a in ET.fromstring(drawn[3].svg).iter(
         "{http://www.w3.org/2000/svg}a")]
     assert len(links) == sum(1 for b in dist["buckets"] if b["count"])
+
+
+def test_chart_pages_escape_what_apps_sent(charts: Receiver) -> None:
+    from beatlib.receiver import ui
+
+    evil = '<img src=x onerror="alert(1)">'
+    _, tx = transaction(1, name=evil, timestamp=time.time_ns() // 1000 - SECOND)
+    send(charts, ("transaction", tx), span(tx, 2, evil, 3.0, tx["timestamp"], evil))
+    for path, query in [("transactions", {"service": "shop", "window": "15m"}),
+                        ("transactions/group", {"service": "shop", "name": evil,
+                                                "low": "0", "high": "1e9"}),
+                        ("transactions/group", {"service": "shop", "name": evil,
+                                                "low": "nan", "high": "x", "window": evil})]:
+        page = ui.render(charts.store, ui.ROOT + path, query)
+        assert page.status == 200, page.body[:300]
+        body = page.body.decode()
+        assert "<img" not in body and "&lt;img" in body
+    listed = ui.render(charts.store, ui.ROOT + "transactions/group",
+                       {"service": "shop", "name": evil, "low": "0", "high": "1e9"})
+    assert b'id="samples"' in listed.body and tx["id"].encode() in listed.body
