@@ -1,11 +1,14 @@
-"""How fast the dashboard's chart queries answer on a big database (not a test; run by hand):
+"""How fast the dashboard answers on a big database (not a test; run by hand):
 
-    .venv/bin/python benchmarks/receiver_pages.py [--db PATH] [--keep]
+    .venv/bin/python benchmarks/receiver_pages.py [--db PATH] [--keep] [--writer]
 
 Fills a database with 100,000 transactions and 1,000,000 spans over the last 24 h (four
 services, a dozen transaction names each, ten spans per transaction of the usual types, exit
-spans with their destination) and 5,000 errors in 20 groups, straight through executemany;
-then times each query of `beatlib.receiver.series` (best of 3) and prints its query plan.
+spans with their destination) and 5,000 errors in 20 groups, straight through executemany
+(the per-minute span sums as schema step 4 makes them); then times each query of
+`beatlib.receiver.series` (best of 3, with its query plan) and every page through
+`ui.render` (best of 3), and prints a table. `--writer` times the store's writer instead:
+events per second stored into a new database.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from beatlib.receiver import series
-from beatlib.receiver.store import connect, create_schema
+from beatlib.receiver import series, ui
+from beatlib.receiver.store import Store, connect, create_schema
 
 TRANSACTIONS = 100_000
 SPANS_PER_TRANSACTION = 10
@@ -41,6 +44,8 @@ SPAN_KINDS = [
     ("app", None, None, None, None),
     ("db", "sqlite", "query", "sqlite/local", "local"),
 ]
+SPAN_COLUMNS = ("id, transaction_id, trace_id, parent_id, service, name, type, subtype, action, "
+                "timestamp, start, duration, outcome, sync, context, stacktrace, destination")
 NOW = time.time_ns() // 1000
 DAY = 86_400_000_000
 
@@ -62,6 +67,8 @@ def transactions(rng: random.Random) -> Iterator[tuple[Any, ...]]:
 
 
 def spans(rows: list[tuple[Any, ...]], rng: random.Random) -> Iterator[tuple[Any, ...]]:
+    from beatlib.receiver.rows import destination
+
     for tx in rows:
         tx_id, trace_id, service, ts, duration = tx[0], tx[1], tx[3], tx[10], tx[11]
         for n in range(SPANS_PER_TRANSACTION):
@@ -77,7 +84,8 @@ def spans(rows: list[tuple[Any, ...]], rng: random.Random) -> Iterator[tuple[Any
                    f"{kind} {n}", kind, subtype, action,
                    ts + int(duration * 1000 * n / SPANS_PER_TRANSACTION), None,
                    duration / SPANS_PER_TRANSACTION * rng.random(), "success", 1,
-                   None if context is None else json.dumps(context), None)
+                   None if context is None else json.dumps(context), None,
+                   destination(context))
 
 
 def errors(rows: list[tuple[Any, ...]], rng: random.Random) -> Iterator[tuple[Any, ...]]:
@@ -97,7 +105,12 @@ def fill(conn: sqlite3.Connection) -> None:
     tx_rows = list(transactions(rng))
     with conn:
         conn.executemany(f"INSERT INTO transactions VALUES ({', '.join('?' * 16)})", tx_rows)
-        conn.executemany(f"INSERT INTO spans VALUES ({', '.join('?' * 16)})", spans(tx_rows, rng))
+        conn.executemany(f"INSERT INTO spans ({SPAN_COLUMNS}) VALUES ({', '.join('?' * 17)})",
+                         spans(tx_rows, rng))
+        conn.execute("""INSERT INTO span_minutes
+            SELECT service, timestamp / 60000000 * 60000000, type, ifnull(destination, ''),
+                   count(*), sum(duration)
+            FROM spans WHERE timestamp IS NOT NULL GROUP BY 1, 2, 3, 4""")
         conn.executemany("""INSERT INTO errors (id, service, service_version, environment,
                             grouping_key, timestamp, trace_id, transaction_id, parent_id,
                             transaction_name, culprit, type, message, handled, level,
@@ -106,9 +119,8 @@ def fill(conn: sqlite3.Connection) -> None:
     print(f"filled {TRANSACTIONS:,} transactions, {TRANSACTIONS * SPANS_PER_TRANSACTION:,} "
           f"spans, {ERRORS:,} errors in {time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
-    series.create_indexes(conn)
     conn.execute("ANALYZE")
-    print(f"created series.INDEXES (and ANALYZE) in {time.perf_counter() - started:.1f} s")
+    print(f"ANALYZE in {time.perf_counter() - started:.1f} s")
 
 
 def plans(conn: sqlite3.Connection, run: Callable[[], Any]) -> list[str]:
@@ -130,7 +142,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--db", help="database to fill (default: a temporary file)")
     parser.add_argument("--keep", action="store_true", help="reuse --db if already filled")
+    parser.add_argument("--pages", action="store_true", help="time the pages only")
+    parser.add_argument("--writer", action="store_true", help="time the writer instead")
     args = parser.parse_args()
+    if args.writer:
+        return writer()
     tmp = tempfile.TemporaryDirectory()
     path = args.db or os.path.join(tmp.name, "pages.sqlite3")
     conn = connect(path)
@@ -139,12 +155,12 @@ def main() -> None:
         conn.execute("DELETE FROM spans")
         conn.execute("DELETE FROM transactions")
         conn.execute("DELETE FROM errors")
+        conn.execute("DELETE FROM span_minutes")
         fill(conn)
-    series.create_indexes(conn)  # idempotent: a kept database gets indexes added since
     print(f"database {os.path.getsize(path) / 2**20:.0f} MiB; sqlite {sqlite3.sqlite_version}")
     name = "GET /shop/items"
     cases: list[tuple[str, Callable[[], Any]]] = []
-    for window in ("1h", "24h", "7d"):
+    for window in ("1h", "24h", "7d") if not args.pages else ():
         cases += [
             (f"transaction_series shop {window}",
              lambda w=window: series.transaction_series(conn, "shop", w)),
@@ -174,7 +190,95 @@ def main() -> None:
             if line not in seen_plans:
                 seen_plans.add(line)
                 print(f"      plan: {line}")
+    groups(conn)
+    tx_id = conn.execute("SELECT id FROM transactions WHERE service = 'shop' "
+                         "ORDER BY timestamp DESC LIMIT 1").fetchone()[0]
     conn.close()
+    pages(Store(path), name, tx_id)
+    tmp.cleanup()
+
+
+def groups(conn: sqlite3.Connection) -> None:
+    """The services, releases and error groups of the filled rows (as the writer keeps them)."""
+    if conn.execute("SELECT count(*) FROM error_groups").fetchone()[0]:
+        return
+    with conn:
+        conn.execute("""INSERT INTO services (name, environment, version, agent, first_seen,
+                            last_seen)
+                        SELECT service, 'production', '1.0', 'beatlib 0', min(timestamp),
+                               max(timestamp) FROM transactions GROUP BY service""")
+        conn.execute("""INSERT INTO releases (service, version, first_seen, last_seen)
+                        SELECT service, '1.0', min(timestamp), max(timestamp)
+                        FROM transactions GROUP BY service""")
+        conn.execute("""INSERT INTO error_groups (service, grouping_key, type, message, culprit,
+                            count, first_seen, last_seen, first_version, latest_error_id)
+                        SELECT service, grouping_key, 'KeyError', 'user', 'checkout',
+                               count(*), min(timestamp), max(timestamp), '1.0', max(id)
+                        FROM errors GROUP BY service, grouping_key""")
+
+
+def pages(store: Store, name: str, tx_id: str) -> None:
+    """Every page through ui.render, best of 3, as a table."""
+    cases: list[tuple[str, dict[str, str]]] = [("", {}), ("errors", {}),
+                                               ("errors", {"service": "shop"}),
+                                               ("releases", {}), ("transaction", {"id": tx_id})]
+    for window in series.WINDOWS:
+        cases += [("transactions", {"service": "shop", "window": window}),
+                  ("transactions/group", {"service": "shop", "name": name, "window": window}),
+                  ("error", {"service": "shop", "key": "group03", "window": window})]
+    cases.append(("transactions/group", {"service": "shop", "name": name, "window": "24h",
+                                         "low": "10.0", "high": "12.5"}))
+    print("\n| page | query | ms (best of 3) |\n| --- | --- | ---: |")
+    for path, query in cases:
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            page = ui.render(store, ui.ROOT + path, query)
+            best = min(best, time.perf_counter() - started)
+            assert page.status == 200, (path, query, page.status, page.body[:300])
+        shown = "&".join(f"{k}={v}" for k, v in query.items())
+        print(f"| /ui/{path} | {shown} | {best * 1000:.0f} |")
+
+
+def writer(transactions: int = 20_000, per_request: int = 10) -> None:
+    """Events per second the writer stores: requests of `per_request` transactions with
+    SPANS_PER_TRANSACTION spans each, offered as fast as the queue takes them."""
+    rng = random.Random(4)
+    tmp = tempfile.TemporaryDirectory()
+    store = Store(os.path.join(tmp.name, "writer.sqlite3"), max_queue_events=200_000)
+    store.start()
+    metadata = {"service": {"name": "shop", "agent": {"name": "beatlib", "version": "0"}}}
+    requests = []
+    for r in range(transactions // per_request):
+        events: list[tuple[str, dict[str, Any]]] = []
+        for t in range(per_request):
+            tx_id = f"{r:08x}{t:08x}"
+            ts = NOW - rng.randrange(DAY)
+            events.append(("transaction", {
+                "id": tx_id, "trace_id": tx_id * 2, "name": "GET /items", "type": "request",
+                "duration": 12.5, "timestamp": ts, "outcome": "success",
+                "span_count": {"started": SPANS_PER_TRANSACTION}}))
+            for n in range(SPANS_PER_TRANSACTION):
+                kind, subtype, action, resource, target = SPAN_KINDS[n]
+                context = ({"destination": {"service": {"resource": resource}},
+                            "service": {"target": {"type": subtype, "name": target}}}
+                           if resource else None)
+                events.append(("span", {
+                    "id": f"{tx_id}{n:04x}", "transaction_id": tx_id, "trace_id": tx_id * 2,
+                    "parent_id": tx_id, "name": f"{kind} {n}", "type": kind,
+                    "subtype": subtype, "action": action, "timestamp": ts + n,
+                    "duration": 1.0, **({"context": context} if context else {})}))
+        requests.append(events)
+    total = sum(len(e) for e in requests)
+    started = time.perf_counter()
+    for events in requests:
+        while not store.offer(metadata, events):
+            time.sleep(0.001)
+    store.flush(600)
+    elapsed = time.perf_counter() - started
+    store.stop()
+    print(f"writer: {total:,} events ({transactions:,} transactions x "
+          f"{SPANS_PER_TRANSACTION + 1}) in {elapsed:.1f} s: {total / elapsed:,.0f} events/s")
     tmp.cleanup()
 
 

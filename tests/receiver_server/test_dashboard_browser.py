@@ -211,3 +211,62 @@ def test_dashboard_in_chromium(dashboard: Receiver, tmp_path: Path) -> None:
         assert "export of 3 rows failed" in first_in_release.visible
     finally:
         dashboard.stop()
+
+
+def chart_marks(dom_html: str, chart_id: str) -> int:
+    """Points, bars and segments drawn in the chart of figure `chart_id` (0: empty state)."""
+    start = dom_html.index(f'id="{chart_id}"')
+    end = dom_html.index("</figure>", start)
+    figure = dom_html[start:end]
+    assert "<svg" in figure, chart_id
+    if "chart-empty" in figure:
+        return 0
+    return sum(figure.count(mark) for mark in ('class="point ', 'class="bar ',
+                                               'class="segment '))
+
+
+def test_charts_in_chromium(dashboard: Receiver, tmp_path: Path) -> None:
+    # Every chart of the service, transaction group and error pages drawn with data; a
+    # distribution bucket lists its transactions; the window is kept in the links.
+    from tests.receiver_server.conftest import ndjson, post, transaction
+    from tests.receiver_server.test_series import span
+
+    # The client's bare capture_span names no destination; an instrumented client call does.
+    _, tx = transaction(900, name="GET /orders", timestamp=time.time_ns() // 1000 - 1_000_000)
+    assert post(dashboard.url, ndjson(("transaction", tx), span(
+        tx, 901, "db", 2.0, tx["timestamp"], "postgresql/shop")))[0] == 202
+    assert dashboard.flush(10)
+    browser = Browser(tmp_path)
+    charts = ("latency", "throughput", "error-rate", "span-types", "dependencies")
+    try:
+        tx_url = f"{dashboard.dashboard_url}transactions?service=shop&window=15m"
+        html = browser._run("--dump-dom", tx_url)
+        for chart in charts:
+            assert chart_marks(html, chart) > 0, chart
+        page = browser.open(tx_url)
+        for text in ("Latency (p50, p95, p99)", "Time by dependency", "postgresql/shop", "Table"):
+            assert text in page.visible, text
+        browser.screenshot(tx_url, "service-charts")
+
+        group_url = page.link("transactions/group", "GET /orders", service="shop",
+                              name="GET /orders", window="15m")
+        html = browser._run("--dump-dom", group_url)
+        for chart in (*charts, "distribution"):
+            assert chart_marks(html, chart) > 0, chart
+        browser.screenshot(group_url, "transaction-group-charts")
+        group = browser.open(group_url)
+        bucket = next(url for url, _ in group.links if "low=" in url and "high=" in url)
+        query = {k: v[0] for k, v in parse_qs(urlsplit(bucket).query).items()}
+        assert query["window"] == "15m" and float(query["low"]) < float(query["high"])
+        picked = browser.open(bucket)
+        assert "Transactions from" in picked.visible
+        listed = [url for url, _ in picked.links if "/ui/transaction?" in url]
+        assert len(listed) > 2 * 12 // 2  # the bucket's samples above Latest and Slowest
+        browser.screenshot(bucket, "distribution-samples")
+
+        errors = browser.open(f"{dashboard.dashboard_url}errors?service=shop")
+        error_url = errors.link("error", "ValueError", service="shop")
+        assert chart_marks(browser._run("--dump-dom", error_url), "occurrences") > 0
+        browser.screenshot(error_url, "error-occurrences")
+    finally:
+        dashboard.stop()

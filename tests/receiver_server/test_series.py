@@ -4,6 +4,7 @@ time by span type and dependency, error occurrences; and the index each query us
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import time
@@ -13,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from beatlib.receiver import Receiver, queries, series, svg
-from beatlib.receiver.store import connect
+from beatlib.receiver import Receiver, queries, rows, series, svg
+from beatlib.receiver.schema import connect, create_schema
 from tests.receiver_server.conftest import ndjson, post, transaction
 
 SECOND = 1_000_000
@@ -31,10 +32,7 @@ def send(receiver: Receiver, *events: Any) -> None:
 
 @pytest.fixture
 def charts(serve: Receiver) -> Iterator[Receiver]:
-    conn = connect(serve.store.path)
-    series.create_indexes(conn)
-    conn.close()
-    yield serve
+    yield serve  # the store's schema has the charts' indexes
 
 
 @pytest.mark.parametrize(("window", "step", "buckets"), [
@@ -239,18 +237,54 @@ def test_every_query_uses_an_index(charts: Receiver) -> None:
         plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)]
         scans = [line for line in plan if line.startswith("SCAN ")]
         assert scans == [], (sql, plan)
-        assert any("USING" in line and "INDEX" in line for line in plan), (sql, plan)
+        assert any("USING" in line and ("INDEX" in line or "PRIMARY KEY" in line)
+                   for line in plan), (sql, plan)
     conn.close()
 
 
-def test_dependency_index_never_fails_an_insert(tmp_path: Any) -> None:
-    conn = sqlite3.connect(tmp_path / "x.sqlite3")
-    conn.execute("CREATE TABLE spans (service, timestamp, type, duration, context)")
-    conn.execute("CREATE TABLE transactions (service, name, timestamp, duration, outcome, "
-                 "result)")
-    series.create_indexes(conn)
-    conn.execute("INSERT INTO spans VALUES ('s', 1, 'db', 1.0, 'not json {')")
-    assert conn.execute("SELECT count(*) FROM spans").fetchone()[0] == 1
+def test_destination_of_a_span_context() -> None:
+    assert rows.destination({"destination": {"service": {"resource": "redis"}},
+                             "service": {"target": {"type": "redis", "name": "x"}}}) == "redis"
+    assert rows.destination({"destination": {"service": {"resource": ""}},
+                             "service": {"target": {"type": "http", "name": "a:1"}}}) == "http/a:1"
+    for odd in (None, "x", [], {"destination": "x"}, {"destination": {"service": []}},
+                {"service": {"target": {"type": "http"}}},
+                {"service": {"target": {"type": "db", "name": {"nested": 1}}}}):
+        assert rows.destination(odd) is None, odd
+
+
+def test_schema_step_4_fills_the_destination_of_stored_spans(tmp_path: Any) -> None:
+    # A database of schema 3 (as the receiver made it, with the expression index an earlier
+    # series.create_indexes added): step 4 adds the column from each span's context.
+    path = str(tmp_path / "old.sqlite3")
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE spans (id TEXT NOT NULL, transaction_id TEXT, trace_id TEXT NOT NULL,
+            parent_id TEXT NOT NULL, service TEXT NOT NULL, name TEXT NOT NULL,
+            type TEXT NOT NULL, subtype TEXT, action TEXT, timestamp INTEGER, start REAL,
+            duration REAL NOT NULL, outcome TEXT, sync INTEGER, context TEXT, stacktrace TEXT);
+        CREATE INDEX spans_dependency ON spans (service, (CASE WHEN json_valid(context)
+            THEN json_extract(context, '$.destination.service.resource') END));
+        PRAGMA user_version=3;""")
+    contexts = [{"destination": {"service": {"resource": "postgresql/shop"}}},
+                {"service": {"target": {"type": "http", "name": "api:443"}}}, None, "{bad"]
+    conn.executemany("INSERT INTO spans (id, trace_id, parent_id, service, name, type, "
+                     "timestamp, duration, context) VALUES (?, 't', 'p', 'shop', 'n', 'db', "
+                     "?, 1.0, ?)",
+                     [(f"s{n}", NOW - MINUTE, c if isinstance(c, str) or c is None
+                       else json.dumps(c)) for n, c in enumerate(contexts)])
+    conn.commit()
+    conn.close()
+    conn = connect(path)
+    create_schema(conn)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert [r[0] for r in conn.execute("SELECT destination FROM spans ORDER BY id")] == [
+        "postgresql/shop", "http/api:443", None, None]
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "spans_dependency" not in indexes and "spans_destination_time" in indexes
+    assert series.dependency_series(conn, "shop", "1h", now_us=NOW)["totals"] == {
+        "postgresql/shop": 1.0, "http/api:443": 1.0}
+    conn.close()
 
 
 def test_charts_of_stored_data(charts: Receiver) -> None:
@@ -281,3 +315,23 @@ def test_charts_of_stored_data(charts: Receiver) -> None:
     links = [a.get("href") for a in ET.fromstring(drawn[3].svg).iter(
         "{http://www.w3.org/2000/svg}a")]
     assert len(links) == sum(1 for b in dist["buckets"] if b["count"])
+
+
+def test_chart_pages_escape_what_apps_sent(charts: Receiver) -> None:
+    from beatlib.receiver import ui
+
+    evil = '<img src=x onerror="alert(1)">'
+    _, tx = transaction(1, name=evil, timestamp=time.time_ns() // 1000 - SECOND)
+    send(charts, ("transaction", tx), span(tx, 2, evil, 3.0, tx["timestamp"], evil))
+    for path, query in [("transactions", {"service": "shop", "window": "15m"}),
+                        ("transactions/group", {"service": "shop", "name": evil,
+                                                "low": "0", "high": "1e9"}),
+                        ("transactions/group", {"service": "shop", "name": evil,
+                                                "low": "nan", "high": "x", "window": evil})]:
+        page = ui.render(charts.store, ui.ROOT + path, query)
+        assert page.status == 200, page.body[:300]
+        body = page.body.decode()
+        assert "<img" not in body and "&lt;img" in body
+    listed = ui.render(charts.store, ui.ROOT + "transactions/group",
+                       {"service": "shop", "name": evil, "low": "0", "high": "1e9"})
+    assert b'id="samples"' in listed.body and tx["id"].encode() in listed.body

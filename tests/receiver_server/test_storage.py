@@ -234,6 +234,10 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_rows(tmp_path) -> None:
             latest_error_id TEXT NOT NULL, assignee_key TEXT, assignee_name TEXT,
             assignee_email TEXT, assignee_commit TEXT, assignee_date TEXT,
             PRIMARY KEY (service, grouping_key));
+        CREATE TABLE spans (id TEXT NOT NULL, transaction_id TEXT, trace_id TEXT NOT NULL,
+            parent_id TEXT NOT NULL, service TEXT NOT NULL, name TEXT NOT NULL,
+            type TEXT NOT NULL, subtype TEXT, action TEXT, timestamp INTEGER, start REAL,
+            duration REAL NOT NULL, outcome TEXT, sync INTEGER, context TEXT, stacktrace TEXT);
         INSERT INTO metricsets (service, timestamp, samples) VALUES ('shop', 1, '{}');
         PRAGMA user_version=1;
     """)

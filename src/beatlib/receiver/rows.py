@@ -33,6 +33,11 @@ def store_event(conn: sqlite3.Connection, kind: str, event: dict[str, Any],
                 conn.execute(_UPSERT_GROUP, group)
                 if change is not None:
                     changes.append(change)
+        elif kind == "span":
+            row = _span_row(event, meta, received)
+            if conn.execute(_INSERT_SPAN, row).rowcount and isinstance(row[9], int):
+                conn.execute(_ADD_SPAN_MINUTE, (row[4], row[9] // _MINUTE * _MINUTE, row[6],
+                                                row[16] or "", row[11]))
         else:
             sql, build = _INSERTS[kind]
             conn.execute(sql, build(event, meta, received))
@@ -114,8 +119,29 @@ def _span_row(span: dict[str, Any], meta: dict[str, Any], received: int) -> tupl
         _kw(span.get("subtype")), _kw(span.get("action")), span.get("timestamp"),
         None if start is None else float(start), float(span["duration"]),
         _kw(span.get("outcome")), _bool(span.get("sync")), _json(span.get("context")),
-        _json(span.get("stacktrace")),
+        _json(span.get("stacktrace")), destination(span.get("context")),
     )
+
+
+def destination(context: Any) -> str | None:
+    """The dependency an exit span calls, for the charts: its destination service resource
+    ("postgresql/shop", "api.example.com:443"), else its service target as "type/name"."""
+    if not isinstance(context, dict):
+        return None
+    resource = _path(context, "destination", "service", "resource")
+    if resource not in (None, ""):
+        return _kw(resource)
+    kind, name = _path(context, "service", "target", "type"), _path(context, "service",
+                                                                      "target", "name")
+    return None if kind is None or name is None else _kw(f"{kind}/{name}")
+
+
+def _path(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return None if isinstance(obj, dict | list) else obj
 
 
 def _metricset_row(metricset: dict[str, Any], meta: dict[str, Any], received: int) -> tuple:
@@ -214,8 +240,16 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _INSERT_SPAN = """
 INSERT OR IGNORE INTO spans (id, transaction_id, trace_id, parent_id, service, name, type,
-    subtype, action, timestamp, start, duration, outcome, sync, context, stacktrace)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    subtype, action, timestamp, start, duration, outcome, sync, context, stacktrace,
+    destination)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_MINUTE = 60_000_000
+_ADD_SPAN_MINUTE = """
+INSERT INTO span_minutes (service, minute, type, destination, spans, duration)
+VALUES (?, ?, ?, ?, 1, ?)
+ON CONFLICT (service, minute, type, destination) DO UPDATE SET
+    spans = spans + 1, duration = duration + excluded.duration
 """
 _INSERT_METRICSET = """
 INSERT OR IGNORE INTO metricsets (service, timestamp, transaction_name, transaction_type,
@@ -261,7 +295,6 @@ ON CONFLICT (service, grouping_key) DO UPDATE SET
 """
 _INSERTS = {
     "transaction": (_INSERT_TRANSACTION, _transaction_row),
-    "span": (_INSERT_SPAN, _span_row),
     "metricset": (_INSERT_METRICSET, _metricset_row),
     "release": (_RECORD_RELEASE, _release_row),
 }

@@ -1,6 +1,6 @@
 """Time series and distributions for the dashboard's charts: plain functions of a connection
-returning dicts and lists (µs timestamps, ms durations), one query each, each on an index
-(`INDEXES` lists the ones the base schema lacks). Percentiles are nearest rank, as in
+returning dicts and lists (µs timestamps, ms durations), each on an index of
+`schema.SCHEMA`. Percentiles are nearest rank, as in
 `queries`; rates are per minute over the time a bucket (or the data) actually covers.
 """
 
@@ -24,30 +24,6 @@ MAX_BUCKETS = 60
 # Series beyond this many (span types, dependencies) are added up as "other".
 MAX_KEYS = 8
 OTHER = "other"
-
-# What the charts need beyond the base schema. Spans had no time index at all; the
-# dependency index holds the destination (an expression over the context JSON, guarded by
-# json_valid so a row can never fail to insert because of it).
-DEPENDENCY = (
-    "CASE WHEN json_valid(context) THEN coalesce("
-    "json_extract(context, '$.destination.service.resource'), "
-    "json_extract(context, '$.service.target.type') || '/' || "
-    "json_extract(context, '$.service.target.name')) END"
-)
-INDEXES = (
-    "CREATE INDEX IF NOT EXISTS spans_type_time ON spans (service, type, timestamp, duration)",
-    f"CREATE INDEX IF NOT EXISTS spans_dependency ON spans (service, {DEPENDENCY}, timestamp, "
-    "duration)",
-    "CREATE INDEX IF NOT EXISTS transactions_name_time "
-    "ON transactions (service, name, timestamp, duration, outcome, result)",
-)
-
-
-def create_indexes(conn: sqlite3.Connection) -> None:
-    """Creates `INDEXES` (idempotent; on a large database the first run takes a while)."""
-    for statement in INDEXES:
-        conn.execute(statement)
-
 
 # Same rule as queries.transaction_groups: the outcome, else an HTTP result's class.
 _OUTCOME = """CASE WHEN outcome IN ('success', 'failure') THEN outcome
@@ -121,6 +97,19 @@ def transaction_series(
     None when empty), `failures`, `with_outcome` and `error_rate` (failures over those with
     a known outcome; None when none has one). The summary: `count`, `tpm` over the time the
     data covers (`first` to `last`), `error_rate`."""
+    return transaction_overview(conn, service, window, name, now_us)["series"]
+
+
+def transaction_overview(
+    conn: sqlite3.Connection, service: str, window: str = DEFAULT_WINDOW,
+    name: str | None = None, now_us: int | None = None,
+) -> dict[str, Any]:
+    """What a page shows of the transactions of `service` (or of those named `name`) in the
+    window, from one pass over their rows: `series` (as `transaction_series`),
+    `distribution` (as `distribution`) and, without `name`, `groups`: by name and type,
+    as `queries.transaction_groups` (count, avg, total, p50/p95/p99, failures,
+    with_outcome, error_rate, first, last, tpm over the time the service's data covers),
+    over the window's buckets, most total time first."""
     b = bucketing(window, now_us)
     where, params = "service = ?", [service]
     if name is not None:
@@ -131,20 +120,31 @@ def transaction_series(
     cursor = conn.cursor()
     cursor.row_factory = None
     cursor.execute(f"""
-        SELECT timestamp, duration, {_OUTCOME} FROM transactions
+        SELECT timestamp, duration, {_OUTCOME}, {"name, type" if name is None else "0, 0"}
+        FROM transactions
         WHERE {where} AND timestamp >= ? AND timestamp < ?""", (*params, b.first, b.end))
     durations: list[list[float]] = [[] for _ in range(b.count)]
     failures = [0] * b.count
     known = [0] * b.count
+    groups: dict[tuple[str, str], _Group] = {}
     first = last = None
-    for timestamp, duration, outcome in cursor:
+    for timestamp, duration, outcome, tx_name, tx_type in cursor:
         i = int(timestamp - b.first) // b.step
         durations[i].append(duration)
+        group = groups.get((tx_name, tx_type))
+        if group is None:
+            group = groups[tx_name, tx_type] = _Group(timestamp)
+        group.durations.append(duration)
         if outcome is not None:
             known[i] += 1
-            failures[i] += outcome == "failure"
-        first = timestamp if first is None or timestamp < first else first
-        last = timestamp if last is None or timestamp > last else last
+            group.known += 1
+            if outcome == "failure":
+                failures[i] += 1
+                group.failures += 1
+        if timestamp < group.first:
+            group.first = timestamp
+        if timestamp > group.last:
+            group.last = timestamp
     buckets = []
     for i, start in enumerate(b.starts()):
         values = sorted(durations[i])
@@ -158,10 +158,40 @@ def transaction_series(
             "error_rate": failures[i] / known[i] if known[i] else None,
         })
     count = sum(len(d) for d in durations)
-    return {"window": b.window, "step": b.step // 1_000_000, "since": b.since, "until": b.until,
-            "buckets": buckets, "count": count, "first": first, "last": last,
-            "tpm": rate_per_minute(count, first, last),
-            "error_rate": sum(failures) / sum(known) if sum(known) else None}
+    if groups:
+        first = min(g.first for g in groups.values())
+        last = max(g.last for g in groups.values())
+    series = {"window": b.window, "step": b.step // 1_000_000, "since": b.since,
+              "until": b.until, "buckets": buckets, "count": count, "first": first,
+              "last": last, "tpm": rate_per_minute(count, first, last),
+              "error_rate": sum(failures) / sum(known) if sum(known) else None}
+    everything = sorted(d for g in groups.values() for d in g.durations)
+    out: dict[str, Any] = {"series": series, "distribution": _distribution(b, everything)}
+    if name is None:
+        minutes = max((last or 0) - (first or 0), 1_000_000) / 60e6
+        out["groups"] = sorted((g.summary(n, t, minutes) for (n, t), g in groups.items()),
+                               key=lambda g: -g["total"])
+    return out
+
+
+class _Group:
+    """The transactions of one name and type, as the pass over them goes."""
+
+    __slots__ = ("durations", "failures", "known", "first", "last")
+
+    def __init__(self, timestamp: int) -> None:
+        self.durations: list[float] = []
+        self.failures = self.known = 0
+        self.first = self.last = timestamp
+
+    def summary(self, name: str, kind: str, minutes: float) -> dict[str, Any]:
+        values = sorted(self.durations)
+        total = sum(values)
+        return {"name": name, "type": kind, "count": len(values), "avg": total / len(values),
+                "total": total, **{f"p{p}": nearest_rank(values, p) for p in (50, 95, 99)},
+                "failures": self.failures, "with_outcome": self.known, "first": self.first,
+                "last": self.last, "tpm": len(values) / minutes,
+                "error_rate": self.failures / self.known if self.known else None}
 
 
 def nearest_rank(ordered: list[float], p: int) -> float | None:
@@ -202,6 +232,11 @@ def distribution(
     durations = sorted(row[0] for row in conn.execute(
         "SELECT duration FROM transactions WHERE service = ? AND name = ? "
         "AND timestamp >= ? AND timestamp < ?", (service, name, b.first, b.end)))
+    return _distribution(b, durations)
+
+
+def _distribution(b: Buckets, durations: list[float]) -> dict[str, Any]:
+    """`durations` (ascending) in log-spaced buckets, as `distribution` returns them."""
     out: dict[str, Any] = {"window": b.window, "since": b.since, "until": b.until,
                            "count": len(durations), "buckets": []}
     for p in (50, 95, 99):
@@ -271,33 +306,7 @@ def span_type_series(
     breakdown metrics here, and the exit spans (db, external, cache) where the time goes are
     leaves, whose duration is their self time. Spans stored with only a relative `start`
     (no timestamp) are not counted."""
-    b = bucketing(window, now_us)
-    if name is None:
-        return _stacked(b, _probe_rows(conn, b, service, "type"), max_keys)
-    return _stacked(b, _span_rows(conn, b, service, name, "s.type"), max_keys)
-
-
-def _probe_rows(conn: sqlite3.Connection, b: Buckets, service: str,
-                key: str) -> list[tuple[int, str, float, int]]:
-    """(bucket, key, total ms, count) of the spans of `service`: one sum per key and bucket,
-    each a range of a (service, key, timestamp, duration) index. A GROUP BY over the same
-    rows sorts them all first and costs 3 to 7 times as much at 500,000 spans."""
-    cursor = conn.cursor()
-    cursor.row_factory = None
-    rows: list[tuple[int, str, float, int]] = []
-    value = cursor.execute(f"SELECT min({key}) FROM spans WHERE service = ?",
-                           (service,)).fetchone()[0]
-    while value is not None:  # the service's distinct keys, one index probe each
-        for i, start in enumerate(b.starts()):
-            total, count = cursor.execute(
-                f"SELECT sum(duration), count(*) FROM spans WHERE service = ? AND {key} = ? "
-                "AND timestamp >= ? AND timestamp < ?",
-                (service, value, start, start + b.step)).fetchone()
-            if count:
-                rows.append((i, value, total, count))
-        value = cursor.execute(f"SELECT min({key}) FROM spans WHERE service = ? AND {key} > ?",
-                               (service, value)).fetchone()[0]
-    return rows
+    return span_breakdown(conn, service, window, name, now_us, max_keys)["types"]
 
 
 def dependency_series(
@@ -306,26 +315,60 @@ def dependency_series(
 ) -> dict[str, Any]:
     """As `span_type_series`, by dependency: the exit span's destination service resource
     ("postgresql/shop", "api.example.com:443"), else its service target as "type/name"."""
+    return span_breakdown(conn, service, window, name, now_us, max_keys)["dependencies"]
+
+
+def span_breakdown(
+    conn: sqlite3.Connection, service: str, window: str = DEFAULT_WINDOW,
+    name: str | None = None, now_us: int | None = None, max_keys: int = MAX_KEYS,
+) -> dict[str, Any]:
+    """Both `span_type_series` (`types`) and `dependency_series` (`dependencies`) from one
+    pass over the same rows. For a whole service in buckets of whole minutes that is the
+    writer's per-minute sums (`span_minutes`, exact: sums and counts add up); otherwise
+    the spans themselves."""
     b = bucketing(window, now_us)
-    if name is None:
-        return _stacked(b, _probe_rows(conn, b, service, DEPENDENCY), max_keys)
-    return _stacked(b, _span_rows(conn, b, service, name, DEPENDENCY.replace("context",
-                                                                              "s.context")),
-                    max_keys)
-
-
-def _span_rows(conn: sqlite3.Connection, b: Buckets, service: str, name: str,
-               key: str) -> list[Any]:
-    """(bucket, key, total ms, count) of the spans of the transactions `name` in the window
-    (a transaction begun up to a bucket before it contributes its spans inside it)."""
-    return conn.execute(f"""
-        SELECT CAST((s.timestamp - ?) / ? AS INTEGER) AS b, {key} AS k, sum(s.duration),
-               count(*)
-        FROM transactions t JOIN spans s ON s.transaction_id = t.id
-        WHERE t.service = ? AND t.name = ? AND t.timestamp >= ? AND t.timestamp < ?
-              AND s.timestamp >= ? AND s.timestamp < ? AND k IS NOT NULL
-        GROUP BY b, k""", (b.first, b.step, service, name, b.first - b.step, b.end, b.first,
-                           b.end)).fetchall()
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    if name is None and b.step % 60_000_000 == 0:
+        rows = cursor.execute("""
+            SELECT CAST((minute - ?) / ? AS INTEGER), type, destination, sum(duration),
+                   sum(spans)
+            FROM span_minutes WHERE service = ? AND minute >= ? AND minute < ?
+            GROUP BY 1, 2, 3""", (b.first, b.step, service, b.first, b.end)).fetchall()
+    elif name is None:  # buckets of seconds (15m): each type's range of spans_type_time
+        rows = []
+        kind = cursor.execute("SELECT min(type) FROM spans WHERE service = ?",
+                              (service,)).fetchone()[0]
+        while kind is not None:
+            rows += cursor.execute("""
+                SELECT CAST((timestamp - ?) / ? AS INTEGER), type, ifnull(destination, ''),
+                       sum(duration), count(*)
+                FROM spans WHERE service = ? AND type = ? AND timestamp >= ? AND timestamp < ?
+                GROUP BY 1, 3""", (b.first, b.step, service, kind, b.first, b.end)).fetchall()
+            kind = cursor.execute("SELECT min(type) FROM spans WHERE service = ? AND type > ?",
+                                  (service, kind)).fetchone()[0]
+    else:
+        # A transaction begun up to a bucket before the window contributes its spans in it.
+        rows = cursor.execute("""
+            SELECT CAST((s.timestamp - ?) / ? AS INTEGER), s.type, ifnull(s.destination, ''),
+                   sum(s.duration), count(*)
+            FROM transactions t JOIN spans s ON s.transaction_id = t.id
+            WHERE t.service = ? AND t.name = ? AND t.timestamp >= ? AND t.timestamp < ?
+                  AND s.timestamp >= ? AND s.timestamp < ?
+            GROUP BY 1, 2, 3""", (b.first, b.step, service, name, b.first - b.step, b.end,
+                                  b.first, b.end)).fetchall()
+    types: dict[tuple[int, str], list[float]] = {}
+    dependencies: dict[tuple[int, str], list[float]] = {}
+    for index, kind, destination, total, count in rows:
+        for found, key in ((types, kind), (dependencies, destination)):
+            if key == "" and found is dependencies:
+                continue  # not an exit span
+            sums = found.setdefault((index, key), [0.0, 0])
+            sums[0] += total
+            sums[1] += count
+    return {kind: _stacked(b, [(i, k, t, c) for (i, k), (t, c) in sorted(found.items())],
+                           max_keys)
+            for kind, found in (("types", types), ("dependencies", dependencies))}
 
 
 def error_series(

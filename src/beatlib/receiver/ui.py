@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlencode
 
-from beatlib.receiver import health, queries
+from beatlib.receiver import health, queries, series, svg
 from beatlib.receiver.store import Store
 
 if TYPE_CHECKING:
@@ -137,19 +138,18 @@ def services_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
 
 def transactions_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
     service = _service(conn, query)
-    window = query.get("window") or queries.DEFAULT_WINDOW
-    if window not in queries.WINDOWS:
-        window = queries.DEFAULT_WINDOW
-    windows = [(w, href("transactions", service=service, window=w), w == window)
-               for w in queries.WINDOWS]
+    window = _window(query)
+    overview = series.transaction_overview(conn, service, window)
     # Every group of the window is listed: sorting them in Python sorts the whole set.
     # Unsorted, the groups with the highest total time come first.
     sort = sort_of(query, "transactions", GROUP_COLUMNS, "total", service=service,
                    window=window)
     return View("transactions.html", f"Transactions of {service}", {
-        "service": service, "window": window, "windows": windows,
-        "services": _service_names(conn), "headers": sort.headers,
-        "groups": sort.rows(queries.transaction_groups(conn, service, window))})
+        "service": service, "window": window, "services": _service_names(conn),
+        "windows": _window_chips("transactions", window, service=service),
+        "headers": sort.headers, "groups": sort.rows(overview["groups"]),
+        "chart_css": _chart_style(),
+        "charts": _charts(conn, service, window, overview["series"])})
 
 
 GROUP_COLUMNS = [
@@ -163,8 +163,24 @@ def transaction_group_page(conn: sqlite3.Connection, query: dict[str, str]) -> V
     samples = queries.transaction_samples(conn, service, name)
     if not samples["latest"]:
         raise NotFound(f"No transaction named {name!r} in {service!r}.")
-    return View("transaction_group.html", name or "(unnamed)",
-                {"service": service, "samples": samples})
+    window = _window(query)
+    overview = series.transaction_overview(conn, service, window, name=name)
+
+    def bucket(low: float, high: float) -> str:
+        return href("transactions/group", service=service, name=name, window=window,
+                    low=repr(low), high=repr(high)) + "#samples"
+
+    picked = None
+    low, high = _number(query.get("low")), _number(query.get("high"))
+    if low is not None and high is not None:
+        picked = {"low": low, "high": high,
+                  "rows": series.samples(conn, service, name, low, high, window)}
+    return View("transaction_group.html", name or "(unnamed)", {
+        "service": service, "name": name, "window": window, "samples": samples,
+        "windows": _window_chips("transactions/group", window, service=service, name=name),
+        "charts": _charts(conn, service, window, overview["series"], name),
+        "distribution": svg.distribution_chart(overview["distribution"], bucket),
+        "picked": picked, "chart_css": _chart_style()})
 
 
 def transaction_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
@@ -224,7 +240,8 @@ def error_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
     title = f"{group['type'] or 'Log message'}: {_cut(group['message'], 100)}"
     latest = _occurrence(group["latest"]) if group["latest"] else None
     return View("error.html", title,
-                {"service": service, "key": key, "group": group, "latest": latest})
+                {"service": service, "key": key, "group": group, "latest": latest,
+                 **_occurrences(conn, service, key, query)})
 
 
 def releases_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
@@ -292,6 +309,57 @@ _ROUTES: dict[str, _Handler] = {
     "releases": releases_page,
     "health": health_page,
 }
+
+
+# --- charts ---------------------------------------------------------------------------------
+
+
+def _window(query: dict[str, str]) -> str:
+    window = query.get("window") or series.DEFAULT_WINDOW
+    return window if window in series.WINDOWS else series.DEFAULT_WINDOW
+
+
+def _window_chips(page: str, window: str, **params: Any) -> list[tuple[str, str, bool]]:
+    return [(w, href(page, **params, window=w), w == window) for w in series.WINDOWS]
+
+
+def _chart_style() -> Any:
+    return _markup(svg.STYLESHEET)
+
+
+def _charts(conn: sqlite3.Connection, service: str, window: str, data: dict[str, Any],
+            name: str | None = None) -> list[tuple[str, svg.Chart]]:
+    """(anchor, chart) of a service's (or one transaction name's) charts over `window`:
+    latency, throughput, error rate, time by span type and by dependency."""
+    kinds = series.span_type_series(conn, service, window, name=name)
+    dependencies = series.dependency_series(conn, service, window, name=name)
+    rate = "" if data["tpm"] is None else f": {data['tpm']:,.1f}/min over the data"
+    return [("latency", svg.latency_chart(data, title="Latency (p50, p95, p99)")),
+            ("throughput", svg.throughput_chart(data, title=f"Throughput{rate}")),
+            ("error-rate", svg.error_rate_chart(data)),
+            ("span-types", svg.stacked_time_chart(kinds, title="Time by span type")),
+            ("dependencies", svg.stacked_time_chart(dependencies,
+                                                    title="Time by dependency"))]
+
+
+def _occurrences(conn: sqlite3.Connection, service: str, key: str,
+                 query: dict[str, str]) -> dict[str, Any]:
+    """The error page's occurrences chart: its window (default 24h), chips, the chart."""
+    window = query.get("window") or "24h"
+    window = window if window in series.WINDOWS else "24h"
+    data = series.error_series(conn, service, key, window)
+    rate = "" if data["per_minute"] is None else f": {data['per_minute']:,.2f}/min"
+    return {"window": window, "chart_css": _chart_style(),
+            "windows": _window_chips("error", window, service=service, key=key),
+            "occurrences": svg.occurrences_chart(data, f"Occurrences in {window}{rate}")}
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
 
 
 # --- shaping data for the templates ------------------------------------------------------
