@@ -171,9 +171,10 @@ def span_groups(conn: sqlite3.Connection, service: str, limit: int = 50) -> list
 
 def error_groups(
     conn: sqlite3.Connection, service: str | None = None, assignee: str | None = None,
-    limit: int = 500,
+    limit: int = 500, status: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Error groups, most recently seen first; `assignee` is an email or name as stored."""
+    """Error groups, most recently seen first; `assignee` is an email or name as stored;
+    `status` one of open, resolved, ignored (None: all)."""
     where, params = [], []
     if service:
         where.append("service = ?")
@@ -181,6 +182,9 @@ def error_groups(
     if assignee:
         where.append("assignee_key = ?")
         params.append(assignee)
+    if status:
+        where.append("status = ?")
+        params.append(status)
     sql = "SELECT * FROM error_groups"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -212,8 +216,69 @@ def error_group(
         SELECT id, timestamp, message, culprit, service_version, transaction_id,
                transaction_name, handled
         FROM errors WHERE service = ? AND grouping_key = ?
-        ORDER BY timestamp DESC LIMIT ?""", (service, key, occurrences))
+        ORDER BY timestamp DESC, rowid DESC LIMIT ?""", (service, key, occurrences))
     return group
+
+
+def error_occurrence(
+    conn: sqlite3.Connection, service: str, key: str, error_id: str | None = None
+) -> dict[str, Any] | None:
+    """One occurrence of a group, to step through them newest first: the one with id
+    `error_id` (the latest when None), its whole event parsed (`body`), the ids of the next
+    `newer` and `older` ones (None at either end), its `position` (1: the latest) and the
+    `total` stored. None when the group has no such occurrence. Occurrences are ordered by
+    timestamp, then by arrival (rowid), along the errors_group index."""
+    columns = ("rowid, id, timestamp, service_version, transaction_id, transaction_name, "
+               "handled, body")
+    if error_id is None:
+        row = conn.execute(f"""SELECT {columns} FROM errors
+                               WHERE service = ? AND grouping_key = ?
+                               ORDER BY timestamp DESC, rowid DESC LIMIT 1""",
+                           (service, key)).fetchone()
+    else:
+        row = conn.execute(f"""SELECT {columns} FROM errors
+                               WHERE id = ? AND service = ? AND grouping_key = ?""",
+                           (error_id, service, key)).fetchone()
+    if row is None:
+        return None
+    out = dict(row)
+    here = (service, key, out["timestamp"], out.pop("rowid"))
+    newer = conn.execute("""SELECT id FROM errors WHERE service = ? AND grouping_key = ?
+                            AND (timestamp, rowid) > (?, ?)
+                            ORDER BY timestamp, rowid LIMIT 1""", here).fetchone()
+    older = conn.execute("""SELECT id FROM errors WHERE service = ? AND grouping_key = ?
+                            AND (timestamp, rowid) < (?, ?)
+                            ORDER BY timestamp DESC, rowid DESC LIMIT 1""", here).fetchone()
+    out["newer"] = newer["id"] if newer else None
+    out["older"] = older["id"] if older else None
+    out["position"] = 1 + conn.execute(
+        """SELECT count(*) FROM errors WHERE service = ? AND grouping_key = ?
+           AND (timestamp, rowid) > (?, ?)""", here).fetchone()[0]
+    out["total"] = conn.execute("SELECT count(*) FROM errors WHERE service = ? AND "
+                                "grouping_key = ?", (service, key)).fetchone()[0]
+    out["body"] = _loads(out["body"])
+    return out
+
+
+def group_statuses(conn: sqlite3.Connection, service: str | None = None) -> dict[str, int]:
+    """Number of error groups by status (open, resolved, ignored), "regressed" (open groups
+    that were resolved once and happened again) and "all"."""
+    where, params = ("WHERE service = ?", (service,)) if service else ("", ())
+    counts = {"open": 0, "resolved": 0, "ignored": 0, "regressed": 0, "all": 0}
+    for row in conn.execute(f"""SELECT status, count(*) AS n,
+                                       sum(status = 'open' AND regressions > 0) AS regressed
+                                FROM error_groups {where} GROUP BY status""", params):
+        counts[row["status"]] = row["n"]
+        counts["regressed"] += row["regressed"] or 0
+        counts["all"] += row["n"]
+    return counts
+
+
+def service_versions(conn: sqlite3.Connection, service: str) -> list[str]:
+    """The versions (releases) `service` has reported or recorded, newest first."""
+    return [r["version"] for r in conn.execute(
+        "SELECT version FROM releases WHERE service = ? ORDER BY first_seen DESC, version DESC",
+        (service,))]
 
 
 def releases(conn: sqlite3.Connection, service: str | None = None) -> list[dict[str, Any]]:
@@ -227,14 +292,86 @@ def releases(conn: sqlite3.Connection, service: str | None = None) -> list[dict[
                (SELECT count(*) FROM transactions t
                 WHERE t.service = r.service AND t.service_version = r.version) AS transactions
         FROM releases r {where} ORDER BY r.first_seen DESC, r.version DESC""", params)
+    # Each release's previous one: the version of the same service first seen before it.
+    previous: dict[tuple[str, str], str | None] = {}
+    for service_name in {r["service"] for r in out}:
+        before = None
+        for row in conn.execute("SELECT version FROM releases WHERE service = ? "
+                                "ORDER BY first_seen, version", (service_name,)):
+            previous[(service_name, row["version"])] = before
+            before = row["version"]
+    stats: dict[tuple[str, str, str], dict[str, Any]] = {}
     for release in out:
         release["commits"] = _loads(release["commits"]) or []
-        release["new_error_groups"] = _rows(conn, """
-            SELECT grouping_key, type, message, culprit, count, first_seen, assignee_name,
-                   assignee_email
+        group_columns = ("grouping_key, type, message, culprit, count, first_seen, status, "
+                         "regressions, regressed_in, regressed_at, assignee_name, assignee_email")
+        release["new_error_groups"] = _rows(conn, f"""
+            SELECT {group_columns}
             FROM error_groups WHERE service = ? AND first_version = ?
             ORDER BY first_seen""", (release["service"], release["version"]))
+        release["regressed_error_groups"] = _rows(conn, f"""
+            SELECT {group_columns}
+            FROM error_groups WHERE service = ? AND regressed_in = ?
+            ORDER BY regressed_at""", (release["service"], release["version"]))
+        release["previous_version"] = previous.get((release["service"], release["version"]))
+        release["comparison"] = release_comparison(
+            conn, release["service"], release["version"], release["previous_version"],
+            cache=stats)
     return out
+
+
+RELEASE_TOP = 5  # transaction names compared per release
+
+# A transaction's failure and whether it has an outcome at all, as in `transaction_groups`:
+# its outcome, else "HTTP 5xx" results are failures and other HTTP results successes.
+_FAILURE = ("(outcome = 'failure' OR (coalesce(outcome, '') NOT IN ('success', 'failure') "
+            "AND result LIKE 'HTTP 5%'))")
+_WITH_OUTCOME = "(outcome IN ('success', 'failure') OR result LIKE 'HTTP %')"
+
+
+def release_comparison(
+    conn: sqlite3.Connection, service: str, version: str, previous: str | None,
+    top: int = RELEASE_TOP, cache: dict[tuple[str, str, str], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """The `top` transaction names of `version` by count (ties by name), each with `after`
+    (the transactions `version` sent) and `before` (those the `previous` version sent):
+    count, failures, error rate (failures / (successes + failures)) and p95 (ms, nearest
+    rank); `before` is None without a previous version, its count 0 when it sent none of
+    that name. Every read is a range of the transactions_release_stats index."""
+    names = [r["name"] for r in conn.execute(
+        """SELECT name, count(*) AS n FROM transactions
+           WHERE service = ? AND service_version = ?
+           GROUP BY name ORDER BY n DESC, name LIMIT ?""", (service, version, top))]
+    cache = {} if cache is None else cache
+    out = []
+    for name in names:
+        out.append({"name": name, "after": _release_stats(conn, service, version, name, cache),
+                    "before": None if previous is None
+                    else _release_stats(conn, service, previous, name, cache)})
+    return out
+
+
+def _release_stats(conn: sqlite3.Connection, service: str, version: str, name: str,
+                   cache: dict[tuple[str, str, str], dict[str, Any]]) -> dict[str, Any]:
+    if (service, version, name) in cache:
+        return cache[(service, version, name)]
+    row = conn.execute(f"""SELECT count(*) AS count, coalesce(sum({_FAILURE}), 0) AS failures,
+                                  coalesce(sum({_WITH_OUTCOME}), 0) AS with_outcome
+                           FROM transactions
+                           WHERE service = ? AND service_version = ? AND name = ?""",
+                       (service, version, name)).fetchone()
+    stats = dict(row)
+    stats["error_rate"] = (stats["failures"] / stats["with_outcome"]
+                           if stats["with_outcome"] else None)
+    stats["p95"] = None
+    if stats["count"]:
+        rank = (stats["count"] * 95 + 99) // 100
+        stats["p95"] = conn.execute("""SELECT duration FROM transactions
+                                       WHERE service = ? AND service_version = ? AND name = ?
+                                       ORDER BY duration LIMIT 1 OFFSET ?""",
+                                    (service, version, name, rank - 1)).fetchone()[0]
+    cache[(service, version, name)] = stats
+    return stats
 
 
 def _loads(text: str | None) -> Any:

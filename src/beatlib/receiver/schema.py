@@ -73,6 +73,8 @@ CREATE INDEX IF NOT EXISTS transactions_stats
 CREATE INDEX IF NOT EXISTS transactions_by_name
     ON transactions (service, name, timestamp);
 CREATE INDEX IF NOT EXISTS transactions_release ON transactions (service, service_version);
+CREATE INDEX IF NOT EXISTS transactions_release_stats
+    ON transactions (service, service_version, name, duration, outcome, result);
 CREATE TABLE IF NOT EXISTS spans (
     id TEXT NOT NULL,
     transaction_id TEXT,
@@ -143,6 +145,7 @@ CREATE TABLE IF NOT EXISTS error_groups (
 );
 CREATE INDEX IF NOT EXISTS error_groups_assignee ON error_groups (assignee_key);
 CREATE INDEX IF NOT EXISTS error_groups_release ON error_groups (service, first_version);
+CREATE INDEX IF NOT EXISTS error_groups_regressed ON error_groups (service, regressed_in);
 CREATE TABLE IF NOT EXISTS metricsets (
     service TEXT NOT NULL,
     timestamp INTEGER NOT NULL,
