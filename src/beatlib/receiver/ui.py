@@ -414,7 +414,9 @@ SECURITY_HEADERS = {
                                "data:; base-uri 'none'; form-action 'self'; frame-ancestors "
                                "'none'",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not "no-referrer": with it a browser sends `Origin: null` on the pages' own form posts,
+    # which the group actions must refuse (a cross-site page can send that too).
+    "Referrer-Policy": "same-origin",
 }
 
 
