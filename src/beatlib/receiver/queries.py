@@ -288,9 +288,7 @@ def releases(conn: sqlite3.Connection, service: str | None = None) -> list[dict[
     out = _rows(conn, f"""
         SELECT r.*,
                (SELECT count(*) FROM errors e
-                WHERE e.service = r.service AND e.service_version = r.version) AS errors,
-               (SELECT count(*) FROM transactions t
-                WHERE t.service = r.service AND t.service_version = r.version) AS transactions
+                WHERE e.service = r.service AND e.service_version = r.version) AS errors
         FROM releases r {where} ORDER BY r.first_seen DESC, r.version DESC""", params)
     # Each release's previous one: the version of the same service first seen before it.
     previous: dict[tuple[str, str], str | None] = {}
@@ -300,7 +298,7 @@ def releases(conn: sqlite3.Connection, service: str | None = None) -> list[dict[
                                 "ORDER BY first_seen, version", (service_name,)):
             previous[(service_name, row["version"])] = before
             before = row["version"]
-    stats: dict[tuple[str, str, str], dict[str, Any]] = {}
+    stats: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for release in out:
         release["commits"] = _loads(release["commits"]) or []
         group_columns = ("grouping_key, type, message, culprit, count, first_seen, status, "
@@ -317,6 +315,8 @@ def releases(conn: sqlite3.Connection, service: str | None = None) -> list[dict[
         release["comparison"] = release_comparison(
             conn, release["service"], release["version"], release["previous_version"],
             cache=stats)
+        release["transactions"] = sum(
+            x["count"] for x in stats[(release["service"], release["version"])].values())
     return out
 
 
@@ -324,54 +324,65 @@ RELEASE_TOP = 5  # transaction names compared per release
 
 # A transaction's failure and whether it has an outcome at all, as in `transaction_groups`:
 # its outcome, else "HTTP 5xx" results are failures and other HTTP results successes.
-_FAILURE = ("(outcome = 'failure' OR (coalesce(outcome, '') NOT IN ('success', 'failure') "
-            "AND result LIKE 'HTTP 5%'))")
-_WITH_OUTCOME = "(outcome IN ('success', 'failure') OR result LIKE 'HTTP %')"
+_FAILURE = ("CASE outcome WHEN 'failure' THEN 1 WHEN 'success' THEN 0 "
+            "ELSE result LIKE 'HTTP 5%' END")
+_WITH_OUTCOME = "CASE WHEN outcome IN ('success', 'failure') THEN 1 ELSE result LIKE 'HTTP %' END"
 
 
 def release_comparison(
     conn: sqlite3.Connection, service: str, version: str, previous: str | None,
-    top: int = RELEASE_TOP, cache: dict[tuple[str, str, str], dict[str, Any]] | None = None,
+    top: int = RELEASE_TOP, cache: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """The `top` transaction names of `version` by count (ties by name), each with `after`
     (the transactions `version` sent) and `before` (those the `previous` version sent):
     count, failures, error rate (failures / (successes + failures)) and p95 (ms, nearest
     rank); `before` is None without a previous version, its count 0 when it sent none of
-    that name. Every read is a range of the transactions_release_stats index."""
-    names = [r["name"] for r in conn.execute(
-        """SELECT name, count(*) AS n FROM transactions
-           WHERE service = ? AND service_version = ?
-           GROUP BY name ORDER BY n DESC, name LIMIT ?""", (service, version, top))]
+    that name. Every read is a range of the transactions_release_stats index; `cache` keeps
+    each version's figures for the next release's `before`."""
     cache = {} if cache is None else cache
-    out = []
-    for name in names:
-        out.append({"name": name, "after": _release_stats(conn, service, version, name, cache),
-                    "before": None if previous is None
-                    else _release_stats(conn, service, previous, name, cache)})
-    return out
+    after = _version_stats(conn, service, version, cache)
+    before = None if previous is None else _version_stats(conn, service, previous, cache)
+    names = sorted(after, key=lambda name: (-after[name]["count"], name))[:top]
+    empty = {"count": 0, "failures": 0, "with_outcome": 0, "error_rate": None, "p95": None}
+    return [{"name": name,
+             "after": _with_p95(conn, service, version, name, after[name]),
+             "before": None if before is None else
+             _with_p95(conn, service, previous or "", name, before[name])
+             if name in before else dict(empty)}
+            for name in names]
 
 
-def _release_stats(conn: sqlite3.Connection, service: str, version: str, name: str,
-                   cache: dict[tuple[str, str, str], dict[str, Any]]) -> dict[str, Any]:
-    if (service, version, name) in cache:
-        return cache[(service, version, name)]
-    row = conn.execute(f"""SELECT count(*) AS count, coalesce(sum({_FAILURE}), 0) AS failures,
-                                  coalesce(sum({_WITH_OUTCOME}), 0) AS with_outcome
-                           FROM transactions
-                           WHERE service = ? AND service_version = ? AND name = ?""",
-                       (service, version, name)).fetchone()
-    stats = dict(row)
-    stats["error_rate"] = (stats["failures"] / stats["with_outcome"]
-                           if stats["with_outcome"] else None)
-    stats["p95"] = None
-    if stats["count"]:
-        rank = (stats["count"] * 95 + 99) // 100
-        stats["p95"] = conn.execute("""SELECT duration FROM transactions
-                                       WHERE service = ? AND service_version = ? AND name = ?
-                                       ORDER BY duration LIMIT 1 OFFSET ?""",
-                                    (service, version, name, rank - 1)).fetchone()[0]
-    cache[(service, version, name)] = stats
-    return stats
+def _version_stats(conn: sqlite3.Connection, service: str, version: str,
+                   cache: dict[tuple[str, str], dict[str, dict[str, Any]]]
+                   ) -> dict[str, dict[str, Any]]:
+    """name -> count, failures, with_outcome, error_rate of one version's transactions: one
+    pass over its index range (in name order: no sort)."""
+    if (service, version) not in cache:
+        stats = {}
+        for row in conn.execute(f"""
+                SELECT name, count(*) AS count, coalesce(sum({_FAILURE}), 0) AS failures,
+                       coalesce(sum({_WITH_OUTCOME}), 0) AS with_outcome
+                FROM transactions WHERE service = ? AND service_version = ?
+                GROUP BY name""", (service, version)):
+            figures = dict(row)
+            figures["error_rate"] = (figures["failures"] / figures["with_outcome"]
+                                     if figures["with_outcome"] else None)
+            stats[figures.pop("name")] = figures
+        cache[(service, version)] = stats
+    return cache[(service, version)]
+
+
+def _with_p95(conn: sqlite3.Connection, service: str, version: str, name: str,
+              figures: dict[str, Any]) -> dict[str, Any]:
+    """`figures` with the p95 (nearest rank) of that name in that version, read once as the
+    one duration at its rank along the index."""
+    if "p95" not in figures:
+        rank = (figures["count"] * 95 + 99) // 100
+        figures["p95"] = conn.execute("""SELECT duration FROM transactions
+                                         WHERE service = ? AND service_version = ? AND name = ?
+                                         ORDER BY duration LIMIT 1 OFFSET ?""",
+                                      (service, version, name, rank - 1)).fetchone()[0]
+    return figures
 
 
 def _loads(text: str | None) -> Any:
