@@ -1,21 +1,33 @@
 """What instrumentation costs per call: unwrapped, wrapped outside a transaction, and wrapped
 inside a sampled transaction (one span each), as ratios measured in one run.
 
-    python benchmarks/wrapper_cost.py [--calls 20000] [--repeat 7]
+    python benchmarks/wrapper_cost.py [--calls 20000] [--repeat 7] [--only NAME]
 
 Spans are built as in production but not shipped (enabled=False stops only the sending), so
-the figures are the request thread's cost. Each figure is the best of --repeat runs.
+the figures are the request thread's cost. Each figure is the best of --repeat runs. A case
+whose library (or server: Debian's redis-server and memcached, started here on 127.0.0.1) is
+missing is left out. Calls that cross a socket (redis, memcached, http.client, grpc) time the
+round trip too: read their added µs, not their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
+import contextlib
+import http.client
+import http.server
 import importlib.util
+import shutil
 import sqlite3
+import sys
+import tempfile
+import threading
 import timeit
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import jinja2
 import sqlalchemy
@@ -23,6 +35,8 @@ import sqlalchemy
 import beatlib
 
 BATCH = 100  # calls per transaction in the "inside" case
+_servers = contextlib.ExitStack()  # servers the cases started, stopped at exit
+atexit.register(_servers.close)
 
 
 def best_per_call(func: Callable[[], object], calls: int, repeat: int) -> float:
@@ -85,27 +99,138 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
         stub = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary("/b.Echo/Unary")
         return lambda: stub(b"x", timeout=10)
 
+    def redis_get() -> Callable[[], object]:
+        import redis
+
+        server = _servers.enter_context(_cache_server("redis"))
+        client = redis.Redis(host=server.host, port=server.port)
+        client.set("user:1", "x")
+        return lambda: client.get("user:1")
+
+    def pymemcache_get() -> Callable[[], object]:
+        from pymemcache.client.base import Client
+
+        server = _servers.enter_context(_cache_server("memcached"))
+        client = Client((server.host, server.port))
+        client.set("user:1", b"x")
+        return lambda: client.get("user:1")
+
+    def botocore_call() -> Callable[[], object]:
+        # botocore's whole call (parameters, signing, parsing) with the HTTP send answered by
+        # its own `before-send` event: no server, no network.
+        import botocore.awsrequest
+        import botocore.session
+
+        s3 = botocore.session.get_session().create_client(
+            "s3", region_name="eu-west-1", aws_access_key_id="k", aws_secret_access_key="s")
+
+        class Body:  # what AWSResponse reads an empty body from
+            def stream(self, **kwargs: object) -> Iterator[bytes]:
+                return iter(())
+
+        s3.meta.events.register("before-send", lambda request, **kw: botocore.awsrequest
+                                .AWSResponse(request.url, 200, {}, Body()))
+        return lambda: s3.head_object(Bucket="my-bucket", Key="k")
+
+    def http_client_get() -> Callable[[], object]:
+        server = _servers.enter_context(_http_server())
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+
+        def get() -> bytes:
+            conn.request("GET", "/")
+            return conn.getresponse().read()
+        return get
+
+    def grpc_aio_stream_call() -> Callable[[], object]:
+        # A grpc.aio server and channel on a loop of their own, run for each call: a
+        # unary-stream call of three messages, read to its end (async generator handler).
+        import grpc
+
+        async def numbers(request: bytes, context: object) -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield request
+
+        async def start() -> tuple[object, Callable[[], Awaitable[object]]]:
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("b.Echo", {
+                "Numbers": grpc.unary_stream_rpc_method_handler(numbers)}),))
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            stub = grpc.aio.insecure_channel(f"127.0.0.1:{port}").unary_stream("/b.Echo/Numbers")
+
+            async def call() -> object:
+                return [m async for m in stub(b"x", timeout=10)]
+
+            return server, call  # the server is stopped when collected: it is kept with the call
+
+        loop = asyncio.new_event_loop()
+        server_and_call = loop.run_until_complete(start())
+        return lambda: loop.run_until_complete(server_and_call[1]())
+
     found = {
         "sqlite3 cursor.execute": sqlite_execute,
         "SQLAlchemy conn.execute": sqlalchemy_execute,
         "Jinja2 Template.render": jinja2_render,
+        "http.client GET": http_client_get,
     }
-    for module, name, case in (("kombu", "kombu Producer.publish", kombu_publish),
-                               ("grpc", "grpc unary call", grpc_unary_call)):
-        if importlib.util.find_spec(module) is not None:
+    for needs, name, case in (("kombu", "kombu Producer.publish", kombu_publish),
+                              ("grpc", "grpc unary call", grpc_unary_call),
+                              ("grpc", "grpc.aio stream call", grpc_aio_stream_call),
+                              ("redis redis-server", "redis GET", redis_get),
+                              ("pymemcache memcached", "pymemcache get", pymemcache_get),
+                              ("botocore", "botocore S3 HeadObject", botocore_call)):
+        module, *binary = needs.split()
+        if importlib.util.find_spec(module) is not None and all(map(shutil.which, binary)):
             found[name] = case
     return found
+
+
+def _cache_server(kind: str) -> contextlib.AbstractContextManager:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' server starters
+    from tests.cache_servers import running_memcached, running_redis
+
+    if kind == "redis":
+        home = Path(_servers.enter_context(tempfile.TemporaryDirectory()))
+        return running_redis(str(shutil.which("redis-server")), home)
+    return running_memcached(str(shutil.which("memcached")))
+
+
+@contextlib.contextmanager
+def _http_server() -> Iterator[http.server.HTTPServer]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: a request per call, not a connection
+        disable_nagle_algorithm = True  # else the body waits for the headers' delayed ACK
+
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help="cases whose name contains NAME (repeatable)")
     args = parser.parse_args()
     client = beatlib.Client(service_name="bench", enabled=False, transaction_max_spans=1000)
     print(f"{'call':<26}{'plain µs':>10}{'outside µs':>12}{'ratio':>7}{'span µs':>10}"
           f"{'ratio':>7}")
     for name, make in cases().items():
+        if args.only and not any(part.lower() in name.lower() for part in args.only):
+            continue
         beatlib.uninstrument()
         plain = best_per_call(make(), args.calls, args.repeat)
         beatlib.instrument(client.config)

@@ -2,14 +2,13 @@
 `secure_channel` make (a client interceptor added at creation, or by `intercept_channel` to a
 channel made before `instrument()`; W3C trace context in the call metadata), and a `request`
 transaction per call a `grpc.server(...)` serves (a server interceptor put first, continuing
-the caller's trace). Outcomes follow Elastic's gRPC spec; `grpc.aio`: unary-unary calls.
+the caller's trace). Outcomes follow Elastic's gRPC spec. `grpc.aio` is in grpc_aio.py,
+built on the pieces here.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import inspect
 import re
 from collections.abc import Callable
 from types import ModuleType
@@ -26,7 +25,7 @@ SERVER_FAILURES = frozenset((
     "UNKNOWN", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
     "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
 ))  # fmt: skip
-_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
 class Grpc(Instrumentation):
@@ -34,8 +33,8 @@ class Grpc(Instrumentation):
     module = "grpc"
     distribution = "grpcio"
     versions = ">= 1.60, < 2"  # the oldest tested; ServicerContext.code() needs 1.38
-    library = "grpcio (client and server; `grpc.aio` unary-unary calls)"
-    tested = "1.60.2, 1.85.3"
+    library = "grpcio (client and server, `grpc.aio` too)"
+    tested = "1.60.2, 1.65.0, 1.85.3"
     wraps = (
         "`insecure_channel` and `secure_channel` (the channel they return gets a client"
         " interceptor), `intercept_channel` (for channels made before `instrument()`),"
@@ -43,8 +42,8 @@ class Grpc(Instrumentation):
     )
 
     def patch(self, module: ModuleType) -> None:
-        self._grpc = module
-        self._ok = module.StatusCode.OK
+        self.grpc = module
+        self.ok = module.StatusCode.OK
         self._details = _call_details_type(module)
         self._client = _client_interceptor_type(self, module)
         self._server = _server_interceptor_type(self, module)
@@ -53,14 +52,11 @@ class Grpc(Instrumentation):
         self.wrap(module, "secure_channel", self._channel)
         self.wrap(module, "intercept_channel", self._intercept_channel)
         self.wrap(module, "server", self._server_made)
-        aio = getattr(module, "aio", None)  # grpc.aio: unary-unary calls only
+        aio = getattr(module, "aio", None)
         if aio is not None:
-            self._aio_client = _aio_client_interceptor_type(self, aio)
-            self._aio_server = _aio_server_interceptor_type(self, aio)
-            # Where each takes `interceptors` when it is passed by position.
-            self.wrap(aio, "insecure_channel", functools.partial(self._aio_channel, 3))
-            self.wrap(aio, "secure_channel", functools.partial(self._aio_channel, 4))
-            self.wrap(aio, "server", self._aio_server_made)
+            from beatlib.instrumentation import grpc_aio  # it builds on this module
+
+            grpc_aio.patch(self, aio)
 
     # -- client ------------------------------------------------------------------------
 
@@ -94,7 +90,7 @@ class Grpc(Instrumentation):
         stream), from its status code."""
         if get_active() is None:
             return continuation(details, request)
-        span = self._client_span(details, destination)
+        span = self.client_span(details, destination)
         details = self._with_trace_metadata(details)
         try:
             call = continuation(details, request)
@@ -112,7 +108,7 @@ class Grpc(Instrumentation):
                 set_active(span.parent)
         return call
 
-    def _client_span(self, details: Any, destination: tuple[str, int | None]) -> Span | None:
+    def client_span(self, details: Any, destination: tuple[str, int | None]) -> Span | None:
         active = get_active()
         if active is None or active.leaf or not active.transaction.sampled:
             return None
@@ -138,7 +134,7 @@ class Grpc(Instrumentation):
             code = call.code()
         except Exception:  # cancelled before it started: no code to read
             code = None
-        if code is not self._ok:
+        if code is not self.ok:
             span.outcome = "failure"
         span.end()
 
@@ -155,104 +151,7 @@ class Grpc(Instrumentation):
             report("grpc: adding trace metadata")
             return details
 
-    def _aio_channel(self, at: int, wrapped: Any, instance: Any, args: tuple[Any, ...],
-                     kwargs: dict[str, Any]) -> Any:
-        # An asyncio channel takes its interceptors when it is made: ours goes last, nearest
-        # the network, so it sees what the app's own interceptors put in the metadata.
-        try:
-            target = args[0] if args else kwargs.get("target", "")
-            if len(args) > at:
-                args = (*args[:at], [*(args[at] or ()), self._aio_client(target)], *args[at + 1:])
-            else:
-                kwargs = {**kwargs, "interceptors": [*(kwargs.get("interceptors") or ()),
-                                                     self._aio_client(target)]}
-        except Exception:
-            report("grpc: intercepting a new asyncio channel")
-        return wrapped(*args, **kwargs)
-
-    async def aio_client_call(self, destination: tuple[str, int | None],
-                              continuation: Callable[..., Any], details: Any,
-                              request: Any) -> Any:
-        """One asyncio unary call: it runs in a task of its own, so the span being active
-        here never shows in the caller's context; it ends when the status is in."""
-        if get_active() is None:
-            return await continuation(details, request)
-        span = self._client_span(details, destination)
-        details = self._with_aio_trace_metadata(details)
-        try:
-            call = await continuation(details, request)
-            code = await call.code()
-        except BaseException as exc:
-            if span is not None:
-                span.end(exc)
-            raise
-        if span is not None:
-            if code is not self._ok:
-                span.outcome = "failure"
-            span.end()
-        return call
-
-    def _with_aio_trace_metadata(self, details: Any) -> Any:
-        try:
-            metadata = list(details.metadata or ())
-            extra = http_spans.trace_headers(key for key, _ in metadata)
-            if not extra:
-                return details
-            return self._grpc.aio.ClientCallDetails(
-                details.method, details.timeout,
-                self._grpc.aio.Metadata(*metadata, *extra.items()), details.credentials,
-                details.wait_for_ready)
-        except Exception:
-            report("grpc: adding trace metadata")
-            return details
-
     # -- server ------------------------------------------------------------------------
-
-    def _aio_server_made(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
-                         kwargs: dict[str, Any]) -> Any:
-        try:
-            if len(args) > 2:
-                args = (*args[:2], [self._aio_server(), *(args[2] or ())], *args[3:])
-            else:
-                kwargs = {**kwargs, "interceptors": [self._aio_server(),
-                                                     *(kwargs.get("interceptors") or ())]}
-        except Exception:
-            report("grpc: adding the asyncio server interceptor")
-        return wrapped(*args, **kwargs)
-
-    async def aio_served(self, continuation: Callable[..., Any], call_details: Any) -> Any:
-        """The handler, its behaviour wrapped in a transaction when it is a unary-unary
-        coroutine function (asyncio streaming handlers are served untraced)."""
-        handler = await continuation(call_details)
-        try:
-            behaviour = getattr(handler, "unary_unary", None)
-            if behaviour is None or not inspect.iscoroutinefunction(behaviour):
-                return handler
-            method = call_details.method
-            method = method.decode("utf-8", "replace") if isinstance(method, bytes) else method
-            name = str(method)
-
-            async def traced(request: Any, context: Any) -> Any:  # grpc.aio checks it is one
-                return await self._awaited(behaviour, name, request, context)
-
-            return self._grpc.unary_unary_rpc_method_handler(
-                traced, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        except Exception:
-            report("grpc: wrapping an asyncio server handler")
-            return handler
-
-    async def _awaited(self, behaviour: Callable[..., Any], method: str, request: Any,
-                       context: Any) -> Any:
-        begun = self._begin(method, context)
-        try:
-            response = await behaviour(request, context)
-        except BaseException as exc:
-            self._finish(begun, context, exc)
-            raise
-        self._finish(begun, context, None)
-        return response
-
 
     def _server_made(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> Any:
@@ -273,20 +172,20 @@ class Grpc(Instrumentation):
         if handler is None:
             return None
         try:
-            kind = next(k for k in _KINDS if getattr(handler, k, None) is not None)
+            kind = next(k for k in KINDS if getattr(handler, k, None) is not None)
             behaviour = getattr(handler, kind)
             method = call_details.method
             method = method.decode("utf-8", "replace") if isinstance(method, bytes) else method
             wrapper = self._streamed if handler.response_streaming else self._answered
             traced = _bind(wrapper, behaviour, str(method))
-            make = getattr(self._grpc, f"{kind}_rpc_method_handler")
+            make = getattr(self.grpc, f"{kind}_rpc_method_handler")
             return make(traced, request_deserializer=handler.request_deserializer,
                         response_serializer=handler.response_serializer)
         except Exception:
             report("grpc: wrapping a server handler")
             return handler
 
-    def _begin(self, method: str, context: Any) -> tuple[Any, Transaction] | None:
+    def begin(self, method: str, context: Any) -> tuple[Any, Transaction] | None:
         from beatlib.client import get_client  # the app's client: a server call has no tracer yet
 
         client = get_client()
@@ -305,17 +204,18 @@ class Grpc(Instrumentation):
         tx.name = method  # now, so errors captured inside carry it
         return client, tx
 
-    def _finish(self, begun: tuple[Any, Transaction] | None, context: Any,
-                exc: BaseException | None) -> None:
-        """End the transaction with the status code the caller gets: the one the handler set
-        (`set_code`, `abort`), else OK, or UNKNOWN when it raised (that error is captured)."""
+    def finish(self, begun: tuple[Any, Transaction] | None, context: Any,
+               exc: BaseException | None, code: Any = None) -> None:
+        """End the transaction with the status code the caller gets: `code` when given (a
+        call stopped from outside), else the one the handler set (`set_code`, `abort`), else
+        OK, or UNKNOWN when it raised (that error is captured)."""
         if begun is None:
             return
         client, tx = begun
         try:
-            code = context.code()
+            code = code or context.code()
             if code is None and exc is not None:
-                code = self._grpc.StatusCode.UNKNOWN
+                code = self.grpc.StatusCode.UNKNOWN
                 if isinstance(exc, Exception):
                     client.capture_exception(exc, handled=False)
             name = getattr(code, "name", None) or "OK"
@@ -327,24 +227,24 @@ class Grpc(Instrumentation):
 
     def _answered(self, behaviour: Callable[..., Any], method: str, request: Any,
                   context: Any) -> Any:
-        begun = self._begin(method, context)
+        begun = self.begin(method, context)
         try:
             response = behaviour(request, context)
         except BaseException as exc:
-            self._finish(begun, context, exc)
+            self.finish(begun, context, exc)
             raise
-        self._finish(begun, context, None)
+        self.finish(begun, context, None)
         return response
 
     def _streamed(self, behaviour: Callable[..., Any], method: str, request: Any,
                   context: Any) -> Any:
-        begun = self._begin(method, context)
+        begun = self.begin(method, context)
         try:
             yield from behaviour(request, context)
         except BaseException as exc:
-            self._finish(begun, context, exc)
+            self.finish(begun, context, exc)
             raise
-        self._finish(begun, context, None)
+        self.finish(begun, context, None)
 
 
 def _bind(wrapper: Callable[..., Any], behaviour: Callable[..., Any],
@@ -414,27 +314,3 @@ def _server_interceptor_type(inst: Grpc, grpc: ModuleType) -> Callable[[], Any]:
             return inst.served(continuation, handler_call_details)
 
     return ServerInterceptor
-
-
-def _aio_client_interceptor_type(inst: Grpc, aio: ModuleType) -> Callable[[Any], Any]:
-    base: Any = aio.UnaryUnaryClientInterceptor
-
-    class AioClientInterceptor(base):
-        def __init__(self, target: Any) -> None:
-            self.destination = destination(target)
-
-        async def intercept_unary_unary(self, continuation: Any, details: Any,
-                                        request: Any) -> Any:
-            return await inst.aio_client_call(self.destination, continuation, details, request)
-
-    return AioClientInterceptor
-
-
-def _aio_server_interceptor_type(inst: Grpc, aio: ModuleType) -> Callable[[], Any]:
-    base: Any = aio.ServerInterceptor
-
-    class AioServerInterceptor(base):
-        async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-            return await inst.aio_served(continuation, handler_call_details)
-
-    return AioServerInterceptor

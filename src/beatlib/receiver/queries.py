@@ -169,12 +169,22 @@ def span_groups(conn: sqlite3.Connection, service: str, limit: int = 50) -> list
         ORDER BY avg DESC LIMIT ?""", (service, limit))
 
 
+# What error groups sort by (a column of the list), in SQL; ties by key, for a stable page.
+ERROR_GROUP_ORDER = {
+    "message": ("type", "message"), "service": ("service",), "count": ("count",),
+    "first_seen": ("first_seen",), "last_seen": ("last_seen",),
+    "first_version": ("first_version",), "assignee_key": ("assignee_key",),
+}
+
+
 def error_groups(
     conn: sqlite3.Connection, service: str | None = None, assignee: str | None = None,
-    limit: int = 500, status: str | None = None,
+    limit: int = 500, sort: str = "last_seen", descending: bool = True,
+    status: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Error groups, most recently seen first; `assignee` is an email or name as stored;
-    `status` one of open, resolved, ignored (None: all)."""
+    """Error groups, most recently seen first (or by `sort`, a key of ERROR_GROUP_ORDER:
+    the first `limit` by it); `assignee` is an email or name as stored; `status` one of
+    open, resolved, ignored (None: all). Missing values sort last either way."""
     where, params = [], []
     if service:
         where.append("service = ?")
@@ -188,7 +198,11 @@ def error_groups(
     sql = "SELECT * FROM error_groups"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    return _rows(conn, sql + " ORDER BY last_seen DESC LIMIT ?", (*params, limit))
+    direction = "DESC" if descending else "ASC"
+    order = ", ".join(f"{column} {direction} NULLS LAST"
+                      for column in ERROR_GROUP_ORDER.get(sort, ("last_seen",)))
+    return _rows(conn, f"{sql} ORDER BY {order}, service, grouping_key LIMIT ?",
+                 (*params, limit))
 
 
 def assignees(conn: sqlite3.Connection) -> list[dict[str, Any]]:

@@ -159,6 +159,12 @@ CREATE TABLE IF NOT EXISTS metricsets (
 );
 CREATE INDEX IF NOT EXISTS metricsets_service ON metricsets (service, timestamp);
 CREATE UNIQUE INDEX IF NOT EXISTS metricsets_key ON metricsets (key);
+-- By time alone, for retention (retention.py) to find the oldest rows of every service;
+-- appended to at their end as data arrives, so cheap to keep.
+CREATE INDEX IF NOT EXISTS transactions_time ON transactions (timestamp);
+CREATE INDEX IF NOT EXISTS spans_time ON spans (timestamp);
+CREATE INDEX IF NOT EXISTS errors_time ON errors (timestamp);
+CREATE INDEX IF NOT EXISTS metricsets_time ON metricsets (timestamp);
 """
 
 
@@ -197,6 +203,9 @@ def connect(path: str, timeout: float = 1.0) -> sqlite3.Connection:
 def create_schema(conn: sqlite3.Connection) -> None:
     """Makes the schema in a new database, or migrates an older one in place; refuses
     (sqlite3.DatabaseError) one made by a newer receiver."""
+    # Before the first table (no effect on an existing database): pages that retention
+    # frees can be given back to the file system a few at a time (PRAGMA incremental_vacuum).
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable enough for a local dashboard
     version = conn.execute("PRAGMA user_version").fetchone()[0]

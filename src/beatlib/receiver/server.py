@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from beatlib.receiver import group_state, intake, ui
 from beatlib.receiver.notify import FORMATS, Notifier, NotifyConfig, split_list
+from beatlib.receiver.retention import Retention, parse_duration
 from beatlib.receiver.store import Store, connect
 
 logger = logging.getLogger("beatlib.receiver")
@@ -49,6 +50,7 @@ class Receiver:
         secret_token: str | None = None,
         max_queue_events: int = 20_000,
         notify: NotifyConfig | None = None,
+        retention: float | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -59,6 +61,8 @@ class Receiver:
             if notify is not None and notify.enabled else None
         self.store = Store(self.db_path, max_queue_events=max_queue_events,
                            on_group_change=self.notifier.offer if self.notifier else None)
+        # Deletes what is older than `retention` s in the background (None: keeps all).
+        self.retention = Retention(self.db_path, retention) if retention else None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -83,6 +87,8 @@ class Receiver:
         self.port = server.server_address[1]
         if self.notifier is not None:
             self.notifier.start()
+        if self.retention is not None:
+            self.retention.start()
         self._stopped.clear()
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -100,6 +106,8 @@ class Receiver:
         if server is not None:
             server.shutdown()
             server.server_close()
+        if self.retention is not None:
+            self.retention.stop(timeout)
         self.store.stop(timeout)
         if self.notifier is not None:
             self.notifier.stop(timeout)
@@ -314,10 +322,12 @@ def run(
     ready: Callable[[Receiver], Any] | threading.Event | None = None,
     max_queue_events: int = 20_000,
     notify: NotifyConfig | None = None,
+    retention: float | None = None,
 ) -> None:
     """Serves until Ctrl-C or SIGTERM (or `stop()` on the receiver given to `ready`, a
     callable; a threading.Event is set instead). Raises OSError if it cannot listen."""
-    receiver = Receiver(host, port, db_path, secret_token, max_queue_events, notify).start()
+    receiver = Receiver(host, port, db_path, secret_token, max_queue_events, notify,
+                        retention).start()
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
@@ -354,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="require 'Authorization: Bearer TOKEN' on intake")
     parser.add_argument("--max-queue-events", type=int, default=20_000, metavar="N",
                         help="events waiting for the database before intake answers 503")
+    parser.add_argument("--retention", default=None, metavar="DURATION",
+                        help="delete data older than this, in the background: a number and "
+                        "s, m, h or d, e.g. 7d (default: BEATLIB_SERVE_RETENTION, else keep "
+                        "everything)")
     _notify_arguments(parser)
     try:
         args = parser.parse_args(argv)
@@ -363,6 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("beatlib serve: --port must be 0-65535 and --max-queue-events at least 1",
               file=sys.stderr)
+        return 2
+    retention_text = args.retention or os.environ.get("BEATLIB_SERVE_RETENTION") or None
+    try:
+        retention = parse_duration(retention_text) if retention_text else None
+    except ValueError:
+        parser.print_usage(sys.stderr)
+        print(f"beatlib serve: --retention takes a number and a unit (s, m, h or d), such as "
+              f"7d, not {retention_text!r}", file=sys.stderr)
         return 2
     notify, problem = _notify_config(args)
     if problem:
@@ -381,14 +403,15 @@ def main(argv: list[str] | None = None) -> int:
               f"  intake:    {receiver.url}{intake.INTAKE_PATH}"
               f"{' (secret token required)' if receiver.secret_token else ''}\n"
               f"  dashboard: {receiver.dashboard_url}\n"
-              f"  database:  {receiver.db_path}\n"
+              f"  database:  {receiver.db_path}"
+              f"{' (keeping ' + retention_text.strip() + ')' if retention_text else ''}\n"
               + (f"  notifying: {len(notify.webhooks)} webhook(s)"
                  f"{', e-mail via ' + notify.smtp if notify.smtp else ''}\n" if notify else "") +
               "Ctrl-C to stop.", flush=True)
 
     try:
         run(args.host, args.port, args.db, args.secret_token, announce, args.max_queue_events,
-            notify)
+            notify, retention)
     except OSError as exc:
         print(f"beatlib serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -13,12 +13,12 @@ import functools
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from beatlib.receiver import group_state, queries
+from beatlib.receiver import group_state, health, queries
 from beatlib.receiver.store import Store
 
 if TYPE_CHECKING:
@@ -113,8 +113,18 @@ def _writer_notice(health: dict[str, Any]) -> dict[str, Any] | None:
 # --- pages ----------------------------------------------------------------------------------
 
 
+SERVICE_COLUMNS = [
+    ("Service", "name", "asc"), ("Environment", "environment", "asc"),
+    ("Version", "version", "asc"), ("Agent", "agent", "asc"),
+    ("Framework", "framework", "asc"), ("Transactions", "transactions", "desc"),
+    ("Error groups", "error_groups", "desc"), ("CPU", "cpu_pct", "desc"),
+    ("RSS", "rss_bytes", "desc"), ("Last seen", "last_seen", "desc")]
+
+
 def services_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
-    return View("services.html", "Services", {"services": queries.services(conn)})
+    sort = sort_of(query, "", SERVICE_COLUMNS, "last_seen")
+    return View("services.html", "Services", {"services": sort.rows(queries.services(conn)),
+                                              "headers": sort.headers})
 
 
 def transactions_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
@@ -124,10 +134,20 @@ def transactions_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
         window = queries.DEFAULT_WINDOW
     windows = [(w, href("transactions", service=service, window=w), w == window)
                for w in queries.WINDOWS]
+    # Every group of the window is listed: sorting them in Python sorts the whole set.
+    # Unsorted, the groups with the highest total time come first.
+    sort = sort_of(query, "transactions", GROUP_COLUMNS, "total", service=service,
+                   window=window)
     return View("transactions.html", f"Transactions of {service}", {
         "service": service, "window": window, "windows": windows,
-        "services": _service_names(conn),
-        "groups": queries.transaction_groups(conn, service, window)})
+        "services": _service_names(conn), "headers": sort.headers,
+        "groups": sort.rows(queries.transaction_groups(conn, service, window))})
+
+
+GROUP_COLUMNS = [
+    ("Name", "name", "asc"), ("Type", "type", "asc"), ("Count", "count", "desc"),
+    ("Per minute", "tpm", "desc"), ("Avg", "avg", "desc"), ("p50", "p50", "desc"),
+    ("p95", "p95", "desc"), ("p99", "p99", "desc"), ("Error rate", "error_rate", "desc")]
 
 
 def transaction_group_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
@@ -169,14 +189,26 @@ def errors_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
     statuses = [(f"{s} ({counts[s]})", href("errors", service=service, assignee=assignee,
                                              status=None if s == "open" else s), s == status)
                 for s in STATUSES]
-    groups = queries.error_groups(conn, service, assignee,
+    # The list is the first 500 groups: sorted in SQL, so they are the first 500 by that.
+    sort = sort_of(query, "errors", ERROR_COLUMNS, "last_seen", service=service,
+                   assignee=assignee, status=None if status == "open" else status)
+    groups = queries.error_groups(conn, service, assignee, sort=sort.key,
+                                  descending=sort.descending,
                                   status=None if status == "all" else status)
-    # Regressed groups first among the open ones: they were thought fixed.
-    groups.sort(key=lambda g: not (g["status"] == "open" and g["regressions"]))
+    if not query.get("sort"):  # regressed groups first: they were thought fixed
+        groups.sort(key=lambda g: not (g["status"] == "open" and g["regressions"]))
     return View("errors.html", "Errors", {
         "service": service, "assignee": assignee, "people": people, "status": status,
         "statuses": statuses, "counts": counts,
-        "services": _service_names(conn) if service else [], "groups": groups})
+        "services": _service_names(conn) if service else [], "headers": sort.headers,
+        "groups": groups})
+
+
+ERROR_COLUMNS = [
+    ("Error", "message", "asc"), ("Status", None, "asc"), ("Service", "service", "asc"),
+    ("Count", "count", "desc"), ("First seen", "first_seen", "desc"),
+    ("Last seen", "last_seen", "desc"), ("First release", "first_version", "asc"),
+    ("Assignee", "assignee_key", "asc")]
 
 
 def error_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
@@ -212,6 +244,16 @@ def releases_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
         "services": _service_names(conn) if service else []})
 
 
+def health_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
+    """/ui/health?window=: per service, what its clients sent, retried and dropped."""
+    window = query.get("window") or queries.DEFAULT_WINDOW
+    if window not in queries.WINDOWS:
+        window = queries.DEFAULT_WINDOW
+    windows = [(w, href("health", window=w), w == window) for w in queries.WINDOWS]
+    return View("health.html", "Agent health", {
+        "window": window, "windows": windows, "services": health.agent_health(conn, window)})
+
+
 _Handler = Callable[[sqlite3.Connection, dict[str, str]], View]
 _ROUTES: dict[str, _Handler] = {
     "": services_page,
@@ -221,6 +263,7 @@ _ROUTES: dict[str, _Handler] = {
     "errors": errors_page,
     "error": error_page,
     "releases": releases_page,
+    "health": health_page,
 }
 
 
@@ -364,14 +407,150 @@ def _mib(value: float | None) -> Any:
     return _markup("&ndash;") if value is None else _markup(f"{value / 2**20:.0f}&nbsp;MiB")
 
 
-def _when(us: Any) -> Any:
-    if not isinstance(us, int):
-        return ""
+def _moment(us: Any) -> tuple[str, str] | None:
+    """(ISO 8601 with the offset, "2026-12-01 14:03:07.123 UTC"): µs since the epoch in
+    the receiver's local time zone, to the millisecond, the zone named."""
+    if not isinstance(us, int) or isinstance(us, bool):
+        return None
     try:
-        text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(us / 1e6))
+        seconds, micros = divmod(us, 1_000_000)
+        local = time.localtime(seconds)
     except (OverflowError, OSError, ValueError):
-        return str(us)
-    return _markup(f'<time datetime="{us}">{text}</time>')
+        return None
+    millis = f"{micros // 1000:03d}"
+    offset = time.strftime("%z", local) or "+0000"
+    iso = time.strftime("%Y-%m-%dT%H:%M:%S", local) + f".{millis}{offset[:3]}:{offset[3:]}"
+    zone = time.strftime("%Z", local) or f"UTC{offset}"
+    return iso, time.strftime("%Y-%m-%d %H:%M:%S", local) + f".{millis} {zone}"
+
+
+def _when(us: Any) -> Any:
+    """The absolute time, in a <time> element."""
+    moment = _moment(us)
+    if moment is None:
+        return "" if not isinstance(us, int) else str(us)
+    from markupsafe import escape
+    return _markup(f'<time datetime="{escape(moment[0])}">{escape(moment[1])}</time>')
+
+
+def _ago(us: Any, now_us: int | None = None) -> Any:
+    """How long ago ("3 min ago"), computed when the page is rendered, in a <time> element
+    with the absolute time as its title."""
+    moment = _moment(us)
+    if moment is None:
+        return "" if not isinstance(us, int) else str(us)
+    from markupsafe import escape
+    now = time.time_ns() // 1000 if now_us is None else now_us
+    return _markup(f'<time datetime="{escape(moment[0])}" title="{escape(moment[1])}">'
+                   f'{escape(relative(now - us))}</time>')
+
+
+def relative(delta_us: int) -> str:
+    """A duration before now as people say it: "just now", "42 s ago", "3 min ago",
+    "5 h ago", "2 d ago"; a time ahead of the receiver's clock (a client's clock ahead)
+    is "in 3 min"."""
+    seconds = abs(delta_us) / 1e6
+    if seconds < 1:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            text = f"{int(seconds // size)} {unit}"
+            break
+    else:
+        text = f"{int(seconds)} s"
+    return f"in {text}" if delta_us < 0 else f"{text} ago"
+
+
+# --- context as tables (macros.context_tables) -------------------------------------------
+
+# Sections first in this order, titled; other keys follow by name.
+_CONTEXT_SECTIONS = {"request": "Request", "response": "Response", "user": "User",
+                     "tags": "Labels", "custom": "Custom", "service": "Service"}
+_CONTEXT_DEPTH = 6  # nested tables this deep at most; what is below is shown as JSON
+
+
+def context_sections(context: Any) -> list[dict[str, Any]]:
+    """An event's context as `macros.context_tables` shows it: one section per part
+    (request, response, user, labels, custom, service, then the others), each a list of
+    rows {key, value, rows}: a scalar `value` as text, or nested `rows` for an object or
+    a list (its items keyed by index)."""
+    if context in (None, {}, []):
+        return []
+    if not isinstance(context, dict):
+        return [{"title": "Context", "rows": _context_rows({"value": context}, 0)}]
+    keys = [k for k in _CONTEXT_SECTIONS if k in context]
+    keys += sorted((k for k in context if k not in _CONTEXT_SECTIONS), key=str)
+    sections = []
+    for key in keys:
+        value = context[key]
+        if value in (None, {}, []):
+            continue
+        rows = _context_rows(value if isinstance(value, dict | list) else {key: value}, 0)
+        sections.append({"title": _CONTEXT_SECTIONS.get(key, str(key).replace("_", " ")
+                                                         .capitalize()), "rows": rows})
+    return sections
+
+
+def _context_rows(value: dict[str, Any] | list[Any], depth: int) -> list[dict[str, Any]]:
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    rows = []
+    for key, item in items:
+        if isinstance(item, dict | list) and item and depth < _CONTEXT_DEPTH:
+            rows.append({"key": str(key), "value": None, "rows": _context_rows(item, depth + 1)})
+        else:
+            rows.append({"key": str(key), "rows": None,
+                         "value": item if isinstance(item, str) else _pretty(item, indent=None)})
+    return rows
+
+
+# --- sortable tables (?sort=column&dir=asc|desc; macros.table) -------------------------------
+
+
+@dataclass
+class Sort:
+    """The sort a table's query asks for, checked against its columns, and its headers:
+    each a link that sorts by that column (the other way round if it is the current one)."""
+    key: str
+    descending: bool
+    headers: list[Any]
+
+    def rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`rows` sorted in Python (for a list that is complete, not a top N); missing
+        values last either way."""
+        present = [r for r in rows if r.get(self.key) is not None]
+        missing = [r for r in rows if r.get(self.key) is None]
+        present.sort(key=lambda r: _sort_value(r[self.key]), reverse=self.descending)
+        return present + missing
+
+
+def _sort_value(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def sort_of(query: dict[str, str], page: str, columns: Sequence[tuple[str, str | None, str]],
+            default: str, default_dir: str = "desc", **params: Any) -> Sort:
+    """The sort for a table of `columns` (label, sort key or None when it does not sort,
+    the direction it sorts first: "asc" or "desc"); `default` names the key used when
+    the query names none (or one that is not a column; it may be a key no column shows,
+    sorted `default_dir` first). `params`: the page's other query."""
+    directions = {key: first for _, key, first in columns if key}
+    directions.setdefault(default, default_dir)
+    key = query.get("sort") or default
+    if key not in directions:
+        key = default
+    direction = query.get("dir")
+    if direction not in ("asc", "desc"):
+        direction = directions[key]
+    headers: list[Any] = []
+    for label, column, first in columns:
+        if column is None:
+            headers.append(label)
+            continue
+        on = column == key
+        next_dir = ("asc" if direction == "desc" else "desc") if on else first
+        headers.append({"label": label, "on": on, "dir": direction if on else None,
+                        "url": href(page, **params, sort=column, dir=next_dir)})
+    return Sort(key, direction == "desc", headers)
 
 
 def _cut(text: Any, limit: int) -> str:
@@ -401,8 +580,8 @@ def _environment() -> jinja2.Environment:
         autoescape=True, auto_reload=False, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, cache_size=-1,
         finalize=lambda value: "" if value is None else value)
-    environment.globals["href"] = href
-    environment.filters.update(ms=_ms, pct=_pct, mib=_mib, when=_when, cut=_cut,
+    environment.globals.update(href=href, context_sections=context_sections)
+    environment.filters.update(ms=_ms, pct=_pct, mib=_mib, when=_when, ago=_ago, cut=_cut,
                                pretty=_pretty, value=_repr)
     return environment
 
