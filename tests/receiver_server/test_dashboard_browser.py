@@ -4,11 +4,15 @@ Screenshots go to test-artifacts/ (gitignored)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import select
 import subprocess
 import time
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import pytest
@@ -105,6 +109,107 @@ class Browser:
         self._run(f"--screenshot={path}", "--hide-scrollbars", url)
         assert path.stat().st_size > 10_000  # a rendered page, not a blank one
         return path
+
+
+class Devtools:
+    """A headless Chromium driven over the DevTools protocol on a pipe (fd 3 in, fd 4 out,
+    each message JSON ended by NUL): to click a page's buttons as a user would."""
+
+    def __init__(self, tmp: Path) -> None:
+        commands, self._to_browser = os.pipe()
+        self._from_browser, replies = os.pipe()
+        self.proc = subprocess.Popen(
+            ["/bin/bash", "-c", f'exec "$0" "$@" 3<&{commands} 4>&{replies}', CHROMIUM,
+             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp / 'profile-devtools'}", "--window-size=1280,1600",
+             "--remote-debugging-pipe", "about:blank"],
+            pass_fds=(commands, replies), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(commands)
+        os.close(replies)
+        self._buffer = b""
+        self._ids = 0
+        self.events: list[dict[str, Any]] = []
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target,
+                                 flatten=True)["sessionId"]
+        self.call("Page.enable", session=True)
+
+    def _message(self, deadline: float) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            ready, _, _ = select.select([self._from_browser], [], [], deadline - time.monotonic())
+            assert ready, "chromium did not answer"
+            chunk = os.read(self._from_browser, 1 << 16)
+            assert chunk, "chromium closed its pipe"
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def call(self, method: str, session: bool = False, **params: Any) -> dict[str, Any]:
+        self._ids += 1
+        message: dict[str, Any] = {"id": self._ids, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + 60
+        while True:
+            reply = self._message(deadline)
+            if reply.get("id") == self._ids:
+                assert "error" not in reply, reply
+                return dict(reply.get("result") or {})
+            self.events.append(reply)
+
+    def wait_for(self, event: str) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            for i, seen in enumerate(self.events):
+                if seen.get("method") == event:
+                    del self.events[: i + 1]
+                    return
+            self.events.append(self._message(deadline))
+
+    def open(self, url: str) -> None:
+        self.events.clear()
+        self.call("Page.navigate", session=True, url=url)
+        self.wait_for("Page.loadEventFired")
+
+    def evaluate(self, expression: str) -> Any:
+        reply = self.call("Runtime.evaluate", session=True, expression=expression,
+                          returnByValue=True)
+        assert "exceptionDetails" not in reply, reply
+        return reply["result"].get("value")
+
+    def click(self, selector: str) -> None:
+        """A real mouse click (press and release) in the middle of the element."""
+        box = self.evaluate(f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+                            " e.scrollIntoView(); const r = e.getBoundingClientRect();"
+                            " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        assert box, selector
+        self.events.clear()
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", session=True, type=kind, x=box[0], y=box[1],
+                      button="left", clickCount=1)
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"receiver-{name}.png"
+        data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        assert path.stat().st_size > 10_000
+        return path
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._to_browser)
+        os.close(self._from_browser)
 
 
 def charge(order: dict[str, int]) -> None:
@@ -269,4 +374,30 @@ def test_charts_in_chromium(dashboard: Receiver, tmp_path: Path) -> None:
         assert chart_marks(browser._run("--dump-dom", error_url), "occurrences") > 0
         browser.screenshot(error_url, "error-occurrences")
     finally:
+        dashboard.stop()
+
+
+def test_resolve_a_group_in_chromium(dashboard: Receiver, tmp_path: Path) -> None:
+    """The group page's Resolve button, clicked: the form posts (same origin, no script on
+    the page), the receiver answers with the group page again, which says resolved."""
+    browser = Devtools(tmp_path)
+    try:
+        browser.open(f"{dashboard.dashboard_url}errors?service=shop")
+        href = browser.evaluate("[...document.querySelectorAll('a')].find("
+                                "a => a.textContent.includes('ValueError')).href")
+        browser.open(href)
+        status = "document.querySelector('dl.facts dd .status').textContent"
+        assert browser.evaluate(status) == "open"
+        assert "Occurrence 1 of 6 (the latest)" in browser.evaluate("document.body.innerText")
+        browser.click("form[action$='/resolve'] button")
+        browser.wait_for("Page.loadEventFired")
+        assert browser.evaluate("location.href") == href
+        assert browser.evaluate(status) == "resolved"
+        assert "in release 1.1" in browser.evaluate("document.querySelector('dl.facts').innerText")
+        assert browser.evaluate("document.querySelector(\"form[action$='/resolve']\")") is None
+        browser.screenshot("error-resolved")
+        browser.open(f"{dashboard.dashboard_url}errors?service=shop&status=resolved")
+        assert "ValueError" in browser.evaluate("document.querySelector('table').innerText")
+    finally:
+        browser.close()
         dashboard.stop()

@@ -180,10 +180,11 @@ ERROR_GROUP_ORDER = {
 def error_groups(
     conn: sqlite3.Connection, service: str | None = None, assignee: str | None = None,
     limit: int = 500, sort: str = "last_seen", descending: bool = True,
+    status: str | None = None,
 ) -> list[dict[str, Any]]:
     """Error groups, most recently seen first (or by `sort`, a key of ERROR_GROUP_ORDER:
-    the first `limit` by it); `assignee` is an email or name as stored. Missing values
-    sort last either way."""
+    the first `limit` by it); `assignee` is an email or name as stored; `status` one of
+    open, resolved, ignored (None: all). Missing values sort last either way."""
     where, params = [], []
     if service:
         where.append("service = ?")
@@ -191,6 +192,9 @@ def error_groups(
     if assignee:
         where.append("assignee_key = ?")
         params.append(assignee)
+    if status:
+        where.append("status = ?")
+        params.append(status)
     sql = "SELECT * FROM error_groups"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -226,8 +230,69 @@ def error_group(
         SELECT id, timestamp, message, culprit, service_version, transaction_id,
                transaction_name, handled
         FROM errors WHERE service = ? AND grouping_key = ?
-        ORDER BY timestamp DESC LIMIT ?""", (service, key, occurrences))
+        ORDER BY timestamp DESC, rowid DESC LIMIT ?""", (service, key, occurrences))
     return group
+
+
+def error_occurrence(
+    conn: sqlite3.Connection, service: str, key: str, error_id: str | None = None
+) -> dict[str, Any] | None:
+    """One occurrence of a group, to step through them newest first: the one with id
+    `error_id` (the latest when None), its whole event parsed (`body`), the ids of the next
+    `newer` and `older` ones (None at either end), its `position` (1: the latest) and the
+    `total` stored. None when the group has no such occurrence. Occurrences are ordered by
+    timestamp, then by arrival (rowid), along the errors_group index."""
+    columns = ("rowid, id, timestamp, service_version, transaction_id, transaction_name, "
+               "handled, body")
+    if error_id is None:
+        row = conn.execute(f"""SELECT {columns} FROM errors
+                               WHERE service = ? AND grouping_key = ?
+                               ORDER BY timestamp DESC, rowid DESC LIMIT 1""",
+                           (service, key)).fetchone()
+    else:
+        row = conn.execute(f"""SELECT {columns} FROM errors
+                               WHERE id = ? AND service = ? AND grouping_key = ?""",
+                           (error_id, service, key)).fetchone()
+    if row is None:
+        return None
+    out = dict(row)
+    here = (service, key, out["timestamp"], out.pop("rowid"))
+    newer = conn.execute("""SELECT id FROM errors WHERE service = ? AND grouping_key = ?
+                            AND (timestamp, rowid) > (?, ?)
+                            ORDER BY timestamp, rowid LIMIT 1""", here).fetchone()
+    older = conn.execute("""SELECT id FROM errors WHERE service = ? AND grouping_key = ?
+                            AND (timestamp, rowid) < (?, ?)
+                            ORDER BY timestamp DESC, rowid DESC LIMIT 1""", here).fetchone()
+    out["newer"] = newer["id"] if newer else None
+    out["older"] = older["id"] if older else None
+    out["position"] = 1 + conn.execute(
+        """SELECT count(*) FROM errors WHERE service = ? AND grouping_key = ?
+           AND (timestamp, rowid) > (?, ?)""", here).fetchone()[0]
+    out["total"] = conn.execute("SELECT count(*) FROM errors WHERE service = ? AND "
+                                "grouping_key = ?", (service, key)).fetchone()[0]
+    out["body"] = _loads(out["body"])
+    return out
+
+
+def group_statuses(conn: sqlite3.Connection, service: str | None = None) -> dict[str, int]:
+    """Number of error groups by status (open, resolved, ignored), "regressed" (open groups
+    that were resolved once and happened again) and "all"."""
+    where, params = ("WHERE service = ?", (service,)) if service else ("", ())
+    counts = {"open": 0, "resolved": 0, "ignored": 0, "regressed": 0, "all": 0}
+    for row in conn.execute(f"""SELECT status, count(*) AS n,
+                                       sum(status = 'open' AND regressions > 0) AS regressed
+                                FROM error_groups {where} GROUP BY status""", params):
+        counts[row["status"]] = row["n"]
+        counts["regressed"] += row["regressed"] or 0
+        counts["all"] += row["n"]
+    return counts
+
+
+def service_versions(conn: sqlite3.Connection, service: str) -> list[str]:
+    """The versions (releases) `service` has reported or recorded, newest first."""
+    return [r["version"] for r in conn.execute(
+        "SELECT version FROM releases WHERE service = ? ORDER BY first_seen DESC, version DESC",
+        (service,))]
 
 
 def releases(conn: sqlite3.Connection, service: str | None = None) -> list[dict[str, Any]]:
@@ -237,18 +302,101 @@ def releases(conn: sqlite3.Connection, service: str | None = None) -> list[dict[
     out = _rows(conn, f"""
         SELECT r.*,
                (SELECT count(*) FROM errors e
-                WHERE e.service = r.service AND e.service_version = r.version) AS errors,
-               (SELECT count(*) FROM transactions t
-                WHERE t.service = r.service AND t.service_version = r.version) AS transactions
+                WHERE e.service = r.service AND e.service_version = r.version) AS errors
         FROM releases r {where} ORDER BY r.first_seen DESC, r.version DESC""", params)
+    # Each release's previous one: the version of the same service first seen before it.
+    previous: dict[tuple[str, str], str | None] = {}
+    for service_name in {r["service"] for r in out}:
+        before = None
+        for row in conn.execute("SELECT version FROM releases WHERE service = ? "
+                                "ORDER BY first_seen, version", (service_name,)):
+            previous[(service_name, row["version"])] = before
+            before = row["version"]
+    stats: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for release in out:
         release["commits"] = _loads(release["commits"]) or []
-        release["new_error_groups"] = _rows(conn, """
-            SELECT grouping_key, type, message, culprit, count, first_seen, assignee_name,
-                   assignee_email
+        group_columns = ("grouping_key, type, message, culprit, count, first_seen, status, "
+                         "regressions, regressed_in, regressed_at, assignee_name, assignee_email")
+        release["new_error_groups"] = _rows(conn, f"""
+            SELECT {group_columns}
             FROM error_groups WHERE service = ? AND first_version = ?
             ORDER BY first_seen""", (release["service"], release["version"]))
+        release["regressed_error_groups"] = _rows(conn, f"""
+            SELECT {group_columns}
+            FROM error_groups WHERE service = ? AND regressed_in = ?
+            ORDER BY regressed_at""", (release["service"], release["version"]))
+        release["previous_version"] = previous.get((release["service"], release["version"]))
+        release["comparison"] = release_comparison(
+            conn, release["service"], release["version"], release["previous_version"],
+            cache=stats)
+        release["transactions"] = sum(
+            x["count"] for x in stats[(release["service"], release["version"])].values())
     return out
+
+
+RELEASE_TOP = 5  # transaction names compared per release
+
+# A transaction's failure and whether it has an outcome at all, as in `transaction_groups`:
+# its outcome, else "HTTP 5xx" results are failures and other HTTP results successes.
+_FAILURE = ("CASE outcome WHEN 'failure' THEN 1 WHEN 'success' THEN 0 "
+            "ELSE result LIKE 'HTTP 5%' END")
+_WITH_OUTCOME = "CASE WHEN outcome IN ('success', 'failure') THEN 1 ELSE result LIKE 'HTTP %' END"
+
+
+def release_comparison(
+    conn: sqlite3.Connection, service: str, version: str, previous: str | None,
+    top: int = RELEASE_TOP, cache: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None,
+) -> list[dict[str, Any]]:
+    """The `top` transaction names of `version` by count (ties by name), each with `after`
+    (the transactions `version` sent) and `before` (those the `previous` version sent):
+    count, failures, error rate (failures / (successes + failures)) and p95 (ms, nearest
+    rank); `before` is None without a previous version, its count 0 when it sent none of
+    that name. Every read is a range of the transactions_release_stats index; `cache` keeps
+    each version's figures for the next release's `before`."""
+    cache = {} if cache is None else cache
+    after = _version_stats(conn, service, version, cache)
+    before = None if previous is None else _version_stats(conn, service, previous, cache)
+    names = sorted(after, key=lambda name: (-after[name]["count"], name))[:top]
+    empty = {"count": 0, "failures": 0, "with_outcome": 0, "error_rate": None, "p95": None}
+    return [{"name": name,
+             "after": _with_p95(conn, service, version, name, after[name]),
+             "before": None if before is None else
+             _with_p95(conn, service, previous or "", name, before[name])
+             if name in before else dict(empty)}
+            for name in names]
+
+
+def _version_stats(conn: sqlite3.Connection, service: str, version: str,
+                   cache: dict[tuple[str, str], dict[str, dict[str, Any]]]
+                   ) -> dict[str, dict[str, Any]]:
+    """name -> count, failures, with_outcome, error_rate of one version's transactions: one
+    pass over its index range (in name order: no sort)."""
+    if (service, version) not in cache:
+        stats = {}
+        for row in conn.execute(f"""
+                SELECT name, count(*) AS count, coalesce(sum({_FAILURE}), 0) AS failures,
+                       coalesce(sum({_WITH_OUTCOME}), 0) AS with_outcome
+                FROM transactions WHERE service = ? AND service_version = ?
+                GROUP BY name""", (service, version)):
+            figures = dict(row)
+            figures["error_rate"] = (figures["failures"] / figures["with_outcome"]
+                                     if figures["with_outcome"] else None)
+            stats[figures.pop("name")] = figures
+        cache[(service, version)] = stats
+    return cache[(service, version)]
+
+
+def _with_p95(conn: sqlite3.Connection, service: str, version: str, name: str,
+              figures: dict[str, Any]) -> dict[str, Any]:
+    """`figures` with the p95 (nearest rank) of that name in that version, read once as the
+    one duration at its rank along the index."""
+    if "p95" not in figures:
+        rank = (figures["count"] * 95 + 99) // 100
+        figures["p95"] = conn.execute("""SELECT duration FROM transactions
+                                         WHERE service = ? AND service_version = ? AND name = ?
+                                         ORDER BY duration LIMIT 1 OFFSET ?""",
+                                      (service, version, name, rank - 1)).fetchone()[0]
+    return figures
 
 
 def _loads(text: str | None) -> Any:

@@ -77,6 +77,8 @@ CREATE INDEX IF NOT EXISTS transactions_trace ON transactions (trace_id, parent_
 -- the charts of one transaction name: its rows over time without reading the table
 CREATE INDEX IF NOT EXISTS transactions_name_time
     ON transactions (service, name, timestamp, duration, outcome, result);
+CREATE INDEX IF NOT EXISTS transactions_release_stats
+    ON transactions (service, service_version, name, duration, outcome, result);
 CREATE TABLE IF NOT EXISTS spans (
     id TEXT NOT NULL,
     transaction_id TEXT,
@@ -155,6 +157,7 @@ CREATE TABLE IF NOT EXISTS error_groups (
 );
 CREATE INDEX IF NOT EXISTS error_groups_assignee ON error_groups (assignee_key);
 CREATE INDEX IF NOT EXISTS error_groups_release ON error_groups (service, first_version);
+CREATE INDEX IF NOT EXISTS error_groups_regressed ON error_groups (service, regressed_in);
 CREATE TABLE IF NOT EXISTS metricsets (
     service TEXT NOT NULL,
     timestamp INTEGER NOT NULL,

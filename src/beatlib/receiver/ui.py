@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlencode
 
-from beatlib.receiver import health, queries, series, svg
+from beatlib.receiver import group_state, health, queries, series, svg
 from beatlib.receiver.store import Store
 
 if TYPE_CHECKING:
@@ -210,26 +210,41 @@ def transaction_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
                  "child_transactions": sum(len(c) for c in called.values())})
 
 
+STATUSES = ("open", "resolved", "ignored", "all")  # the errors list's filter; "open" first
+
+
 def errors_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
     service, assignee = query.get("service"), query.get("assignee")
-    people = [("everyone", href("errors", service=service), not assignee)]
+    status = query.get("status") if query.get("status") in STATUSES else "open"
+    counts = queries.group_statuses(conn, service)
+    people = [("everyone", href("errors", service=service, status=status), not assignee)]
     people += [(f"{p['name'] or p['email']} ({p['groups']})",
-                href("errors", service=service, assignee=p["key"]), p["key"] == assignee)
+                href("errors", service=service, assignee=p["key"], status=status),
+                p["key"] == assignee)
                for p in queries.assignees(conn)]
+    statuses = [(f"{s} ({counts[s]})", href("errors", service=service, assignee=assignee,
+                                             status=None if s == "open" else s), s == status)
+                for s in STATUSES]
     # The list is the first 500 groups: sorted in SQL, so they are the first 500 by that.
     sort = sort_of(query, "errors", ERROR_COLUMNS, "last_seen", service=service,
-                   assignee=assignee)
+                   assignee=assignee, status=None if status == "open" else status)
+    groups = queries.error_groups(conn, service, assignee, sort=sort.key,
+                                  descending=sort.descending,
+                                  status=None if status == "all" else status)
+    if not query.get("sort"):  # regressed groups first: they were thought fixed
+        groups.sort(key=lambda g: not (g["status"] == "open" and g["regressions"]))
     return View("errors.html", "Errors", {
-        "service": service, "assignee": assignee, "people": people,
+        "service": service, "assignee": assignee, "people": people, "status": status,
+        "statuses": statuses, "counts": counts,
         "services": _service_names(conn) if service else [], "headers": sort.headers,
-        "groups": queries.error_groups(conn, service, assignee, sort=sort.key,
-                                       descending=sort.descending)})
+        "groups": groups})
 
 
 ERROR_COLUMNS = [
-    ("Error", "message", "asc"), ("Service", "service", "asc"), ("Count", "count", "desc"),
-    ("First seen", "first_seen", "desc"), ("Last seen", "last_seen", "desc"),
-    ("First release", "first_version", "asc"), ("Assignee", "assignee_key", "asc")]
+    ("Error", "message", "asc"), ("Status", None, "asc"), ("Service", "service", "asc"),
+    ("Count", "count", "desc"), ("First seen", "first_seen", "desc"),
+    ("Last seen", "last_seen", "desc"), ("First release", "first_version", "asc"),
+    ("Assignee", "assignee_key", "asc")]
 
 
 def error_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
@@ -238,10 +253,25 @@ def error_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
     if group is None:
         raise NotFound("No such error group.")
     title = f"{group['type'] or 'Log message'}: {_cut(group['message'], 100)}"
-    latest = _occurrence(group["latest"]) if group["latest"] else None
-    return View("error.html", title,
-                {"service": service, "key": key, "group": group, "latest": latest,
-                 **_occurrences(conn, service, key, query)})
+    current = queries.error_occurrence(conn, service, key, query.get("occurrence") or None)
+    if current is None and query.get("occurrence"):
+        raise NotFound("No such occurrence of this error group.")
+    shown = None
+    if current is not None:
+        shown = {**current, **_occurrence(current["body"]),
+                 "newer_url": current["newer"] and href(
+                     "error", service=service, key=key, occurrence=current["newer"]),
+                 "older_url": current["older"] and href(
+                     "error", service=service, key=key, occurrence=current["older"]),
+                 "latest_url": href("error", service=service, key=key)}
+    for o in group["occurrences"]:
+        o["url"] = href("error", service=service, key=key, occurrence=o["id"])
+    actions = {action: group_state.action_path(service, key, action)
+               for action in group_state.ACTIONS}
+    return View("error.html", title, {
+        "service": service, "key": key, "group": group, "shown": shown,
+        "actions": actions, "versions": queries.service_versions(conn, service),
+        **_occurrences(conn, service, key, query)})
 
 
 def releases_page(conn: sqlite3.Connection, query: dict[str, str]) -> View:
@@ -748,7 +778,9 @@ SECURITY_HEADERS = {
                                "data:; base-uri 'none'; form-action 'self'; frame-ancestors "
                                "'none'",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not "no-referrer": with it a browser sends `Origin: null` on the pages' own form posts,
+    # which the group actions must refuse (a cross-site page can send that too).
+    "Referrer-Policy": "same-origin",
 }
 
 
