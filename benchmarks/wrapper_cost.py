@@ -5,9 +5,9 @@ inside a sampled transaction (one span each), as ratios measured in one run.
 
 Spans are built as in production but not shipped (enabled=False stops only the sending), so
 the figures are the request thread's cost. Each figure is the best of --repeat runs. A case
-whose library (or server: Debian's redis-server and memcached, started here on 127.0.0.1) is
-missing is left out. Calls that cross a socket (redis, memcached, http.client, grpc) time the
-round trip too: read their added µs, not their ratio.
+whose library or server (Debian's redis-server, memcached and rabbitmq-server, started here
+on 127.0.0.1) is missing is left out. Calls that cross a socket (redis, memcached, pika,
+http.client, grpc) time the round trip too: read their added µs, not their ratio.
 """
 
 from __future__ import annotations
@@ -132,6 +132,19 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
                                 .AWSResponse(request.url, 200, {}, Body()))
         return lambda: s3.head_object(Bucket="my-bucket", Key="k")
 
+    def pika_publish() -> Callable[[], object]:
+        # To a fanout exchange nothing is bound to: the broker drops each message.
+        import pika
+
+        broker = _servers.enter_context(_broker())
+        connection = pika.BlockingConnection(pika.ConnectionParameters(
+            broker.host, broker.port, credentials=pika.PlainCredentials(broker.user,
+                                                                        broker.password)))
+        _servers.callback(connection.close)
+        channel = connection.channel()
+        channel.exchange_declare("bench", "fanout")
+        return lambda: channel.basic_publish("bench", "bench", b"x")
+
     def http_client_get() -> Callable[[], object]:
         server = _servers.enter_context(_http_server())
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
@@ -178,15 +191,30 @@ def cases() -> dict[str, Callable[[], Callable[[], object]]]:
                               ("grpc", "grpc.aio stream call", grpc_aio_stream_call),
                               ("redis redis-server", "redis GET", redis_get),
                               ("pymemcache memcached", "pymemcache get", pymemcache_get),
-                              ("botocore", "botocore S3 HeadObject", botocore_call)):
+                              ("botocore", "botocore S3 HeadObject", botocore_call),
+                              ("pika rabbitmq-server", "pika basic_publish", pika_publish)):
         module, *binary = needs.split()
         if importlib.util.find_spec(module) is not None and all(map(shutil.which, binary)):
             found[name] = case
     return found
 
 
+def _tests_path() -> None:
+    """The tests' server starters (tests/cache_servers.py, tests/brokers.py) importable."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def _broker() -> contextlib.AbstractContextManager:
+    _tests_path()
+    from tests.brokers import running_rabbitmq
+
+    return running_rabbitmq(Path(_servers.enter_context(tempfile.TemporaryDirectory())))
+
+
 def _cache_server(kind: str) -> contextlib.AbstractContextManager:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' server starters
+    _tests_path()
     from tests.cache_servers import running_memcached, running_redis
 
     if kind == "redis":

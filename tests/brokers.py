@@ -8,6 +8,7 @@ only; it is stopped, and its epmd with it, at the end. Skipped when the server i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -51,13 +53,24 @@ def _accepts(port: int) -> bool:
         return False
 
 
+def available() -> bool:
+    return os.access(SERVER, os.X_OK) and shutil.which("erl") is not None
+
+
 @pytest.fixture(scope="session")
 def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """A RabbitMQ node from Debian's `rabbitmq-server` package, with a user of its own."""
-    if not os.access(SERVER, os.X_OK) or shutil.which("erl") is None:
+    if not available():
         pytest.skip(f"RabbitMQ server not found ({SERVER}): install Debian's rabbitmq-server "
                     "package (.ci/run does)")
-    home = tmp_path_factory.mktemp("rabbitmq")
+    with running_rabbitmq(tmp_path_factory.mktemp("rabbitmq")) as broker:
+        yield broker
+
+
+@contextlib.contextmanager
+def running_rabbitmq(home: Path) -> Iterator[Broker]:
+    """The node in `home`, stopped on exit. Also what benchmarks/wrapper_cost.py times pika
+    against."""
     started = time.monotonic()
     port, dist_port, epmd_port = _free_port(), _free_port(), _free_port()
     (home / "home").mkdir()
