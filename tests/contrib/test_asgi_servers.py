@@ -39,13 +39,20 @@ class Server(ServerProcess):
                            text)
         return {int(a or b) for a, b in found}
 
+    def all_workers_up(self) -> bool:
+        """Every worker forked and through its app's startup: a worker that is still
+        importing would leave all the requests to the first (seen under load)."""
+        text = self.log.read_text(errors="replace")
+        return (len(self.started_pids()) >= self.workers
+                and text.count("Application startup complete") >= self.workers)
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"server exited:\n{self.log.read_text()}"
             try:
                 response = requests.get(self.url + "/health", timeout=1)
-                if response.status_code == 404 and len(self.started_pids()) >= self.workers:
+                if response.status_code == 404 and self.all_workers_up():
                     return
             except requests.RequestException:
                 pass
