@@ -16,9 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.receiver_server.test_dashboard_browser import Devtools  # noqa: E402
-
 from beatlib.receiver import Receiver  # noqa: E402
+from tests.receiver_server.test_dashboard_browser import Devtools  # noqa: E402
 
 IMAGES = ROOT / "docs" / "img"
 WIDTH, HEIGHT = 1100, 820  # a laptop's browser window; PNGs of 50-150 kB
