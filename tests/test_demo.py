@@ -33,6 +33,8 @@ def test_demo_reports_transactions_spans_and_error_groups(tmp_path):
     assert "KeyError" in out and "beatlib.demo in checkout" in out
     assert "Dashboard: http://127.0.0.1:" in out
     assert "Where to look:" in out and "/ui/errors?service=beatlib-demo" in out
+    assert re.search(r"^    http://127\.0\.0\.1:\d+/ui/traces/[0-9a-f]{32}$", out, re.M)
+    assert re.search(r"^    http://127\.0\.0\.1:\d+/ui/health$", out, re.M)
     assert "The dashboard stops with the demo" in out and "beatlib demo --keep" in out
 
 
@@ -59,12 +61,14 @@ def test_demo_with_keep_serves_every_page_it_points_to(tmp_path):
             assert "The receiver keeps running" in out, out + proc.stderr.read()
             assert "The dashboard stops with the demo" not in out
             urls = re.findall(r"^    (http://127\.0\.0\.1:\d+/ui/\S*)$", out, re.M)
-            assert len(urls) == 3
+            assert len(urls) == 5  # transactions, checkout, errors, a checkout's trace, health
             for url in urls:
                 with urllib.request.urlopen(url, timeout=10) as reply:
                     page = reply.read().decode()
                 assert reply.status == 200 and "beatlib-demo" in page, url
             assert "KeyError" in urllib.request.urlopen(urls[2], timeout=10).read().decode()
+            trace = urllib.request.urlopen(urls[3], timeout=10).read().decode()
+            assert "POST /checkout" in trace and "GET /api/prices/&lt;int:product_id&gt;" in trace
         finally:
             proc.send_signal(signal.SIGINT)
             assert proc.wait(30) == 0

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 SERVICE = "beatlib-demo"
 PROGRESS_EVERY = 5.0  # seconds between progress lines when stdout is not a terminal
@@ -163,18 +163,40 @@ def progress_for(stream: TextIO, clock: Callable[[], float] = time.monotonic
     return bar if terminal else lines
 
 
-def where_to_look(dashboard_url: str, service: str = SERVICE) -> list[tuple[str, str]]:
-    """The dashboard pages worth opening after the demo: (what it shows, URL)."""
+def where_to_look(dashboard_url: str, service: str = SERVICE,
+                  checkout_trace: str | None = None) -> list[tuple[str, str]]:
+    """The dashboard pages worth opening after the demo: (what it shows, URL).
+    `checkout_trace`: the trace id of a checkout, whose trace page is listed too."""
     def page(path: str, **params: str) -> str:
         return f"{dashboard_url}{path}?{urlencode({'service': service, **params})}"
 
-    return [
+    pages = [
         ("the shop's transactions, with latency and error rate", page("transactions")),
         ("the checkout: its spans, the call to the price API, its failures",
          page("transactions/group", name="POST /checkout")),
         ("the error groups (the discount-code KeyError), with stack and locals",
          page("errors")),
     ]
+    if checkout_trace:
+        pages.append(("one checkout's whole trace: the price API's transaction under the "
+                      "call", f"{dashboard_url}traces/{quote(checkout_trace, safe='')}"))
+    pages.append(("agent health: what the shop's client sent, retried and dropped",
+                  f"{dashboard_url}health"))
+    return pages
+
+
+def checkout_trace(receiver: Any, service: str = SERVICE) -> str | None:
+    """The trace id of the latest checkout that called the price API, if any."""
+    from beatlib.receiver import queries
+
+    with receiver.store.reader() as conn:
+        samples = queries.transaction_samples(conn, service, "POST /checkout")["latest"]
+        for sample in samples:
+            tx = queries.transaction(conn, sample["id"])
+            spans = [span["id"] for span in tx["spans"]] if tx else []
+            if queries.child_transactions(conn, sample["trace_id"], spans):
+                return str(sample["trace_id"])
+    return None
 
 
 def report(receiver: Any, service: str = SERVICE) -> str:
@@ -257,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report(receiver))
     print("\nWhere to look:")
-    for what, url in where_to_look(receiver.dashboard_url):
+    for what, url in where_to_look(receiver.dashboard_url,
+                                   checkout_trace=checkout_trace(receiver)):
         print(f"  {what}:\n    {url}")
     if args.keep:
         print("\nThe receiver keeps running; Ctrl-C stops it.", flush=True)
