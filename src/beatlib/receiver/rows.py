@@ -9,6 +9,7 @@ import sqlite3
 import time
 from typing import Any
 
+from beatlib.receiver import rollup
 from beatlib.receiver.group_state import GroupChange, on_occurrence
 from beatlib.receiver.grouping import culprit, grouping_key
 
@@ -36,14 +37,38 @@ def store_event(conn: sqlite3.Connection, kind: str, event: dict[str, Any],
         elif kind == "span":
             row = _span_row(event, meta, received)
             if conn.execute(_INSERT_SPAN, row).rowcount and isinstance(row[9], int):
-                conn.execute(_ADD_SPAN_MINUTE, (row[4], row[9] // _MINUTE * _MINUTE, row[6],
-                                                row[16] or "", row[11]))
+                minute = row[9] // _MINUTE * _MINUTE
+                conn.execute(_ADD_SPAN_MINUTE, (row[4], minute, row[6], row[16] or "",
+                                                row[11]))
+                # Its transaction stored already (a span sent late): counted by its name
+                # now; otherwise when the transaction comes (_ADD_TRANSACTION_SPANS).
+                conn.execute(_ADD_SPAN_BY_NAME, (minute, row[6], row[16] or "", row[11],
+                                                 row[1]))
+        elif kind == "transaction":
+            row = _transaction_row(event, meta, received)
+            if conn.execute(_INSERT_TRANSACTION, row).rowcount:  # not a resent duplicate
+                failed = _failed(row[9], row[8])
+                conn.execute(_ADD_TRANSACTION_MINUTE, (
+                    row[3], row[6], row[7], row[10] // _MINUTE * _MINUTE,
+                    rollup.bucket(row[11]), int(failed is True), int(failed is not None),
+                    row[11]))
+                conn.execute(_ADD_TRANSACTION_SPANS, (row[3], row[6], row[0]))
         else:
             sql, build = _INSERTS[kind]
             conn.execute(sql, build(event, meta, received))
         return True
     except _EVENT_ERRORS:
         return False
+
+
+def _failed(outcome: str | None, result: str | None) -> bool | None:
+    """Whether a transaction failed, as the pages count it: its outcome, else the class of
+    an HTTP result; None when neither tells."""
+    if outcome in ("success", "failure"):
+        return outcome == "failure"
+    if result is not None and result.startswith("HTTP "):
+        return result.startswith("HTTP 5")
+    return None
 
 
 def now_us() -> int:
@@ -251,6 +276,33 @@ VALUES (?, ?, ?, ?, 1, ?)
 ON CONFLICT (service, minute, type, destination) DO UPDATE SET
     spans = spans + 1, duration = duration + excluded.duration
 """
+_ADD_SPAN_BY_NAME = """
+INSERT INTO transaction_span_minutes (service, name, minute, type, destination, spans,
+    duration)
+SELECT service, name, ?, ?, ?, 1, ? FROM transactions WHERE id = ?
+ON CONFLICT (service, name, minute, type, destination) DO UPDATE SET
+    spans = spans + 1, duration = duration + excluded.duration
+"""
+_ADD_TRANSACTION_MINUTE = """
+INSERT INTO transaction_minutes (service, name, type, minute, bucket, count, failures,
+    with_outcome, duration)
+VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)
+ON CONFLICT (service, name, type, minute, bucket) DO UPDATE SET
+    count = count + 1, failures = failures + excluded.failures,
+    with_outcome = with_outcome + excluded.with_outcome,
+    duration = duration + excluded.duration
+"""
+# The spans of a transaction stored before it (the usual order: a span is sent when it
+# ends, its transaction after), by the transaction's name.
+_ADD_TRANSACTION_SPANS = """
+INSERT INTO transaction_span_minutes (service, name, minute, type, destination, spans,
+    duration)
+SELECT ?1, ?2, timestamp / 60000000 * 60000000, type, ifnull(destination, ''), count(*),
+       sum(duration)
+FROM spans WHERE transaction_id = ?3 AND timestamp IS NOT NULL GROUP BY 3, 4, 5
+ON CONFLICT (service, name, minute, type, destination) DO UPDATE SET
+    spans = spans + excluded.spans, duration = duration + excluded.duration
+"""
 _INSERT_METRICSET = """
 INSERT OR IGNORE INTO metricsets (service, timestamp, transaction_name, transaction_type,
     span_type, span_subtype, tags, samples, key)
@@ -294,7 +346,6 @@ ON CONFLICT (service, grouping_key) DO UPDATE SET
                          THEN excluded.assignee_date ELSE assignee_date END
 """
 _INSERTS = {
-    "transaction": (_INSERT_TRANSACTION, _transaction_row),
     "metricset": (_INSERT_METRICSET, _metricset_row),
     "release": (_RECORD_RELEASE, _release_row),
 }
