@@ -242,7 +242,7 @@ DROPPED_INDEXES = (
 )
 
 
-def _fill_rollups(conn: sqlite3.Connection) -> None:
+def fill_rollups(conn: sqlite3.Connection) -> None:
     """Step 5: the rollups of the stored transactions and spans (tables an old database
     may lack are left out: nothing to add up)."""
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -301,7 +301,7 @@ MIGRATIONS: list[Migration] = [
     )),
     Migration(5, "charts read per-minute transaction rollups; indexes they no longer need go", (
         TRANSACTION_MINUTES, TRANSACTION_SPAN_MINUTES,
-        _fill_rollups,
+        fill_rollups,
         *(f"DROP INDEX IF EXISTS {name}" for name in DROPPED_INDEXES),
     )),
 ]
