@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from beatlib.receiver import Receiver, queries, rollup, rows, series, svg
-from beatlib.receiver import schema
+from beatlib.receiver import Receiver, queries, rollup, rows, schema, series, svg
 from beatlib.receiver.schema import connect, create_schema
 from tests.receiver_server.conftest import ndjson, post, transaction
 
