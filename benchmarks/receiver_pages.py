@@ -1,14 +1,17 @@
 """How fast the dashboard answers on a big database (not a test; run by hand):
 
-    .venv/bin/python benchmarks/receiver_pages.py [--db PATH] [--keep] [--writer]
+    .venv/bin/python benchmarks/receiver_pages.py [--db PATH] [--keep] [--pages]
+    .venv/bin/python benchmarks/receiver_pages.py --writer [--profile]
 
 Fills a database with 100,000 transactions and 1,000,000 spans over the last 24 h (four
 services, a dozen transaction names each, ten spans per transaction of the usual types, exit
 spans with their destination) and 5,000 errors in 20 groups, straight through executemany
-(the per-minute span sums as schema step 4 makes them); then times each query of
+(the per-minute sums as schema steps 4 and 5 make them); then times each query of
 `beatlib.receiver.series` (best of 3, with its query plan) and every page through
-`ui.render` (best of 3), and prints a table. `--writer` times the store's writer instead:
-events per second stored into a new database.
+`ui.render` (best of 3), and prints a table. `--keep` on a database an older receiver
+filled migrates it first (and says how long that took). `--writer` times the store's
+writer instead: events per second stored into a new database; `--profile` also says
+where its time goes.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from beatlib.receiver import series, ui
+from beatlib.receiver import schema, series, ui
 from beatlib.receiver.store import Store, connect, create_schema
 
 TRANSACTIONS = 100_000
@@ -111,6 +114,7 @@ def fill(conn: sqlite3.Connection) -> None:
             SELECT service, timestamp / 60000000 * 60000000, type, ifnull(destination, ''),
                    count(*), sum(duration)
             FROM spans WHERE timestamp IS NOT NULL GROUP BY 1, 2, 3, 4""")
+        schema.fill_rollups(conn)  # the transaction rollups, as schema step 5 makes them
         conn.executemany("""INSERT INTO errors (id, service, service_version, environment,
                             grouping_key, timestamp, trace_id, transaction_id, parent_id,
                             transaction_name, culprit, type, message, handled, level,
@@ -144,18 +148,24 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="reuse --db if already filled")
     parser.add_argument("--pages", action="store_true", help="time the pages only")
     parser.add_argument("--writer", action="store_true", help="time the writer instead")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --writer: where the writer's time goes (cProfile of its "
+                             "batches, and the time of each statement)")
     args = parser.parse_args()
     if args.writer:
-        return writer()
+        return writer(profile=args.profile)
     tmp = tempfile.TemporaryDirectory()
     path = args.db or os.path.join(tmp.name, "pages.sqlite3")
     conn = connect(path)
-    create_schema(conn)
+    started = time.perf_counter()
+    create_schema(conn)  # an older database (--keep): migrated here
+    print(f"schema {schema.SCHEMA_VERSION} ready in {time.perf_counter() - started:.1f} s")
     if not (args.keep and conn.execute("SELECT count(*) FROM spans").fetchone()[0]):
         conn.execute("DELETE FROM spans")
         conn.execute("DELETE FROM transactions")
         conn.execute("DELETE FROM errors")
-        conn.execute("DELETE FROM span_minutes")
+        for table in ("span_minutes", "transaction_minutes", "transaction_span_minutes"):
+            conn.execute(f"DELETE FROM {table}")
         fill(conn)
     print(f"database {os.path.getsize(path) / 2**20:.0f} MiB; sqlite {sqlite3.sqlite_version}")
     name = "GET /shop/items"
@@ -191,10 +201,10 @@ def main() -> None:
                 seen_plans.add(line)
                 print(f"      plan: {line}")
     groups(conn)
-    tx_id = conn.execute("SELECT id FROM transactions WHERE service = 'shop' "
-                         "ORDER BY timestamp DESC LIMIT 1").fetchone()[0]
+    tx_id, trace_id = conn.execute("SELECT id, trace_id FROM transactions WHERE service = "
+                                   "'shop' ORDER BY timestamp DESC LIMIT 1").fetchone()
     conn.close()
-    pages(Store(path), name, tx_id)
+    pages(Store(path), name, tx_id, trace_id)
     tmp.cleanup()
 
 
@@ -217,11 +227,13 @@ def groups(conn: sqlite3.Connection) -> None:
                         FROM errors GROUP BY service, grouping_key""")
 
 
-def pages(store: Store, name: str, tx_id: str) -> None:
+def pages(store: Store, name: str, tx_id: str, trace_id: str) -> None:
     """Every page through ui.render, best of 3, as a table."""
-    cases: list[tuple[str, dict[str, str]]] = [("", {}), ("errors", {}),
-                                               ("errors", {"service": "shop"}),
-                                               ("releases", {}), ("transaction", {"id": tx_id})]
+    cases: list[tuple[str, dict[str, str]]] = [
+        ("", {}), ("errors", {}), ("errors", {"service": "shop"}),
+        ("errors", {"status": "all"}), ("releases", {}), ("releases", {"service": "shop"}),
+        ("transaction", {"id": tx_id}), ("traces/" + trace_id, {})]
+    cases += [("health", {"window": window}) for window in ("15m", "24h", "all")]
     for window in series.WINDOWS:
         cases += [("transactions", {"service": "shop", "window": window}),
                   ("transactions/group", {"service": "shop", "name": name, "window": window}),
@@ -240,10 +252,50 @@ def pages(store: Store, name: str, tx_id: str) -> None:
         print(f"| /ui/{path} | {shown} | {best * 1000:.0f} |")
 
 
-def writer(transactions: int = 20_000, per_request: int = 10) -> None:
+class _TimedConnection:
+    """A connection whose execute() adds its time to `spent`, by statement."""
+
+    def __init__(self, conn: sqlite3.Connection, spent: dict[str, list[float]]) -> None:
+        self._conn, self._spent = conn, spent
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        started = time.perf_counter()
+        try:
+            return self._conn.execute(sql, *args)
+        finally:
+            key = " ".join(sql.split())[:60]
+            total = self._spent.setdefault(key, [0.0, 0])
+            total[0] += time.perf_counter() - started
+            total[1] += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _profiled(spent: dict[str, list[float]]) -> Any:
+    """Store._write under cProfile, its connection timed by statement."""
+    import cProfile
+
+    profile = cProfile.Profile()
+    original = Store._write
+
+    def write(self: Store, conn: sqlite3.Connection, batches: Any) -> None:
+        profile.enable()
+        try:
+            original(self, _TimedConnection(conn, spent), batches)  # type: ignore[arg-type]
+        finally:
+            profile.disable()
+
+    Store._write = write  # type: ignore[method-assign]
+    return profile
+
+
+def writer(transactions: int = 20_000, per_request: int = 10, profile: bool = False) -> None:
     """Events per second the writer stores: requests of `per_request` transactions with
     SPANS_PER_TRANSACTION spans each, offered as fast as the queue takes them."""
     rng = random.Random(4)
+    spent: dict[str, list[float]] = {}
+    profiler = _profiled(spent) if profile else None
     tmp = tempfile.TemporaryDirectory()
     store = Store(os.path.join(tmp.name, "writer.sqlite3"), max_queue_events=200_000)
     store.start()
@@ -280,6 +332,13 @@ def writer(transactions: int = 20_000, per_request: int = 10) -> None:
     print(f"writer: {total:,} events ({transactions:,} transactions x "
           f"{SPANS_PER_TRANSACTION + 1}) in {elapsed:.1f} s: {total / elapsed:,.0f} events/s")
     tmp.cleanup()
+    if profiler is not None:
+        import pstats
+
+        print("\nstatements (s, calls, µs per call):")
+        for sql, (seconds, calls) in sorted(spent.items(), key=lambda kv: -kv[1][0]):
+            print(f"  {seconds:7.2f} {calls:8d} {seconds / calls * 1e6:7.1f}  {sql}")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
 
 
 def _timed(run: Callable[[], Any]) -> float:

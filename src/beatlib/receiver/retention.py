@@ -1,6 +1,7 @@
-"""Retention: transactions, spans, errors and metricsets older than the kept duration are
-deleted in the background, a few hundred rows per short transaction so the writer (and so
-intake) never waits long, and the freed pages are given back to the file system.
+"""Retention: transactions, spans, errors and metricsets older than the kept duration, and
+the per-minute rollups' minutes before it, are deleted in the background, a few hundred
+rows per short transaction so the writer (and so intake) never waits long, and the freed
+pages are given back to the file system.
 
 Error groups stay: their count, first and last seen are the history of every occurrence
 ever received, and their state (resolved, ignored) must survive so that a resolved error
@@ -25,6 +26,11 @@ BATCH_ROWS = 500  # rows deleted per transaction: a few ms of the write lock
 PAUSE = 0.01  # s between two transactions, for the writer to take the lock
 VACUUM_PAGES = 256  # pages (1 MiB) given back per transaction
 INTERVAL = 60.0  # s between sweeps
+_MINUTE = 60_000_000
+# The per-minute rollups (schema.py): table -> the primary key's columns before `minute`.
+_ROLLUPS = {"span_minutes": ("service",),
+            "transaction_minutes": ("service", "name", "type"),
+            "transaction_span_minutes": ("service", "name")}
 
 
 def parse_duration(text: str) -> float:
@@ -86,6 +92,10 @@ class Retention:
             deleted["spans"] += self._delete(conn, "spans", "timestamp < ?", cutoff)
             deleted["errors"] = self._delete(conn, "errors", "timestamp < ?", cutoff)
             deleted["metricsets"] = self._delete(conn, "metricsets", "timestamp < ?", cutoff)
+            # The minutes wholly before the cutoff (the one it falls in keeps its sums).
+            for table, key in _ROLLUPS.items():
+                deleted[table] = self._delete_minutes(conn, table, key,
+                                                      cutoff - _MINUTE + 1)
             if any(deleted.values()):
                 self._vacuum(conn)
         finally:
@@ -131,6 +141,38 @@ class Retention:
             with _write(conn):
                 total += conn.execute(f"DELETE FROM {table} WHERE rowid IN "
                                       f"({','.join('?' * len(rowids))})", rowids).rowcount
+            self._stopping.wait(PAUSE)
+        return total
+
+    def _delete_minutes(self, conn: sqlite3.Connection, table: str, key: tuple[str, ...],
+                        before: int) -> int:
+        """Rows of a rollup (a WITHOUT ROWID table whose primary key is `key` then minute)
+        with a minute before `before`: for each key, found by a search of the primary key
+        (no scan), its oldest minutes, batch_rows at most per transaction."""
+        total = 0
+        columns, marks = ", ".join(key), ", ".join("?" * len(key))
+        match = " AND ".join(f"{column} = ?" for column in key)
+        row = conn.execute(f"SELECT {columns} FROM {table} ORDER BY {columns} LIMIT 1"
+                           ).fetchone()
+        while row is not None and not self._stopping.is_set():
+            found = tuple(row)
+            # The minute batch_rows rows on, if this key has that many old rows.
+            bound = conn.execute(f"""SELECT minute FROM {table} WHERE {match} AND minute < ?
+                                     ORDER BY minute LIMIT 1 OFFSET ?""",
+                                 (*found, before, self.batch_rows)).fetchone()
+            # Up to that minute; or through it when all these rows are of one minute.
+            limit, op = (before, "<") if bound is None else (bound[0], "<")
+            if bound is not None and conn.execute(
+                    f"SELECT min(minute) FROM {table} WHERE {match}", found
+                    ).fetchone()[0] == bound[0]:
+                op = "<="
+            with _write(conn):
+                total += conn.execute(f"DELETE FROM {table} WHERE {match} AND minute {op} ?",
+                                      (*found, limit)).rowcount
+            if bound is None:  # done with this key: the next one
+                row = conn.execute(f"""SELECT {columns} FROM {table}
+                                       WHERE ({columns}) > ({marks})
+                                       ORDER BY {columns} LIMIT 1""", found).fetchone()
             self._stopping.wait(PAUSE)
         return total
 

@@ -9,6 +9,7 @@ import sqlite3
 import time
 from typing import Any
 
+from beatlib.receiver import rollup
 from beatlib.receiver.group_state import GroupChange, on_occurrence
 from beatlib.receiver.grouping import culprit, grouping_key
 
@@ -20,10 +21,52 @@ _EVENT_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError
                  sqlite3.ProgrammingError)
 
 
+class Sums:
+    """The per-minute span sums (span_minutes, transaction_span_minutes) of the spans stored
+    in one database transaction, added up here and written by `write` before it commits:
+    the many spans of a minute are one upsert, not one each."""
+
+    def __init__(self) -> None:
+        self.by_service: dict[tuple[str, int, str, str], list[float]] = {}
+        self.by_name: dict[tuple[str, str, int, str, str], list[float]] = {}
+        self.transactions: dict[str, tuple[str, str]] = {}  # stored in this one: id -> name
+
+    def add(self, conn: sqlite3.Connection, row: tuple) -> None:
+        """A span row just stored (with a timestamp)."""
+        minute, kind, destination, duration = row[9] // _MINUTE * _MINUTE, row[6], \
+            row[16] or "", row[11]
+        _add(self.by_service, (row[4], minute, kind, destination), duration)
+        # Its transaction stored already (a span sent late): counted by its name now;
+        # otherwise when the transaction comes (_ADD_TRANSACTION_SPANS).
+        owner = self.transactions.get(row[1]) if row[1] is not None else None
+        if owner is None and row[1] is not None:
+            owner = conn.execute("SELECT service, name FROM transactions WHERE id = ?",
+                                 (row[1],)).fetchone()
+        if owner is not None:
+            _add(self.by_name, (owner[0], owner[1], minute, kind, destination), duration)
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        conn.executemany(_ADD_SPAN_MINUTE, [(*k, n, d) for k, (n, d) in self.by_service.items()])
+        conn.executemany(_ADD_SPAN_BY_NAME, [(*k, n, d) for k, (n, d) in self.by_name.items()])
+        self.by_service.clear()
+        self.by_name.clear()
+        self.transactions.clear()
+
+
+def _add(sums: dict[Any, list[float]], key: Any, duration: float) -> None:
+    found = sums.get(key)
+    if found is None:
+        sums[key] = [1, duration]
+    else:
+        found[0] += 1
+        found[1] += duration
+
+
 def store_event(conn: sqlite3.Connection, kind: str, event: dict[str, Any],
-                meta: dict[str, Any], received: int, changes: list[GroupChange]) -> bool:
+                meta: dict[str, Any], received: int, changes: list[GroupChange],
+                sums: Sums) -> bool:
     """Stores one event; False (and nothing stored) if it cannot be. A new error group, or
-    a resolved one that regressed, is appended to `changes`."""
+    a resolved one that regressed, is appended to `changes`; a span's time to `sums`."""
     try:
         meta = _override(meta, event)
         if kind == "error":
@@ -36,14 +79,33 @@ def store_event(conn: sqlite3.Connection, kind: str, event: dict[str, Any],
         elif kind == "span":
             row = _span_row(event, meta, received)
             if conn.execute(_INSERT_SPAN, row).rowcount and isinstance(row[9], int):
-                conn.execute(_ADD_SPAN_MINUTE, (row[4], row[9] // _MINUTE * _MINUTE, row[6],
-                                                row[16] or "", row[11]))
+                sums.add(conn, row)
+        elif kind == "transaction":
+            row = _transaction_row(event, meta, received)
+            if conn.execute(_INSERT_TRANSACTION, row).rowcount:  # not a resent duplicate
+                failed = _failed(row[9], row[8])
+                conn.execute(_ADD_TRANSACTION_MINUTE, (
+                    row[3], row[6], row[7], row[10] // _MINUTE * _MINUTE,
+                    rollup.bucket(row[11]), int(failed is True), int(failed is not None),
+                    row[11]))
+                conn.execute(_ADD_TRANSACTION_SPANS, (row[3], row[6], row[0]))
+                sums.transactions[row[0]] = (row[3], row[6])
         else:
             sql, build = _INSERTS[kind]
             conn.execute(sql, build(event, meta, received))
         return True
     except _EVENT_ERRORS:
         return False
+
+
+def _failed(outcome: str | None, result: str | None) -> bool | None:
+    """Whether a transaction failed, as the pages count it: its outcome, else the class of
+    an HTTP result; None when neither tells."""
+    if outcome in ("success", "failure"):
+        return outcome == "failure"
+    if result is not None and result.startswith("HTTP "):
+        return result.startswith("HTTP 5")
+    return None
 
 
 def now_us() -> int:
@@ -247,9 +309,36 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 _MINUTE = 60_000_000
 _ADD_SPAN_MINUTE = """
 INSERT INTO span_minutes (service, minute, type, destination, spans, duration)
-VALUES (?, ?, ?, ?, 1, ?)
+VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT (service, minute, type, destination) DO UPDATE SET
-    spans = spans + 1, duration = duration + excluded.duration
+    spans = spans + excluded.spans, duration = duration + excluded.duration
+"""
+_ADD_SPAN_BY_NAME = """
+INSERT INTO transaction_span_minutes (service, name, minute, type, destination, spans,
+    duration)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (service, name, minute, type, destination) DO UPDATE SET
+    spans = spans + excluded.spans, duration = duration + excluded.duration
+"""
+_ADD_TRANSACTION_MINUTE = """
+INSERT INTO transaction_minutes (service, name, type, minute, bucket, count, failures,
+    with_outcome, duration)
+VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)
+ON CONFLICT (service, name, type, minute, bucket) DO UPDATE SET
+    count = count + 1, failures = failures + excluded.failures,
+    with_outcome = with_outcome + excluded.with_outcome,
+    duration = duration + excluded.duration
+"""
+# The spans of a transaction stored before it (the usual order: a span is sent when it
+# ends, its transaction after), by the transaction's name.
+_ADD_TRANSACTION_SPANS = """
+INSERT INTO transaction_span_minutes (service, name, minute, type, destination, spans,
+    duration)
+SELECT ?1, ?2, timestamp / 60000000 * 60000000, type, ifnull(destination, ''), count(*),
+       sum(duration)
+FROM spans WHERE transaction_id = ?3 AND timestamp IS NOT NULL GROUP BY 3, 4, 5
+ON CONFLICT (service, name, minute, type, destination) DO UPDATE SET
+    spans = spans + excluded.spans, duration = duration + excluded.duration
 """
 _INSERT_METRICSET = """
 INSERT OR IGNORE INTO metricsets (service, timestamp, transaction_name, transaction_type,
@@ -294,7 +383,6 @@ ON CONFLICT (service, grouping_key) DO UPDATE SET
                          THEN excluded.assignee_date ELSE assignee_date END
 """
 _INSERTS = {
-    "transaction": (_INSERT_TRANSACTION, _transaction_row),
     "metricset": (_INSERT_METRICSET, _metricset_row),
     "release": (_RECORD_RELEASE, _release_row),
 }

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from typing import NamedTuple
+
+from beatlib.receiver import rollup
 
 logger = logging.getLogger("beatlib.receiver")
 
@@ -68,13 +71,8 @@ CREATE TABLE IF NOT EXISTS transactions (
     context TEXT                -- JSON
 );
 CREATE UNIQUE INDEX IF NOT EXISTS transactions_id ON transactions (id);
-CREATE INDEX IF NOT EXISTS transactions_stats
-    ON transactions (service, timestamp, name, type, duration, outcome, result);
-CREATE INDEX IF NOT EXISTS transactions_by_name
-    ON transactions (service, name, timestamp);
-CREATE INDEX IF NOT EXISTS transactions_release ON transactions (service, service_version);
 CREATE INDEX IF NOT EXISTS transactions_trace ON transactions (trace_id, parent_id);
--- the charts of one transaction name: its rows over time without reading the table
+-- one transaction name's rows over time (latest, distribution, samples) without the table
 CREATE INDEX IF NOT EXISTS transactions_name_time
     ON transactions (service, name, timestamp, duration, outcome, result);
 CREATE INDEX IF NOT EXISTS transactions_release_stats
@@ -103,10 +101,6 @@ CREATE TABLE IF NOT EXISTS spans (
 CREATE UNIQUE INDEX IF NOT EXISTS spans_id ON spans (id, trace_id);
 CREATE INDEX IF NOT EXISTS spans_transaction ON spans (transaction_id);
 CREATE INDEX IF NOT EXISTS spans_trace ON spans (trace_id);
--- the charts (beatlib.receiver.series): time by span type and by dependency per bucket
-CREATE INDEX IF NOT EXISTS spans_type_time ON spans (service, type, timestamp, duration);
-CREATE INDEX IF NOT EXISTS spans_destination_time
-    ON spans (service, destination, timestamp, duration);
 CREATE TABLE IF NOT EXISTS errors (
     id TEXT NOT NULL,
     service TEXT NOT NULL,
@@ -197,11 +191,82 @@ CREATE TABLE IF NOT EXISTS span_minutes (
 """
 SCHEMA += SPAN_MINUTES + ";\n"
 
+# Transactions per service, name, type, minute and duration bucket (rollup.bucket: 8 per
+# doubling), kept by the writer for each transaction it stores (rows.store_event): counts,
+# failures and summed durations add up exactly, percentiles come from the buckets. The
+# charts and the groups table of a service read these instead of every transaction.
+TRANSACTION_MINUTES = """
+CREATE TABLE IF NOT EXISTS transaction_minutes (
+    service TEXT NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    minute INTEGER NOT NULL,    -- µs since epoch, a multiple of 60 s
+    bucket INTEGER NOT NULL,    -- rollup.bucket(duration)
+    count INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    with_outcome INTEGER NOT NULL,
+    duration REAL NOT NULL,     -- ms, summed
+    PRIMARY KEY (service, name, type, minute, bucket)
+) WITHOUT ROWID
+"""
+# Time spent in spans as span_minutes, by the name of the span's transaction: a
+# transaction name's span charts. A span is added when both it and its transaction are
+# stored, whichever comes first (rows.store_event).
+TRANSACTION_SPAN_MINUTES = """
+CREATE TABLE IF NOT EXISTS transaction_span_minutes (
+    service TEXT NOT NULL,      -- the transaction's
+    name TEXT NOT NULL,         -- the transaction's
+    minute INTEGER NOT NULL,    -- of the span's timestamp
+    type TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    spans INTEGER NOT NULL,
+    duration REAL NOT NULL,
+    PRIMARY KEY (service, name, minute, type, destination)
+) WITHOUT ROWID
+"""
+SCHEMA += TRANSACTION_MINUTES + ";\n" + TRANSACTION_SPAN_MINUTES + ";\n"
+
+# As rows._failed: the outcome, else an HTTP result's class (1 failure, 0 success, NULL).
+_FAILED = """CASE WHEN outcome IN ('success', 'failure') THEN outcome = 'failure'
+                  WHEN result LIKE 'HTTP 5%' THEN 1 WHEN result LIKE 'HTTP %' THEN 0 END"""
+
+
+# Indexes step 5 drops: the pages read the rollups instead, or another index that starts
+# with the same columns serves the same queries.
+DROPPED_INDEXES = (
+    "transactions_stats",        # a service's rows by time: transaction_minutes now
+    "transactions_by_name",      # a prefix of transactions_name_time
+    "transactions_release",      # a prefix of transactions_release_stats
+    "spans_type_time",           # 15 m span charts: span_minutes, in minutes
+    "spans_destination_time",    # (nothing reads spans by dependency any more)
+)
+
+
+def fill_rollups(conn: sqlite3.Connection) -> None:
+    """Step 5: the rollups of the stored transactions and spans (tables an old database
+    may lack are left out: nothing to add up)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "transactions" not in tables:
+        return
+    conn.create_function("rollup_bucket", 1, rollup.bucket, deterministic=True)
+    conn.execute(f"""
+        INSERT INTO transaction_minutes
+        SELECT service, name, type, timestamp / 60000000 * 60000000, rollup_bucket(duration),
+               count(*), ifnull(sum({_FAILED}), 0), count({_FAILED}), sum(duration)
+        FROM transactions GROUP BY 1, 2, 3, 4, 5""")
+    if "spans" in tables:
+        conn.execute("""
+            INSERT INTO transaction_span_minutes
+            SELECT t.service, t.name, s.timestamp / 60000000 * 60000000, s.type,
+                   ifnull(s.destination, ''), count(*), sum(s.duration)
+            FROM spans s JOIN transactions t ON t.id = s.transaction_id
+            WHERE s.timestamp IS NOT NULL GROUP BY 1, 2, 3, 4, 5""")
+
 
 class Migration(NamedTuple):
     version: int  # the schema this step brings the database to
     why: str
-    statements: tuple[str, ...]
+    statements: tuple[str | Callable[[sqlite3.Connection], None], ...]  # SQL, or a function
 
 
 # Numbered from 2 (1 is the first schema), one after another, each applied in a transaction
@@ -234,7 +299,13 @@ MIGRATIONS: list[Migration] = [
                   count(*), sum(duration)
            FROM spans WHERE timestamp IS NOT NULL GROUP BY 1, 2, 3, 4""",
     )),
+    Migration(5, "charts read per-minute transaction rollups; indexes they no longer need go", (
+        TRANSACTION_MINUTES, TRANSACTION_SPAN_MINUTES,
+        fill_rollups,
+        *(f"DROP INDEX IF EXISTS {name}" for name in DROPPED_INDEXES),
+    )),
 ]
+
 SCHEMA_VERSION = MIGRATIONS[-1].version  # PRAGMA user_version of a database made or migrated
 
 
@@ -262,7 +333,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
             continue
         with conn:  # each step whole or not at all
             for statement in step.statements:
-                conn.execute(statement)
+                if callable(statement):
+                    statement(conn)
+                else:
+                    conn.execute(statement)
             conn.execute(f"PRAGMA user_version={step.version}")
         logger.info("receiver: database migrated to schema %d (%s)", step.version, step.why)
     conn.executescript(SCHEMA)

@@ -1,7 +1,8 @@
 """Time series and distributions for the dashboard's charts: plain functions of a connection
 returning dicts and lists (µs timestamps, ms durations), each on an index of
-`schema.SCHEMA`. Percentiles are nearest rank, as in
-`queries`; rates are per minute over the time a bucket (or the data) actually covers.
+`schema.SCHEMA`. Transaction charts read the writer's per-minute rollups (percentiles
+from fixed duration buckets, within `rollup.ERROR_BOUND` of the nearest rank); a
+distribution is exact; rates are per minute over the time a bucket (or the data) covers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from beatlib.receiver import rollup
+
 # Chart windows: label -> seconds.
 WINDOWS: dict[str, int] = {
     "15m": 15 * 60, "1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400,
@@ -21,15 +24,12 @@ DEFAULT_WINDOW = "1h"
 # Bucket sizes (s) a window may be cut in: the smallest that gives at most MAX_BUCKETS.
 STEPS = (10, 30, 60, 5 * 60, 10 * 60, 30 * 60, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400)
 MAX_BUCKETS = 60
+# The rollups' bucket (s): charts read from them have buckets of at least a minute (a 15 m
+# window: 16 one-minute buckets).
+ROLLUP_STEP = 60
 # Series beyond this many (span types, dependencies) are added up as "other".
 MAX_KEYS = 8
 OTHER = "other"
-
-# Same rule as queries.transaction_groups: the outcome, else an HTTP result's class.
-_OUTCOME = """CASE WHEN outcome IN ('success', 'failure') THEN outcome
-                   WHEN result LIKE 'HTTP 5%' THEN 'failure'
-                   WHEN result LIKE 'HTTP %' THEN 'success' END"""
-
 
 @dataclass(frozen=True)
 class Buckets:
@@ -69,12 +69,14 @@ def step_for(seconds: float, max_buckets: int = MAX_BUCKETS) -> int:
     return STEPS[-1]
 
 
-def bucketing(window: str = DEFAULT_WINDOW, now_us: int | None = None) -> Buckets:
-    """The buckets of `window` (one of WINDOWS; anything else is the default) ending now."""
+def bucketing(window: str = DEFAULT_WINDOW, now_us: int | None = None,
+              min_step: int = 0) -> Buckets:
+    """The buckets of `window` (one of WINDOWS; anything else is the default) ending now,
+    each at least `min_step` s long."""
     if window not in WINDOWS:
         window = DEFAULT_WINDOW
     now = _now_us() if now_us is None else now_us
-    step = step_for(WINDOWS[window]) * 1_000_000
+    step = max(step_for(WINDOWS[window]), min_step) * 1_000_000
     first = (now - WINDOWS[window] * 1_000_000) // step * step
     return Buckets(window, step, first, (now - first) // step + 1, now)
 
@@ -92,11 +94,13 @@ def transaction_series(
     name: str | None = None, now_us: int | None = None,
 ) -> dict[str, Any]:
     """Latency, throughput and error rate of `service` (or of its transactions named `name`)
-    per bucket: every bucket of the window, in order, with `start` (µs), `count`, `tpm`
-    (per minute over the part of the bucket inside the window), `avg`/`p50`/`p95`/`p99` (ms,
-    None when empty), `failures`, `with_outcome` and `error_rate` (failures over those with
-    a known outcome; None when none has one). The summary: `count`, `tpm` over the time the
-    data covers (`first` to `last`), `error_rate`."""
+    per bucket (at least a minute: the rollup's): every bucket of the window, in order,
+    with `start` (µs), `count`, `tpm` (per minute over the part of the bucket inside the
+    window), `avg` (ms, exact), `p50`/`p95`/`p99` (ms, from the rollup's duration buckets:
+    within `rollup.ERROR_BOUND` of the exact nearest rank; None when empty), `failures`,
+    `with_outcome` and `error_rate` (failures over those with a known outcome; None when
+    none has one). The summary: `count`, `tpm` over the time the data covers (`first` to
+    `last`, the window's first and last transaction), `error_rate`."""
     return transaction_overview(conn, service, window, name, now_us)["series"]
 
 
@@ -105,93 +109,111 @@ def transaction_overview(
     name: str | None = None, now_us: int | None = None,
 ) -> dict[str, Any]:
     """What a page shows of the transactions of `service` (or of those named `name`) in the
-    window, from one pass over their rows: `series` (as `transaction_series`),
-    `distribution` (as `distribution`) and, without `name`, `groups`: by name and type,
-    as `queries.transaction_groups` (count, avg, total, p50/p95/p99, failures,
-    with_outcome, error_rate, first, last, tpm over the time the service's data covers),
-    over the window's buckets, most total time first."""
-    b = bucketing(window, now_us)
-    where, params = "service = ?", [service]
-    if name is not None:
-        where += " AND name = ?"
-        params.append(name)
-    # The rows themselves, bucketed and ranked here: at 50,000 rows this is several times
-    # faster than SQLite's window functions (which sort twice), and exact all the same.
+    window, from the writer's per-minute rollup (`transaction_minutes`): `series` (as
+    `transaction_series`); with `name`, `distribution` (as `distribution`, exact, from the
+    rows); without, `groups`: by name and type, as `queries.transaction_groups` (count,
+    avg, total, p50/p95/p99 from the rollup, failures, with_outcome, error_rate, first and
+    last of the name, tpm over the time the service's data covers), most total time first.
+    """
+    b = bucketing(window, now_us, min_step=ROLLUP_STEP)
     cursor = conn.cursor()
     cursor.row_factory = None
-    cursor.execute(f"""
-        SELECT timestamp, duration, {_OUTCOME}, {"name, type" if name is None else "0, 0"}
-        FROM transactions
-        WHERE {where} AND timestamp >= ? AND timestamp < ?""", (*params, b.first, b.end))
-    durations: list[list[float]] = [[] for _ in range(b.count)]
+    histograms: list[dict[int, int]] = [{} for _ in range(b.count)]
+    counts = [0] * b.count
     failures = [0] * b.count
     known = [0] * b.count
-    groups: dict[tuple[str, str], _Group] = {}
+    totals = [0.0] * b.count
+    groups: list[dict[str, Any]] = []
     first = last = None
-    for timestamp, duration, outcome, tx_name, tx_type in cursor:
-        i = int(timestamp - b.first) // b.step
-        durations[i].append(duration)
-        group = groups.get((tx_name, tx_type))
-        if group is None:
-            group = groups[tx_name, tx_type] = _Group(timestamp)
-        group.durations.append(duration)
-        if outcome is not None:
-            known[i] += 1
-            group.known += 1
-            if outcome == "failure":
-                failures[i] += 1
-                group.failures += 1
-        if timestamp < group.first:
-            group.first = timestamp
-        if timestamp > group.last:
-            group.last = timestamp
+    for tx_name, tx_type in _rollup_keys(cursor, service, name):
+        rows = cursor.execute("""
+            SELECT (minute - ?) / ?, bucket, sum(count), sum(failures), sum(with_outcome),
+                   sum(duration)
+            FROM transaction_minutes
+            WHERE service = ? AND name = ? AND type = ? AND minute >= ? AND minute < ?
+            GROUP BY 1, 2""", (b.first, b.step, service, tx_name, tx_type, b.first,
+                               b.end)).fetchall()
+        if not rows:
+            continue
+        group: dict[int, int] = {}
+        group_failures = group_known = 0
+        group_total = 0.0
+        for i, index, count, failed, with_outcome, total in rows:
+            histogram = histograms[i]
+            histogram[index] = histogram.get(index, 0) + count
+            group[index] = group.get(index, 0) + count
+            counts[i] += count
+            failures[i] += failed
+            known[i] += with_outcome
+            totals[i] += total
+            group_failures += failed
+            group_known += with_outcome
+            group_total += total
+        tx_first, tx_last = _first_last(cursor, service, tx_name, b)
+        if tx_first is not None and (first is None or tx_first < first):
+            first = tx_first
+        if tx_last is not None and (last is None or tx_last > last):
+            last = tx_last
+        count = sum(group.values())
+        groups.append({"name": tx_name, "type": tx_type, "count": count,
+                       "avg": group_total / count, "total": group_total,
+                       **rollup.percentiles(group), "failures": group_failures,
+                       "with_outcome": group_known, "first": tx_first, "last": tx_last,
+                       "error_rate": group_failures / group_known if group_known else None})
     buckets = []
     for i, start in enumerate(b.starts()):
-        values = sorted(durations[i])
-        count = len(values)
+        count = counts[i]
         buckets.append({
             "start": start, "count": count,
             "tpm": count / max(b.seconds(i), 1.0) * 60,
-            "avg": sum(values) / count if count else None,
-            **{f"p{p}": nearest_rank(values, p) for p in (50, 95, 99)},
+            "avg": totals[i] / count if count else None,
+            **rollup.percentiles(histograms[i]),
             "failures": failures[i], "with_outcome": known[i],
             "error_rate": failures[i] / known[i] if known[i] else None,
         })
-    count = sum(len(d) for d in durations)
-    if groups:
-        first = min(g.first for g in groups.values())
-        last = max(g.last for g in groups.values())
+    count = sum(counts)
     series = {"window": b.window, "step": b.step // 1_000_000, "since": b.since,
               "until": b.until, "buckets": buckets, "count": count, "first": first,
               "last": last, "tpm": rate_per_minute(count, first, last),
               "error_rate": sum(failures) / sum(known) if sum(known) else None}
-    everything = sorted(d for g in groups.values() for d in g.durations)
-    out: dict[str, Any] = {"series": series, "distribution": _distribution(b, everything)}
-    if name is None:
+    out: dict[str, Any] = {"series": series}
+    if name is not None:
+        out["distribution"] = distribution(conn, service, name, window, now_us)
+    else:
         minutes = max((last or 0) - (first or 0), 1_000_000) / 60e6
-        out["groups"] = sorted((g.summary(n, t, minutes) for (n, t), g in groups.items()),
-                               key=lambda g: -g["total"])
+        for summary in groups:
+            summary["tpm"] = summary["count"] / minutes
+        out["groups"] = sorted(groups, key=lambda g: -g["total"])
     return out
 
 
-class _Group:
-    """The transactions of one name and type, as the pass over them goes."""
+def _rollup_keys(cursor: sqlite3.Cursor, service: str,
+                 name: str | None) -> list[tuple[str, str]]:
+    """The (name, type) pairs of `service` (of `name`) in the rollup, one primary-key
+    search each (a skip scan: not every row of every minute)."""
+    keys: list[tuple[str, str]] = []
+    where, params = ("name = ?", [name]) if name is not None else ("1", [])
+    row = cursor.execute(f"""SELECT name, type FROM transaction_minutes
+                             WHERE service = ? AND {where} ORDER BY name, type LIMIT 1""",
+                         (service, *params)).fetchone()
+    while row is not None:
+        keys.append(row)
+        row = cursor.execute(f"""SELECT name, type FROM transaction_minutes
+                                 WHERE service = ? AND {where} AND (name, type) > (?, ?)
+                                 ORDER BY name, type LIMIT 1""",
+                             (service, *params, *row)).fetchone()
+    return keys
 
-    __slots__ = ("durations", "failures", "known", "first", "last")
 
-    def __init__(self, timestamp: int) -> None:
-        self.durations: list[float] = []
-        self.failures = self.known = 0
-        self.first = self.last = timestamp
-
-    def summary(self, name: str, kind: str, minutes: float) -> dict[str, Any]:
-        values = sorted(self.durations)
-        total = sum(values)
-        return {"name": name, "type": kind, "count": len(values), "avg": total / len(values),
-                "total": total, **{f"p{p}": nearest_rank(values, p) for p in (50, 95, 99)},
-                "failures": self.failures, "with_outcome": self.known, "first": self.first,
-                "last": self.last, "tpm": len(values) / minutes,
-                "error_rate": self.failures / self.known if self.known else None}
+def _first_last(cursor: sqlite3.Cursor, service: str, name: str,
+                b: Buckets) -> tuple[int | None, int | None]:
+    """The first and last transaction `name` of `service` in the window (two searches of
+    transactions_name_time)."""
+    sql = ("SELECT {}(timestamp) FROM transactions WHERE service = ? AND name = ? "
+           "AND timestamp >= ? AND timestamp < ?")
+    params = (service, name, b.first, b.end)
+    return (cursor.execute(sql.format("min"), params).fetchone()[0],
+            cursor.execute(sql.format("max"), params).fetchone()[0])
 
 
 def nearest_rank(ordered: list[float], p: int) -> float | None:
@@ -228,7 +250,7 @@ def distribution(
     spaced `buckets` [{low, high, count}] (ms, low inclusive, high exclusive; the first
     starts at 0 when a duration is below its bound) covering every duration, plus `count`
     and nearest-rank `p50`/`p95`/`p99`. `samples()` lists a bucket's transactions."""
-    b = bucketing(window, now_us)
+    b = bucketing(window, now_us, min_step=ROLLUP_STEP)
     durations = sorted(row[0] for row in conn.execute(
         "SELECT duration FROM transactions WHERE service = ? AND name = ? "
         "AND timestamp >= ? AND timestamp < ?", (service, name, b.first, b.end)))
@@ -260,7 +282,7 @@ def samples(
 ) -> list[dict[str, Any]]:
     """The latest transactions `name` of `service` in the window lasting at least `low` and
     less than `high` ms (a distribution bucket), to open in the waterfall."""
-    b = bucketing(window, now_us)
+    b = bucketing(window, now_us, min_step=ROLLUP_STEP)
     cursor = conn.execute("""
         SELECT id, trace_id, name, type, result, outcome, timestamp, duration, spans_started
         FROM transactions
@@ -323,40 +345,19 @@ def span_breakdown(
     name: str | None = None, now_us: int | None = None, max_keys: int = MAX_KEYS,
 ) -> dict[str, Any]:
     """Both `span_type_series` (`types`) and `dependency_series` (`dependencies`) from one
-    pass over the same rows. For a whole service in buckets of whole minutes that is the
-    writer's per-minute sums (`span_minutes`, exact: sums and counts add up); otherwise
-    the spans themselves."""
-    b = bucketing(window, now_us)
+    pass over the writer's per-minute sums (exact: sums and counts add up): `span_minutes`
+    for a whole service, `transaction_span_minutes` for the transactions `name`."""
+    b = bucketing(window, now_us, min_step=ROLLUP_STEP)
     cursor = conn.cursor()
     cursor.row_factory = None
-    if name is None and b.step % 60_000_000 == 0:
-        rows = cursor.execute("""
-            SELECT CAST((minute - ?) / ? AS INTEGER), type, destination, sum(duration),
-                   sum(spans)
-            FROM span_minutes WHERE service = ? AND minute >= ? AND minute < ?
-            GROUP BY 1, 2, 3""", (b.first, b.step, service, b.first, b.end)).fetchall()
-    elif name is None:  # buckets of seconds (15m): each type's range of spans_type_time
-        rows = []
-        kind = cursor.execute("SELECT min(type) FROM spans WHERE service = ?",
-                              (service,)).fetchone()[0]
-        while kind is not None:
-            rows += cursor.execute("""
-                SELECT CAST((timestamp - ?) / ? AS INTEGER), type, ifnull(destination, ''),
-                       sum(duration), count(*)
-                FROM spans WHERE service = ? AND type = ? AND timestamp >= ? AND timestamp < ?
-                GROUP BY 1, 3""", (b.first, b.step, service, kind, b.first, b.end)).fetchall()
-            kind = cursor.execute("SELECT min(type) FROM spans WHERE service = ? AND type > ?",
-                                  (service, kind)).fetchone()[0]
-    else:
-        # A transaction begun up to a bucket before the window contributes its spans in it.
-        rows = cursor.execute("""
-            SELECT CAST((s.timestamp - ?) / ? AS INTEGER), s.type, ifnull(s.destination, ''),
-                   sum(s.duration), count(*)
-            FROM transactions t JOIN spans s ON s.transaction_id = t.id
-            WHERE t.service = ? AND t.name = ? AND t.timestamp >= ? AND t.timestamp < ?
-                  AND s.timestamp >= ? AND s.timestamp < ?
-            GROUP BY 1, 2, 3""", (b.first, b.step, service, name, b.first - b.step, b.end,
-                                  b.first, b.end)).fetchall()
+    table, where, params = "span_minutes", "service = ?", [service]
+    if name is not None:
+        table, where = "transaction_span_minutes", "service = ? AND name = ?"
+        params.append(name)
+    rows = cursor.execute(f"""
+        SELECT (minute - ?) / ?, type, destination, sum(duration), sum(spans)
+        FROM {table} WHERE {where} AND minute >= ? AND minute < ?
+        GROUP BY 1, 2, 3""", (b.first, b.step, *params, b.first, b.end)).fetchall()
     types: dict[tuple[int, str], list[float]] = {}
     dependencies: dict[tuple[int, str], list[float]] = {}
     for index, kind, destination, total, count in rows:

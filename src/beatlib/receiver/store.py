@@ -233,6 +233,7 @@ class Store:
         counted; sqlite3.OperationalError (locked, busy, I/O) aborts it all for a retry."""
         skipped = 0
         changes: list[GroupChange] = []
+        sums = rows.Sums()
         conn.execute("BEGIN IMMEDIATE")
         try:
             for metadata, events, received in batches:
@@ -241,8 +242,10 @@ class Store:
                 if meta["version"]:
                     conn.execute(rows.UPSERT_RELEASE, (meta["name"], meta["version"], received))
                 for kind, event in events:
-                    if not rows.store_event(conn, kind, event, meta, received, changes):
+                    if not rows.store_event(conn, kind, event, meta, received, changes,
+                                            sums):
                         skipped += 1
+            sums.write(conn)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
