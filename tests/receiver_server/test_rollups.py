@@ -17,17 +17,8 @@ import pytest
 from beatlib.receiver import Receiver, rollup, schema, series, store, ui
 from beatlib.receiver.retention import Retention
 from beatlib.receiver.schema import connect, create_schema
-from tests.receiver_server.conftest import ndjson, post, transaction
-
-SECOND = 1_000_000
-MINUTE = 60 * SECOND
-NOW = (time.time_ns() // 1000) // (3600 * SECOND) * (3600 * SECOND) + 30 * MINUTE
-
-
-def send(receiver: Receiver, *events: Any) -> None:
-    for start in range(0, len(events), 500):
-        assert post(receiver.url, ndjson(*events[start:start + 500]))[0] == 202
-    assert receiver.flush(10)
+from tests.receiver_server.conftest import transaction
+from tests.receiver_server.test_series import MINUTE, NOW, SECOND, send
 
 
 def nearest(values: list[float], p: int) -> float:
