@@ -8,7 +8,10 @@ import gzip
 import html
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -37,7 +40,8 @@ import beatlib
 from beatlib.receiver import Receiver, otlp
 from beatlib.receiver.grouping import grouping_key
 from tests.receiver import validator
-from tests.receiver_server.conftest import get
+from tests.receiver_server.conftest import get, ndjson, transaction
+from tests.receiver_server.conftest import post as intake_post
 from tests.receiver_server.test_pages import crawl, mark
 
 EVIL = mark("otel")  # markup in every name the OTel service gives
@@ -218,7 +222,8 @@ def test_the_same_failure_groups_once_and_the_pages_show_the_otel_service(
     assert escaped in listing
     group = get(serve.dashboard_url + "transactions/group?" + urlencode(
         {"service": "otel-shop", "name": called["name"]}))[1].decode()
-    assert "HTTP 5xx" in group or called["id"] in group
+    assert escaped in group and f"transaction?id={called['id']}" in group
+    assert "transactions/group?" in listing  # the listing links to the group
     waterfall = get(serve.dashboard_url + "transaction?id=" + called["id"])[1].decode()
     assert "SELECT orders" in waterfall and "postgresql" in waterfall
     error_page = get(serve.dashboard_url + "error?" + urlencode(
@@ -440,8 +445,6 @@ def test_without_the_message_definitions_otlp_answers_501_and_intake_works(
     monkeypatch.setattr(otlp, "json_format", None)
     status, answer, _ = post(serve.url + otlp.TRACES_PATH, b"{}", "application/json")
     assert status == 501 and "beatlib[serve]" in json.loads(answer)["message"]
-    from tests.receiver_server.conftest import ndjson, transaction
-    from tests.receiver_server.conftest import post as intake_post
     assert intake_post(serve.url, ndjson(transaction(1)))[0] == 202
 
 
@@ -459,3 +462,65 @@ def test_python_tracebacks_parse_into_frames_and_causes() -> None:
     [cause] = exc["cause"]
     assert cause["type"] == "ValueError" and cause["stacktrace"][0]["function"] == "charge"
     assert otlp.stack_exception("not a traceback") == {}
+
+
+def test_mangled_protobuf_never_raises(serve: Receiver) -> None:
+    """Every byte of a real request flipped, cut or repeated: an answer each time, never
+    an exception (the handler is called directly, then a few over HTTP)."""
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    json_format.ParseDict(otlp._hex_ids_to_base64(json_traces(
+        json_span(ROOT_ID, "GET /", 2, attributes=[attr("http.response.status_code", 200)],
+                  events=[{"name": "exception", "attributes": [
+                      attr("exception.type", "E"), attr("exception.stacktrace", "x")]}]),
+        json_span(CHILD_ID, "q", 3, ROOT_ID, attributes=[attr("db.system", "sqlite")]))),
+        request, ignore_unknown_fields=True)
+    good = request.SerializeToString()
+    offered: list[Any] = []
+    headers = {"Content-Type": "application/x-protobuf"}
+    statuses = set()
+    for i in range(len(good)):
+        for body in (good[:i] + bytes([good[i] ^ 0xFF]) + good[i + 1:], good[:i],
+                     good[:i] + good[i:i + 8] * 3 + good[i + 8:]):
+            reply = otlp.handle(otlp.TRACES_PATH, body, headers,
+                                lambda meta, events: offered.append(events) or True)
+            statuses.add(reply.status)
+    assert statuses <= {200, 400} and offered
+    for body in (good[:len(good) // 2], good[:7] + b"\xff" + good[8:]):
+        assert post(serve.url + otlp.TRACES_PATH, body)[0] in (200, 400)
+    assert post(serve.url + otlp.TRACES_PATH, good)[0] == 200
+
+
+def test_the_secret_token_guards_otlp_too(tmp_path: Path) -> None:
+    with Receiver(port=0, db_path=str(tmp_path / "apm.sqlite3"), secret_token="s3cret") as rcv:
+        url = rcv.url + otlp.LOGS_PATH
+        assert post(url, b"")[0] == 401
+        assert post(url, b"", Authorization="Bearer wrong")[0] == 401
+        status, answer, headers = post(url, b"", Authorization="Bearer s3cret")
+        assert (status, answer, headers["Content-Type"]) == (200, b"", "application/x-protobuf")
+
+
+APP = """
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind
+
+provider = TracerProvider()
+provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+with provider.get_tracer("app").start_as_current_span("GET /health", kind=SpanKind.SERVER,
+        attributes={"http.request.method": "GET", "http.response.status_code": 204}):
+    pass
+provider.shutdown()
+"""
+
+
+def test_an_sdk_configured_by_the_documented_environment_reaches_the_receiver(
+        serve: Receiver) -> None:
+    """docs/receiver.md: OTEL_EXPORTER_OTLP_ENDPOINT is the receiver's URL, nothing else."""
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": serve.url,
+           "OTEL_SERVICE_NAME": "otel-subprocess", "OTEL_RESOURCE_ATTRIBUTES":
+           "deployment.environment.name=staging,service.version=3.1"}
+    subprocess.run([sys.executable, "-c", APP], env=env, check=True, timeout=60)
+    [tx] = rows(serve, "SELECT * FROM transactions")
+    assert (tx["service"], tx["environment"], tx["service_version"], tx["name"],
+            tx["result"]) == ("otel-subprocess", "staging", "3.1", "GET /health", "HTTP 2xx")
