@@ -234,7 +234,12 @@ def test_the_same_failure_groups_once_and_the_pages_show_the_otel_service(
     assert "SELECT orders" in trace_page
 
 
-def test_metrics_from_the_sdk_become_metricsets(serve: Receiver) -> None:
+def test_metrics_from_the_sdk_become_metricsets(serve: Receiver,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    offered: list[tuple[str, dict[str, Any]]] = []
+    offer = serve.store.offer
+    monkeypatch.setattr(serve.store, "offer", lambda meta, events: offered.extend(
+        events) or offer(meta, events))
     reader = PeriodicExportingMetricReader(OTLPMetricExporter(
         endpoint=serve.url + otlp.METRICS_PATH), export_interval_millis=60_000)
     provider = MeterProvider(resource=Resource.create({"service.name": "otel-metrics"}),
@@ -249,6 +254,9 @@ def test_metrics_from_the_sdk_become_metricsets(serve: Receiver) -> None:
     assert provider.force_flush(10)
     provider.shutdown()
     sets = rows(serve, "SELECT * FROM metricsets WHERE service = 'otel-metrics'")
+    assert len(offered) == len(sets) >= 3  # (force_flush and shutdown both export)
+    for kind, event in offered:
+        assert kind == "metricset" and not list(validator(kind).iter_errors(event)), event
     samples = {name: (json.loads(s["tags"] or "null"), sample)
                for s in sets for name, sample in json.loads(s["samples"]).items()}
     tags, histogram = samples["http.server.request.duration"]
@@ -344,30 +352,32 @@ def test_json_requests_decode_and_answer_in_json(serve: Receiver) -> None:
     assert grouping_key(again) != error["grouping_key"]
 
 
-def test_mapped_events_validate_against_the_intake_schemas(serve: Receiver,
-                                                          otel: OtelApp) -> None:
+def test_mapped_events_validate_against_the_intake_schemas(serve: Receiver, otel: OtelApp,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """Everything offered to the store, from the SDK's requests and a JSON one, is valid
+    intake v2 (metadata included), as an agent's events would be."""
+    offered: list[tuple[dict[str, Any], list[Any]]] = []
+    offer = serve.store.offer
+    monkeypatch.setattr(serve.store, "offer", lambda meta, events: offered.append(
+        (meta, events)) or offer(meta, events))
     handle_order(otel, 7)
     assert otel.tracer_provider.force_flush(10) and otel.logger_provider.force_flush(10)
-    assert serve.flush(10)
-    stored = rows(serve, "SELECT 'error' AS kind, body FROM errors") + [
-        {"kind": "span", "body": None}]
-    for row in stored:
-        if row["body"]:
-            errors = list(validator(row["kind"]).iter_errors(json.loads(row["body"])))
-            assert not errors, errors
-    # Transactions and spans are rebuilt here from a decoded request, as the receiver does.
-    request = trace_service_pb2.ExportTraceServiceRequest()
-    json_format.ParseDict(otlp._hex_ids_to_base64(json_traces(
-        json_span(ROOT_ID, "GET /", 2, attributes=[attr("http.request.method", "GET"),
-                                                  attr("url.full", "http://a.test/?q=1"),
-                                                  attr("http.response.status_code", 404)]),
-        json_span(CHILD_ID, "work", 1, ROOT_ID))), request,
-        ignore_unknown_fields=True)
-    [(meta, events)], rejected, _ = otlp._convert_traces(request)
-    assert rejected == 0 and not list(validator("metadata").iter_errors(meta))
-    for kind, event in events:
-        assert not list(validator(kind).iter_errors(event)), (kind, event)
-    assert [k for k, _ in events] == ["transaction", "span"]
+    body = json_traces(json_span(ROOT_ID, "GET /", 2, attributes=[
+        attr("http.request.method", "GET"), attr("url.full", "http://a.test/?q=1"),
+        attr("http.response.status_code", 404), attr("list", 1.5)]),
+        json_span(CHILD_ID, "work", 1, ROOT_ID, attributes=[attr("big", 2**62)]))
+    assert post(serve.url + otlp.TRACES_PATH, json.dumps(body).encode(),
+                "application/json")[0] == 200
+    kinds = []
+    for meta, events in offered:
+        assert not list(validator("metadata").iter_errors(meta)), meta
+        for kind, event in events:
+            assert not list(validator(kind).iter_errors(event)), (kind, event)
+            kinds.append(kind)
+    assert sorted(set(kinds)) == ["error", "span", "transaction"]
+    [json_tx] = [e for _, events in offered for k, e in events if e.get("id") == ROOT_ID]
+    assert json_tx["context"]["tags"] == {"list": 1.5}  # the mapped ones not repeated
 
 
 # --- protections -------------------------------------------------------------------------

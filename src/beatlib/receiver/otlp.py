@@ -254,6 +254,13 @@ _STATUS_OK, _STATUS_ERROR = 1, 2
 _FLAG_REMOTE_KNOWN, _FLAG_REMOTE = 0x100, 0x200
 _HTTP_STATUS = ("http.response.status_code", "http.status_code")
 _HTTP_METHOD = ("http.request.method", "http.method")
+# Attributes a span's fields are made of, so not repeated among its labels.
+_MAPPED = frozenset((*_HTTP_STATUS, *_HTTP_METHOD, "url.full", "http.url", "url.path",
+                     "http.target", "db.system.name", "db.system", "db.query.text",
+                     "db.statement", "db.namespace", "db.name", "messaging.system",
+                     "messaging.operation.type", "messaging.operation",
+                     "messaging.destination.name", "messaging.destination", "rpc.system",
+                     "rpc.method"))
 
 
 def _ids_ok(trace_id: bytes, span_id: bytes) -> bool:
@@ -328,7 +335,7 @@ def _transaction(span: Any, attrs: dict[str, Any], started: int) -> dict[str, An
             "url", {})}
     if response:
         context["response"] = response
-    labels = _labels(attrs)
+    labels = _labels(attrs, _MAPPED)
     if labels:
         context["tags"] = labels
     if context:
@@ -396,7 +403,7 @@ def _span_kind(attrs: dict[str, Any], kind: int) -> tuple[str, str | None, str |
 
 def _span(span: Any, attrs: dict[str, Any], transaction_id: str) -> dict[str, Any]:
     kind, subtype, action, context = _span_kind(attrs, span.kind)
-    labels = _labels(attrs)
+    labels = _labels(attrs, _MAPPED)
     if labels:
         context["tags"] = labels
     event: dict[str, Any] = {
