@@ -318,7 +318,8 @@ def test_json_requests_decode_and_answer_in_json(serve: Receiver) -> None:
                      "attributes": [attr("exception.type", "java.io.IOException"),
                                     attr("exception.message", "timeout after 3000 ms"),
                                     attr("exception.stacktrace",
-                                         "java.io.IOException: timeout\n\tat a.B.c(B.java:1)")]}]),
+                                         "java.io.IOException: timeout\n\tat a.B.c(B.java:1)"
+                                         "\n\tat a.Main.main(Main.java:9)")]}]),
     )
     # The official definitions read what we send (hex ids given as the spec writes them).
     parsed = trace_service_pb2.ExportTraceServiceRequest()
@@ -438,14 +439,21 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
         lock = sqlite3.connect(receiver.db_path, timeout=0, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")  # the writer retries; its queue (1 event) stays full
         try:
-            assert post(url, body)[0] == 200
+            # Two resources: the first one's batch is taken, the second's no longer fits.
+            two = json_traces(json_span(ROOT_ID, "first", 2))
+            two["resourceSpans"] += json_traces(json_span("eee19b7ec3c1b175", "second", 2),
+                                                service="other")["resourceSpans"]
+            status, answer, _ = post(url, json.dumps(two).encode(), "application/json")
+            assert (status, json.loads(answer)) == (200, {"partialSuccess": {
+                "rejectedSpans": "1", "errorMessage": "queue is full"}})
             status, answer, headers = post(url, body)
             assert status == 503 and headers["Retry-After"] == otlp.RETRY_AFTER
             assert b"queue is full" in answer
         finally:
             lock.execute("ROLLBACK")
             lock.close()
-        assert len(rows(receiver, "SELECT id FROM spans")) == 1
+        assert [r["name"] for r in rows(receiver, "SELECT name FROM transactions")] == [
+            "first"]
     finally:
         receiver.stop()
 

@@ -95,7 +95,7 @@ def handle(path: str, body: bytes, headers: intake.Headers, offer: Offer) -> Rep
             return _status(503, "queue is full; retry later", encoding,
                            {"Retry-After": RETRY_AFTER})
         else:
-            rejected += sum(signal.counts(kind) for kind, _ in events)
+            rejected += sum(signal.rejects(kind) for kind, _ in events)
             problems.append("queue is full")
     response = signal.response()
     if rejected or problems:
@@ -526,16 +526,15 @@ def _error(attrs: dict[str, Any], nanos: int, identity: bytes,
             exception["handled"] = not escaped
         error["exception"] = exception
         if isinstance(text, str) and text and not exception.get("stacktrace"):
+            # Another language's stack: kept as text; its first frame line (after the
+            # exception's own line, in Java, JavaScript, .NET) tells where.
             error["context"] = {"custom": {"stacktrace": text[:_TEXT * 10]}}
-            first = text.strip().splitlines()
-            error["culprit"] = first[-1].strip()[:_TEXT] if len(first) > 1 else None
-            if not error["culprit"]:
-                del error["culprit"]
-    elif log is not None:
-        error["log"] = log
-    else:
+            lines = [line.strip() for line in text.strip().splitlines()]
+            if len(lines) > 1 and lines[1]:
+                error["culprit"] = lines[1][:_TEXT]
+    elif log is None:
         return None
-    if log is not None and "exception" in error:
+    if log is not None:
         error["log"] = log
     return error
 
@@ -746,10 +745,10 @@ class _Signal:
     convert: Callable[[Any], tuple[list[tuple[dict[str, Any], list[intake.Event]]], int,
                                    list[str]]]
 
-    def counts(self, kind: str) -> int:
-        """Whether an event of `kind` counts as one rejected item of this signal."""
-        return {"traces": kind in ("transaction", "span"), "logs": kind == "error",
-                "metrics": kind == "metricset"}[self.name]
+    def rejects(self, kind: str) -> int:
+        """How many of this signal's items an event of `kind` not stored stands for."""
+        return int({"traces": kind in ("transaction", "span"), "logs": kind == "error",
+                    "metrics": kind == "metricset"}[self.name])
 
 
 _SIGNALS: dict[str, _Signal] = {}
