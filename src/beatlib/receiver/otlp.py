@@ -426,13 +426,19 @@ def _transaction_ids(spans: list[Any], transactions: set[bytes]) -> dict[bytes, 
     """Each span's transaction: its nearest ancestor that is one; when the chain leaves the
     batch, the outermost parent id seen (a root that ends later comes in a later batch)."""
     parents = {s.span_id: s.parent_span_id for s in spans}
-    out: dict[bytes, bytes] = {}
+    owners: dict[bytes, bytes] = {}  # span id -> its transaction, as found
     for span in spans:
-        current, seen = span.parent_span_id, 0
-        while current not in transactions and current in parents and seen < 1000:
-            current, seen = parents[current], seen + 1
-        out[span.span_id] = current
-    return out
+        path, current = [span.span_id], span.parent_span_id
+        on_path = {span.span_id}
+        while current not in transactions and current in parents and current not in owners \
+                and current not in on_path:  # (a cycle of parent ids ends the walk)
+            path.append(current)
+            on_path.add(current)
+            current = parents[current]
+        found = owners.get(current, current) if current not in transactions else current
+        for span_id in path:
+            owners[span_id] = found
+    return owners
 
 
 def _convert_traces(request: Any) -> tuple[list[tuple[dict[str, Any], list[intake.Event]]],
@@ -459,11 +465,10 @@ def _convert_traces(request: Any) -> tuple[list[tuple[dict[str, Any], list[intak
                 if is_tx:
                     event = ("transaction", _transaction(span, attrs,
                                                          started.get(span.span_id, 0)))
-                    tx_id, tx_name = span.span_id, event[1]
+                    tx_id, tx_event = span.span_id, event[1]
                 else:
                     event = ("span", _span(span, attrs, owner[span.span_id].hex()))
-                    tx_id = owner[span.span_id]
-                    tx_name = None
+                    tx_id, tx_event = owner[span.span_id], None
                 problem = intake.check(*event)
             except (ValueError, TypeError, OverflowError, RecursionError) as exc:
                 problem = f"span: {exc}"
@@ -472,7 +477,7 @@ def _convert_traces(request: Any) -> tuple[list[tuple[dict[str, Any], list[intak
                 problems.append(problem)
                 continue
             events.append(event)
-            for error in _span_errors(span, tx_id, tx_name):
+            for error in _span_errors(span, tx_id, tx_event):
                 if intake.check("error", error) is None:
                     events.append(("error", error))
         if events:
