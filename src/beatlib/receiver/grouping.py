@@ -2,16 +2,20 @@
 
 Computed from the event alone, so any agent's errors group the same way: the exception types
 along the first cause chain and the app frames' module and function (never line numbers or
-messages, so a deploy that moves code or a message that carries an id keeps the group); for a
-logged message without an exception, its param_message (or message).
+messages, so a deploy that moves code or a message that carries an id keeps the group); for an
+exception sent without frames (OTLP's unparsed stack texts), its message with numbers and
+quoted values masked; for a logged message without an exception, its param_message (or message).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 _MAX_CHAIN = 10
+# What varies between occurrences of one message: quoted values, hex ids, numbers.
+_VARYING = re.compile(r"'[^']*'|\"[^\"]*\"|\b0x[0-9a-fA-F]+\b|\b[0-9a-fA-F]{8,}\b|\d+")
 
 
 def grouping_key(error: dict[str, Any]) -> str:
@@ -22,9 +26,13 @@ def grouping_key(error: dict[str, Any]) -> str:
     while isinstance(exc, dict) and depth < _MAX_CHAIN:
         h.update(f"type {exc.get('module') or ''}.{exc.get('type') or ''}\n".encode(
             "utf-8", "replace"))
+        frames = _grouping_frames(exc.get("stacktrace"))
         if not exc.get("type"):  # without a type, the message is all there is to go by
             h.update(f"message {exc.get('message') or ''}\n".encode("utf-8", "replace"))
-        for frame in _grouping_frames(exc.get("stacktrace")):
+        elif not frames and exc.get("message"):
+            h.update(f"pattern {message_pattern(str(exc['message']))}\n".encode(
+                "utf-8", "replace"))
+        for frame in frames:
             h.update(f"frame {frame}\n".encode("utf-8", "replace"))
         causes = exc.get("cause")
         exc = causes[0] if isinstance(causes, list) and causes else None
@@ -34,6 +42,12 @@ def grouping_key(error: dict[str, Any]) -> str:
         text = log.get("param_message") or log.get("message") or ""
         h.update(f"log {log.get('logger_name') or ''} {text}".encode("utf-8", "replace"))
     return h.hexdigest()
+
+
+def message_pattern(message: str) -> str:
+    """The message with what varies between occurrences masked: "user 42 not found" and
+    "user 7 not found" are one pattern."""
+    return _VARYING.sub("*", message[:1024])
 
 
 def _grouping_frames(frames: Any) -> list[str]:

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from beatlib.receiver import group_state, intake, ui
+from beatlib.receiver import group_state, intake, otlp, ui
 from beatlib.receiver.notify import FORMATS, Notifier, NotifyConfig, split_list
 from beatlib.receiver.retention import Retention, parse_duration
 from beatlib.receiver.store import Store, connect
@@ -183,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path.startswith(group_state.ACTION_PREFIX):
             self._group_action(url.path)
             return
-        if url.path not in (intake.RELEASES_PATH, intake.INTAKE_PATH):
+        if url.path not in (intake.RELEASES_PATH, intake.INTAKE_PATH, *otlp.PATHS):
             self._send(404, b"404 page not found\n", "text/plain; charset=utf-8", close=True)
             return
         receiver = self.server.receiver
@@ -197,6 +197,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             if body is None:
+                return
+            if url.path in otlp.PATHS:
+                reply = otlp.handle(url.path, body, self.headers, receiver.store.offer)
+                self._send(reply.status, reply.body, reply.content_type, reply.headers,
+                           close=reply.status >= 400)
                 return
             if url.path == intake.RELEASES_PATH:
                 self._answer(intake.handle_release(body, self.headers, receiver.secret_token,
