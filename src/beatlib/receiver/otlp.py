@@ -22,7 +22,8 @@ from beatlib.receiver.grouping import message_pattern
 
 TRACES_PATH, LOGS_PATH, METRICS_PATH = "/v1/traces", "/v1/logs", "/v1/metrics"
 PATHS = (TRACES_PATH, LOGS_PATH, METRICS_PATH)
-INSTALL_HINT = "OTLP intake needs the serve extra: pip install 'beatlib[serve]'"
+INSTALL_HINT = ("OTLP intake needs the serve extra: pip install -e '.[serve]' "
+                "(in a checkout of beatlib)")
 RETRY_AFTER = "1"  # seconds, on a full queue
 _PROTOBUF, _JSON = "application/x-protobuf", "application/json"
 _TEXT = 1024  # attribute strings kept for labels
