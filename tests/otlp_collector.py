@@ -16,7 +16,6 @@ import json
 import re
 import threading
 import time
-from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -60,7 +59,7 @@ class Collector:
         self._lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []  # path, headers, json, message
         self.problems: list[str] = []  # bodies that did not decode
-        self._answers: deque[tuple[int, bytes, dict[str, str]]] = deque()
+        self._answers: list[tuple[str, int, bytes, dict[str, str]]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -70,11 +69,19 @@ class Collector:
         return f"http://127.0.0.1:{self._server.server_port}"
 
     def respond_with(self, status: int, body: Any = None, headers: dict[str, str] | None = None,
-                     times: int = 1) -> None:
-        """The next `times` requests get this answer (then 200 {} again)."""
+                     times: int = 1, path: str = "/v1/traces") -> None:
+        """The next `times` requests to `path` get this answer (then 200 {} again)."""
         data = body if isinstance(body, bytes) else json.dumps(body or {}).encode()
         for _ in range(times):
-            self._answers.append((status, data, headers or {}))
+            self._answers.append((path, status, data, headers or {}))
+
+    def _answer(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        with self._lock:
+            for answer in self._answers:
+                if answer[0] == path:
+                    self._answers.remove(answer)
+                    return answer[1:]
+        return 200, b"{}", {}
 
     def messages(self, path: str) -> list[Any]:
         """The decoded messages of every accepted request to `path`."""
@@ -122,10 +129,7 @@ class Collector:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 collector._take(self.path, dict(self.headers.items()), body)
-                try:
-                    status, data, headers = collector._answers.popleft()
-                except IndexError:
-                    status, data, headers = 200, b"{}", {}
+                status, data, headers = collector._answer(self.path)
                 with collector._lock:
                     collector.requests[-1]["accepted"] = status == 200
                 self.send_response(status)

@@ -556,8 +556,9 @@ class Transport:
         else:
             if verdict is Verdict.PARTIAL:  # the count of records the endpoint rejected
                 self._lose("dropped_partial_success", int(retry_after or 0))
-                for marker in batch.markers:
-                    marker.ok = False
+                for later in (batch, *self._pending):  # a flush covering them lost data
+                    for marker in later.markers:
+                        marker.ok = False
             self._counts["sent_requests"] += 1
             self._counts["sent_events"] += batch.items
             self._counts["sent_internal"] += batch.internal
