@@ -291,3 +291,45 @@ def test_grpc_span_attributes():
     assert a["rpc.service"] == {"stringValue": "helloworld.Greeter"}
     assert a["rpc.method"] == {"stringValue": "SayHello"}
     assert a["server.port"] == {"intValue": "50051"} and span["kind"] == CLIENT
+
+
+def test_spans_processed_field_by_field_as_whole_events(tmp_path):
+    """Without a before_send hook, spans go through the processors field by field (the fast
+    path); with one, as whole events: the OTLP written is the same, redaction included."""
+    import sqlite3
+
+    from beatlib.tracing import Transaction
+    from beatlib.transport.memory import MemorySender
+
+    records: list[Any] = []
+    plain = beatlib.Client(service_name="s", exporter="otlp", sender=MemorySender(),
+                           environ={})
+    hooked = beatlib.Client(service_name="s", exporter="otlp", sender=MemorySender(),
+                            before_send=lambda kind, event: event, environ={})
+    encode = plain.pipeline.encode
+    plain.pipeline.encode = lambda record: (records.append(record), encode(record))[1]
+    beatlib.instrument(plain.config)
+    try:
+        db = sqlite3.connect(str(tmp_path / "t.db"))
+        for i in range(3):
+            plain.begin_transaction("request")
+            db.execute("SELECT 'hunter2-secret', ?", (i,))
+            with beatlib.capture_span("GET https://u:pw@example.test/?token=s3cr3t",
+                                      span_type="external", span_subtype="http",
+                                      leaf=True) as sp:
+                assert sp is not None
+                sp.set_context("http", {"url": "https://u:pw@example.test/?token=s3cr3t",
+                                        "method": "GET"})
+            plain.end_transaction(f"GET /{i}", "HTTP 2xx")
+        assert plain.flush(5)
+    finally:
+        beatlib.uninstrument()
+        plain.close(1)
+        hooked.close(1)
+    txs = [r for r in records if type(r) is Transaction]
+    assert len(txs) == 3
+    for tx in txs:
+        fast, whole = plain.pipeline.encode_otlp(tx), hooked.pipeline.encode_otlp(tx)
+        assert fast == whole
+        assert b"hunter2-secret" not in fast[0][1] and b"s3cr3t" not in fast[0][1]
+        assert b":pw@" not in fast[0][1]

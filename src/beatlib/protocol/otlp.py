@@ -99,24 +99,34 @@ def rejected(signal: int, reply: bytes) -> tuple[int, str] | None:
 
 def value(raw: Any) -> dict[str, Any]:
     """An AnyValue: int64 as a decimal string, lists as arrays, dicts as key-value lists."""
-    if isinstance(raw, bool):
-        return {"boolValue": raw}
-    if isinstance(raw, int):
-        return {"intValue": str(raw)} if -_INT64 <= raw < _INT64 else {"stringValue": str(raw)}
-    if isinstance(raw, float):
-        return {"doubleValue": raw} if math.isfinite(raw) else {"stringValue": repr(raw)}
-    if isinstance(raw, str):
+    t = type(raw)
+    if t is str:
         return {"stringValue": raw}
+    if t is bool:
+        return {"boolValue": raw}
+    if t is int:
+        return {"intValue": str(raw)} if -_INT64 <= raw < _INT64 else {"stringValue": str(raw)}
+    if t is float:
+        return {"doubleValue": raw} if math.isfinite(raw) else {"stringValue": repr(raw)}
     if isinstance(raw, list | tuple):
         return {"arrayValue": {"values": [value(v) for v in raw if v is not None]}}
-    if isinstance(raw, Mapping):
+    if isinstance(raw, dict):
         return {"kvlistValue": {"values": attributes(raw)}}
+    if isinstance(raw, str):  # subclasses of the scalars
+        return {"stringValue": str.__str__(raw)}
+    if isinstance(raw, bool):
+        return {"boolValue": bool(raw)}
+    if isinstance(raw, int):
+        return value(int(raw))
+    if isinstance(raw, float):
+        return value(float(raw))
     return {"stringValue": str(raw)}
 
 
-def attributes(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
+def attributes(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """KeyValues of the set values of `raw`."""
-    return [{"key": str(k), "value": value(v)} for k, v in raw.items() if v is not None]
+    return [{"key": k if type(k) is str else str(k), "value": value(v)}
+            for k, v in raw.items() if v is not None]
 
 
 def _nanos(timestamp_us: int, offset_ms: float = 0.0) -> str:
@@ -126,7 +136,7 @@ def _nanos(timestamp_us: int, offset_ms: float = 0.0) -> str:
 
 def _get(raw: Any, *path: str) -> Any:
     for key in path:
-        if not isinstance(raw, Mapping):
+        if not isinstance(raw, dict):
             return None
         raw = raw.get(key)
     return raw
@@ -203,12 +213,12 @@ def span(event: Mapping[str, Any], exceptions: Iterable[dict[str, Any]] = ()) ->
     attrs: dict[str, Any] = {"beatlib.span.type": sp_type, "beatlib.span.subtype": subtype,
                              "beatlib.span.action": action}
     db, http = ctx.get("db"), ctx.get("http")
-    if isinstance(db, Mapping) or sp_type == "db":
-        db = db if isinstance(db, Mapping) else {}
+    if isinstance(db, dict) or sp_type == "db":
+        db = db if isinstance(db, dict) else {}
         attrs["db.system.name"] = _DB_SYSTEMS.get(subtype, subtype) if subtype else None
         attrs["db.namespace"] = db.get("instance")
         attrs["db.query.text"] = db.get("statement")
-    if isinstance(http, Mapping):
+    if isinstance(http, dict):
         attrs["http.request.method"] = http.get("method") or (
             action if sp_type == "external" and subtype == "http" else None)
         attrs["url.full"] = http.get("url")
@@ -224,9 +234,9 @@ def span(event: Mapping[str, Any], exceptions: Iterable[dict[str, Any]] = ()) ->
         attrs["rpc.service"] = service or None
         attrs["rpc.method"] = method or None
     destination = ctx.get("destination") or {}
-    attrs["server.address"] = destination.get("address") if isinstance(destination, Mapping) \
+    attrs["server.address"] = destination.get("address") if isinstance(destination, dict) \
         else None
-    attrs["server.port"] = destination.get("port") if isinstance(destination, Mapping) else None
+    attrs["server.port"] = destination.get("port") if isinstance(destination, dict) else None
     if attrs["server.address"] is None and isinstance(attrs.get("url.full"), str):
         attrs["server.address"], attrs["server.port"] = _host_port(attrs["url.full"])
     target = _get(ctx, "service", "target", "name")
@@ -268,9 +278,9 @@ def _span(event: Mapping[str, Any], parent: Any, kind: int, attrs: dict[str, Any
 def _request_attributes(ctx: Mapping[str, Any], attrs: dict[str, Any]) -> None:
     """HTTP server attributes from an intake request/response context."""
     req, resp = ctx.get("request"), ctx.get("response")
-    if isinstance(req, Mapping):
+    if isinstance(req, dict):
         attrs["http.request.method"] = req.get("method")
-        url: Mapping[str, Any] = req["url"] if isinstance(req.get("url"), Mapping) else {}
+        url: Mapping[str, Any] = req["url"] if isinstance(req.get("url"), dict) else {}
         attrs["url.full"] = url.get("full")
         attrs["url.path"] = url.get("pathname")
         attrs["url.query"] = (url.get("search") or "").lstrip("?") or None
@@ -283,13 +293,13 @@ def _request_attributes(ctx: Mapping[str, Any], attrs: dict[str, Any]) -> None:
         client = _get(req, "socket", "remote_address")
         attrs["client.address"] = client
         _header_attributes("http.request.header.", req.get("headers"), attrs)
-    if isinstance(resp, Mapping):
+    if isinstance(resp, dict):
         attrs["http.response.status_code"] = resp.get("status_code")
         _header_attributes("http.response.header.", resp.get("headers"), attrs)
 
 
 def _header_attributes(prefix: str, headers: Any, attrs: dict[str, Any]) -> None:
-    if isinstance(headers, Mapping):
+    if isinstance(headers, dict):
         for name, val in headers.items():
             attrs[prefix + str(name).lower()] = list(val) if isinstance(val, list) else [val]
 
@@ -297,12 +307,12 @@ def _header_attributes(prefix: str, headers: Any, attrs: dict[str, Any]) -> None
 def _common_attributes(ctx: Mapping[str, Any], attrs: dict[str, Any]) -> None:
     """User and labels (tags), which every kind of event may carry."""
     user = ctx.get("user")
-    if isinstance(user, Mapping):
+    if isinstance(user, dict):
         attrs["user.id"] = None if user.get("id") is None else str(user["id"])
         attrs["user.name"] = user.get("username")
         attrs["user.email"] = user.get("email")
     tags = ctx.get("tags")
-    if isinstance(tags, Mapping):
+    if isinstance(tags, dict):
         for key, val in tags.items():
             attrs.setdefault(f"beatlib.label.{key}", val)
 
@@ -342,7 +352,7 @@ def _exception_text(exc: Mapping[str, Any]) -> str:
 def _error_attributes(event: Mapping[str, Any]) -> dict[str, Any]:
     exc = event.get("exception")
     attrs: dict[str, Any] = {}
-    if isinstance(exc, Mapping):
+    if isinstance(exc, dict):
         module = exc.get("module")
         name = str(exc.get("type"))
         attrs["exception.type"] = name if not module or module == "builtins" else \
@@ -357,7 +367,7 @@ def _error_attributes(event: Mapping[str, Any]) -> dict[str, Any]:
 
 def exception_event(event: Mapping[str, Any]) -> dict[str, Any] | None:
     """The `exception` span event of an (intake) error event; None for a logged message."""
-    if not isinstance(event.get("exception"), Mapping):
+    if not isinstance(event.get("exception"), dict):
         return None
     return {"timeUnixNano": _nanos(int(event.get("timestamp") or 0)), "name": "exception",
             "attributes": attributes(_error_attributes(event))}
@@ -367,9 +377,9 @@ def log_record(event: Mapping[str, Any]) -> dict[str, Any]:
     """An error event as an OTLP log record: an exception at ERROR, a logged message at its
     level; with the trace and span it happened in, and the same attributes as the span
     event plus the request, user and labels of its context."""
-    log: Mapping[str, Any] = event["log"] if isinstance(event.get("log"), Mapping) else {}
+    log: Mapping[str, Any] = event["log"] if isinstance(event.get("log"), dict) else {}
     exc: Mapping[str, Any] | None = event["exception"] if isinstance(
-        event.get("exception"), Mapping) else None
+        event.get("exception"), dict) else None
     level = str(log.get("level") or "error").lower() if exc is None else "error"
     severity = _SEVERITY.get(level, 17)
     attrs = _error_attributes(event)
@@ -415,7 +425,7 @@ def metrics(event: Mapping[str, Any], start_us: int, process_start_us: int
                               "beatlib.transaction.type": tx.get("type")})
     out = []
     for name, sample in (event.get("samples") or {}).items():
-        if not isinstance(sample, Mapping):
+        if not isinstance(sample, dict):
             continue
         point: dict[str, Any] = {"timeUnixNano": time}
         if point_attrs:
