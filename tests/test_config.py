@@ -31,6 +31,9 @@ EXPECTED_DEFAULTS = {
     "server_url": "http://127.0.0.1:8200",
     "secret_token": None,
     "api_key": None,
+    "exporter": "intake",
+    "otlp_endpoint": "http://127.0.0.1:4318",
+    "otlp_headers": {},
     "enabled": True,
     "transaction_sample_rate": 1.0,
     "transaction_max_spans": 500,
@@ -85,7 +88,7 @@ def test_settings_lists_every_attribute_with_doc_and_env_var():
         assert s.doc and s.parser.accepts and s.type
         assert s.env_var == "BEATLIB_" + s.name.upper()
     secrets = {s.name for s in settings if s.secret}
-    assert secrets == {"secret_token", "api_key"}
+    assert secrets == {"secret_token", "api_key", "otlp_headers"}
     assert {s.name: s.default for s in settings}["flush_interval"] == "10s"
 
 

@@ -31,6 +31,7 @@ from beatlib import context
 from beatlib.contrib.flask import Beat
 from beatlib.contrib.logging import LoggingHandler
 from tests.instrumentation.http_server import HTTPServer
+from tests.otlp_collector import Collector
 from tests.receiver import Receiver
 
 _ALNUM = string.ascii_letters + string.digits
@@ -296,10 +297,14 @@ def argv(monkeypatch: pytest.MonkeyPatch) -> Corpus:
     return c
 
 
-def run_corpus(c: Corpus, receiver: Receiver, callee: HTTPServer, tmp_path: Any) -> None:
-    """The whole corpus with beatlib's defaults (and every request body recorded)."""
-    client = beatlib.Client(server_url=receiver.url, service_name="corpus", capture_body="all",
-                            flush_interval="50ms", environ={})
+def run_corpus(c: Corpus, receiver: Receiver | Collector, callee: HTTPServer,
+               tmp_path: Any) -> None:
+    """The whole corpus with beatlib's defaults (and every request body recorded); to an
+    OTLP collector with exporter="otlp"."""
+    where = ({"exporter": "otlp", "otlp_endpoint": receiver.url}
+             if isinstance(receiver, Collector) else {"server_url": receiver.url})
+    client = beatlib.Client(service_name="corpus", capture_body="all", flush_interval="50ms",
+                            environ={}, **where)
     beatlib.instrument(client.config)
     try:
         run_flask(c, client, make_app(c, client, callee, tmp_path))
@@ -342,3 +347,53 @@ def test_the_corpus_reaches_the_server_when_redaction_is_off(
     leaked = {line.split(":")[0] for line in c.leaks(receiver.received())}
     cut_by_depth = {"local nested 6 deep"}  # never shipped at all: nesting past the limit
     assert leaked == set(c.places) - cut_by_depth
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    with Collector() as c:
+        yield c
+        assert not c.problems, c.problems
+
+
+def otlp_received(collector: Collector) -> bytes:
+    return b"\n".join(json.dumps(r["json"]).encode() for r in collector.requests)
+
+
+# Where the corpus puts secrets that OTLP carries too (request headers, URLs, SQL literals,
+# exception and log messages, names); the rest (bodies, cookies, locals, custom context) has
+# no OpenTelemetry attribute and is not exported.
+OTLP_PLACES = {
+    "header Authorization Bearer", "header X-Api-Key", "header plain name, Bearer value",
+    "header plain name, URL password", "query sig", "query access_token", "query api_key",
+    "URL path /reset-password/<token>", "SQL literal", "exception message URL password",
+    "exception message announced token", "outgoing URL query", "outgoing URL password",
+    "logged exception message", "manual span name", "manual message", "manual transaction name",
+    "label card_number", "argv --token=x",
+}
+
+
+def test_no_secret_reaches_an_otlp_collector(argv: Corpus, collector: Collector,
+                                            callee: HTTPServer, tmp_path: Any) -> None:
+    c = argv
+    run_corpus(c, collector, callee, tmp_path)
+    received = otlp_received(collector)
+    assert received and not c.leaks(received), "\n".join(c.leaks(received))
+    names = {sp.name for sp in collector.spans()}
+    assert {"GET /reset-password/<token>", "SELECT FROM users"} <= names
+    assert len(collector.log_records()) >= 6
+    assert b"[REDACTED]" in received
+
+
+def test_the_corpus_reaches_an_otlp_collector_when_redaction_is_off(
+        argv: Corpus, collector: Collector, callee: HTTPServer, tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control for OTLP: without the sanitize processor, the places OTLP carries leak."""
+    from beatlib.processors import Sanitize
+
+    monkeypatch.setattr(Sanitize, "__call__", lambda self, kind, event, secrets=(): event)
+    monkeypatch.setattr(Sanitize, "field", lambda self, key, value, secrets=(): value)
+    c = argv
+    run_corpus(c, collector, callee, tmp_path)
+    leaked = {line.split(":")[0] for line in c.leaks(otlp_received(collector))}
+    assert OTLP_PLACES <= leaked, OTLP_PLACES - leaked

@@ -4,6 +4,7 @@
     python micro.py                     # all agents, each in its own subprocess
     python micro.py elasticapm otel     # a subset
     python micro.py --child AGENT       # (internal) one agent in this process
+    python micro.py beatlib beatlib-otlp --no-empty   # beatlib's two exporters, worker CPU
 
 Per agent: start the sink (subprocess), configure the agent's transport to it
 (100% sampling), then time ITERS iterations of
@@ -16,6 +17,12 @@ repeated REPS times (default 1), alternating, and the median rep is reported:
     us_per_txn      = time(txn with 10 spans) / ITERS
     us_per_empty_txn= time(txn without spans) / ITERS
     us_per_span     = (time(10 spans) - time(empty)) / (10 * ITERS)   (marginal)
+    worker_cpu_us_per_txn = (process CPU - this thread's CPU) from the first warm-up
+                      transaction to the end of shutdown, / transactions: what the
+                      background threads (encode, gzip, send) spend per transaction
+                      (--no-empty: every transaction has its 10 spans)
+
+'beatlib-otlp' is beatlib with exporter="otlp" (OTLP/HTTP JSON to the sink's /v1/traces).
 
 APIs: elastic-apm client.begin_transaction / elasticapm.capture_span /
 client.end_transaction; sentry start_transaction / Transaction.start_child;
@@ -35,7 +42,7 @@ import time
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-AGENTS = ("none", "beatlib", "elasticapm", "sentry", "ddtrace", "otel")
+AGENTS = ("none", "beatlib", "beatlib-otlp", "elasticapm", "sentry", "ddtrace", "otel")
 SPAN_NAMES = ["SELECT FROM table_%d" % i for i in range(10)]
 SERVICE = "peerbench-micro"
 
@@ -65,11 +72,14 @@ def setup(agent, sink_url, port, export=True):
 
         return txn10, txn0, (lambda: None), "-"
 
-    if agent == "beatlib":
+    if agent in ("beatlib", "beatlib-otlp"):
         import beatlib
 
+        exporter = {"exporter": "otlp", "otlp_endpoint": sink_url} if agent == "beatlib-otlp" \
+            else {}
         client = beatlib.Client(
-            service_name=SERVICE, server_url=sink_url, environment="bench", enabled=export
+            service_name=SERVICE, server_url=sink_url, environment="bench", enabled=export,
+            **exporter
         )
         capture_span = beatlib.capture_span
         begin, end = client.begin_transaction, client.end_transaction
@@ -234,7 +244,7 @@ def timeloop(fn, iters):
     return time.perf_counter_ns() - t0, time.process_time_ns() - cpu0
 
 
-def child(agent, iters, reps, warm, export=True):
+def child(agent, iters, reps, warm, export=True, empty=True):
     sys.path.insert(0, HERE)
     warnings.simplefilter("ignore")
     import run_one  # sink helpers
@@ -243,6 +253,9 @@ def child(agent, iters, reps, warm, export=True):
     sink_url = "http://127.0.0.1:%d" % port
     try:
         txn10, txn0, shutdown, version = setup(agent, sink_url, port, export)
+        if not empty:
+            txn0 = lambda: None  # noqa: E731
+        all0, main0 = time.process_time_ns(), time.thread_time_ns()
         for _ in range(warm):
             txn10()
             txn0()
@@ -257,6 +270,7 @@ def child(agent, iters, reps, warm, export=True):
         t = time.perf_counter()
         shutdown()
         flush_s = time.perf_counter() - t
+        background_ns = (time.process_time_ns() - all0) - (time.thread_time_ns() - main0)
         time.sleep(0.5)
         stats = run_one.sink_call(port, "GET", "/__stats")
     finally:
@@ -268,7 +282,7 @@ def child(agent, iters, reps, warm, export=True):
 
     m10, m0 = statistics.median(w10), statistics.median(w0)
     mc10, mc0 = statistics.median(c10), statistics.median(c0)
-    txns = (warm + iters * reps) * 2
+    txns = (warm + iters * reps) * (2 if empty else 1)
     out = {
         "agent": agent,
         "export": export,
@@ -280,6 +294,7 @@ def child(agent, iters, reps, warm, export=True):
         "us_per_span": round((m10 - m0) / (10 * iters) / 1000, 2),
         "cpu_us_per_txn": round(mc10 / iters / 1000, 2),
         "cpu_us_per_span": round((mc10 - mc0) / (10 * iters) / 1000, 2),
+        "worker_cpu_us_per_txn": round(background_ns / txns / 1000, 2),
         "rep_us_per_txn": [round(x / iters / 1000, 2) for x in w10],
         "rep_us_per_empty_txn": [round(x / iters / 1000, 2) for x in w0],
         "expected_transactions": txns,
@@ -319,9 +334,11 @@ def main():
     ap.add_argument("--warm", type=int, default=1000)
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--no-export", action="store_true", help="cut the exporter (see setup())")
+    ap.add_argument("--no-empty", action="store_true",
+                    help="skip the empty-transaction loop (worker CPU per 1+10 transaction)")
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.iters, a.reps, a.warm, export=not a.no_export)
+        child(a.child, a.iters, a.reps, a.warm, export=not a.no_export, empty=not a.no_empty)
         return
     agents = a.agents or ([x for x in AGENTS if x != "ddtrace"] if a.no_export else list(AGENTS))
     recs = []
@@ -329,7 +346,8 @@ def main():
         t = time.time()
         p = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--child", ag, "--iters", str(a.iters),
-             "--reps", str(a.reps), "--warm", str(a.warm)] + (["--no-export"] if a.no_export else []),
+             "--reps", str(a.reps), "--warm", str(a.warm)] + (["--no-export"] if a.no_export else [])
+            + (["--no-empty"] if a.no_empty else []),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
@@ -347,13 +365,13 @@ def main():
     print("### Manual API: 1 transaction + 10 child spans, %d iterations x %d reps (median rep)%s\n"
           % (a.iters, a.reps, " -- EXPORT CUT (no-op exporter/transport)" if a.no_export else ""))
     print("| agent | version | µs / txn (10 spans) | µs / empty txn | µs / span (marginal) | CPU µs / txn (all threads) "
-          "| reps µs/txn | flush s | sink requests | sink bytes | txns shipped / expected | spans shipped / expected | drops |")
-    print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
+          "| worker CPU µs / txn | reps µs/txn | flush s | sink requests | sink bytes | txns shipped / expected | spans shipped / expected | drops |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
     for r in recs:
         tx, sp, note = shipped(r)
-        print("| %s | %s | %.1f | %.1f | %.2f | %.1f | %s | %.1f | %d | %s | %s | %s | %s |" % (
+        print("| %s | %s | %.1f | %.1f | %.2f | %.1f | %.1f | %s | %.1f | %d | %s | %s | %s | %s |" % (
             r["agent"], r["version"], r["us_per_txn"], r["us_per_empty_txn"], r["us_per_span"],
-            r["cpu_us_per_txn"], "/".join("%.1f" % x for x in r["rep_us_per_txn"]), r["flush_s"],
+            r["cpu_us_per_txn"], r["worker_cpu_us_per_txn"], "/".join("%.1f" % x for x in r["rep_us_per_txn"]), r["flush_s"],
             r["sink_requests"], "{:,}".format(r["sink_bytes"]),
             "-" if r["agent"] == "none" else "{:,} / {:,}".format(tx, r["expected_transactions"]),
             "-" if r["agent"] == "none" else "{:,} / {:,}".format(sp, r["expected_spans"]),

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from beatlib.sanitize import DEFAULT_FIELD_NAMES
 
@@ -237,6 +237,41 @@ def header_safe() -> Parser:
     return text(r"[\x21-\x7e]+", "a token of visible ASCII characters (no spaces or newlines)")
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
+def headers() -> Parser:
+    """HTTP headers: a dict, or "k=v,k2=v2" as OTEL_EXPORTER_OTLP_HEADERS writes them
+    (values percent-decoded); names are HTTP tokens, values printable ASCII."""
+
+    def parse(value: object) -> dict[str, str]:
+        if value is None or value == "":
+            return {}
+        if isinstance(value, str):
+            pairs = []
+            for item in value.split(","):
+                if not item.strip():
+                    continue
+                key, sep, val = item.partition("=")
+                if not sep:
+                    return _bad()
+                pairs.append((key.strip(), unquote(val.strip())))
+        elif isinstance(value, Mapping):
+            pairs = list(value.items())
+        else:
+            return _bad()
+        out = {}
+        for key, val in pairs:
+            if not (isinstance(key, str) and isinstance(val, str) and _HEADER_NAME.fullmatch(key)
+                    and _HEADER_VALUE.fullmatch(val)):
+                return _bad()
+            out[key] = val
+        return out
+
+    return Parser('a dict of header names to values, or "name=value,name2=value2"', parse)
+
+
 def service_name_parser() -> Parser:
     check = text(r"[A-Za-z0-9 _-]+", "a name of letters, digits, spaces, _ and -")
 
@@ -284,6 +319,14 @@ class Config:
                                         secret=True)
     api_key: str | None = _setting(None, header_safe(), "Sent as ApiKey authorization",
                                    secret=True)
+    exporter: str = _setting("intake", choice("intake", "otlp"), "Wire protocol: intake "
+                             "(Elastic APM intake v2 to server_url) or otlp (OTLP/HTTP JSON to "
+                             "otlp_endpoint)")
+    otlp_endpoint: str = _setting("http://127.0.0.1:4318", url(), "OTLP/HTTP base URL; "
+                                  "/v1/traces, /v1/logs and /v1/metrics are appended")
+    otlp_headers: dict[str, str] = _setting(None, headers(), "Headers sent with every OTLP "
+                                            "request, e.g. api-key=abc (as "
+                                            "OTEL_EXPORTER_OTLP_HEADERS)", secret=True)
     enabled: bool = _setting(True, boolean(), "False: record and send nothing")
     transaction_sample_rate: float = _setting(1.0, sample_rate(),
                                               "Share of transactions recorded with spans")
@@ -391,7 +434,7 @@ class Config:
     def __repr__(self) -> str:
         def show(s: Setting) -> str:
             value = getattr(self, s.name)
-            return "'***'" if s.secret and value is not None else repr(value)
+            return "'***'" if s.secret and value else repr(value)
 
         return f"Config({', '.join(f'{s.name}={show(s)}' for s in _SETTINGS)})"
 

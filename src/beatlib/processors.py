@@ -11,11 +11,13 @@ raises drops that event.
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from beatlib import release
-from beatlib.protocol import intake_v2
+from beatlib.protocol import intake_v2, otlp
 from beatlib.sanitize import OWN_FIELDS, Sanitizer, truncate
 from beatlib.tracing import Transaction
 
@@ -24,6 +26,7 @@ logger = logging.getLogger("beatlib")
 Event = dict[str, Any]
 BeforeSend = Callable[[str, Event], Event | None]
 KEYWORD_LENGTH = 1024  # the schemas' maxLength for keyword fields
+HELD_EXCEPTIONS = 1024  # OTLP: transactions whose errors wait for them, at most
 
 
 class Sanitize:
@@ -96,7 +99,9 @@ class Truncate:
 class Pipeline:
     """One client's record-to-lines path: `encode(record)` gives NDJSON lines for the
     transport, `metadata_line()` the first line of each request; `events(record)` the
-    processed event dicts (what `encode` writes)."""
+    processed event dicts (what `encode` writes). With exporter="otlp", `encode` gives
+    (signal, JSON records) pairs instead and `metadata_line()` the resource (see
+    `encode_otlp`): the same processed events, another wire format."""
 
     def __init__(self, config: Any, sanitizer: Sanitizer,
                  metadata: Callable[[], Event]) -> None:
@@ -106,7 +111,15 @@ class Pipeline:
         self._metadata = metadata
         self.counts = {"dropped_by_hook": 0, "hook_errors": 0}  # written by the worker only
         self._span_names: dict[tuple[Any, ...], str] = {}  # see intake_v2.span_lines
+        self._otlp_names: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # the same, for OTLP
         self._hook_failed_before = False
+        self.otlp = getattr(config, "exporter", None) == "otlp"
+        # OTLP: an error's `exception` span event waits here for its transaction (queued
+        # after it, when it ends), by transaction id; bounded, the oldest go first.
+        self._held: OrderedDict[str, list[tuple[Any, Event]]] = OrderedDict()
+        now_us = int(time.time() * 1_000_000)
+        self._started_us = now_us  # cumulative counters count from here
+        self._metrics_window = (now_us, now_us)  # (start, end) of the latest metricsets
 
     def events(self, record: Any) -> list[tuple[str, Event]]:
         secrets = getattr(record, "secrets", None) or frozenset()
@@ -119,10 +132,12 @@ class Pipeline:
                 out.append((kind, processed))
         return out
 
-    def encode(self, record: Any) -> list[bytes]:
+    def encode(self, record: Any) -> list[Any]:
         """NDJSON lines of `record`: `events()` written out. A transaction's spans, the bulk
         of all events, are written directly with each field processed (unless a
         before_send hook wants them as dicts)."""
+        if self.otlp:
+            return self.encode_otlp(record)
         if type(record) is not Transaction or self.before_send is not None or not record.spans:
             return [intake_v2.line(kind, event) for kind, event in self.events(record)]
         secrets = record.secrets
@@ -133,6 +148,95 @@ class Pipeline:
                 record, self.config, lambda key, value: self.field(key, value, secrets))
         return lines + intake_v2.span_lines(record, self.config, self.field, self._span_names)
 
+    def encode_otlp(self, record: Any) -> list[tuple[int, bytes]]:
+        """`record` as OTLP JSON records, each part `(signal, records joined by commas)`:
+        a transaction and its spans as spans (with the exception events of its errors), an
+        error as a log record, a metricset as metrics. Unsampled transactions are not
+        exported as spans (OpenTelemetry exports only sampled ones); they still count in
+        the latency histograms."""
+        if type(record) is Transaction:
+            held = self._held.pop("%016x" % record.id, [])
+            if not record.sampled:
+                return []
+            events = self._transaction_events(record)
+            ids = {ev.get("id") for _, ev in events}
+            by_parent: dict[Any, list[Event]] = {}
+            for parent, exc_event in held:
+                by_parent.setdefault(parent if parent in ids else "%016x" % record.id,
+                                     []).append(exc_event)
+            spans = [otlp.transaction_span(ev, by_parent.get(ev.get("id"), ()))
+                     if kind == "transaction" else
+                     otlp.span(ev, by_parent.get(ev.get("id"), ()))
+                     for kind, ev in events]
+            return [(otlp.TRACES, b",".join(otlp.dumps(s) for s in spans))] if spans else []
+        events = self.events(record)
+        out = []
+        for kind, event in events:
+            if kind == "error":
+                exception = otlp.exception_event(event)
+                tx_id = event.get("transaction_id")
+                if exception is not None and tx_id:
+                    self._hold(tx_id, event.get("parent_id"), exception)
+                out.append((otlp.LOGS, otlp.dumps(otlp.log_record(event))))
+            elif kind == "metricset":
+                ts = int(event.get("timestamp") or 0)
+                start, end = self._metrics_window
+                if ts != end:
+                    self._metrics_window = (start, end) = (end, ts)
+                metrics = otlp.metrics(event, start, self._started_us)
+                if metrics:
+                    out.append((otlp.METRICS, b",".join(otlp.dumps(m) for m in metrics)))
+        return out
+
+    def _transaction_events(self, tx: Transaction) -> list[tuple[str, Event]]:
+        """`events(tx)`, with its spans processed field by field as `intake_v2.span_lines`
+        does (the same result: a test holds the two ways equal), unless a before_send hook
+        wants each span as a whole."""
+        if self.before_send is not None or not tx.spans:
+            return self.events(tx)
+        secrets = tx.secrets
+        event = self.process("transaction", intake_v2.transaction(tx), secrets)
+        out = [] if event is None else [("transaction", event)]
+        names = self._otlp_names if not secrets else None
+        field = self.field
+        for sp in tx.spans:
+            ev = intake_v2.span(tx, sp, self.config)
+            key = (sp.name, sp.type, sp.subtype, sp.action)
+            cached = names is not None and type(sp.name) is str and type(sp.type) is str
+            written = names.get(key) if cached else None  # type: ignore[union-attr]
+            if written is None:
+                written = tuple(field(k, ev[k], secrets) if k in ev else None
+                                for k in ("name", "type", "subtype", "action"))
+                if cached:
+                    if len(names) >= 4096:  # type: ignore[arg-type]  # kinds of spans are few
+                        names.clear()  # type: ignore[union-attr]
+                    names[key] = written  # type: ignore[index]
+            for k, v in zip(("name", "type", "subtype", "action"), written, strict=True):
+                if v is not None:
+                    ev[k] = v
+            for k in ("context", "stacktrace"):
+                if k in ev:
+                    ev[k] = field(k, ev[k], secrets)
+            out.append(("span", ev))
+        return out
+
+    def _hold(self, tx_id: str, parent: Any, exc_event: Event) -> None:
+        held = self._held.get(tx_id)
+        if held is None:
+            held = self._held[tx_id] = []
+            while len(self._held) > HELD_EXCEPTIONS:
+                self._held.popitem(last=False)
+        if len(held) < 100:  # the exceptions of one transaction kept on it, at most
+            held.append((parent, exc_event))
+
+    def metadata_resource(self) -> bytes:
+        """OTLP: the Resource of each request, from the metadata event as processed."""
+        event = self._metadata()
+        processed = self.process("metadata", event)
+        if processed is None:
+            processed = self.process("metadata", self._metadata(), hook=False)
+        return otlp.dumps(otlp.resource(processed))  # type: ignore[arg-type]
+
     def field(self, key: str, value: Any, secrets: frozenset[str] = frozenset()) -> Any:
         """One top-level field of a span, through every processor but the hook."""
         for processor in self.processors:
@@ -141,6 +245,8 @@ class Pipeline:
 
     def metadata_line(self) -> bytes:
         """Built for every request, so it shows the client as it is now."""
+        if self.otlp:
+            return self.metadata_resource()
         event = self._metadata()
         processed = self.process("metadata", event)
         if processed is None:  # a request needs one: ours, processed, without the hook

@@ -236,7 +236,7 @@ def test_stats_counters(make_transport, receiver):
     assert set(stats) == {"queued", "sent_events", "sent_internal", "sent_requests", "retried",
                           "dropped_queue_full", "dropped_buffer_full", "dropped_rejected",
                           "dropped_send_error", "dropped_too_large", "dropped_encode_error",
-                          "dropped_at_close",
+                          "dropped_at_close", "dropped_partial_success",
                           "buffered_bytes",
                           "backpressure_waits"}
     assert stats["queued"] == 20 and stats["sent_events"] == 20

@@ -1,4 +1,5 @@
-"""Sending one gzip NDJSON batch to the APM server's intake v2 endpoint.
+"""Sending one gzip batch: NDJSON to the APM server's intake v2 endpoint, or (exporter="otlp")
+one OTLP/HTTP JSON request to the collector's path for its signal.
 
 `Sender` owns the urllib3 pool and maps each answer to what the worker should do with the
 batch; `Backoff` spaces out retries; `RateLimitedLog` keeps an outage to a few log lines.
@@ -21,6 +22,7 @@ import urllib3
 import urllib3.connection
 
 from beatlib import randomness
+from beatlib.protocol import otlp
 from beatlib.version import __version__
 
 logger = logging.getLogger("beatlib.transport")
@@ -61,6 +63,7 @@ class Verdict(enum.Enum):
     DROP = "drop"  # the server will never take this batch (400 and other 4xx)
     FAILED = "failed"  # sending failed here, not on the network: beatlib's bug; not retried
     TOO_LARGE = "too_large"  # 413: the server takes smaller requests; split and send again
+    PARTIAL = "partial"  # OTLP 200 with partialSuccess: sent, some records rejected; not retried
 
 
 class Backoff:
@@ -124,21 +127,36 @@ def _cut(ident: int) -> None:
 
 
 class Sender:
-    """POSTs compressed batches with one pooled, TLS-verifying urllib3 PoolManager."""
+    """POSTs compressed batches with one pooled, TLS-verifying urllib3 PoolManager.
+
+    `send()` answers (verdict, Retry-After seconds or None); for Verdict.PARTIAL the second
+    value is the number of records the OTLP endpoint rejected instead."""
 
     def __init__(self, config: Any, log: RateLimitedLog) -> None:
-        self.url = config.server_url + INTAKE_PATH
+        self.otlp = getattr(config, "exporter", None) == "otlp"
         self.timeout = config.server_timeout
         self._log = log
-        self._hint = path_hint(config.server_url)
-        self.headers = {
-            "Content-Type": "application/x-ndjson",
-            "Content-Encoding": "gzip",
-            "Accept": "application/json",
-            "User-Agent": f"beatlib/{__version__} ({config.service_name})",
-            **auth_headers(config),
-        }
-        self._credentials = [c for c in (config.api_key, config.secret_token) if c]
+        agent = f"beatlib/{__version__} ({config.service_name})"
+        if self.otlp:
+            self.url = config.otlp_endpoint
+            self._peer = "OTLP endpoint"
+            self._hint = ""
+            self.headers = {"Content-Type": "application/json", "Content-Encoding": "gzip",
+                            "Accept": "application/json", "User-Agent": agent,
+                            **config.otlp_headers}
+            self._credentials = [v for v in config.otlp_headers.values() if v]
+        else:
+            self.url = config.server_url + INTAKE_PATH
+            self._peer = "APM server"
+            self._hint = path_hint(config.server_url)
+            self.headers = {
+                "Content-Type": "application/x-ndjson",
+                "Content-Encoding": "gzip",
+                "Accept": "application/json",
+                "User-Agent": agent,
+                **auth_headers(config),
+            }
+            self._credentials = [c for c in (config.api_key, config.secret_token) if c]
         self._pool_kwargs = pool_settings(config)
         self.reset_pool()
 
@@ -147,9 +165,11 @@ class Sender:
         self.pool = urllib3.PoolManager(**self._pool_kwargs)
         self.pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
-    def send(self, body: bytes, timeout: float | None = None) -> tuple[Verdict, float | None]:
+    def send(self, body: bytes, timeout: float | None = None, signal: int | None = None
+             ) -> tuple[Verdict, float | None]:
         """One attempt; never raises. Returns the verdict and the server's Retry-After, if any.
-        `timeout` (default server_timeout) is a deadline for the whole request, reply read."""
+        `timeout` (default server_timeout) is a deadline for the whole request, reply read.
+        `signal` (OTLP: otlp.TRACES, LOGS or METRICS) chooses the path."""
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         ident = threading.get_ident()
         deadline = threading.Timer(timeout, _cut, (ident,))
@@ -160,11 +180,72 @@ class Sender:
         except RuntimeError:  # no new thread at interpreter shutdown: per-read timeouts only
             started = False
         try:
+            if signal is not None:
+                return self._send_otlp(body, timeout, signal)
             return self._send(body, timeout)
         finally:
             if started:
                 deadline.cancel()
             _carrying.pop(ident, None)
+
+    def _post(self, url: str, body: bytes, timeout: float) -> tuple[Any, bytes]:
+        resp = self.pool.request(
+            "POST",
+            url,
+            body=body,
+            headers=self.headers,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            retries=False,
+            redirect=False,
+            preload_content=False,
+        )
+        # Read a bounded reply: a broken proxy must not make us hold megabytes.
+        data = resp.read(_MAX_REPLY + 1)
+        if len(data) > _MAX_REPLY:
+            resp.close()  # the rest stays unread, so this connection cannot be reused
+        else:
+            resp.release_conn()
+        return resp, data
+
+    def _send_otlp(self, body: bytes, timeout: float, signal: int
+                   ) -> tuple[Verdict, float | None]:
+        """OTLP/HTTP's rules: only 429, 502, 503 and 504 are retried (Retry-After honoured);
+        a 200 may report a partial success, which is final."""
+        url = self.url + otlp.PATHS[signal]
+        try:
+            resp, data = self._post(url, body, timeout)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            self._log.log("unreachable", logging.WARNING, "OTLP endpoint %s unreachable (%s); "
+                          "will retry", url, self._hide(exc))
+            return Verdict.RETRY, None
+        except Exception as exc:
+            self._log.log("send_failed", logging.ERROR,
+                          "beatlib: could not send a batch (%s: %s); dropped it. This is a "
+                          "bug in beatlib, please report it", type(exc).__name__,
+                          self._hide(exc))
+            return Verdict.FAILED, None
+        status = resp.status
+        text = data[:_MAX_REPLY].decode("utf-8", "replace")
+        if 200 <= status < 300:
+            partial = otlp.rejected(signal, data) if len(data) <= _MAX_REPLY else None
+            if partial is None:
+                return Verdict.SENT, None
+            count, message = partial
+            self._log.log("partial", logging.WARNING, "OTLP endpoint %s rejected %d of the "
+                          "records of a request (partial success, not retried): %s", url,
+                          count, " ".join(message.split())[:500] or "no reason given")
+            return (Verdict.PARTIAL, float(count)) if count else (Verdict.SENT, None)
+        if status in (429, 502, 503, 504):
+            self._log.log("unavailable", logging.WARNING, "OTLP endpoint busy or failing "
+                          "(HTTP %d: %s); will retry", status, " ".join(text.split())[:500])
+            return Verdict.RETRY, _retry_after(resp.headers.get("Retry-After"))
+        if status == 413:
+            return Verdict.TOO_LARGE, None
+        what = "credentials rejected; check otlp_headers" if status in (401, 403) else \
+            "rejected a request"
+        self._log.log("rejected", logging.ERROR, "OTLP endpoint %s %s (HTTP %d), dropping it: "
+                      "%s", url, what, status, server_message(text)[:2000])
+        return Verdict.DROP, None
 
     def _send(self, body: bytes, timeout: float) -> tuple[Verdict, float | None]:
         try:

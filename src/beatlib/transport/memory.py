@@ -2,6 +2,7 @@
 
 For tests and for trying beatlib without a server: `Client(sender=MemorySender())`, then
 `sender.events("transaction")`. The same batching, gzip and processors run as with HTTP.
+With exporter="otlp", `sender.otlp(signal)` gives the decoded OTLP requests.
 """
 
 from __future__ import annotations
@@ -20,11 +21,20 @@ class MemorySender:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.bodies: list[bytes] = []  # the raw request bodies (gzip), in order
+        self.signals: list[int | None] = []  # OTLP: each body's signal; None for intake
 
-    def send(self, body: bytes, timeout: float | None = None) -> tuple[Verdict, float | None]:
+    def send(self, body: bytes, timeout: float | None = None, signal: int | None = None
+             ) -> tuple[Verdict, float | None]:
         with self._lock:
             self.bodies.append(body)
+            self.signals.append(signal)
         return Verdict.SENT, None
+
+    def otlp(self, signal: int) -> list[dict[str, Any]]:
+        """The OTLP requests of `signal` (protocol.otlp.TRACES, LOGS, METRICS), decoded."""
+        with self._lock:
+            sent = list(zip(self.signals, self.bodies, strict=True))
+        return [json.loads(gzip.decompress(body)) for s, body in sent if s == signal]
 
     def reset_pool(self) -> None:
         """Nothing to reset after a fork: there are no sockets."""
@@ -49,3 +59,4 @@ class MemorySender:
     def clear(self) -> None:
         with self._lock:
             self.bodies.clear()
+            self.signals.clear()

@@ -1,5 +1,6 @@
 """The background transport: a bounded queue that one daemon thread drains into gzip NDJSON
-batches, ships, and holds (bounded by max_buffer_size) while the server is away.
+batches (or, exporter="otlp", up to three OTLP JSON requests per batch: traces, logs,
+metrics), ships, and holds (bounded by max_buffer_size) while the server is away.
 
 The request thread only appends to a deque; encoding and compression happen on the worker,
 each request on a short-lived thread of its own, so a slow server never stops the draining.
@@ -22,6 +23,7 @@ from time import monotonic, sleep
 from typing import Any
 
 from beatlib.guard import report
+from beatlib.protocol import otlp
 from beatlib.transport.http import Backoff, RateLimitedLog, Sender, Verdict
 
 logger = logging.getLogger("beatlib.transport")
@@ -29,7 +31,8 @@ logger = logging.getLogger("beatlib.transport")
 STAT_KEYS = ("queued", "sent_events", "sent_internal", "sent_requests", "retried",
              "dropped_queue_full", "dropped_buffer_full", "dropped_rejected",
              "dropped_send_error", "dropped_too_large", "dropped_encode_error",
-             "dropped_at_close", "buffered_bytes", "backpressure_waits")
+             "dropped_at_close", "dropped_partial_success", "buffered_bytes",
+             "backpressure_waits")
 _ENCODE_SLICE = 0.0005  # seconds of encoding between GIL hand-backs (see _drain)
 _YIELD_SECONDS = 0.001  # what one queue() call may wait for the worker, at most about this
 
@@ -53,9 +56,10 @@ class _Batch:
     """One request body being written (gzip stream) or, once sealed, waiting to be sent."""
 
     __slots__ = ("_gzip", "chunks", "size", "raw", "raw_out", "items", "internal", "markers",
-                 "body")
+                 "body", "signal", "records", "tail")
 
-    def __init__(self, level: int, metadata: bytes) -> None:
+    def __init__(self, level: int, metadata: bytes, signal: int | None = None,
+                 tail: bytes = b"") -> None:
         self._gzip = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip wrapper
         self.chunks: list[bytes] = []
         self.size = 0  # compressed bytes out so far
@@ -65,7 +69,15 @@ class _Batch:
         self.internal = 0  # beatlib's own (the periodic metricsets), counted apart
         self.markers: list[_Marker] = []
         self.body = b""
+        self.signal = signal  # OTLP: the signal of this request (its path); None: intake
+        self.records = 0  # OTLP: record parts written, each after a comma but the first
+        self.tail = tail  # OTLP: what closes the request's JSON
         self.write(metadata)
+
+    def add(self, data: bytes) -> None:
+        """OTLP: one record part (comma-separated records) of this request."""
+        self.write(data if not self.records else b"," + data)
+        self.records += 1
 
     def write(self, data: bytes) -> None:
         self.raw += len(data)
@@ -82,19 +94,74 @@ class _Batch:
         return self.size + int((self.raw - self.raw_out) * ratio)
 
     def seal(self) -> None:
+        if self.tail:
+            self.write(self.tail)
         self.chunks.append(self._gzip.flush())
         self.body = b"".join(self.chunks)
         self.size = len(self.body)
         self.chunks = []
 
 
+class _OtlpBatch:
+    """OTLP: one batch being written as up to three requests, one per signal, each its own
+    gzip stream; sealed, each is a `_Batch` of its own in the send buffer."""
+
+    __slots__ = ("level", "resource", "requests", "markers", "unsent_items", "unsent_internal")
+
+    def __init__(self, level: int, resource: bytes) -> None:
+        self.level = level
+        self.resource = resource
+        self.requests: list[_Batch | None] = [None, None, None]
+        self.markers: list[_Marker] = []
+        self.unsent_items = self.unsent_internal = 0  # items that gave no record at all
+
+    def add(self, parts: list[tuple[int, bytes]], internal: bool) -> None:
+        """One item's records; the item counts in the request of its first part."""
+        for i, (signal, data) in enumerate(parts):
+            request = self.requests[signal]
+            if request is None:
+                head, tail = otlp.envelope(signal, self.resource)
+                request = self.requests[signal] = _Batch(self.level, head, signal, tail)
+            request.add(data)
+            if i == 0:
+                if internal:
+                    request.internal += 1
+                else:
+                    request.items += 1
+        if not parts:
+            if internal:
+                self.unsent_internal += 1
+            else:
+                self.unsent_items += 1
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.requests if r is not None)
+
+    def estimated_size(self) -> int:
+        return sum(r.estimated_size() for r in self.requests if r is not None)
+
+    def seal(self) -> list[_Batch]:
+        """The requests, sealed, in signal order; flushes wait for the last one."""
+        out = [r for r in self.requests if r is not None]
+        for request in out:
+            request.seal()
+        if out:
+            out[-1].items += self.unsent_items
+            out[-1].internal += self.unsent_internal
+            out[-1].markers = self.markers
+        return out
+
+
 class Transport:
     """Queues items from any thread and ships them in the background; see docs/ for the rules.
 
     `encode(item)` returns NDJSON lines (bytes ending in b"\\n"), `metadata()` the metadata
-    line; both run on the worker thread. `on_tick()` (worker thread, every flush_interval)
-    returns items to send with that tick, e.g. metricsets. The other keyword arguments tune
-    retry spacing, compression and log rate (tests use short backoffs), and the sender.
+    line; both run on the worker thread. With config.exporter "otlp", `encode(item)` returns
+    (signal, JSON records) pairs and `metadata()` the Resource as JSON. `on_tick()` (worker
+    thread, every flush_interval) returns items to send with that tick, e.g. metricsets.
+    The other keyword arguments tune retry spacing, compression and log rate (tests use
+    short backoffs), and the sender.
     """
 
     def __init__(
@@ -111,6 +178,7 @@ class Transport:
         sender: Any = None,
     ) -> None:
         self._encode = encode
+        self._otlp = getattr(config, "exporter", None) == "otlp"
         self._on_tick = on_tick
         self._metadata = metadata
         self._max_queue_events = config.max_queue_events
@@ -147,7 +215,7 @@ class Transport:
         self._counts = dict.fromkeys(STAT_KEYS, 0)
         self._losses = 0  # bumped on every loss, so a flush can tell whether it lost anything
         self._queue_drops_seen = 0  # of _dropped_queue_full, counted in _losses already
-        self._batch: _Batch | None = None
+        self._batch: _Batch | _OtlpBatch | None = None
         self._pending: deque[_Batch] = deque()
         self._pending_bytes = 0
         self._backoff = Backoff(*self._backoff_args)
@@ -362,12 +430,16 @@ class Transport:
             if self._metadata_line is None:
                 self._lose("dropped_encode_error", 1)
                 return
-            batch = self._batch = _Batch(self._compress_level, self._metadata_line)
-        batch.write(lines[0] if len(lines) == 1 else b"".join(lines))  # one zlib call per item
-        if internal:
-            batch.internal += 1
+            batch = self._batch = (_OtlpBatch if self._otlp else _Batch)(
+                self._compress_level, self._metadata_line)
+        if isinstance(batch, _OtlpBatch):
+            batch.add(lines, internal)  # type: ignore[arg-type]
         else:
-            batch.items += 1
+            batch.write(lines[0] if len(lines) == 1 else b"".join(lines))  # one zlib call
+            if internal:
+                batch.internal += 1
+            else:
+                batch.items += 1
         if batch.estimated_size() >= self._max_request_size:
             self._seal()
 
@@ -377,12 +449,24 @@ class Transport:
         if batch is None:
             return
         self._batch = None
-        batch.seal()
-        self._pending.append(batch)
-        self._pending_bytes += batch.size
+        if isinstance(batch, _OtlpBatch):
+            requests = batch.seal()
+            if not requests:  # every item was dropped before any record (before_send)
+                self._counts["sent_events"] += batch.unsent_items
+                self._counts["sent_internal"] += batch.unsent_internal
+                for marker in batch.markers:
+                    marker.done.set()
+                return
+        else:
+            batch.seal()
+            requests = [batch]
+        for request in requests:
+            self._pending.append(request)
+            self._pending_bytes += request.size
         dropped = 0
         first = 0 if self._in_flight is None else 1  # the batch on the wire stays
-        while self._pending_bytes > self._max_buffer_size and len(self._pending) > first + 1:
+        while (self._pending_bytes > self._max_buffer_size
+               and len(self._pending) > first + len(requests)):
             oldest = self._pending[first]
             del self._pending[first]
             self._pending_bytes -= oldest.size
@@ -406,7 +490,7 @@ class Transport:
         """Sends the head batch from a thread of its own: a slow or stuck server holds that
         thread (up to server_timeout), while this one goes on draining the queue."""
         batch = self._in_flight = self._pending[0]
-        thread = threading.Thread(target=contextvars.Context().run, args=(self._ship, batch.body),
+        thread = threading.Thread(target=contextvars.Context().run, args=(self._ship, batch),
                                   name="beatlib-send", daemon=True)
         try:
             thread.start()
@@ -414,10 +498,15 @@ class Transport:
             self._in_flight = None
             self._send_head()
 
-    def _ship(self, body: bytes) -> None:
+    def _send_batch(self, batch: _Batch, timeout: float | None) -> tuple[Verdict, float | None]:
+        if batch.signal is None:
+            return self._sender.send(batch.body, timeout)  # type: ignore[no-any-return]
+        return self._sender.send(batch.body, timeout, batch.signal)  # type: ignore[no-any-return]
+
+    def _ship(self, batch: _Batch) -> None:
         """The request thread: one send, its answer handed back to the worker."""
         try:
-            result = self._sender.send(body, None)
+            result = self._send_batch(batch, None)
         except Exception:
             report("transport: sending a batch")
             result = (Verdict.FAILED, None)
@@ -438,7 +527,7 @@ class Transport:
             self._settle(*result)
 
     def _send_head(self, timeout: float | None = None) -> Verdict:
-        verdict, retry_after = self._sender.send(self._pending[0].body, timeout)
+        verdict, retry_after = self._send_batch(self._pending[0], timeout)
         return self._settle(verdict, retry_after)
 
     def _settle(self, verdict: Verdict, retry_after: float | None) -> Verdict:
@@ -465,6 +554,11 @@ class Transport:
         elif verdict is Verdict.FAILED:
             self._drop(batch, "dropped_send_error")
         else:
+            if verdict is Verdict.PARTIAL:  # the count of records the endpoint rejected
+                self._lose("dropped_partial_success", int(retry_after or 0))
+                for later in (batch, *self._pending):  # a flush covering them lost data
+                    for marker in later.markers:
+                        marker.ok = False
             self._counts["sent_requests"] += 1
             self._counts["sent_events"] += batch.items
             self._counts["sent_internal"] += batch.internal
@@ -474,9 +568,14 @@ class Transport:
 
     def _split(self, batch: _Batch) -> None:
         """A batch the server found too large (413) goes again as two halves, each with the
-        metadata line; one event that alone is too large is dropped."""
-        lines = zlib.decompress(batch.body, 47).splitlines(keepends=True)  # 47: gzip or zlib
-        metadata, events = lines[0], lines[1:]
+        metadata line (OTLP: the resource); one event that alone is too large is dropped."""
+        raw = zlib.decompress(batch.body, 47)  # 47: gzip or zlib
+        if batch.signal is not None:
+            parts = otlp.split(batch.signal, raw)
+            metadata, events = b"", [] if parts is None else parts
+        else:
+            lines = raw.splitlines(keepends=True)
+            metadata, events = lines[0], lines[1:]
         if len(events) <= 1:
             self._drop(batch, "dropped_too_large")
             self._log.log("too_large", logging.ERROR, "beatlib: the APM server refused an event "
@@ -484,8 +583,10 @@ class Transport:
             return
         middle = len(events) // 2
         halves = []
-        for part in (events[:middle], events[middle:]):
-            half = _Batch(self._compress_level, metadata)
+        pieces = ([events[0]], [events[1]]) if batch.signal is not None else (
+            events[:middle], events[middle:])
+        for part in pieces:
+            half = _Batch(self._compress_level, metadata, batch.signal)
             half.write(b"".join(part))
             half.seal()
             halves.append(half)
