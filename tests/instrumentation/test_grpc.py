@@ -357,7 +357,7 @@ def test_unsampled_transaction_sends_its_decision(receiver, echo):
     finally:
         client.close(5)
         context.set_active(None)
-    assert seen_metadata[0]["traceparent"] == f"00-{tx.trace_id}-{tx.id:016x}-00"
+    assert seen_metadata[0]["traceparent"] == f"00-{tx.trace_id}-{tx.id:016x}-02"
     assert receiver.events("span") == []
 
 

@@ -48,8 +48,8 @@ def test_publish_is_a_send_span_with_trace_headers_in_a_copy(traced, connection)
     assert second["name"] == "RabbitMQ SEND to beatlib-invoices"
     assert received[0].payload == {"secret": "value"}
     assert received[0].headers == {"kind": "invoice", "tracestate": tx.tracestate,
-                                   "traceparent": f"00-{tx.trace_id}-{first['id']}-01"}
-    assert received[1].headers["traceparent"] == f"00-{tx.trace_id}-{second['id']}-01"
+                                   "traceparent": f"00-{tx.trace_id}-{first['id']}-03"}
+    assert received[1].headers["traceparent"] == f"00-{tx.trace_id}-{second['id']}-03"
     assert "secret" not in str(first) and "kind" not in str(first)
 
 
