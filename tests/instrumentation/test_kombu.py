@@ -15,6 +15,7 @@ from kombu.messaging import Producer
 import beatlib
 from beatlib.config import Config
 from beatlib.contrib import celery as beat_celery
+from beatlib.tracing import outgoing_headers
 from tests.databases import run_instrumented
 
 
@@ -68,6 +69,31 @@ def test_the_consumer_continues_the_trace_with_beatlib_transaction(traced, conne
     txs, (send,), _ = traced.shipped()
     job = next(t for t in txs if t["name"] == "handle job")
     assert (job["trace_id"], job["parent_id"]) == (publisher.trace_id, send["id"])
+
+
+def test_baggage_goes_in_the_message_headers_and_on_from_the_consumer(traced, connection):
+    queue = kombu.Queue("beatlib-kombu-baggage", auto_delete=True)
+    baggage = "userId=alice,cart=42;p"
+    onward = []
+
+    def handle(body, message):
+        with beatlib.transaction("handle job", "messaging", headers=message.headers):
+            onward.append(outgoing_headers())
+            message.ack()
+
+    received = []
+    with connection.Consumer(queue, callbacks=[lambda body, m: received.append(m), handle]):
+        traced.client.begin_transaction("request", None, baggage)
+        connection.Producer().publish("x", routing_key="beatlib-kombu-baggage")
+        connection.Producer().publish("y", routing_key="beatlib-kombu-baggage",
+                                      headers={"baggage": "mine=1"})
+        traced.end()
+        while len(received) < 2:
+            connection.drain_events(timeout=5)
+    assert received[0].headers["baggage"] == baggage
+    assert received[1].headers["baggage"] == "mine=1"  # the app's own is kept
+    assert onward[0]["baggage"] == baggage and onward[1]["baggage"] == "mine=1"
+    assert "alice" not in repr(traced.shipped())
 
 
 def test_outside_a_transaction_and_failures(traced, connection):
