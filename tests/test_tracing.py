@@ -225,7 +225,7 @@ def test_traceparent_of_a_span_names_the_span(rec):
     parsed = parse_traceparent(header)
     assert parsed.trace_id == tx.trace_id and parsed.span_id == "%016x" % span.id
     assert parsed.sampled is True
-    assert format_traceparent(parsed.trace_id, parsed.span_id, True) == header
+    assert format_traceparent(parsed.trace_id, parsed.span_id, True, parsed.random) == header
     assert parse_traceparent(tx.traceparent()).span_id == "%016x" % tx.id
     rec.tracer.end_transaction()
 
@@ -443,3 +443,93 @@ def test_an_unsampled_continued_trace_counts_for_nothing(rec):
     headers, event, _ = _traced(rec, parse_traceparent(CALLER % 0, "es=s:0.5"))
     assert event["sampled"] is False and event["sample_rate"] == 0.0
     assert headers["tracestate"] == "es=s:0.5"
+
+
+def test_the_traces_we_start_set_the_level_2_random_flag(rec):
+    for rate, flags in ((1.0, "03"), (0.0, "02")):
+        rec = Recorder(transaction_sample_rate=rate)
+        tx = rec.tracer.begin_transaction("request")
+        assert tx.traceparent().endswith(f"-{flags}")
+        assert outgoing_headers()["traceparent"].endswith(f"-{flags}")
+        with capture_span("call") as span:
+            if span is not None:
+                assert span.traceparent().endswith(f"-{flags}")
+        parsed = parse_traceparent(tx.traceparent())
+        assert parsed.random is True and parsed.sampled is (rate == 1.0)
+        rec.tracer.end_transaction("t")
+        context.set_active(None)
+
+
+BAGGAGE = "userId=alice,serverNode=DF%2028,isProduction=false;meta=1"
+
+
+@pytest.mark.parametrize(("header", "kept"), [
+    (BAGGAGE, BAGGAGE),  # byte for byte: properties, percent-encoding, order
+    ("  k=v , x=y\t", "k=v , x=y"),  # outer whitespace only is dropped
+    ("k=%E2%9C%93", "k=%E2%9C%93"),
+    (None, None), (42, None), (b"k=v", None), ("", None), (" ", None),
+    ("k=v\r\nX-Injected: 1", None),  # a line break: dropped whole
+    ("k=caf\u00e9", None),  # raw non-ASCII (baggage percent-encodes it): dropped whole
+])  # fmt: skip
+def test_baggage_is_kept_as_it_came_or_dropped_whole(header, kept):
+    from beatlib.tracing import valid_baggage
+
+    assert valid_baggage(header) == kept
+
+
+def test_baggage_beyond_the_w3c_limits_loses_whole_members_from_the_end():
+    from beatlib.tracing import MAX_BAGGAGE_BYTES, MAX_BAGGAGE_MEMBERS, valid_baggage
+
+    members = [f"k{i}=v{i}" for i in range(200)]
+    kept = valid_baggage(",".join(members))
+    assert kept == ",".join(members[:MAX_BAGGAGE_MEMBERS])
+    assert valid_baggage(",".join(members[:180])) == ",".join(members[:180])
+    big = [f"m{i}={'x' * 1000}" for i in range(10)]  # 1005 bytes each
+    kept = valid_baggage(",".join(big))
+    assert kept == ",".join(big[:8]) and len(kept) <= MAX_BAGGAGE_BYTES
+    exact = "a=" + "x" * (MAX_BAGGAGE_BYTES - 2)
+    assert valid_baggage(exact) == exact
+    assert valid_baggage(exact + ",b=1") == exact  # cut at the comma after a full prefix
+    assert valid_baggage(exact + "x") is None  # one member over the limit: nothing to keep
+    assert valid_baggage("a=1," + "b=" + "y" * MAX_BAGGAGE_BYTES) == "a=1"
+
+
+def test_baggage_goes_out_with_the_trace_headers_as_it_came(rec):
+    tx = rec.tracer.begin_transaction("request", parse_traceparent(CALLER % 1, "x=1"),
+                                      BAGGAGE)
+    assert tx.baggage == BAGGAGE
+    with capture_span("call"):
+        headers = outgoing_headers()
+    assert headers == {"traceparent": headers["traceparent"], "tracestate": "x=1",
+                       "baggage": BAGGAGE}
+    rec.tracer.end_transaction("t")
+    event, _ = rec.events(tx)
+    assert "alice" not in repr(event)  # never recorded
+    context.set_active(None)
+    # Without a traceparent the caller's baggage still goes on, with a new trace.
+    tx = rec.tracer.begin_transaction("request", None, "k=v")
+    assert outgoing_headers()["baggage"] == "k=v" and tx.parent_id is None
+    rec.tracer.end_transaction("t")
+    context.set_active(None)
+    tx = rec.tracer.begin_transaction("request")
+    assert "baggage" not in outgoing_headers()
+    rec.tracer.end_transaction("t")
+
+
+def test_trace_context_from_headers_finds_baggage_in_any_case():
+    from beatlib.tracing import trace_context_from
+
+    parent, baggage = trace_context_from({"TraceParent": (CALLER % 1).encode(),
+                                          "BAGGAGE": b"k=v;p", "tracestate": "x=1"})
+    assert parent.tracestate == "x=1" and baggage == "k=v;p"
+    assert trace_context_from({"baggage": "k=v"}) == (None, "k=v")
+    assert trace_context_from(None) == (None, None)
+    assert trace_context_from({"baggage": "\n"}) == (None, None)
+
+
+def test_tracestate_keeps_other_vendors_members_in_order_up_to_32():
+    from beatlib.tracing import valid_tracestate
+
+    members = [f"v{i}=x{i}" for i in range(32)]
+    assert valid_tracestate(",".join(members)) == ",".join(members)
+    assert valid_tracestate(",".join([*members, "es=s:1"])) is None  # 33: dropped whole

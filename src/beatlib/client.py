@@ -82,10 +82,12 @@ class Client:
     # -- transactions --------------------------------------------------------------------
 
     def begin_transaction(
-        self, transaction_type: str, trace_parent: TraceParent | str | None = None
+        self, transaction_type: str, trace_parent: TraceParent | str | None = None,
+        baggage: str | None = None,
     ) -> Transaction:
-        """Begin a transaction in the current thread or task, continuing `trace_parent`."""
-        return self.tracer.begin_transaction(transaction_type, trace_parent)
+        """Begin a transaction in the current thread or task, continuing `trace_parent`;
+        `baggage` (the caller's W3C `baggage` header) is sent on with its outgoing calls."""
+        return self.tracer.begin_transaction(transaction_type, trace_parent, baggage)
 
     def end_transaction(
         self, name: str | None = None, result: str | None = None

@@ -22,7 +22,7 @@ from beatlib.tracing import (
     each_call_in,
     is_bare_decoration,
     start_span,
-    trace_parent_from,
+    trace_context_from,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,8 +66,9 @@ class transaction:  # noqa: N801 - lower case: it reads as a function at call si
                                        self.transaction_type)
             return self._segment
         self._client = client
-        parent = trace_parent_from(self.headers) if self.headers is not None else None
-        tx = client.begin_transaction(self.transaction_type, parent)
+        parent, baggage = (trace_context_from(self.headers) if self.headers is not None
+                           else (None, None))
+        tx = client.begin_transaction(self.transaction_type, parent, baggage)
         tx.name = self.name  # now, so errors captured inside carry it
         self._segment = tx
         return tx

@@ -77,22 +77,61 @@ def parse_traceparent(header: Any, tracestate: Any = None) -> TraceParent | None
 
 
 
-def trace_parent_from(headers: Any) -> TraceParent | None:
-    """The trace parent in a message's or request's `headers` (a mapping; `traceparent` and
-    `tracestate` looked up in any case, as text or bytes), or None. Never raises."""
+_CONTEXT_HEADERS = ("traceparent", "tracestate", "baggage")
+
+
+def trace_context_from(headers: Any) -> tuple[TraceParent | None, str | None]:
+    """The trace parent and the `baggage` in a message's or request's `headers` (a mapping;
+    `traceparent`, `tracestate` and `baggage` looked up in any case, as text or bytes), each
+    None when absent or invalid. Never raises."""
     try:
         if not headers or not hasattr(headers, "items"):
-            return None
+            return None, None
         found: dict[str, Any] = {}
         for key, value in headers.items():
             key = key.decode("latin-1") if isinstance(key, bytes) else key
-            if isinstance(key, str) and key.lower() in ("traceparent", "tracestate"):
+            if isinstance(key, str) and key.lower() in _CONTEXT_HEADERS:
                 if isinstance(value, bytes):
                     value = value.decode("latin-1")
                 found.setdefault(key.lower(), value)
-        return parse_traceparent(found.get("traceparent"), found.get("tracestate"))
+        return (parse_traceparent(found.get("traceparent"), found.get("tracestate")),
+                valid_baggage(found.get("baggage")))
     except Exception:  # an odd mapping: a new trace
+        return None, None
+
+
+def trace_parent_from(headers: Any) -> TraceParent | None:
+    """The trace parent in a message's or request's `headers` (see `trace_context_from`)."""
+    return trace_context_from(headers)[0]
+
+
+# W3C baggage: passed on as it came, never read. The limits are the W3C baggage spec's: 180
+# list-members (its grammar) and 8192 bytes in all.
+MAX_BAGGAGE_MEMBERS = 180
+MAX_BAGGAGE_BYTES = 8192
+_BAGGAGE_TEXT = re.compile(r"[\x20-\x7e\t]+")  # printable ASCII: values are percent-encoded
+
+
+def valid_baggage(header: Any) -> str | None:
+    """An incoming `baggage` header to send on unchanged, or None. Its members are never
+    parsed: a header with a character outside printable ASCII (a line break, non-ASCII text,
+    which W3C baggage percent-encodes) is dropped whole; beyond 180 members or 8192 bytes the
+    members past the limit are dropped whole (cut at a comma, never inside a member), the
+    rest kept byte for byte."""
+    if not isinstance(header, str):
         return None
+    header = header.strip(" \t")
+    if len(header) > MAX_BAGGAGE_BYTES:
+        end = header.rfind(",", 0, MAX_BAGGAGE_BYTES + 1)
+        header = header[:end].rstrip(" \t,") if end > 0 else ""
+    if header.count(",") >= MAX_BAGGAGE_MEMBERS:
+        end = -1
+        for _ in range(MAX_BAGGAGE_MEMBERS):
+            end = header.index(",", end + 1)
+        header = header[:end].rstrip(" \t,")
+    if not header or not _BAGGAGE_TEXT.fullmatch(header):
+        return None
+    return header
 
 # A key is up to 256 of a-z 0-9 _ - * / @, beginning with a letter or digit: the grammar of
 # trace context level 2, which replaced level 1's tenant@vendor form and its 241/14 split.
@@ -193,7 +232,7 @@ class Transaction(Segment):
     __slots__ = (
         "tracer", "id", "trace_id", "parent_id", "name", "type", "result", "outcome",
         "sampled", "sample_rate", "tracestate", "timestamp", "start", "duration", "ended",
-        "spans", "spans_dropped", "leaf", "secrets", "random_trace_id", "errored",
+        "spans", "spans_dropped", "leaf", "secrets", "random_trace_id", "errored", "baggage",
     )  # fmt: skip
 
     def __init__(
@@ -201,8 +240,11 @@ class Transaction(Segment):
         tracer: Tracer,
         transaction_type: str,
         trace_parent: TraceParent | None,
+        baggage: str | None = None,
     ) -> None:
         self.tracer = tracer
+        # The caller's W3C `baggage`, sent on as it came with our trace headers; never recorded.
+        self.baggage = valid_baggage(baggage) if baggage is not None else None
         self.id = _getrandbits(64) or 1
         self.type = transaction_type
         self.name: str | None = None
@@ -226,7 +268,9 @@ class Transaction(Segment):
             # extrapolate counts; unsampled data counts for nothing.
             self.sample_rate: float | None = rate if self.sampled else 0.0
             self.tracestate: str | None = tracer.root_tracestates[self.sampled]
-            self.random_trace_id = False  # ours are random, but only a caller's flag is passed on
+            # Trace context level 2: our trace ids are 128 random bits (the generator in
+            # `randomness`), so the traces we start say so, as OpenTelemetry SDKs' do.
+            self.random_trace_id = True
         else:
             self.trace_id = trace_parent.trace_id
             self.parent_id = trace_parent.span_id
@@ -390,16 +434,18 @@ def call_in(span: Span | None, function: Callable[..., Any], args: Any, kwargs: 
 
 
 def outgoing_headers() -> dict[str, str] | None:
-    """`traceparent` (and `tracestate`) naming the active span or transaction, for a call to
-    another service; also for unsampled transactions, so the callee follows our decision.
-    None outside a transaction."""
+    """`traceparent` (and `tracestate`, and the caller's `baggage` as it came) naming the
+    active span or transaction, for a call to another service; also for unsampled
+    transactions, so the callee follows our decision. None outside a transaction."""
     segment = get_active()
     if segment is None or segment.transaction.ended:
         return None
+    tx = segment.transaction
     headers = {"traceparent": segment.traceparent()}
-    tracestate = segment.transaction.tracestate
-    if tracestate:
-        headers["tracestate"] = tracestate
+    if tx.tracestate:
+        headers["tracestate"] = tx.tracestate
+    if tx.baggage:
+        headers["baggage"] = tx.baggage
     return headers
 
 
@@ -518,11 +564,12 @@ class Tracer:
         self.stack_trace_min_ms = threshold * 1000.0 if threshold >= 0 else -1.0
 
     def begin_transaction(
-        self, transaction_type: str, trace_parent: TraceParent | str | None = None
+        self, transaction_type: str, trace_parent: TraceParent | str | None = None,
+        baggage: str | None = None,
     ) -> Transaction:
         if trace_parent is not None and not isinstance(trace_parent, TraceParent):
             trace_parent = parse_traceparent(trace_parent)
-        tx = Transaction(self, transaction_type, trace_parent)
+        tx = Transaction(self, transaction_type, trace_parent, baggage)
         set_active(tx)
         return tx
 

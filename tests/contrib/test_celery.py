@@ -17,6 +17,7 @@ import beatlib
 from beatlib import context
 from beatlib.contrib import celery as beat_celery
 from beatlib.contrib.logging import LoggingHandler
+from beatlib.tracing import outgoing_headers
 
 celery = pytest.importorskip("celery")
 from celery.contrib.testing.worker import start_worker  # noqa: E402
@@ -45,6 +46,10 @@ def app():
     def add(x, y):
         with beatlib.capture_span("sum"):
             return x + y
+
+    @app.task(name="shop.onward")
+    def onward():  # the baggage the task's own outgoing calls would carry
+        return (outgoing_headers() or {}).get("baggage")
 
     @app.task(name="shop.fail")
     def fail(order_id):
@@ -85,6 +90,16 @@ def test_task_is_a_transaction_continuing_the_publishers_trace(client, app, work
     assert send["transaction_id"] == request["id"] and send["outcome"] == "success"
     assert task["parent_id"] == send["id"]  # the worker's transaction hangs under the send
     assert spans["sum"]["transaction_id"] == task["id"]
+
+
+def test_the_publishers_baggage_goes_on_from_the_task(client, app, worker, receiver):
+    baggage = "userId=alice,order=7;p"
+    client.begin_transaction("request", None, baggage)
+    sent = app.tasks["shop.onward"].delay()
+    client.end_transaction("POST /orders", "HTTP 2xx")
+    assert sent.get(timeout=10) == baggage
+    assert receiver.wait_for("transaction", 2)
+    assert "alice" not in repr(receiver.events("transaction"))
 
 
 def test_failure_is_captured_once_with_the_task_context(client, app, worker, receiver):

@@ -14,6 +14,7 @@ import requests
 import beatlib
 from beatlib import context
 from beatlib.contrib.wsgi import BeatMiddleware
+from beatlib.tracing import outgoing_headers
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -33,6 +34,9 @@ def app(environ, start_response):
     if path == "/told":
         beatlib.set_transaction_outcome("success")
         raise KeyError("the app said success first")
+    if path == "/baggage":  # what the app's outgoing calls would carry
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [(outgoing_headers() or {}).get("baggage", "none").encode()]
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return stream()
@@ -94,6 +98,19 @@ def test_request_transaction_continues_the_trace(served, receiver):
     assert req["socket"]["remote_address"] == "127.0.0.1"
     assert tx["context"]["response"]["status_code"] == 200
     assert tx["context"]["response"]["headers"]["X-Thing"] == "1"
+
+
+def test_the_callers_baggage_goes_on_as_it_came_and_is_never_recorded(served, receiver):
+    url, client = served(sanitize_field_names=["nothing"])  # not even with redaction off
+    baggage = "userId=alice%40example.com,plan=gold;tier=1"
+    resp = requests.get(url + "/baggage", headers={"traceparent": PARENT, "baggage": baggage})
+    assert resp.text == baggage
+    assert requests.get(url + "/baggage").text == "none"
+    assert client.flush(5)
+    first, second = receiver.events("transaction")
+    assert first["context"]["request"]["headers"]["Baggage"] == "[REDACTED]"
+    assert "alice" not in repr(receiver.events("transaction"))
+    assert "Baggage" not in second["context"]["request"]["headers"]
 
 
 def test_an_exception_is_captured_once_with_the_request(served, receiver):

@@ -175,7 +175,7 @@ def test_unsampled_transaction_sends_the_header_without_a_span(receiver, server,
         assert client.flush(10)
     finally:
         client.close(5)
-    assert seen["traceparent"] == f"00-{tx.trace_id}-{'%016x' % tx.id}-00"
+    assert seen["traceparent"] == f"00-{tx.trace_id}-{'%016x' % tx.id}-02"
     assert receiver.events("span") == []
 
 

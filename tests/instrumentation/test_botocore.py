@@ -182,17 +182,25 @@ def test_sqs_attribute_limit(traced, session, aws):
     sqs.send_message(QueueUrl=url, MessageBody="nine", MessageAttributes=_attributes(9))
     sqs.send_message(QueueUrl=url, MessageBody="eight", MessageAttributes=_attributes(8))
     traced.end()
+    traced.client.begin_transaction("request", None, "userId=alice")
+    sqs.send_message(QueueUrl=url, MessageBody="seven", MessageAttributes=_attributes(7))
+    sqs.send_message(QueueUrl=url, MessageBody="eight more", MessageAttributes=_attributes(8))
+    traced.end()
     got = {}
     for _ in range(10):
         for m in sqs.receive_message(QueueUrl=url, MessageAttributeNames=["All"],
                                      MaxNumberOfMessages=10).get("Messages", []):
             got[m["Body"]] = m["MessageAttributes"]
-        if len(got) == 3:
+        if len(got) == 5:
             break
     assert len(got["ten"]) == 10 and "traceparent" not in got["ten"]
     assert len(got["nine"]) == 10 and "tracestate" not in got["nine"]
     assert "traceparent" in got["nine"]
     assert len(got["eight"]) == 10 and {"traceparent", "tracestate"} <= set(got["eight"])
+    assert got["seven"]["baggage"]["StringValue"] == "userId=alice"
+    assert {"traceparent", "tracestate"} <= set(got["seven"])
+    assert len(got["eight more"]) == 10 and "baggage" not in got["eight more"]
+    assert {"traceparent", "tracestate"} <= set(got["eight more"])
 
 
 def test_sqs_batch_each_entry_and_own_traceparent_kept(traced, session, aws):

@@ -238,6 +238,19 @@ def test_callers_traceparent_is_kept(traced, echo):
     assert server_tx["trace_id"] == TRACEPARENT.split("-")[1]
 
 
+def test_baggage_goes_in_the_metadata_as_it_came(traced, echo):
+    baggage = "userId=alice,region=eu%2Dwest;p"
+    traced.client.begin_transaction("request", TRACEPARENT, baggage)
+    with grpc.insecure_channel(f"127.0.0.1:{echo}") as channel:
+        call(channel, "Unary")
+        call(channel, "Unary", metadata=(("baggage", "mine=1"),))  # the caller's kept
+    traced.end()
+    assert seen_metadata[0]["baggage"] == baggage
+    assert seen_metadata[1]["baggage"] == "mine=1"
+    transactions, _, _ = traced.shipped()
+    assert "alice" not in repr(transactions)
+
+
 def test_app_interceptors_still_run(traced, echo):
     class AddHeader(grpc.UnaryUnaryClientInterceptor):
         def intercept_unary_unary(self, continuation, details, request):
@@ -357,7 +370,7 @@ def test_unsampled_transaction_sends_its_decision(receiver, echo):
     finally:
         client.close(5)
         context.set_active(None)
-    assert seen_metadata[0]["traceparent"] == f"00-{tx.trace_id}-{tx.id:016x}-00"
+    assert seen_metadata[0]["traceparent"] == f"00-{tx.trace_id}-{tx.id:016x}-02"
     assert receiver.events("span") == []
 
 

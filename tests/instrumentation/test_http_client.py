@@ -54,7 +54,7 @@ def test_low_level_api(traced, server, conn):
     traced.end()
     (span,) = traced.spans()
     check_span(span, server, server.url("/headers"), method="POST")
-    assert echoed["traceparent"] == f"00-{span['trace_id']}-{span['id']}-01"
+    assert echoed["traceparent"] == f"00-{span['trace_id']}-{span['id']}-03"
     names = list(echoed)
     assert names.index("x-mine") < names.index("traceparent") < names.index("content-length")
 
@@ -163,7 +163,7 @@ def test_urllib_request(traced, server):
     error, ok = traced.spans()
     check_span(error, server, server.url("/error"), 500, "failure")
     check_span(ok, server, server.url("/headers"))
-    assert echoed["traceparent"] == f"00-{ok['trace_id']}-{ok['id']}-01"
+    assert echoed["traceparent"] == f"00-{ok['trace_id']}-{ok['id']}-03"
 
 
 def test_urllib_redirect_gives_one_span_per_hop(traced, server):
@@ -311,7 +311,7 @@ def test_unsampled_transaction_sends_the_header_and_records_nothing(receiver, se
     finally:
         beatlib.uninstrument()
         client.close(5)
-    assert echoed["traceparent"] == f"00-{tx.trace_id}-{tx.id:016x}-00"
+    assert echoed["traceparent"] == f"00-{tx.trace_id}-{tx.id:016x}-02"
     assert receiver.events("span") == []
 
 

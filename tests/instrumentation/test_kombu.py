@@ -15,6 +15,7 @@ from kombu.messaging import Producer
 import beatlib
 from beatlib.config import Config
 from beatlib.contrib import celery as beat_celery
+from beatlib.tracing import outgoing_headers
 from tests.databases import run_instrumented
 
 
@@ -48,8 +49,8 @@ def test_publish_is_a_send_span_with_trace_headers_in_a_copy(traced, connection)
     assert second["name"] == "RabbitMQ SEND to beatlib-invoices"
     assert received[0].payload == {"secret": "value"}
     assert received[0].headers == {"kind": "invoice", "tracestate": tx.tracestate,
-                                   "traceparent": f"00-{tx.trace_id}-{first['id']}-01"}
-    assert received[1].headers["traceparent"] == f"00-{tx.trace_id}-{second['id']}-01"
+                                   "traceparent": f"00-{tx.trace_id}-{first['id']}-03"}
+    assert received[1].headers["traceparent"] == f"00-{tx.trace_id}-{second['id']}-03"
     assert "secret" not in str(first) and "kind" not in str(first)
 
 
@@ -68,6 +69,31 @@ def test_the_consumer_continues_the_trace_with_beatlib_transaction(traced, conne
     txs, (send,), _ = traced.shipped()
     job = next(t for t in txs if t["name"] == "handle job")
     assert (job["trace_id"], job["parent_id"]) == (publisher.trace_id, send["id"])
+
+
+def test_baggage_goes_in_the_message_headers_and_on_from_the_consumer(traced, connection):
+    queue = kombu.Queue("beatlib-kombu-baggage", auto_delete=True)
+    baggage = "userId=alice,cart=42;p"
+    onward = []
+
+    def handle(body, message):
+        with beatlib.transaction("handle job", "messaging", headers=message.headers):
+            onward.append(outgoing_headers())
+            message.ack()
+
+    received = []
+    with connection.Consumer(queue, callbacks=[lambda body, m: received.append(m), handle]):
+        traced.client.begin_transaction("request", None, baggage)
+        connection.Producer().publish("x", routing_key="beatlib-kombu-baggage")
+        connection.Producer().publish("y", routing_key="beatlib-kombu-baggage",
+                                      headers={"baggage": "mine=1"})
+        traced.end()
+        while len(received) < 2:
+            connection.drain_events(timeout=5)
+    assert received[0].headers["baggage"] == baggage
+    assert received[1].headers["baggage"] == "mine=1"  # the app's own is kept
+    assert onward[0]["baggage"] == baggage and onward[1]["baggage"] == "mine=1"
+    assert "alice" not in repr(traced.shipped())
 
 
 def test_outside_a_transaction_and_failures(traced, connection):

@@ -56,9 +56,9 @@ def test_publish_is_a_send_span_with_trace_headers_in_a_copy(traced, channel):
     assert first["context"]["destination"]["service"]["resource"] == f"rabbitmq/{q}"
     assert second["name"] == "RabbitMQ SEND to beatlib-events"
     assert second["context"]["message"]["routing_key"] == "ignored"
-    assert got.headers == {"kind": "order", "traceparent": f"00-{tx.trace_id}-{first['id']}-01",
+    assert got.headers == {"kind": "order", "traceparent": f"00-{tx.trace_id}-{first['id']}-03",
                            "tracestate": tx.tracestate}
-    assert fanned.headers["traceparent"] == f"00-{tx.trace_id}-{second['id']}-01"
+    assert fanned.headers["traceparent"] == f"00-{tx.trace_id}-{second['id']}-03"
     assert "secret-body" not in str(first) and "kind" not in str(first)
 
 

@@ -155,7 +155,7 @@ def test_unsampled_transaction_sends_the_header_without_a_span(traced, receiver,
         assert client.flush(10)
     finally:
         client.close(5)
-    assert echoed["traceparent"] == f"00-{tx.trace_id}-{'%016x' % tx.id}-00"
+    assert echoed["traceparent"] == f"00-{tx.trace_id}-{'%016x' % tx.id}-02"
     assert receiver.events("span") == []
 
 

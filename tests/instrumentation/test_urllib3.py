@@ -115,7 +115,7 @@ def test_trace_headers_name_the_span(traced, server, how):
     traced.end()
     (span,) = traced.spans()
     echoed = json.loads(response.data)
-    assert echoed["traceparent"] == f"00-{span['trace_id']}-{span['id']}-01"
+    assert echoed["traceparent"] == f"00-{span['trace_id']}-{span['id']}-03"
     assert ("x-mine" in echoed) == (how in ("keyword", "positional"))
     assert ("x-pool" in echoed) == (how in ("none", "pool default"))
     assert headers == {"X-Mine": "1"} and pool.headers == {"X-Pool": "1"}  # not mutated

@@ -95,6 +95,8 @@ def _before_publish(sender: Any = None, headers: Any = None, routing_key: Any = 
             headers["traceparent"] = span.traceparent()
             if span.transaction.tracestate:
                 headers["tracestate"] = span.transaction.tracestate
+            if span.transaction.baggage:
+                headers["baggage"] = span.transaction.baggage
         else:
             headers.update(outgoing_headers() or {})
     except Exception:
@@ -122,7 +124,8 @@ def _prerun(task_id: Any = None, task: Any = None, **kw: Any) -> None:
             parent = parse_traceparent(
                 getattr(request, "traceparent", None), getattr(request, "tracestate", None)
             )
-            segment = client.begin_transaction("celery", trace_parent=parent)
+            segment = client.begin_transaction("celery", trace_parent=parent,
+                                               baggage=getattr(request, "baggage", None))
             segment.name = name
         request._beatlib_segment = segment
     except Exception:

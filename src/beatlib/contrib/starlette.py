@@ -174,7 +174,7 @@ async def _background_task(wrapped: Any, instance: Any, args: tuple[Any, ...],
     with _TASK:
         parent = TraceParent(tx.trace_id, "%016x" % tx.id, tx.sampled, tx.tracestate,
                              tx.random_trace_id)
-        task = request.client.begin_transaction("task", parent)
+        task = request.client.begin_transaction("task", parent, tx.baggage)
         task.name = name
     try:
         result = await wrapped(*args, **kwargs)

@@ -20,7 +20,7 @@ from beatlib.config import Config
 from beatlib.context import get_active, set_active
 from beatlib.guard import guard, report
 from beatlib.instrumentation.registry import instrument
-from beatlib.sanitize import wildcard_matcher
+from beatlib.sanitize import REDACTED, wildcard_matcher
 from beatlib.tracing import Transaction, parse_traceparent
 
 BODY_LIMIT = 64 * 1024  # bytes of a request body kept; longer bodies are not read ahead
@@ -73,7 +73,7 @@ def begin_request(
     if client.config.transaction_ignore_urls and ignored(_path(environ), client.config):
         return None
     parent = parse_traceparent(environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_TRACESTATE"))
-    tx = client.begin_transaction("request", parent)
+    tx = client.begin_transaction("request", parent, environ.get("HTTP_BAGGAGE"))
     tx.name = name or environ.get("REQUEST_METHOD", "GET")
     record_request(tx, environ, client.config)
     return tx
@@ -114,7 +114,7 @@ def request_context(environ: dict[str, Any], config: Config, for_error: bool) ->
         context["http_version"] = protocol[5:]
     if config.capture_headers:
         context["headers"] = {
-            key[5:].replace("_", "-").title(): value
+            key[5:].replace("_", "-").title(): REDACTED if key == "HTTP_BAGGAGE" else value
             for key, value in environ.items()
             if key.startswith("HTTP_")
         }

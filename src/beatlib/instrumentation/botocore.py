@@ -225,7 +225,8 @@ def _with_trace_attributes(client: Any, operation: str, params: Any) -> Any:
 
 def _traced(message: Any, attributes: dict[str, Any]) -> dict[str, Any] | None:
     """`message` with the trace attributes added, or None when it keeps its own traceparent
-    or has no room for ours (traceparent alone when only one attribute is left)."""
+    or has no room for ours (as many as there is room for, traceparent first, then
+    tracestate, then baggage)."""
     if not isinstance(message, Mapping):
         return None
     own = message.get("MessageAttributes") or {}
@@ -237,6 +238,7 @@ def _traced(message: Any, attributes: dict[str, Any]) -> dict[str, Any] | None:
             logger.debug("beatlib: SQS message has %d attributes; no trace context added",
                          len(own))
             return None
-        logger.debug("beatlib: SQS message has %d attributes; tracestate left out", len(own))
-        attributes = {"traceparent": attributes["traceparent"]}
+        logger.debug("beatlib: SQS message has %d attributes; %s left out", len(own),
+                     " and ".join(list(attributes)[room:]))
+        attributes = dict(list(attributes.items())[:room])
     return {**message, "MessageAttributes": {**own, **attributes}}

@@ -191,16 +191,18 @@ class Grpc(Instrumentation):
         client = get_client()
         if client is None:
             return None
-        parent = tracestate = None
+        parent = tracestate = baggage = None
         try:
             for key, value in context.invocation_metadata() or ():
                 if key == "traceparent" and parent is None:
                     parent = value
                 elif key == "tracestate" and tracestate is None:
                     tracestate = value
+                elif key == "baggage" and baggage is None:
+                    baggage = value
         except Exception:
             report("grpc: reading the call metadata")
-        tx = client.begin_transaction("request", parse_traceparent(parent, tracestate))
+        tx = client.begin_transaction("request", parse_traceparent(parent, tracestate), baggage)
         tx.name = method  # now, so errors captured inside carry it
         return client, tx
 

@@ -57,18 +57,21 @@ def start_send(subtype: str, exchange: Any, routing_key: Any) -> Span | None:
 
 
 def with_trace_headers(headers: Any) -> dict[str, Any] | None:
-    """A copy of the message's `headers` with `traceparent` (and `tracestate`) naming the
-    active span added, or None when nothing is added: outside a transaction, or when the
-    caller set a `traceparent` of their own (kept as it is)."""
+    """A copy of the message's `headers` with `traceparent` (and `tracestate`, `baggage`)
+    naming the active span added, or None when nothing is added: outside a transaction, or
+    when the caller set a `traceparent` of their own (kept as it is). A `tracestate` or
+    `baggage` the caller set is kept too."""
     extra = outgoing_headers()
     if extra is None:
         return None
     if headers is None:
         return extra
-    if not hasattr(headers, "items") or any(
-            isinstance(k, str) and k.lower() == "traceparent" for k in headers):
+    if not hasattr(headers, "items"):
         return None
-    return {**headers, **extra}
+    present = {k.lower() for k in headers if isinstance(k, str)}
+    if "traceparent" in present:
+        return None
+    return {**headers, **{k: v for k, v in extra.items() if k not in present}}
 
 
 def receive_context(queue: Any, routing_key: Any) -> dict[str, Any]:
