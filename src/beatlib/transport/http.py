@@ -249,22 +249,7 @@ class Sender:
 
     def _send(self, body: bytes, timeout: float) -> tuple[Verdict, float | None]:
         try:
-            resp = self.pool.request(
-                "POST",
-                self.url,
-                body=body,
-                headers=self.headers,
-                timeout=urllib3.Timeout(connect=timeout, read=timeout),
-                retries=False,
-                redirect=False,
-                preload_content=False,
-            )
-            # Read a bounded reply: a broken proxy must not make us hold megabytes.
-            data = resp.read(_MAX_REPLY + 1)
-            if len(data) > _MAX_REPLY:
-                resp.close()  # the rest stays unread, so this connection cannot be reused
-            else:
-                resp.release_conn()
+            resp, data = self._post(self.url, body, timeout)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             # refused, reset, timeout, TLS, a broken reply: all mean "try later"
             self._log.log("unreachable", logging.WARNING,
