@@ -13,6 +13,7 @@ from beatlib.context import get_active
 from beatlib.guard import report
 from beatlib.instrumentation import messaging
 from beatlib.instrumentation.registry import Instrumentation
+from beatlib.tracing import call_in
 
 _HEADERS = 9  # the position of `headers` in Producer.publish(body, routing_key, ...)
 # kombu's transport driver -> the span subtype, as Elastic names messaging systems
@@ -51,15 +52,7 @@ class Kombu(Instrumentation):
                     kwargs = {**kwargs, "headers": headers}
         except Exception:  # odd headers: sent as they are, untraced
             report("kombu: adding trace headers")
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            if span is not None:
-                span.end(exc)
-            raise
-        if span is not None:
-            span.end()
-        return result
+        return call_in(span, wrapped, args, kwargs)
 
 
 def _subtype(producer: Any) -> str:

@@ -14,7 +14,7 @@ from beatlib.context import get_active
 from beatlib.guard import report
 from beatlib.instrumentation import messaging
 from beatlib.instrumentation.registry import Instrumentation, is_instrumented
-from beatlib.tracing import start_span
+from beatlib.tracing import call_in, start_span
 
 
 class Pika(Instrumentation):
@@ -45,15 +45,7 @@ class Pika(Instrumentation):
         routing_key = args[1] if len(args) > 1 else kwargs.get("routing_key")
         span = messaging.start_send("rabbitmq", exchange, routing_key)
         args, kwargs = self._with_trace_headers(args, kwargs)
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:  # unroutable, nacked, closed: the caller's exception
-            if span is not None:
-                span.end(exc)
-            raise
-        if span is not None:
-            span.end()
-        return result
+        return call_in(span, wrapped, args, kwargs)  # unroutable, nacked, closed: raised
 
     def _with_trace_headers(self, args: tuple[Any, ...], kwargs: dict[str, Any]
                             ) -> tuple[tuple[Any, ...], dict[str, Any]]:
