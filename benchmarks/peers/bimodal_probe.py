@@ -9,6 +9,7 @@ beatlib worker; the rest) CPU, run-queue wait, context switches, migrations and 
 was seen on (a 20 ms sampler in a separate process); the sink's CPU; the machine's CPU used
 by other processes and steal; and, for beatlib, each worker _drain/_seal call in the window
 (wall and thread CPU: how long the worker held, or wanted, the GIL per batch).
+PROBE_PIN=same|split pins the request thread to core 0 and the worker to core 0|1 first.
 """
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ def task(tid):
     for line in (_read(base + "sched") or "").splitlines():
         if line.startswith("se.nr_migrations"):
             mig = int(line.split(":")[1])
-    return {"ticks_ns": (int(f[11]) + int(f[12])) * TICK_NS, "run_ns": run_ns, "rq_wait_ns": wait_ns,
-            "slices": slices, "vol": int(st["voluntary_ctxt_switches"]),
+    return {"ticks_ns": (int(f[11]) + int(f[12])) * TICK_NS, "run_ns": run_ns,
+            "rq_wait_ns": wait_ns, "slices": slices, "vol": int(st["voluntary_ctxt_switches"]),
             "invol": int(st["nonvoluntary_ctxt_switches"]), "migrations": mig, "cpu": int(f[36])}
 
 
@@ -208,6 +209,18 @@ def instrument_worker():
     Transport._drain, Transport._seal = _drain, _seal
 
 
+def pin(mode):
+    """PROBE_PIN=same: request thread and worker on core 0; split: worker on core 1."""
+    if not mode:
+        return
+    state["pin"] = mode
+    for t in threading.enumerate():
+        if t.name == "MainThread":
+            os.sched_setaffinity(t.native_id, {0})
+        elif t.name == "beatlib-transport":
+            os.sched_setaffinity(t.native_id, {0} if mode == "same" else {1})
+
+
 def main():
     start_sink, timed = ro.start_sink, ro.timed
 
@@ -219,6 +232,7 @@ def main():
     def timed_probed(client, path, n, expect):
         if path != "/items":
             return timed(client, path, n, expect)
+        pin(os.environ.get("PROBE_PIN", ""))
         sampler = subprocess.Popen([sys.executable, "-c", SAMPLER, str(os.getpid())],
                                    stdout=subprocess.PIPE, text=True)
         time.sleep(0.1)
@@ -238,6 +252,7 @@ def main():
         ro.main()
     out = json.loads(buf.getvalue().strip().splitlines()[-1])
     out["probe"] = state.get("probe")
+    out["pin"] = state.get("pin")
     print(json.dumps(out), flush=True)
 
 

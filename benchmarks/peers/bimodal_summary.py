@@ -10,8 +10,9 @@ import sys
 def main(path: str) -> None:
     runs = [json.loads(line) for line in open(path) if line.strip()]
     ok = [r for r in runs if not r.get("failed")]
-    print("| round | agent | load1 | median µs | p99 µs | CPU µs/req | main run ms | main rq-wait ms"
-          " | main blocked ms | main vol/invol cs | worker CPU ms | worker rq-wait ms | drains"
+    print("| round | agent | load1 | median µs | p99 µs | CPU µs/req | main run ms"
+          " | main rq-wait ms | main blocked ms | main vol/invol cs | worker CPU ms"
+          " | worker rq-wait ms | drains"
           " (max CPU ms) | sent in window | worker R: on main's core | main on core 0/1"
           " | sink CPU ms | foreign CPU ms | steal ms |")
     print("|" + "---|" * 19)
@@ -22,8 +23,8 @@ def main(path: str) -> None:
         s = p.get("samples") or {}
         d = p.get("drains")
         oc = s.get("main_on_cpu", {})
-        print("| %d | %s | %.2f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %d/%d | %s | %s | %s | %s | %s"
-              " | %s/%s | %.0f | %.0f | %.0f |" % (
+        print("| %d | %s | %.2f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %d/%d | %s | %s | %s"
+              " | %s | %s | %s/%s | %.0f | %.0f | %.0f |" % (
                   r["round"], r["agent"], r["loadavg_start"][0], r["items"]["median_us"],
                   r["items"]["p99_us"], r["items"]["cpu_us_per_req"], m["run_ns"], m["rq_wait_ns"],
                   p["main_blocked_ms"], m["vol"], m["invol"],
