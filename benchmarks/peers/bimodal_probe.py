@@ -209,6 +209,15 @@ def instrument_worker():
     Transport._drain, Transport._seal = _drain, _seal
 
 
+def calibrate():
+    """Thread CPU ms of a fixed pure-Python loop: how fast this core is right now."""
+    c0 = time.thread_time_ns()
+    d: dict = {}
+    for i in range(300_000):
+        d[i & 1023] = str(i)
+    return (time.thread_time_ns() - c0) / 1e6
+
+
 def pin(mode):
     """PROBE_PIN=same: request thread and worker on core 0; split: worker on core 1."""
     if not mode:
@@ -236,12 +245,15 @@ def main():
         sampler = subprocess.Popen([sys.executable, "-c", SAMPLER, str(os.getpid())],
                                    stdout=subprocess.PIPE, text=True)
         time.sleep(0.1)
+        calib0 = calibrate()
         a = snapshot()
         res = timed(client, path, n, expect)
         b = snapshot()
+        calib1 = calibrate()
         sampler.send_signal(signal.SIGTERM)
         samples = json.loads(sampler.communicate(timeout=10)[0] or "null")
         state["probe"] = diff(a, b, samples)
+        state["probe"]["calib_ms"] = [round(calib0, 1), round(calib1, 1)]
         return res
 
     ro.start_sink, ro.timed = start_sink_probed, timed_probed

@@ -14,8 +14,8 @@ def main(path: str) -> None:
           " | main rq-wait ms | main blocked ms | main vol/invol cs | worker CPU ms"
           " | worker rq-wait ms | drains"
           " (max CPU ms) | sent in window | worker R: on main's core | main on core 0/1"
-          " | sink CPU ms | foreign CPU ms | steal ms |")
-    print("|" + "---|" * 19)
+          " | sink CPU ms | foreign CPU ms | steal ms | calib ms before/after |")
+    print("|" + "---|" * 20)
     for r in ok:
         p = r["probe"]
         ro = p["roles"]
@@ -24,7 +24,7 @@ def main(path: str) -> None:
         d = p.get("drains")
         oc = s.get("main_on_cpu", {})
         print("| %d | %s | %.2f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %d/%d | %s | %s | %s"
-              " | %s | %s | %s/%s | %.0f | %.0f | %.0f |" % (
+              " | %s | %s | %s/%s | %.0f | %.0f | %.0f | %s |" % (
                   r["round"], r["agent"], r["loadavg_start"][0], r["items"]["median_us"],
                   r["items"]["p99_us"], r["items"]["cpu_us_per_req"], m["run_ns"], m["rq_wait_ns"],
                   p["main_blocked_ms"], m["vol"], m["invol"],
@@ -33,7 +33,7 @@ def main(path: str) -> None:
                   p.get("sent_requests_in_window", "-"),
                   "%d/%d" % (s["worker_R_same_cpu"], s["worker_R"]) if w and s else "-",
                   oc.get("0", 0), oc.get("1", 0), p["sink_cpu_ms"], p["foreign_cpu_ms"],
-                  p["steal_ms"]))
+                  p["steal_ms"], "/".join("%.0f" % c for c in p.get("calib_ms", [])) or "-"))
     print()
     print("| round | median ratio | p99 ratio | CPU/req ratio | main rq-wait ms none→beatlib"
           " | main invol cs none→beatlib | worker CPU ms | worker R on main's core |")
