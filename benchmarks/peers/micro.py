@@ -333,6 +333,7 @@ def main():
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--warm", type=int, default=1000)
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--round", type=int, default=0, help="label only (of the --out lines)")
     ap.add_argument("--no-export", action="store_true", help="cut the exporter (see setup())")
     ap.add_argument("--no-empty", action="store_true",
                     help="skip the empty-transaction loop (worker CPU per 1+10 transaction)")
@@ -356,6 +357,7 @@ def main():
             continue
         rec = json.loads(lines[-1])
         rec["elapsed_s"] = round(time.time() - t, 1)
+        rec["kind"], rec["round"] = "micro", a.round
         recs.append(rec)
         print("%s done in %.0fs" % (ag, time.time() - t), file=sys.stderr, flush=True)
         if a.out:

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Measure one APM agent's per-request overhead on a realistic Flask app.
+"""Measure one APM agent's per-request overhead on a realistic Flask (or Django) app.
 
-    python run_one.py AGENT N [--warmup 300] [--errors 500] [--outbound 200]
+    python run_one.py AGENT N [--app flask|django] [--warmup 300] [--errors 500] [--outbound 200]
+    python run_one.py AGENT K --outage [--app flask|django]
 
 AGENT is one of: none | beatlib | elasticapm | sentry | ddtrace | otel
+--app django runs the Django twin (djangoshop/) through the same in-process WSGI driver
+(werkzeug's test Client, which Flask's test client is), each agent set up as its Django
+documentation says.
 
 In ONE process (the sink runs as a separate subprocess so that its work does
 not contend for this process's GIL):
@@ -15,6 +19,11 @@ not contend for this process's GIL):
      per-request time.perf_counter_ns
   5. time ERRORS x GET /error, then OUTBOUND x GET /outbound (loopback to sink)
   6. flush + shut the agent down, then ask the sink what it received
+The process's RSS is read after the warm-up and after the timed /items (steady state under
+load), with its high-water mark.
+--outage: no sink; every agent sends to a loopback port nobody listens on (connection
+refused) while K x /items run after the warm-up; RSS sampled every K/50 requests: the peak
+against the RSS after the warm-up. The agent is not flushed (os._exit after the line).
 Prints exactly one JSON line on stdout (diagnostics go to stderr).
 """
 from __future__ import annotations
@@ -68,6 +77,25 @@ def sink_call(port, method, path):
         return json.loads(r.read() or b"{}")
     finally:
         c.close()
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then closed): connections are refused."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_kb(pid="self"):
+    """(VmRSS, VmHWM) of a process, in kB."""
+    vals = {}
+    with open("/proc/%s/status" % pid) as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                vals[line.split(":")[0]] = int(line.split()[1])
+    return vals.get("VmRSS"), vals.get("VmHWM")
 
 
 # --------------------------------------------------------------------------
@@ -206,6 +234,146 @@ def setup_otel(sink_url, port):
     return app, shutdown, sdk_version, {"sampler": "ParentBased(AlwaysOn) (default)"}
 
 
+# --------------------------------------------------------------------------
+# the Django twin: each setup returns (wsgi app, shutdown_fn, version, notes)
+# --------------------------------------------------------------------------
+def django_settings(sink_url):
+    import djangoshop
+
+    return djangoshop.settings(sink_url, os.environ["PEERBENCH_DB_DIR"])
+
+
+def django_none(sink_url, port):
+    import djangoshop
+
+    return djangoshop.wsgi_app(django_settings(sink_url)), (lambda: None), "-", {}
+
+
+def django_beatlib(sink_url, port):
+    # As docs/django.md says: the app in INSTALLED_APPS and a BEATLIB dict; its app config
+    # creates the client, calls beatlib.instrument() and puts its middleware first.
+    import beatlib
+    import djangoshop
+
+    cfg = django_settings(sink_url)
+    cfg["INSTALLED_APPS"] = cfg["INSTALLED_APPS"] + ["beatlib.contrib.django"]
+    cfg["BEATLIB"] = {"SERVICE_NAME": SERVICE, "SERVER_URL": sink_url, "ENVIRONMENT": "bench"}
+    app = djangoshop.wsgi_app(cfg)
+    from django.apps import apps
+
+    client = apps.get_app_config("beatlib").client
+
+    def shutdown():
+        if not client.close(120):
+            log("beatlib: close did not send everything:", client.transport.stats())
+
+    return app, shutdown, beatlib.__version__, {"instrumented": "django app + middleware + beatlib.instrument() (sqlite3, django templates, requests)"}
+
+
+def django_elasticapm(sink_url, port):
+    # Elastic's Django page: the app in INSTALLED_APPS, ELASTIC_APM settings, and its
+    # TracingMiddleware first in MIDDLEWARE for performance data.
+    import djangoshop
+    import elasticapm
+
+    cfg = django_settings(sink_url)
+    cfg["INSTALLED_APPS"] = ["elasticapm.contrib.django"] + cfg["INSTALLED_APPS"]
+    cfg["MIDDLEWARE"] = ["elasticapm.contrib.django.middleware.TracingMiddleware"] + cfg["MIDDLEWARE"]
+    cfg["ELASTIC_APM"] = {
+        "SERVICE_NAME": SERVICE, "SERVER_URL": sink_url, "ENVIRONMENT": "bench",
+        "METRICS_INTERVAL": "0s",  # no periodic metricsets: other agents send none either
+        "CLOUD_PROVIDER": "none",  # 'auto' probes 169.254.169.254: off-box, forbidden here
+    }
+    app = djangoshop.wsgi_app(cfg)
+    from elasticapm.contrib.django.client import client as apm
+
+    def shutdown():
+        apm.close()
+        t = getattr(apm._transport, "_thread", None)
+        if t is not None:
+            t.join(120)
+
+    return app, shutdown, elasticapm.VERSION, {"instrumented": "django app + TracingMiddleware + elasticapm.instrument()"}
+
+
+def django_sentry(sink_url, port):
+    # Sentry's Django page: sentry_sdk.init() in settings.py; the Django integration is on
+    # by default (it also records DB queries and template renders).
+    import djangoshop
+    import sentry_sdk
+
+    sentry_sdk.init(dsn="http://key@127.0.0.1:%d/1" % port, traces_sample_rate=1.0,
+                    environment="bench")
+    app = djangoshop.wsgi_app(django_settings(sink_url))
+
+    def shutdown():
+        client = sentry_sdk.get_client()
+        client.flush(timeout=120)
+        client.close(timeout=30)
+
+    integrations = sorted(sentry_sdk.get_client().integrations.keys())
+    return app, shutdown, sentry_sdk.VERSION, {"integrations": integrations}
+
+
+def django_ddtrace(sink_url, port):
+    os.environ["DD_TRACE_AGENT_URL"] = sink_url
+    os.environ.setdefault("DD_SERVICE", SERVICE)
+    os.environ.setdefault("DD_ENV", "bench")
+    os.environ.setdefault("DD_TRACE_SAMPLING_RULES", '[{"sample_rate": 1.0}]')
+    import ddtrace
+
+    # ddtrace-run style, the integrations under test, before Django is imported. By default
+    # (DD_DJANGO_TRACING_MINIMAL) the Django integration records no ORM or template spans:
+    # the queries are the sqlite3 integration's spans, and there are no template spans.
+    ddtrace.patch(django=True, sqlite3=True, requests=True)
+    import djangoshop
+
+    app = djangoshop.wsgi_app(django_settings(sink_url))
+    from ddtrace.trace import tracer
+
+    def shutdown():
+        tracer.flush()
+        tracer.shutdown(timeout=60)
+
+    return app, shutdown, ddtrace.__version__, {"patched": "django,sqlite3,requests (no template spans by default)"}
+
+
+def django_otel(sink_url, port):
+    # OpenTelemetry's Django page: DjangoInstrumentor().instrument() before the app is loaded;
+    # queries through the sqlite3 instrumentor; there is no Django template instrumentation.
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.django import DjangoInstrumentor
+    from opentelemetry.instrumentation.requests import RequestsInstrumentor
+    from opentelemetry.instrumentation.sqlite3 import SQLite3Instrumentor
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.version import __version__ as sdk_version
+
+    import djangoshop
+
+    provider = TracerProvider(resource=Resource.create({"service.name": SERVICE, "deployment.environment": "bench"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=sink_url + "/v1/traces")))
+    trace.set_tracer_provider(provider)
+    cfg = django_settings(sink_url)
+    from django.conf import settings
+
+    # DjangoInstrumentor reads settings.MIDDLEWARE at instrument(): the settings first (what
+    # DJANGO_SETTINGS_MODULE gives it in a project), then instrument, then the app.
+    settings.configure(**cfg)
+    DjangoInstrumentor().instrument()
+    SQLite3Instrumentor().instrument()
+    RequestsInstrumentor().instrument()
+    app = djangoshop.wsgi_app(None)
+
+    def shutdown():
+        provider.force_flush()
+        provider.shutdown()
+
+    return app, shutdown, sdk_version, {"sampler": "ParentBased(AlwaysOn) (default)", "instrumented": "django + sqlite3 + requests (no template spans)"}
+
+
 SETUP = {
     "none": setup_none,
     "beatlib": setup_beatlib,
@@ -214,6 +382,7 @@ SETUP = {
     "ddtrace": setup_ddtrace,
     "otel": setup_otel,
 }
+DJANGO_SETUP = {name[7:]: fn for name, fn in globals().items() if name.startswith("django_") and name != "django_settings"}
 
 
 # --------------------------------------------------------------------------
@@ -262,14 +431,48 @@ def timed(client, path, n, expect):
     }
 
 
+def test_client(app):
+    """Flask's own test client; for another WSGI app (Django's), werkzeug's, of which Flask's
+    is a subclass: the same driver for both."""
+    if hasattr(app, "test_client"):
+        return app.test_client()
+    from werkzeug.test import Client
+
+    return Client(app)
+
+
+def outage(client, k):
+    """K x /items with the agent's destination refusing connections; RSS sampled."""
+    rss0, _ = rss_kb()
+    every = max(1, k // 50)
+    samples = []
+    bad = 0
+    t0 = time.perf_counter()
+    for i in range(k):
+        r = client.get("/items")
+        r.close()
+        if r.status_code != 200:
+            bad += 1
+        if i % every == every - 1:
+            samples.append(rss_kb()[0])
+    rss1, hwm = rss_kb()
+    return {"k": k, "bad_status": bad, "s": round(time.perf_counter() - t0, 1),
+            "rss_before_kb": rss0, "rss_end_kb": rss1, "rss_peak_kb": max(samples + [rss1]),
+            "hwm_kb": hwm, "rss_samples_kb": samples}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("agent", choices=AGENTS)
-    ap.add_argument("n", type=int)
+    ap.add_argument("n", type=int, help="timed /items requests (with --outage: K)")
+    ap.add_argument("--app", choices=("flask", "django"), default="flask")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--errors", type=int, default=500)
     ap.add_argument("--outbound", type=int, default=200)
+    ap.add_argument("--outage", action="store_true",
+                    help="no sink: the agent sends to a refusing port during N x /items")
     ap.add_argument("--round", type=int, default=0, help="label only")
+    ap.add_argument("--slot", default="", help="label only (run_all.sh: a/b for the two none runs)")
     args = ap.parse_args()
 
     warnings.simplefilter("ignore")  # deprecation chatter must not cost time in the loop
@@ -277,25 +480,45 @@ def main():
     t_start = time.time()
     load0 = os.getloadavg()
     db_dir = tempfile.mkdtemp(prefix="peerbench-db-")
-    os.environ["PEERBENCH_DB_DIR"] = db_dir  # app.create_app() puts the SQLite file here
-    sink, port = start_sink()
+    os.environ["PEERBENCH_DB_DIR"] = db_dir  # the app puts its SQLite file here
+    setup = (DJANGO_SETUP if args.app == "django" else SETUP)[args.agent]
+    if args.app == "django":  # seeded by a process of its own: no agent sees the seeding
+        subprocess.run([sys.executable, "-m", "djangoshop", db_dir], cwd=HERE, check=True)
+    if args.outage:
+        sink, port = None, closed_port()
+    else:
+        sink, port = start_sink()
     sink_url = "http://127.0.0.1:%d" % port
     try:
         t_setup = time.perf_counter()
-        app, shutdown, version, notes = SETUP[args.agent](sink_url, port)
+        app, shutdown, version, notes = setup(sink_url, port)
         setup_s = time.perf_counter() - t_setup
-        client = app.test_client()
+        client = test_client(app)
 
         # sanity + warmup
         r = client.get("/items")
         assert r.status_code == 200 and b"Item Number" in r.data, (r.status_code, r.data[:300])
         r.close()
-        for path, n in (("/items", args.warmup), ("/error", 50), ("/outbound", 20)):
+        warm = (("/items", args.warmup),) if args.outage else (
+            ("/items", args.warmup), ("/error", 50), ("/outbound", 20))
+        for path, n in warm:
             for _ in range(n):
                 client.get(path).close()
         gc.collect()
+        if args.outage:
+            mem = outage(client, args.n)
+            out = {"agent": args.agent, "round": args.round, "slot": args.slot, "app": args.app, "outage": True,
+                   "version": version, "python": platform.python_version(), "n": args.n,
+                   "memory": mem, "setup_s": round(setup_s, 3), "notes": notes,
+                   "loadavg_start": [round(x, 2) for x in load0],
+                   "elapsed_s": round(time.time() - t_start, 1)}
+            print(json.dumps(out), flush=True)
+            shutil.rmtree(db_dir, ignore_errors=True)
+            os._exit(0)  # no flush to a port that refuses: some agents would retry for minutes
+        rss_warm, _ = rss_kb()
 
         items = timed(client, "/items", args.n, 200)
+        rss_items, hwm_items = rss_kb()
         errors = timed(client, "/error", args.errors, 500)
         outbound = timed(client, "/outbound", args.outbound, 200) if args.outbound else None
 
@@ -305,11 +528,12 @@ def main():
         time.sleep(0.5)  # let the sink finish answering anything in flight
         stats = sink_call(port, "GET", "/__stats")
     finally:
-        sink.terminate()
-        try:
-            sink.wait(5)
-        except subprocess.TimeoutExpired:
-            sink.kill()
+        if sink is not None:
+            sink.terminate()
+            try:
+                sink.wait(5)
+            except subprocess.TimeoutExpired:
+                sink.kill()
         shutil.rmtree(db_dir, ignore_errors=True)
 
     expected_txn = 1 + args.warmup + args.n + 50 + args.errors + 20 + args.outbound
@@ -317,12 +541,15 @@ def main():
     out = {
         "agent": args.agent,
         "round": args.round,
+        "slot": args.slot,
+        "app": args.app,
         "version": version,
         "python": platform.python_version(),
         "n": args.n,
         "items": items,
         "error": errors,
         "outbound": outbound,
+        "memory": {"rss_warm_kb": rss_warm, "rss_items_kb": rss_items, "hwm_items_kb": hwm_items},
         "setup_s": round(setup_s, 3),
         "flush_s": round(flush_s, 3),
         "expected_transactions": expected_txn,

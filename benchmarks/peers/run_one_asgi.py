@@ -5,8 +5,8 @@
 
 As run_one.py, but the app runs in its own process (asgi_server.py: uvicorn, one worker) and
 this one drives it over one keep-alive HTTP connection on loopback, a request at a time: the
-latency is the client's, the CPU is the server process's (all its threads, the agent's
-included). Prints one JSON line of run_one.py's shape, so summarize.py reads both.
+latency is the client's, the CPU and the RSS are the server process's (all its threads, the
+agent's included). Prints one JSON line of run_one.py's shape, so summarize.py reads both.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from run_one import AGENTS, log, pct, sink_call, start_sink
+from run_one import AGENTS, log, pct, rss_kb, sink_call, start_sink
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--errors", type=int, default=500)
     ap.add_argument("--outbound", type=int, default=200)
     ap.add_argument("--round", type=int, default=0, help="label only")
+    ap.add_argument("--slot", default="", help="label only (run_all.sh: a/b for the two none runs)")
     args = ap.parse_args()
 
     t_start = time.time()
@@ -105,7 +106,9 @@ def main() -> None:
         for path, n, expect in (("/items", args.warmup, 200), ("/error", 50, 500),
                                 ("/outbound", 20, 200)):
             timed(conn, server.pid, path, n, expect)
+        rss_warm, _ = rss_kb(server.pid)
         items = timed(conn, server.pid, "/items", args.n, 200)
+        rss_items, hwm_items = rss_kb(server.pid)
         errors = timed(conn, server.pid, "/error", args.errors, 500)
         outbound = (timed(conn, server.pid, "/outbound", args.outbound, 200)
                     if args.outbound else None)
@@ -130,9 +133,10 @@ def main() -> None:
     expected_txn = 1 + args.warmup + args.n + 50 + args.errors + 20 + args.outbound
     app_traffic = stats["by_path"].get("/outbound-target", {"requests": 0, "bytes": 0})
     out = {
-        "agent": args.agent, "round": args.round, "app": "fastapi", "version": info["version"],
+        "agent": args.agent, "round": args.round, "slot": args.slot, "app": "fastapi", "version": info["version"],
         "python": platform.python_version(), "n": args.n,
         "items": items, "error": errors, "outbound": outbound,
+        "memory": {"rss_warm_kb": rss_warm, "rss_items_kb": rss_items, "hwm_items_kb": hwm_items},
         "flush_s": flush_s, "expected_transactions": expected_txn,
         "sink_requests": stats["requests"] - app_traffic["requests"],
         "sink_bytes": stats["bytes"] - app_traffic["bytes"],

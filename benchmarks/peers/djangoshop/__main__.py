@@ -1,0 +1,5 @@
+import sys
+
+from djangoshop import seed
+
+seed(sys.argv[1])
