@@ -285,7 +285,10 @@ def django_elasticapm(sink_url, port):
         "CLOUD_PROVIDER": "none",  # 'auto' probes 169.254.169.254: off-box, forbidden here
     }
     app = djangoshop.wsgi_app(cfg)
-    from elasticapm.contrib.django.client import client as apm
+    from elasticapm.contrib.django.client import get_client
+
+    # the client itself: after close() the module's `client` proxy would make a new one
+    apm = get_client()
 
     def shutdown():
         apm.close()

@@ -169,7 +169,7 @@ def main() -> None:
     fig = {}
     for name, _, _ in variants:
         rs = raw[name]
-        phases = list(zip(*[r["phases"] for r in rs]))
+        phases = list(zip(*[r["phases"] for r in rs], strict=True))
         fig[name] = {
             "wall_ms": med(r["wall_ns"] for r in rs) / 1e6,
             "cpu_ms": med(r["cpu_ns"] for r in rs) / 1e6,

@@ -104,7 +104,7 @@ class Run:
     def aa(self, app, key):
         """Per round: none b / none a (the A/A control)."""
         out = []
-        for (a, rnd), runs in sorted(self.rounds.items()):
+        for (a, _), runs in sorted(self.rounds.items()):
             nones = {r.get("slot"): r for r in runs.get("none", [])}
             if a == app and "a" in nones and "b" in nones:
                 out.append(key(nones["b"]) / key(nones["a"]))
@@ -144,7 +144,7 @@ def micro_figures(run):
         by_round[r.get("round", 0)][r["agent"]] = r
     cpu = defaultdict(list)
     vs_dd = defaultdict(list)
-    for rnd, rs in by_round.items():
+    for rs in by_round.values():
         dd = rs.get("ddtrace")
         for a, r in rs.items():
             cpu[a].append(r["cpu_us_per_txn"])
@@ -200,7 +200,6 @@ def record_table(run, out):
         cells.append("-" if agent == "none" else "/".join(fmt(shipped_pct(run, app, agent), 1) for app in run.apps))
         s = st.get(agent + "+app")
         cells.append("-" if not s else "%.0f / %.0f" % (s["wall_ms"], s["cpu_ms"]))
-        rss = run.ratios("flask", agent, rss_items)  # ratio; the MB difference below
         diffs = []
         for (a, rnd), rs in sorted(run.rounds.items()):
             if a == "flask" and agent in rs:
@@ -212,7 +211,6 @@ def record_table(run, out):
         p = med(peak.get(agent, []))
         cells.append("-" if p is None or none_peak is None or agent == "none"
                      else "%+.1f (growth %.1f)" % ((p - none_peak) / 1024, med(growth[agent]) / 1024))
-        del rss
         out.append("| %s | %s |" % (agent, " | ".join(cells)))
 
 
@@ -288,6 +286,12 @@ def per_round(run, app, out):
         rat = run.ratios(app, agent, items_median)
         out.append("| %s | %s | %s | %s |" % (agent, " | ".join(cells), "%.3fx" % med(rat) if rat else "-",
                                                fmt(spread(rat), 3)))
+    loads = []
+    for rnd in rnds:
+        ls = [r["loadavg_start"][0] for rs in run.rounds[(app, rnd)].values() for r in rs
+              if r.get("loadavg_start")]
+        loads.append("%.1f..%.1f" % (min(ls), max(ls)) if ls else "-")
+    out.append("| 1-min load at the runs' start | %s | | |" % " | ".join(loads))
 
 
 def detail(run, app, out):
