@@ -173,10 +173,13 @@ def record_table(run, out):
     heads = []
     for app in run.apps:
         heads.append("%s /items ratio ±spread" % app.capitalize().replace("Fastapi", "FastAPI"))
-    cols = heads + ["Flask p99 ratio", "Flask CPU/req ratio (all threads)",
-                    "micro CPU µs/txn (ratio to ddtrace)", "shipped % (" + "/".join(run.apps) + ")",
-                    "startup ms wall / CPU (with app − app)", "steady RSS MB over none (Flask)",
-                    "outage peak RSS MB over none (Flask)"]
+    others = [a for a in run.apps if a != "flask"]
+    cols = heads + ["Flask p99 ratio", "Flask CPU/req ratio (all threads)"]
+    if others:
+        cols.append("CPU/req ratio " + " / ".join(others))
+    cols += ["micro CPU µs/txn (ratio to ddtrace)", "shipped % (" + "/".join(run.apps) + ")",
+             "startup ms wall / CPU (with app − app)", "steady RSS MB over none (Flask)",
+             "outage peak RSS MB over none (Flask)"]
     out.append("| agent | " + " | ".join(cols) + " |")
     out.append("|---|" + "---:|" * len(cols))
     for agent in run.agents:
@@ -194,6 +197,11 @@ def record_table(run, out):
         else:
             cells += [ratio_pm(run.ratios("flask", agent, items_p99)),
                       ratio_pm(run.ratios("flask", agent, items_cpu))]
+        if others:
+            if agent == "none":
+                cells.append(" / ".join("A/A " + ratio_pm(run.aa(a, items_cpu)) for a in others))
+            else:
+                cells.append(" / ".join(ratio_pm(run.ratios(a, agent, items_cpu)) for a in others))
         c = med(cpu.get(agent, []))
         r = med(vs_dd.get(agent, []))
         cells.append("-" if c is None else "%.1f" % c + ("" if r is None else " (%.2fx)" % r))
