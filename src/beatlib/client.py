@@ -64,8 +64,11 @@ class Client:
                  **settings: Any) -> None:
         global _default_client
         self.config = config if config is not None else Config(**settings)
-        if self.config.service_version is None and self.config.enabled:
-            self.config.service_version = release.app_version()  # git, once per process
+        # The default service_version is the app's git revision: where to look is taken now,
+        # git runs on the worker when it first builds the metadata (a process start costs
+        # the app 10-30 ms otherwise).
+        self._revision_dirs = (release.app_dirs() if self.config.service_version is None
+                               and self.config.enabled else None)
         if self.config.log_level:
             logger.setLevel(self.config.log_level.upper())
         self.sanitizer = Sanitizer.from_config(self.config)
@@ -228,6 +231,9 @@ class Client:
                 "internal_errors": sum(guard.counts().values())}
 
     def _metadata(self) -> dict[str, Any]:
+        if self._revision_dirs is not None:
+            self.config.service_version = release.app_version(self._revision_dirs)
+            self._revision_dirs = None
         return intake_v2.metadata(self.config, self.framework)
 
     def _encode(self, item: Any) -> list[bytes]:

@@ -94,20 +94,34 @@ def app_dir() -> str:
     return os.path.dirname(os.path.abspath(main)) if main else os.getcwd()
 
 
+def app_dirs() -> tuple[str, ...]:
+    """Where the app's revision is looked for, as they are now: the main script's folder,
+    then the working directory (none when the working directory was deleted)."""
+    try:
+        return tuple(dict.fromkeys((app_dir(), os.getcwd())))
+    except OSError:  # a working directory deleted under the app
+        return ()
+
+
 def detect_revision(path: str | None = None) -> str | None:
     """`git describe --tags --always --dirty` in `path` (default: the working directory);
     lightweight tags count, as `previous_tag` counts them."""
     return _git_line(["describe", "--tags", "--always", "--dirty"], path)
 
 
-def app_version() -> str | None:
-    """The app's revision, detected once per process: the default of `service_version`."""
+def app_version(dirs: tuple[str, ...] | None = None) -> str | None:
+    """The app's revision, detected once per process in the first of `dirs` (default:
+    `app_dirs()`) that is in a repository: the default of `service_version`."""
     with _lock:
         if not _app_version:
-            try:
-                found = detect_revision(app_dir()) or detect_revision(os.getcwd())
-            except OSError:  # a working directory deleted under the app
-                found = None
+            found = None
+            for path in app_dirs() if dirs is None else dirs:
+                try:
+                    found = detect_revision(path)
+                except OSError:
+                    found = None
+                if found:
+                    break
             _app_version.append(found)
         return _app_version[0]
 

@@ -12,14 +12,11 @@ import html
 import json
 import logging
 import re
-import socket
 import threading
 import time
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
-
-import urllib3
-import urllib3.connection
 
 from beatlib import randomness
 from beatlib.protocol import otlp
@@ -88,42 +85,11 @@ class Backoff:
 
 _MAX_REPLY = 64 * 1024  # bytes of a server reply we read; error bodies are small
 
-# The connection carrying each sending thread's request, so that a deadline can cut it:
-# urllib3's timeouts bound each read, and a server trickling a byte a second never hits one.
-_carrying: dict[int, Any] = {}
+def _pool() -> ModuleType:
+    """beatlib.transport.pool, and with it urllib3: imported on the first request."""
+    from beatlib.transport import pool
 
-
-class _Watched:
-    def request(self, *args: Any, **kwargs: Any) -> Any:
-        _carrying[threading.get_ident()] = self
-        return super().request(*args, **kwargs)  # type: ignore[misc]
-
-
-class _HTTPConnection(_Watched, urllib3.connection.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
-    pass
-
-
-class _HTTPPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-def _cut(ident: int) -> None:
-    """The deadline passed: shut the request's socket, so its blocked read ends now."""
-    connection = _carrying.get(ident)
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    return pool
 
 
 class Sender:
@@ -158,12 +124,11 @@ class Sender:
             }
             self._credentials = [c for c in (config.api_key, config.secret_token) if c]
         self._pool_kwargs = pool_settings(config)
-        self.reset_pool()
+        self.pool: Any = None  # made by the first request, on a sending thread
 
     def reset_pool(self) -> None:
         """A fresh pool; used after fork, where the parent's sockets must not be shared."""
-        self.pool = urllib3.PoolManager(**self._pool_kwargs)
-        self.pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        self.pool = None
 
     def send(self, body: bytes, timeout: float | None = None, signal: int | None = None
              ) -> tuple[Verdict, float | None]:
@@ -172,7 +137,7 @@ class Sender:
         `signal` (OTLP: otlp.TRACES, LOGS or METRICS) chooses the path."""
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         ident = threading.get_ident()
-        deadline = threading.Timer(timeout, _cut, (ident,))
+        deadline = threading.Timer(timeout, _pool().cut, (ident,))
         deadline.daemon = True
         try:
             deadline.start()
@@ -186,15 +151,18 @@ class Sender:
         finally:
             if started:
                 deadline.cancel()
-            _carrying.pop(ident, None)
+            _pool().release(ident)
 
     def _post(self, url: str, body: bytes, timeout: float) -> tuple[Any, bytes]:
+        pool = _pool()
+        if self.pool is None:
+            self.pool = pool.manager(self._pool_kwargs)
         resp = self.pool.request(
             "POST",
             url,
             body=body,
             headers=self.headers,
-            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            timeout=pool.Timeout(connect=timeout, read=timeout),
             retries=False,
             redirect=False,
             preload_content=False,
@@ -214,7 +182,7 @@ class Sender:
         url = self.url + otlp.PATHS[signal]
         try:
             resp, data = self._post(url, body, timeout)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (_pool().HTTPError, OSError) as exc:
             self._log.log("unreachable", logging.WARNING, "OTLP endpoint %s unreachable (%s); "
                           "will retry", url, self._hide(exc))
             return Verdict.RETRY, None
@@ -250,7 +218,7 @@ class Sender:
     def _send(self, body: bytes, timeout: float) -> tuple[Verdict, float | None]:
         try:
             resp, data = self._post(self.url, body, timeout)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (_pool().HTTPError, OSError) as exc:
             # refused, reset, timeout, TLS, a broken reply: all mean "try later"
             self._log.log("unreachable", logging.WARNING,
                           "APM server %s unreachable (%s); will retry", self.url,
@@ -305,11 +273,12 @@ def request(config: Any, method: str, path: str, body: bytes | None = None,
     url = config.server_url + path
     sent = {"User-Agent": f"beatlib/{__version__} ({config.service_name})",
             **auth_headers(config), **(headers or {})}
+    pool = _pool()
     try:
-        reply = urllib3.PoolManager(**pool_settings(config)).request(
+        reply = pool.manager(pool_settings(config), watched=False).request(
             method, url, body=body, headers=sent, retries=False, redirect=False,
-            timeout=urllib3.Timeout(connect=config.server_timeout, read=config.server_timeout))
-    except urllib3.exceptions.HTTPError as exc:
+            timeout=pool.Timeout(connect=config.server_timeout, read=config.server_timeout))
+    except pool.HTTPError as exc:
         reason = str(exc).rsplit(">: ", 1)[-1]  # drop urllib3's "<Connection object at ...>"
         raise ServerProblem(f"cannot reach {url}: {reason}") from None
     return reply.status, reply.data[:2000].decode("utf-8", "replace").strip()
@@ -357,7 +326,7 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, urllib3.util.Retry().parse_retry_after(value))
+        return max(0.0, _pool().parse_retry_after(value))
     except Exception:  # urllib3's InvalidHeader, or a date it cannot read
         return None
 
