@@ -65,11 +65,18 @@ def test_the_default_is_the_worker_thread():
 def test_a_record_crosses_unchanged_byte_for_byte():
     """The child encodes a rebuilt transaction (or error) to the very lines the worker
     thread writes for the original: redaction, truncation, span order and ids included."""
-    client = beatlib.Client(beatlib.config.Config(environ={}, service_name="t"),
+    client = beatlib.Client(beatlib.config.Config(environ={}, service_name="t",
+                                                  span_stack_trace_min_duration=0),
                             sender=MemorySender())
     records: list[Any] = []
     client.tracer.queue = client.transport.queue = records.append  # type: ignore[method-assign]
     record(client, 3)
+    client.begin_transaction("task")
+    with beatlib.capture_span("outer"), beatlib.capture_span("inner", leaf=True):
+        with beatlib.capture_span("below a leaf: not recorded"):
+            pass
+    client.end_transaction("nested")
+    assert records[-1].spans[1].parent is records[-1].spans[0]
     try:
         raise ValueError("card 4111 1111 1111 1111")
     except ValueError:
@@ -133,13 +140,15 @@ def test_what_reached_the_socket_is_sent_when_the_app_dies(receiver, tmp_path):
     ships what it had."""
     script = tmp_path / "app.py"
     script.write_text(textwrap.dedent(f"""
-        import os, sys
+        import os, sys, time
         sys.path.insert(0, {os.getcwd()!r})
         import beatlib
         from tests.transport.test_process import record
         client = beatlib.Client(service_name="t", server_url={receiver.url!r},
                                 flush_interval="60s", exporter_process=True)
         record(client, 30)
+        while client.transport.worker is None:  # started by a thread of its own
+            time.sleep(0.01)
         print(client.transport.worker.pid, flush=True)
         os._exit(0)
     """))

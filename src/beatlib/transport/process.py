@@ -174,7 +174,8 @@ class ProcessTransport:
         self._lock = threading.Lock()  # starting and replacing the child
         self._control = threading.Lock()  # one flush/close conversation at a time
         self._sock: socket.socket | None = None
-        self._worker: subprocess.Popen[bytes] | None = None  # the child (name: worker hooks)
+        self._child: subprocess.Popen[bytes] | None = None
+        self._spawner: threading.Thread | None = None
         self._started_at = -_RESTART_AFTER
         self._sent_framework: Any = None
         self._seq = 0
@@ -235,13 +236,15 @@ class ProcessTransport:
         """Stops accepting records, has the child flush and exit, and waits for it."""
         try:
             self._accepting = False
-            if self._worker is None or self._pid != os.getpid():
+            if self._sock is None or self._pid != os.getpid():
                 return self._closed_ok
             timeout = self._shutdown_timeout if timeout is None else timeout
             start = monotonic()
             ok = self._ask("close", timeout)
-            child, sock = self._worker, self._sock
-            self._worker = self._sock = None
+            if self._spawner is not None:
+                self._spawner.join(max(0.0, start + timeout - monotonic()))
+            child, sock = self._child, self._sock
+            self._child = self._sock = None
             if sock is not None:
                 sock.close()  # EOF: a child that missed the request exits too
             if child is not None:
@@ -260,7 +263,11 @@ class ProcessTransport:
     @property
     def worker(self) -> subprocess.Popen[bytes] | None:
         """The exporter process, once started (None before)."""
-        return self._worker
+        return self._child
+
+    @property
+    def _worker(self) -> socket.socket | None:  # what worker.py's exit and fork hooks read
+        return self._sock
 
     @property
     def backlog(self) -> int:
@@ -285,6 +292,9 @@ class ProcessTransport:
     # the child's lifecycle
 
     def _start(self) -> socket.socket | None:
+        """The socket to the exporter, made now; the process behind it is started by a
+        thread of its own (fork + exec takes tens of milliseconds: never a request's). What
+        is sent before it runs waits in the socket."""
         with self._lock:
             if self._sock is not None:
                 return self._sock
@@ -298,22 +308,36 @@ class ProcessTransport:
                                      "process": self._process(),
                                      "framework": self._framework()})
                 ours.send(b"C" + init)  # the first message: before any record
-                env = dict(os.environ)
-                env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-                self._worker = subprocess.Popen(
-                    [sys.executable, "-m", "beatlib.transport.process", str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                    start_new_session=True, env=env)  # its own session: no ^C of ours
+                self._spawner = threading.Thread(target=self._spawn, args=(ours, theirs),
+                                                 name="beatlib-exporter-start", daemon=True)
+                self._spawner.start()
             except Exception:
                 ours.close()
+                theirs.close()
                 report("exporter: starting the exporter process")
                 return None
-            finally:
-                theirs.close()
             ours.setblocking(False)
             self._sent_framework = self._framework()
             self._sock = ours
             return ours
+
+    def _spawn(self, ours: socket.socket, theirs: socket.socket) -> None:
+        try:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "beatlib.transport.process", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                start_new_session=True, env=env)  # its own session: no ^C of ours
+        except Exception:
+            report("exporter: starting the exporter process")
+            theirs.close()
+            self._lost_child(ours)
+            return
+        theirs.close()  # the child's now: a dead child is an EPIPE here
+        with self._lock:
+            if self._sock is ours:
+                self._child = child
 
     def _lost_child(self, sock: socket.socket) -> None:
         with self._lock:
@@ -321,7 +345,7 @@ class ProcessTransport:
                 return
             self._sock = None
             sock.close()
-            child, self._worker = self._worker, None
+            child, self._child = self._child, None
             if child is not None:
                 child.poll()  # reaped if it is gone
             self._restarts += 1
