@@ -88,10 +88,14 @@ class Client:
             return None
         from beatlib.transport import process
 
-        if sender is not None or process.hook_reference(self.config.before_send) is None:
-            logger.warning("beatlib: exporter_process needs a before_send hook the exporter "
-                           "process can import (\"module:function\") and the HTTP sender; "
+        if not process.SUPPORTED or sender is not None:
+            logger.warning("beatlib: exporter_process needs Linux and the HTTP sender; "
                            "encoding on the worker thread instead")
+            return None
+        if process.hook_reference(self.config.before_send) is None:
+            logger.warning("beatlib: exporter_process needs a before_send hook the exporter "
+                           "process can import (\"module:function\"); encoding on the worker "
+                           "thread instead")
             return None
         return process.ProcessTransport(
             self.config, lambda: self.framework,

@@ -242,3 +242,15 @@ def test_a_hook_the_child_cannot_import_keeps_the_worker_thread(receiver, caplog
     assert "exporter_process needs a before_send hook" in caplog.text
     record(client, 1)
     assert client.close(10) and len(receiver.events("transaction")) == 1
+
+
+def test_process_metrics_are_the_apps(receiver):
+    ballast = b"x" * (100 << 20)  # written: resident in this process, not in the exporter
+    client = process_client(receiver)
+    record(client, 1)
+    assert client.close(30)
+    rss = [m["samples"]["system.process.memory.rss.bytes"]["value"]
+           for m in receiver.events("metricset")
+           if "system.process.memory.rss.bytes" in m["samples"]]
+    assert rss and min(rss) > len(ballast)
+    del ballast

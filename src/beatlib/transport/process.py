@@ -33,6 +33,7 @@ logger = logging.getLogger("beatlib.transport")
 _TX = 0x54  # b"T": a transaction, marshalled (flatten_transaction)
 _PICKLED = 0x50  # b"P": any other record (an error snapshot), pickled
 _CONTROL = 0x43  # b"C": a request or an answer, pickled: ("flush", seq, timeout), ...
+SUPPORTED = sys.platform == "linux" and hasattr(socket, "SOCK_SEQPACKET")
 SEND_BUFFER = 4 << 20  # asked of the kernel (Linux caps it at net.core.wmem_max)
 MAX_MESSAGE = 4 << 20  # a larger record is dropped (dropped_too_large)
 _RESTART_AFTER = 5.0  # seconds between two starts of a child that died
@@ -412,6 +413,7 @@ class ProcessTransport:
 def _child_client(init: dict[str, Any]) -> Any:
     from beatlib.client import Client
     from beatlib.config import Config, hook
+    from beatlib.metrics import LatencyMetrics
 
     config = Config.__new__(Config)
     for name, value in init["settings"].items():
@@ -427,6 +429,7 @@ def _child_client(init: dict[str, Any]) -> Any:
 
     client = ExporterClient(config)
     client.framework = init["framework"]
+    client.metrics = LatencyMetrics(pid=process["pid"])  # the app's CPU and memory
     return client
 
 
