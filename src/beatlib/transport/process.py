@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
@@ -446,8 +447,16 @@ def main(fd: int) -> None:
     view = memoryview(buffer)
     n = sock.recv_into(buffer)
     client = _child_client(pickle.loads(view[1:n]))
+    # Evaluation knob (temporary): seconds to pause once the socket is empty, so that the
+    # app's sends do not wake this process for every record.
+    pause = float(os.environ.get("PEERBENCH_EXPORTER_READ_PAUSE") or 0)
     while True:
-        n = sock.recv_into(buffer)
+        try:
+            n = sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if pause:
+                time.sleep(pause)
+            n = sock.recv_into(buffer)
         if n == 0:
             break
         try:
