@@ -38,6 +38,11 @@ SUPPORTED = sys.platform == "linux" and hasattr(socket, "SOCK_SEQPACKET")
 SEND_BUFFER = 4 << 20  # asked of the kernel (Linux caps it at net.core.wmem_max)
 MAX_MESSAGE = 4 << 20  # a larger record is dropped (dropped_too_large)
 _RESTART_AFTER = 5.0  # seconds between two starts of a child that died
+# Once the socket is empty the reader waits this long before it blocks on it again: the app's
+# sends then wake this process about 50 times a second, not once per record, and it takes
+# the CPU from the app's threads less often (measured: /items p99 vs no agent 1.08x against
+# 1.66x without the pause, medians of 5 interleaved rounds).
+READ_PAUSE = 0.02
 
 
 # --- the record, as builtins ---------------------------------------------------------------
@@ -447,15 +452,11 @@ def main(fd: int) -> None:
     view = memoryview(buffer)
     n = sock.recv_into(buffer)
     client = _child_client(pickle.loads(view[1:n]))
-    # Evaluation knob (temporary): seconds to pause once the socket is empty, so that the
-    # app's sends do not wake this process for every record.
-    pause = float(os.environ.get("PEERBENCH_EXPORTER_READ_PAUSE") or 0)
     while True:
         try:
             n = sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            if pause:
-                time.sleep(pause)
+            time.sleep(READ_PAUSE)
             n = sock.recv_into(buffer)
         if n == 0:
             break
