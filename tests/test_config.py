@@ -35,6 +35,7 @@ EXPECTED_DEFAULTS = {
     "otlp_endpoint": "http://127.0.0.1:4318",
     "otlp_headers": {},
     "enabled": True,
+    "exporter_process": False,
     "transaction_sample_rate": 1.0,
     "transaction_max_spans": 500,
     "flush_interval": 10.0,

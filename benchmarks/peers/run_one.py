@@ -107,23 +107,47 @@ def setup_none(sink_url, port):
     return appmod.create_app(sink_url), (lambda: None), "-", {}
 
 
+def _proc_cpu_ns(pid):
+    """utime + stime of process `pid` (Linux /proc), in ns; None once it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+# CPU (ns) of an agent's helper processes, when it has any (beatlib's exporter process)
+AGENT_CHILD_CPU = None
+
+
 def setup_beatlib(sink_url, port):
     # As a user would: the Flask integration (which calls beatlib.instrument()), defaults
     # for everything but where to send; 100% sampling is the default.
+    # PEERBENCH_BEATLIB_EXPORTER=process: the variant with exporter_process=True.
+    global AGENT_CHILD_CPU
     import beatlib
     from beatlib.contrib.flask import Beat
 
     import app as appmod
 
-    client = beatlib.Client(service_name=SERVICE, server_url=sink_url, environment="bench")
+    process = os.environ.get("PEERBENCH_BEATLIB_EXPORTER") == "process"
+    client = beatlib.Client(service_name=SERVICE, server_url=sink_url, environment="bench",
+                            **({"exporter_process": True} if process else {}))
     app = appmod.create_app(sink_url)
     Beat(app, client=client)
+    if process:
+        def child_cpu():
+            child = client.transport.worker
+            return None if child is None else _proc_cpu_ns(child.pid)
+        AGENT_CHILD_CPU = child_cpu
 
     def shutdown():
         if not client.close(120):
             log("beatlib: close did not send everything:", client.transport.stats())
 
-    return app, shutdown, beatlib.__version__, {"instrumented": "flask(signals) + sqlalchemy + jinja2 + requests (beatlib.instrument())"}
+    return app, shutdown, beatlib.__version__, {"instrumented": "flask(signals) + sqlalchemy + jinja2 + requests (beatlib.instrument())",
+                                                "exporter": "process" if process else "thread"}
 
 
 def setup_elasticapm(sink_url, port):
@@ -405,6 +429,8 @@ def timed(client, path, n, expect):
     pc = time.perf_counter_ns
     durs = [0] * n
     bad = 0
+    child0 = AGENT_CHILD_CPU() if AGENT_CHILD_CPU else None
+    thread0 = time.thread_time_ns()
     cpu0 = time.process_time_ns()
     t0 = pc()
     for i in range(n):
@@ -417,6 +443,8 @@ def timed(client, path, n, expect):
             bad += 1
     wall = pc() - t0
     cpu = time.process_time_ns() - cpu0
+    thread_cpu = time.thread_time_ns() - thread0
+    child1 = AGENT_CHILD_CPU() if AGENT_CHILD_CPU else None
     durs.sort()
     us = lambda ns: round(ns / 1000.0, 1)  # noqa: E731
     return {
@@ -430,6 +458,10 @@ def timed(client, path, n, expect):
         # process CPU (all threads, incl. agent background workers) per request
         "cpu_us_per_req": us(cpu / n),
         "wall_us_per_req": us(wall / n),
+        # the request thread's own CPU (it is also the load generator: the test client)
+        "thread_cpu_us_per_req": us(thread_cpu / n),
+        # an agent's helper process (beatlib's exporter process), when there is one
+        "child_cpu_us_per_req": us((child1 - child0) / n) if child0 is not None and child1 is not None else None,
         "bad_status": bad,
     }
 

@@ -76,11 +76,33 @@ class Client:
         self._error_mark = "_beatlib_error_id_%x" % id(self)  # per client: each captures once
         self.framework: tuple[str, str] | None = None
         self.pipeline = Pipeline(self.config, self.sanitizer, self._metadata)
-        self.transport = Transport(self.config, self._encode, self.pipeline.metadata_line,
-                                   on_tick=self.collect_metrics, sender=sender)
+        self.transport: Any = self._exporter_process(sender)
+        if self.transport is None:
+            self.transport = Transport(self.config, self._encode, self.pipeline.metadata_line,
+                                       on_tick=self.collect_metrics, sender=sender)
         self.tracer = Tracer(self.config, self.transport.queue, self._capture_span_stack,
                              self.sanitizer)
         _default_client = self
+
+    def _exporter_process(self, sender: Any) -> Any:
+        """The exporter process's transport, if `exporter_process` asks for it and it can
+        run everything the worker thread would (else None: the worker thread it is)."""
+        if not self.config.exporter_process or not self.config.enabled:
+            return None
+        from beatlib.transport import process
+
+        if not process.SUPPORTED or sender is not None:
+            logger.warning("beatlib: exporter_process needs Linux and the HTTP sender; "
+                           "encoding on the worker thread instead")
+            return None
+        if process.hook_reference(self.config.before_send) is None:
+            logger.warning("beatlib: exporter_process needs a before_send hook the exporter "
+                           "process can import (\"module:function\"); encoding on the worker "
+                           "thread instead")
+            return None
+        return process.ProcessTransport(
+            self.config, lambda: self.framework,
+            lambda: intake_v2.metadata(self.config)["process"])
 
     # -- transactions --------------------------------------------------------------------
 
@@ -227,7 +249,7 @@ class Client:
         """What happened to the events so far: the transport's counters (queued, sent,
         dropped by reason), the pipeline's (dropped or failed in before_send), and how often
         beatlib's own code failed in this process (`internal_errors`, see beatlib.guard)."""
-        return {**self.transport.stats(), **self.pipeline.counts,
+        return {**self.pipeline.counts, **self.transport.stats(),
                 "internal_errors": sum(guard.counts().values())}
 
     def _metadata(self) -> dict[str, Any]:

@@ -328,6 +328,8 @@ class Config:
                                             "request, e.g. api-key=abc (as "
                                             "OTEL_EXPORTER_OTLP_HEADERS)", secret=True)
     enabled: bool = _setting(True, boolean(), "False: record and send nothing")
+    exporter_process: bool = _setting(False, boolean(), "Encode and send from a child process "
+                                      "(off the app's GIL); records cross a Unix socket")
     transaction_sample_rate: float = _setting(1.0, sample_rate(),
                                               "Share of transactions recorded with spans")
     transaction_max_spans: int = _setting(500, integer(0), "Spans kept per transaction")

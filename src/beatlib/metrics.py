@@ -53,11 +53,13 @@ class MetricSet(NamedTuple):
 
 
 class LatencyMetrics:
-    """Counts and latency histograms of finished transactions, by (name, type)."""
+    """Counts and latency histograms of finished transactions, by (name, type); the process
+    samples are of process `pid` (the exporter process reports the app's), by default this."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int | None = None) -> None:
         self._histograms: dict[tuple[str | None, str], dict[int, int]] = {}
-        self._cpu = time.process_time()
+        self._pid = pid
+        self._cpu = self._cpu_seconds()
         self._wall = time.monotonic()
 
     def record(self, name: str | None, transaction_type: str, duration_ms: float) -> None:
@@ -84,22 +86,33 @@ class LatencyMetrics:
         return sets
 
     def _process_samples(self) -> dict[str, tuple[Any, ...]]:
-        cpu, wall = time.process_time(), time.monotonic()
+        cpu, wall = self._cpu_seconds(), time.monotonic()
         elapsed = wall - self._wall
         share = (cpu - self._cpu) / elapsed / (os.cpu_count() or 1) if elapsed > 0 else 0.0
         self._cpu, self._wall = cpu, wall
         samples: dict[str, tuple[Any, ...]] = {
             "system.process.cpu.total.norm.pct": ("gauge", round(min(max(share, 0.0), 1.0), 6))
         }
-        rss = _rss_bytes()
+        rss = _rss_bytes("self" if self._pid is None else str(self._pid))
         if rss is not None:
             samples["system.process.memory.rss.bytes"] = ("gauge", rss)
         return samples
 
 
-def _rss_bytes() -> int | None:
+    def _cpu_seconds(self) -> float:
+        if self._pid is None:
+            return time.process_time()
+        try:  # utime and stime, fields 14 and 15, after the command name in parentheses
+            with open(f"/proc/{self._pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return getattr(self, "_cpu", 0.0)  # gone: no change
+
+
+def _rss_bytes(pid: str = "self") -> int | None:
     try:
-        with open("/proc/self/statm", "rb") as statm:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
         return None

@@ -14,6 +14,7 @@ def on_exit(server):
         "threads": [thread.name for thread in threading.enumerate()],
         "has_client": app is not None,
         "transport_thread": app is not None and app.client.transport.worker is not None,
+        "transport": app is not None and type(app.client.transport).__name__,
         "threads_at_import": getattr(app, "THREADS_AT_IMPORT", None),
     }
     with open(os.environ["GUNICORN_TEST_REPORT"], "w") as f:

@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import socket
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,14 +25,15 @@ REQUESTS = 500
 class Gunicorn(ServerProcess):
     """gunicorn started in a subprocess; `stop()` sends SIGTERM and waits for it to exit."""
 
-    def __init__(self, app: str, receiver_url: str, log: Path, preload: bool) -> None:
+    def __init__(self, app: str, receiver_url: str, log: Path, preload: bool,
+                 env: dict[str, str] | None = None) -> None:
         self.report_path = log.with_suffix(".json")
         super().__init__(
             ["gunicorn", "--workers", "2", "--worker-class", "sync", "--bind",
              "127.0.0.1:{port}", "--graceful-timeout", "20", "--log-level", "info",
              "--config", "python:tests.contrib.gunicorn_conf",
              *(["--preload"] if preload else []), app],
-            receiver_url, log, {"GUNICORN_TEST_REPORT": str(self.report_path)})
+            receiver_url, log, {"GUNICORN_TEST_REPORT": str(self.report_path), **(env or {})})
 
     def worker_pids(self) -> set[int]:
         text = self.log.read_text(errors="replace")
@@ -62,8 +64,8 @@ class Gunicorn(ServerProcess):
 
 @pytest.fixture
 def gunicorn(receiver, tmp_path):
-    with started(lambda n, app, preload: Gunicorn(
-            app, receiver.url, tmp_path / f"gunicorn{n}.log", preload)) as start:
+    with started(lambda n, app, preload, env=None: Gunicorn(
+            app, receiver.url, tmp_path / f"gunicorn{n}.log", preload, env)) as start:
         yield start
 
 
@@ -94,3 +96,26 @@ def test_every_transaction_once_from_its_worker(gunicorn, receiver, app, preload
     assert report["pid"] == master and report["has_client"] is preload
     assert not report["transport_thread"] and "beatlib-transport" not in report["threads"]
     assert len(receiver.events("span")) == (REQUESTS if "pyramid" not in app else 0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the exporter process is Linux only")
+def test_exporter_process_one_per_worker_none_in_the_master(gunicorn, receiver):
+    """exporter_process=true with --preload: the client is made in the master, which never
+    records, so it starts no exporter; each worker starts its own at its first request, and
+    SIGTERM has each worker's exporter send what it was handed."""
+    batches = batches_of(receiver)
+    server = gunicorn("tests.contrib.gunicorn_app:application", True,
+                      {"BEATLIB_EXPORTER_PROCESS": "true"})
+    master, workers = server.proc.pid, server.worker_pids()
+    pids = served_by(server.url, REQUESTS)
+    assert set(pids.values()) == workers
+    assert server.stop() == 0
+    assert receiver.wait_for("transaction", REQUESTS, timeout=15)
+    pids_sent_from, arrived = arrivals(batches, pids)
+    assert arrived == Counter(range(REQUESTS))  # every request once
+    assert pids_sent_from == workers  # each batch says the worker it came from
+    report = server.master_report()
+    assert report["pid"] == master and report["has_client"]
+    assert report["transport"] == "ProcessTransport"
+    assert not report["transport_thread"]  # worker: the exporter process, never started
+    assert len(receiver.events("span")) == REQUESTS
