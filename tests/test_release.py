@@ -217,12 +217,18 @@ def test_error_is_assigned_to_the_author_of_its_culprit_line(repo, receiver, ass
         assert "assignee" not in custom
 
 
-def test_service_version_defaults_to_the_app_revision(repo, outside, receiver, monkeypatch):
+@pytest.mark.parametrize("exporter_process", [False, True])
+def test_service_version_defaults_to_the_app_revision(repo, outside, receiver, monkeypatch,
+                                                      exporter_process):
+    """git runs on the worker (or in the exporter process), in the app's folders as they
+    were when the client was made."""
     def metadata_version(app: Path) -> str | None:
         monkeypatch.setattr(release, "_app_version", [])
         monkeypatch.setattr(release, "app_dir", lambda: str(app))
         monkeypatch.chdir(app)
-        client = beatlib.Client(service_name="shop", server_url=receiver.url, environ={})
+        client = beatlib.Client(service_name="shop", server_url=receiver.url, environ={},
+                                exporter_process=exporter_process)
+        monkeypatch.chdir("/")  # a daemon's chdir after start-up changes nothing
         client.begin_transaction("task")
         client.end_transaction("t", "success")
         assert client.flush(5)

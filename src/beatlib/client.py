@@ -102,7 +102,7 @@ class Client:
             return None
         return process.ProcessTransport(
             self.config, lambda: self.framework,
-            lambda: intake_v2.metadata(self.config)["process"])
+            lambda: intake_v2.metadata(self.config)["process"], self._revision_dirs)
 
     # -- transactions --------------------------------------------------------------------
 

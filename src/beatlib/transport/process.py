@@ -166,8 +166,10 @@ class ProcessTransport:
     """
 
     def __init__(self, config: Any, framework: Callable[[], Any],
-                 process: Callable[[], dict[str, Any]]) -> None:
+                 process: Callable[[], dict[str, Any]],
+                 revision_dirs: tuple[str, ...] | None = None) -> None:
         self._config = config
+        self._revision_dirs = revision_dirs  # the app's: where the child runs git describe
         self._framework = framework
         self._process = process
         self._accepting = bool(config.enabled)
@@ -313,7 +315,8 @@ class ProcessTransport:
                 ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
                 init = pickle.dumps({"settings": _settings(self._config),
                                      "process": self._process(),
-                                     "framework": self._framework()})
+                                     "framework": self._framework(),
+                                     "revision_dirs": self._revision_dirs})
                 ours.send(b"C" + init)  # the first message: before any record
                 self._spawner = threading.Thread(target=self._spawn, args=(ours, theirs),
                                                  name="beatlib-exporter-start", daemon=True)
@@ -434,6 +437,7 @@ def _child_client(init: dict[str, Any]) -> Any:
             return metadata
 
     client = ExporterClient(config)
+    client._revision_dirs = init["revision_dirs"]  # the app's folders, not ours
     client.framework = init["framework"]
     client.metrics = LatencyMetrics(pid=process["pid"])  # the app's CPU and memory
     return client
