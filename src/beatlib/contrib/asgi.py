@@ -108,10 +108,6 @@ _READ_NOW = {b"traceparent": "HTTP_TRACEPARENT", b"tracestate": "HTTP_TRACESTATE
              b"content_type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH",
              b"content_length": "CONTENT_LENGTH"}
 _lower = bytes.lower  # a header name that is not bytes raises here, as in environ_of
-# What environ_of reads of a scope; the copy keeps their values as the request began (the
-# router lengthens `root_path`; middleware may rewrite the headers' list in place).
-_SCOPE_KEYS = ("type", "method", "path", "root_path", "query_string", "server", "client",
-               "scheme", "http_version")
 
 
 def headers_now(headers: Any) -> dict[str, str]:
@@ -168,13 +164,17 @@ class Request:
                  "body_size", "kept_body", "content_type", "status", "headers", "trailers",
                  "complete", "disconnected", "close_code", "_receive", "_send")
 
+    scope: Scope | None  # the live scope, while the request is served
+
     def __init__(self, client: Client, scope: Scope, copy: Scope, tx: Transaction,
                  route_of: Callable[[Scope, str], str | None] | None, receive: Receive,
                  send: Send, kept_body: Any = None, body_size: int = 0,
                  content_type: str = "") -> None:
         self.client = client
         self.scope = scope
-        self.copy = copy  # what environ_of reads, as the request began
+        # The scope's values as the request began (the router lengthens `root_path`, a
+        # middleware may rewrite the headers' list in place); what environ_of reads.
+        self.copy = copy
         self.tx = tx
         self.name = tx.name  # the name it began with: a name set by the app is kept
         self.root_path = copy.get("root_path", "")
@@ -319,7 +319,7 @@ class Request:
         """`GET /items/{item_id}` once a framework routed the request, unless the app
         named the transaction itself."""
         tx = self.tx
-        if tx.name == self.name and self.route_of is not None:
+        if tx.name == self.name and self.route_of is not None and self.scope is not None:
             route = self.route_of(self.scope, self.root_path)
             if route is not None:
                 tx.name = f"{self.name} {route}"
@@ -414,6 +414,7 @@ class BeatMiddleware:
         finally:
             if not request.tx.ended:
                 _END.call(request.end)
+            request.scope = None  # the scope holds the request: no cycle left for the GC
             current_request.reset(token)
             if get_active() is not previous:
                 set_active(previous)  # the request's transaction never outlives the call
@@ -446,8 +447,7 @@ class BeatMiddleware:
         # A body to copy as the app reads it (its length), or noted by its size now.
         body_size = body_to_keep(found) if config.capture_body != "off" else 0
         kept_body = found.get("beatlib.body")
-        copy = {key: scope[key] for key in _SCOPE_KEYS if key in scope}
-        copy["headers"] = headers
+        copy = {**scope, "headers": headers}  # the values as the request began
         websocket = copy["type"] == "websocket"
         name = "WEBSOCKET" if websocket else None
         if config.transaction_ignore_urls:  # the path to match, as WSGI has it
