@@ -108,6 +108,9 @@ _READ_NOW = {b"traceparent": "HTTP_TRACEPARENT", b"tracestate": "HTTP_TRACESTATE
              b"content_type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH",
              b"content_length": "CONTENT_LENGTH"}
 _lower = bytes.lower  # a header name that is not bytes raises here, as in environ_of
+# What environ_of reads of a scope (only those: what else is in it is the app's).
+_SCOPE_KEYS = ("type", "method", "path", "root_path", "query_string", "server", "client",
+               "scheme", "http_version")
 
 
 def headers_now(headers: Any) -> dict[str, str]:
@@ -447,7 +450,8 @@ class BeatMiddleware:
         # A body to copy as the app reads it (its length), or noted by its size now.
         body_size = body_to_keep(found) if config.capture_body != "off" else 0
         kept_body = found.get("beatlib.body")
-        copy = {**scope, "headers": headers}  # the values as the request began
+        copy = {key: scope[key] for key in _SCOPE_KEYS if key in scope}
+        copy["headers"] = headers
         websocket = copy["type"] == "websocket"
         name = "WEBSOCKET" if websocket else None
         if config.transaction_ignore_urls:  # the path to match, as WSGI has it
