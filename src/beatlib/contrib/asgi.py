@@ -108,9 +108,6 @@ _READ_NOW = {b"traceparent": "HTTP_TRACEPARENT", b"tracestate": "HTTP_TRACESTATE
              b"content_type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH",
              b"content_length": "CONTENT_LENGTH"}
 _lower = bytes.lower  # a header name that is not bytes raises here, as in environ_of
-# What environ_of reads of a scope (only those: what else is in it is the app's).
-_SCOPE_KEYS = ("type", "method", "path", "root_path", "query_string", "server", "client",
-               "scheme", "http_version")
 
 
 def headers_now(headers: Any) -> dict[str, str]:
@@ -450,8 +447,12 @@ class BeatMiddleware:
         # A body to copy as the app reads it (its length), or noted by its size now.
         body_size = body_to_keep(found) if config.capture_body != "off" else 0
         kept_body = found.get("beatlib.body")
-        copy = {key: scope[key] for key in _SCOPE_KEYS if key in scope}
-        copy["headers"] = headers
+        get = scope.get
+        # What environ_of reads, with its defaults (only that: the rest is the app's).
+        copy = {"type": scope["type"], "method": get("method", "GET"), "path": get("path", ""),
+                "root_path": get("root_path", ""), "query_string": get("query_string", b""),
+                "server": get("server"), "client": get("client"), "scheme": get("scheme"),
+                "http_version": get("http_version", "1.1"), "headers": headers}
         websocket = copy["type"] == "websocket"
         name = "WEBSOCKET" if websocket else None
         if config.transaction_ignore_urls:  # the path to match, as WSGI has it
