@@ -386,3 +386,30 @@ def test_the_error_rule(make, error):
     from beatlib.contrib.asgi import is_error
 
     assert is_error(make()) is error
+
+
+def test_a_served_request_leaves_no_cycle_for_the_garbage_collector(client, receiver):
+    """The scope (and what the app put in it) is freed when the server lets go of it, as
+    without beatlib: the request in the scope does not hold the scope in turn."""
+    import gc
+    import weakref
+
+    class Probe:
+        pass
+
+    c = client()
+    app = BeatMiddleware(hello, c)
+    scope = http_scope()
+    probe = Probe()
+    scope["probe"] = probe
+    gone = weakref.ref(probe)
+    del probe
+    gc.disable()
+    try:
+        run(drive(app, scope))
+        del scope
+        assert gone() is None
+    finally:
+        gc.enable()
+    (tx,) = flushed(receiver, c)
+    assert tx["name"] == "GET" and tx["context"]["response"]["status_code"] == 200

@@ -179,6 +179,30 @@ def test_an_exception_an_exception_handler_answered_is_still_an_error(traced, re
     assert tx["outcome"] == ("failure" if status >= 500 else "success")
 
 
+def test_a_handler_added_to_a_serving_app_is_seen_too(traced, receiver):
+    """Handlers are wrapped once per exception middleware, at its first request; one it is
+    given later (its add_exception_handler) answers to us as well."""
+    from fastapi.responses import JSONResponse
+    from starlette.middleware.exceptions import ExceptionMiddleware
+
+    app, client = traced()
+    get(app, "/sync/1")
+    middleware = app.middleware_stack
+    while not isinstance(middleware, ExceptionMiddleware):
+        middleware = middleware.app
+
+    async def answer(request, exc):
+        return JSONResponse({"answered": str(exc)}, status_code=502)
+
+    middleware.add_exception_handler(KeyError, answer)
+    (response,) = get(app, "/boom")
+    assert response.status_code == 502
+    first, tx = transactions(receiver, client, 2)
+    (error,) = receiver.events("error")
+    assert error["exception"]["type"] == "KeyError" and error["transaction_id"] == tx["id"]
+    assert tx["context"]["response"]["status_code"] == 502 and tx["outcome"] == "failure"
+
+
 @pytest.mark.parametrize("path, status", [
     ("/missing", 404),  # HTTPException(404)
     ("/api/items/notanumber", 422),  # FastAPI's RequestValidationError

@@ -8,6 +8,7 @@ context, ignored URLs, trace continuation, body rules, result and errors are the
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -21,12 +22,11 @@ from beatlib.contrib.wsgi import (
     body_to_keep,
     body_value,
     capture_request_error,
-    end_request,
-    record_request,
+    request_context,
 )
 from beatlib.guard import guard, report
 from beatlib.instrumentation.registry import instrument
-from beatlib.tracing import Transaction
+from beatlib.tracing import Transaction, parse_traceparent
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -38,8 +38,7 @@ STATE = "beatlib.request"  # scope key: the `Request` being traced (frameworks f
 current_request: ContextVar[Request | None] = ContextVar("beatlib_asgi_request", default=None)
 
 _END = guard("asgi: ending the request's transaction")
-_CAPTURE = guard("asgi: capturing the request's exception")
-_RECORD = guard("asgi: recording a message of the request")
+_RECORD_PLACE = "asgi: recording a message of the request"
 _SHUTDOWN = guard("asgi: sending what is queued at shutdown")
 # Not the app's errors: the client went away (Starlette's ClientDisconnect, a failed send).
 _DISCONNECTS = frozenset({"ClientDisconnect", "CancelledError"})
@@ -101,28 +100,93 @@ def environ_of(scope: Scope) -> dict[str, Any]:
     return environ
 
 
+# The request headers read on the request thread, by the WSGI names they would have (`-` or
+# `_`, any case): trace context, and the body's type and length. The rest of the request
+# becomes context on the worker thread, from a copy of the scope (see `Request.record`).
+_READ_NOW = {b"traceparent": "HTTP_TRACEPARENT", b"tracestate": "HTTP_TRACESTATE",
+             b"baggage": "HTTP_BAGGAGE", b"content-type": "CONTENT_TYPE",
+             b"content_type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH",
+             b"content_length": "CONTENT_LENGTH"}
+_lower = bytes.lower  # a header name that is not bytes raises here, as in environ_of
+
+
+def headers_now(headers: Any) -> dict[str, str]:
+    """The headers of `_READ_NOW` in the raw `headers` of a scope, under their WSGI names,
+    repeated ones joined as in environ_of."""
+    found: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        key = _READ_NOW.get(_lower(raw_name))
+        if key is not None:
+            value = raw_value.decode("latin-1")
+            found[key] = found[key] + ", " + value if key in found else value
+    return found
+
+
+def scope_environ(scope: Scope, body: Any) -> dict[str, Any]:
+    """environ_of a scope's copy, with the body recorded of the request (if any)."""
+    environ = environ_of(scope)
+    if body is not None:
+        environ["beatlib.body"] = body
+    return environ
+
+
+def _request_context(scope: Scope, body: Any, config: Any) -> dict[str, Any] | None:
+    """The transaction's `context.request` (on the worker thread): what the WSGI
+    integration records of the same request."""
+    try:
+        return request_context(scope_environ(scope, body), config, False)
+    except Exception:  # a scope no server sends (header values not bytes)
+        report("asgi: the request's context")
+        return None
+
+
+def _response_context(code: int, finished: bool, headers_sent: bool,
+                      headers: list[Any] | None) -> dict[str, Any]:
+    """The transaction's `context.response` (on the worker thread), as end_request records
+    it; `headers` as the app sent them (bytes), or None when not recorded."""
+    response: dict[str, Any] = {"status_code": code, "finished": finished,
+                                "headers_sent": headers_sent}
+    if headers is not None:
+        try:
+            response["headers"] = {k.decode("latin-1"): v.decode("latin-1")
+                                   for k, v in headers}
+        except Exception:  # not bytes: left out, as a response we could not read
+            report(_RECORD_PLACE)
+    return response
+
+
 class Request:
     """One traced HTTP request or websocket connection: its transaction, what was sent and
-    received, and the end of the transaction when the response's last byte was sent."""
+    received, and the end of the transaction when the response's last byte was sent.
+    `receive` and `send` are what the app gets instead of the server's."""
 
-    __slots__ = ("client", "scope", "environ", "tx", "name", "root_path", "route_of", "body",
-                 "body_size", "status", "headers", "trailers", "complete", "disconnected",
-                 "close_code")
+    __slots__ = ("client", "scope", "copy", "tx", "name", "root_path", "route_of", "body",
+                 "body_size", "kept_body", "content_type", "status", "headers", "trailers",
+                 "complete", "disconnected", "close_code", "_receive", "_send")
 
-    def __init__(self, client: Client, scope: Scope, tx: Transaction, environ: dict[str, Any],
-                 route_of: Callable[[Scope, str], str | None] | None,
-                 body_size: int = 0) -> None:
+    scope: Scope | None  # the live scope, while the request is served
+
+    def __init__(self, client: Client, scope: Scope, copy: Scope, tx: Transaction,
+                 route_of: Callable[[Scope, str], str | None] | None, receive: Receive,
+                 send: Send, kept_body: Any = None, body_size: int = 0,
+                 content_type: str = "") -> None:
         self.client = client
         self.scope = scope
-        self.environ = environ
+        # The scope's values as the request began (the router lengthens `root_path`, a
+        # middleware may rewrite the headers' list in place); what environ_of reads.
+        self.copy = copy
         self.tx = tx
         self.name = tx.name  # the name it began with: a name set by the app is kept
-        self.root_path = scope.get("root_path", "")
+        self.root_path = copy.get("root_path", "")
         self.route_of = route_of
+        self._receive = receive
+        self._send = send
+        self.kept_body = kept_body  # the body as recorded (or a note of its size)
+        self.content_type = content_type
         self.body: bytearray | None = None
         self.body_size = 0
         self.status: int | None = None
-        self.headers: list[tuple[str, str]] | None = None
+        self.headers: list[Any] | None = None  # the response's, as sent (bytes)
         self.trailers = False
         self.complete = False  # the whole response was sent (or the websocket closed)
         self.disconnected = False
@@ -131,7 +195,55 @@ class Request:
             self.body_size = body_size
             self.body = bytearray() if body_size else None
 
+    @property
+    def environ(self) -> dict[str, Any]:
+        """The request as a WSGI environ (for errors: built when one is captured)."""
+        return scope_environ(self.copy, self.kept_body)
+
+    def record(self) -> None:
+        """Set the request context (again when the body arrived); built on the worker."""
+        tx = self.tx
+        if tx.sampled:
+            tx.set_context("request", functools.partial(
+                _request_context, self.copy, self.kept_body, self.client.config))
+
     # -- what passes through --------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        try:
+            self.received(message)
+        except Exception:
+            report(_RECORD_PLACE)
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = None
+        try:
+            kind = message.get("type")
+            if kind == "http.response.start":
+                self.status = message.get("status", 200)
+                self.trailers = bool(message.get("trailers", False))
+                if self.client.config.capture_headers:
+                    self.headers = list(message.get("headers") or ())
+            elif kind != "http.response.body":
+                self.sending(message)
+        except Exception:
+            report(_RECORD_PLACE)
+        try:
+            await self._send(message)
+        except OSError:
+            self.disconnected = True  # the server could not send it: the client left
+            raise
+        try:
+            if kind == "http.response.body":
+                if not message.get("more_body", False) and not self.trailers:
+                    self.complete = True
+                    self.end()
+            elif kind != "http.response.start":
+                self.sent(message)
+        except Exception:
+            report(_RECORD_PLACE)
 
     def received(self, message: Message) -> None:
         """A message the app received: body chunks copied (within the declared length) and
@@ -143,9 +255,8 @@ class Request:
                 body += message.get("body", b"")[:self.body_size - len(body)]
                 if not message.get("more_body", False):
                     self.body = None
-                    self.environ["beatlib.body"] = body_value(
-                        bytes(body), self.environ.get("CONTENT_TYPE", ""))
-                    record_request(self.tx, self.environ, self.client.config)
+                    self.kept_body = body_value(bytes(body), self.content_type)
+                    self.record()
         elif kind == "http.disconnect":
             self.disconnected = self.disconnected or not self.complete
         elif kind == "websocket.disconnect":
@@ -160,8 +271,7 @@ class Request:
             self.status = message.get("status", 200)
             self.trailers = bool(message.get("trailers", False))
             if self.client.config.capture_headers:
-                self.headers = [(k.decode("latin-1"), v.decode("latin-1"))
-                                for k, v in message.get("headers") or ()]
+                self.headers = list(message.get("headers") or ())
         elif kind == "websocket.accept":
             self.status = 101
         elif kind == "websocket.close":
@@ -209,7 +319,7 @@ class Request:
         """`GET /items/{item_id}` once a framework routed the request, unless the app
         named the transaction itself."""
         tx = self.tx
-        if tx.name == self.name and self.route_of is not None:
+        if tx.name == self.name and self.route_of is not None and self.scope is not None:
             route = self.route_of(self.scope, self.root_path)
             if route is not None:
                 tx.name = f"{self.name} {route}"
@@ -228,8 +338,19 @@ class Request:
             tx.outcome = tx.outcome or "unknown"
         # 499 (as nginx logs it): the client closed the connection before any response.
         status = self.status if self.status is not None else 499 if left else 500
-        end_request(tx, status, self.headers, finished=not left,
-                    headers_sent=self.status is not None)
+        # end_request's rules; the response context is built on the worker.
+        try:
+            code = status if type(status) is int else int(str(status).split(" ", 1)[0])
+        except ValueError:
+            code = 500
+        if tx.result is None:
+            tx.result = f"HTTP {code // 100}xx"
+        if tx.outcome is None:
+            tx.outcome = "failure" if code >= 500 else "success"
+        if tx.sampled:
+            tx.set_context("response", functools.partial(
+                _response_context, code, not left, self.status is not None, self.headers))
+        tx.end()
 
 
 class BeatMiddleware:
@@ -273,7 +394,7 @@ class BeatMiddleware:
             return
         previous = get_active()
         try:
-            request = self._begin(scope)
+            request = self._begin(scope, receive, send)
         except Exception:  # never let tracing take the request down
             report("asgi: beginning the request's transaction")
             set_active(previous)
@@ -282,34 +403,21 @@ class BeatMiddleware:
             await self.app(scope, receive, send)
             return
         token = current_request.set(request)
-
-        async def traced_receive() -> Message:
-            message = await receive()
-            with _RECORD:
-                request.received(message)
-            return message
-
-        async def traced_send(message: Message) -> None:
-            with _RECORD:
-                request.sending(message)
-            try:
-                await send(message)
-            except OSError:
-                request.disconnected = True  # the server could not send it: the client left
-                raise
-            with _RECORD:
-                request.sent(message)
-
         try:
-            await self.app(scope, traced_receive, traced_send)
+            await self.app(scope, request.receive, request.send)
         except BaseException as exc:
-            with _CAPTURE:
+            try:
                 request.failed(exc)
+            except Exception:
+                report("asgi: capturing the request's exception")
             raise
         finally:
-            _END.call(request.end)
+            if not request.tx.ended:
+                _END.call(request.end)
+            request.scope = None  # the scope holds the request: no cycle left for the GC
             current_request.reset(token)
-            set_active(previous)  # the request's transaction never outlives the call here
+            if get_active() is not previous:
+                set_active(previous)  # the request's transaction never outlives the call
 
     def _lifespan_send(self, send: Send) -> Send:
         """The server's lifespan `send`, passing every message on as it is; before the app's
@@ -327,21 +435,41 @@ class BeatMiddleware:
 
         return lifespan_send
 
-    def _begin(self, scope: Scope) -> Request | None:
+    def _begin(self, scope: Scope, receive: Receive, send: Send) -> Request | None:
         self._starlette()
         if not self._framework_known:
             self._framework_known = True
             self._note_framework(scope)
-        environ = environ_of(scope)
+        client = self.client
+        config = client.config
+        headers = tuple(scope.get("headers") or ())
+        found = headers_now(headers)
         # A body to copy as the app reads it (its length), or noted by its size now.
-        body_size = body_to_keep(environ) if self.client.config.capture_body != "off" else 0
-        websocket = scope["type"] == "websocket"
-        tx = begin_request(self.client, environ, "WEBSOCKET" if websocket else None)
-        if tx is None:
-            return None
+        body_size = body_to_keep(found) if config.capture_body != "off" else 0
+        kept_body = found.get("beatlib.body")
+        get = scope.get
+        # What environ_of reads, with its defaults (only that: the rest is the app's).
+        copy = {"type": scope["type"], "method": get("method", "GET"), "path": get("path", ""),
+                "root_path": get("root_path", ""), "query_string": get("query_string", b""),
+                "server": get("server"), "client": get("client"), "scheme": get("scheme"),
+                "http_version": get("http_version", "1.1"), "headers": headers}
+        websocket = copy["type"] == "websocket"
+        name = "WEBSOCKET" if websocket else None
+        if config.transaction_ignore_urls:  # the path to match, as WSGI has it
+            tx = begin_request(client, scope_environ(copy, kept_body), name)
+            if tx is None:
+                return None
+        else:
+            parent = parse_traceparent(found.get("HTTP_TRACEPARENT"),
+                                       found.get("HTTP_TRACESTATE"))
+            tx = client.begin_transaction("request", parent, found.get("HTTP_BAGGAGE"))
+            tx.name = name or copy.get("method", "GET")
         if websocket:
             tx.type = "websocket"
-        request = Request(self.client, scope, tx, environ, self.route_of, body_size)
+        request = Request(client, scope, copy, tx, self.route_of, receive, send, kept_body,
+                          body_size, found.get("CONTENT_TYPE", ""))
+        if not config.transaction_ignore_urls:
+            request.record()
         scope[STATE] = request
         return request
 

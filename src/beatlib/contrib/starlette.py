@@ -6,6 +6,7 @@ exceptions answered by an exception handler captured; background tasks traced.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import wrapt
@@ -35,6 +36,9 @@ _ANSWERED = guard("starlette: an exception handler's exception")
 _TASK = guard("starlette: tracing a background task")
 _lock = threading.Lock()
 _installed = False
+# The exception middlewares whose handlers answer to us (by id, a weak reference to check):
+# wrapped at their first request, then only the handlers they add later.
+_answering: dict[int, weakref.ref[Any]] = {}
 
 
 def install() -> None:
@@ -49,6 +53,7 @@ def install() -> None:
     # __call__, not __init__: middleware stacks built before this (an app already serving)
     # have their handlers wrapped on their next request.
     wrapt.wrap_function_wrapper(ExceptionMiddleware, "__call__", _wrap_handlers)
+    wrapt.wrap_function_wrapper(ExceptionMiddleware, "add_exception_handler", _added_handler)
     wrapt.wrap_function_wrapper(BackgroundTask, "__call__", _background_task)
 
 
@@ -144,14 +149,33 @@ def _answer(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str
 
 def _wrap_handlers(wrapped: Any, instance: Any, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
-    with _ANSWERED:
-        for name in ("_exception_handlers", "_status_handlers"):
-            handlers = getattr(instance, name, None)
-            if isinstance(handlers, dict):
-                for key, handler in handlers.items():
-                    if not isinstance(handler, _AnsweringHandler):
-                        handlers[key] = _AnsweringHandler(handler)
+    known = _answering.get(id(instance))
+    if known is None or known() is not instance:
+        with _ANSWERED:
+            _answer_all(instance)
+            key = id(instance)
+            _answering[key] = weakref.ref(instance, lambda _: _answering.pop(key, None))
     return wrapped(*args, **kwargs)
+
+
+def _added_handler(wrapped: Any, instance: Any, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+    """A handler added to a middleware already serving answers to us too."""
+    result = wrapped(*args, **kwargs)
+    known = _answering.get(id(instance))
+    if known is not None and known() is instance:
+        with _ANSWERED:
+            _answer_all(instance)
+    return result
+
+
+def _answer_all(instance: Any) -> None:
+    for name in ("_exception_handlers", "_status_handlers"):
+        handlers = getattr(instance, name, None)
+        if isinstance(handlers, dict):
+            for key, handler in handlers.items():
+                if not isinstance(handler, _AnsweringHandler):
+                    handlers[key] = _AnsweringHandler(handler)
 
 
 # -- background tasks --------------------------------------------------------------------

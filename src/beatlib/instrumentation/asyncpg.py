@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from beatlib.context import get_active
-from beatlib.guard import guard
+from beatlib.guard import guard, report
 from beatlib.instrumentation import sql
 from beatlib.instrumentation.dbapi import opened_by_traced_sqlalchemy
 from beatlib.instrumentation.registry import Instrumentation
@@ -37,7 +37,9 @@ _COUNTED = frozenset(("INSERT", "UPDATE", "DELETE", "MERGE", "COPY"))
 _quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("beatlib_asyncpg_quiet",
                                                               default=False)
 _sqlalchemy_owned: weakref.WeakSet[Any] = weakref.WeakSet()
-_SPAN = guard("asyncpg: recording a statement")
+_owned_any = False  # whether _sqlalchemy_owned was ever used (its len() is Python code)
+_SPAN_PLACE = "asyncpg: recording a statement"
+_SPAN = guard(_SPAN_PLACE)
 
 
 class Asyncpg(Instrumentation):
@@ -87,7 +89,7 @@ def _recorded(connection: Any) -> bool:
     active = get_active()
     if active is None or active.leaf or not active.transaction.sampled or _quiet.get():
         return False
-    return not (_sqlalchemy_owned and connection in _sqlalchemy_owned)
+    return not (_owned_any and connection in _sqlalchemy_owned)
 
 
 def _where(connection: Any) -> tuple[str | None, str | None, int | None]:
@@ -100,7 +102,7 @@ def _where(connection: Any) -> tuple[str | None, str | None, int | None]:
 
 
 def _context(span: Span, connection: Any, statement: str | None, result: Any) -> None:
-    with _SPAN:
+    try:
         rows = None
         if isinstance(result, str) and span.name.split(" ", 1)[0] in _COUNTED:
             count = result.rsplit(" ", 1)[-1]  # the command tag: "UPDATE 2", "INSERT 0 3"
@@ -108,6 +110,8 @@ def _context(span: Span, connection: Any, statement: str | None, result: Any) ->
         span.context = sql.span_context(statement or "", SUBTYPE, *_where(connection), rows)
         if statement is None:  # a connect, or a table copy: no statement written by the app
             del span.context["db"]["statement"]
+    except Exception:
+        report(_SPAN_PLACE)
 
 
 async def _run(call: Awaitable[Any], connection: Any, statement: Any = None,
@@ -117,11 +121,13 @@ async def _run(call: Awaitable[Any], connection: Any, statement: Any = None,
     if not _recorded(connection):
         return await call
     span = None
-    with _SPAN:
-        text = statement if isinstance(statement, str) else None
+    text = statement if isinstance(statement, str) else None
+    try:
         if name is None:
             name = (prefix + sql.signature(text or "")).strip() or SUBTYPE
         span = start_span(name, "db", SUBTYPE, "query", leaf=True)
+    except Exception:
+        report(_SPAN_PLACE)
     if span is None:
         return await call
     try:
@@ -177,10 +183,12 @@ async def _quiet_run(call: Awaitable[Any]) -> Any:
 
 async def _connect(wrapped: Any, instance: Any, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
+    global _owned_any
     if opened_by_traced_sqlalchemy():
         connection = await wrapped(*args, **kwargs)
         with _SPAN:
             _sqlalchemy_owned.add(connection)
+            _owned_any = True
         return connection
     span = None
     if get_active() is not None:

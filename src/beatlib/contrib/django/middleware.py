@@ -66,7 +66,10 @@ class TracingMiddleware:
             raise
         finally:
             set_active(previous)  # the request's transaction never outlives the call here
-        _guarded(self._finish, tx, unnamed, request, response)
+        try:
+            self._finish(tx, unnamed, request, response)
+        except Exception:
+            report("django: _finish")
         return response
 
     async def _call_async(self, request: HttpRequest) -> HttpResponseBase:
@@ -82,7 +85,10 @@ class TracingMiddleware:
             raise
         finally:
             set_active(previous)
-        _guarded(self._finish, tx, unnamed, request, response)
+        try:
+            self._finish(tx, unnamed, request, response)
+        except Exception:
+            report("django: _finish")
         return response
 
     def _begin(self, request: HttpRequest) -> tuple[Transaction | None, Any]:
@@ -184,14 +190,15 @@ def request_meta(request: HttpRequest) -> dict[str, Any]:
 
 def _resolved(request: HttpRequest, kwargs: Any) -> None:
     tx = current_transaction()
-    if tx is not None and tx.name == request.method:
-        _guarded(_name, tx, request)
-    if tx is not None and kwargs:
+    if tx is None:
+        return
+    if tx.name == request.method:
+        try:
+            tx.name = transaction_name(request, 200)
+        except Exception:
+            report("django: _name")
+    if kwargs:
         _guarded(tx.set_route_params, kwargs)
-
-
-def _name(tx: Transaction, request: HttpRequest) -> None:
-    tx.name = transaction_name(request, 200)
 
 
 def transaction_name(request: HttpRequest, status_code: int) -> str:
@@ -257,5 +264,12 @@ def form_fields(request: HttpRequest, tx: Transaction | None = None) -> None:
                 request_context, dict(request_meta(request)), config, False))
 
 
+_guards: dict[str, guard] = {}  # one per step, made once
+
+
 def _guarded(function: Callable[..., Any], *args: Any) -> None:
-    guard(f"django: {getattr(function, '__name__', 'a step')}").call(function, *args)
+    name = getattr(function, "__name__", "a step")
+    place = _guards.get(name)
+    if place is None:
+        place = _guards[name] = guard(f"django: {name}")
+    place.call(function, *args)
