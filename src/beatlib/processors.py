@@ -10,7 +10,10 @@ raises drops that event.
 
 from __future__ import annotations
 
+import io
 import logging
+import pickle
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,8 +21,8 @@ from typing import Any
 
 from beatlib import release
 from beatlib.protocol import intake_v2, otlp
-from beatlib.sanitize import OWN_FIELDS, Sanitizer, truncate
-from beatlib.tracing import Transaction
+from beatlib.sanitize import IDS, OWN_FIELDS, Sanitizer, truncate
+from beatlib.tracing import Span, Transaction
 
 logger = logging.getLogger("beatlib")
 
@@ -27,6 +30,68 @@ Event = dict[str, Any]
 BeforeSend = Callable[[str, Event], Event | None]
 KEYWORD_LENGTH = 1024  # the schemas' maxLength for keyword fields
 HELD_EXCEPTIONS = 1024  # OTLP: transactions whose errors wait for them, at most
+WRITTEN_BYTES = 4 * 1024 * 1024  # processed contexts kept by content (see `Written`)
+WRITTEN_ENTRY = 64 * 1024  # a longer one is written each time
+
+
+class _BuiltinsPickler(pickle.Pickler):
+    """Pickles builtin scalars and containers of their exact types; anything else raises."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        raise TypeError(type(obj).__name__)
+
+
+_picklers = threading.local()
+
+
+def content_key(value: Any) -> bytes | None:
+    """The exact content of `value` as bytes (equal bytes: equal values of equal types, keys
+    and items in the same order), or None when it holds anything but builtin scalars and
+    containers of their exact types (a subclass or an object may be written otherwise than
+    its content says), a cycle or a nesting too deep."""
+    try:
+        pickler, buffer = _picklers.pickler
+    except AttributeError:
+        buffer = io.BytesIO()
+        pickler = _BuiltinsPickler(buffer, 5)
+        pickler.fast = True  # no memo: shared and distinct equal objects give equal bytes
+        _picklers.pickler = pickler, buffer
+    try:
+        pickler.dump(value)
+        return buffer.getvalue()
+    except Exception:  # not builtins only, or a cycle: no key, written each time
+        del _picklers.pickler  # a fresh pickler next time, whatever state this one was left in
+        return None
+    finally:
+        buffer.seek(0)
+        buffer.truncate()
+
+
+class Written:
+    """Processed contexts as JSON text, by the content they were built from (`content_key`,
+    with the kind of context): the same query's span, the same request's headers repeat, and
+    their redaction, cuts and JSON are a function of that content and the client's rules.
+    Bounded: emptied when full."""
+
+    def __init__(self, budget: int = WRITTEN_BYTES) -> None:
+        self.budget = budget
+        self.texts: dict[bytes, str] = {}
+        self.size = 0
+
+    def get(self, key: bytes | None) -> str | None:
+        return None if key is None else self.texts.get(key)
+
+    def put(self, key: bytes | None, text: str) -> None:
+        if key is None:
+            return
+        size = len(key) + len(text) + 100
+        if size > WRITTEN_ENTRY:
+            return
+        if self.size + size > self.budget:
+            self.texts.clear()
+            self.size = 0
+        self.texts[key] = text
+        self.size += size
 
 
 class Sanitize:
@@ -41,6 +106,8 @@ class Sanitize:
 
     def field(self, key: str, value: Any, secrets: frozenset[str] = frozenset()) -> Any:
         """One top-level field of an event, as `__call__` would leave it."""
+        if key in IDS:
+            return value
         if type(value) is str and key not in OWN_FIELDS:
             return self.sanitizer.text(value, secrets)
         return self.sanitizer.clean({key: value}, values=secrets)[key]
@@ -111,6 +178,8 @@ class Pipeline:
         self._metadata = metadata
         self.counts = {"dropped_by_hook": 0, "hook_errors": 0}  # written by the worker only
         self._span_names: dict[tuple[Any, ...], str] = {}  # see intake_v2.span_lines
+        self._tx_names: dict[tuple[Any, ...], tuple[str, str]] = {}  # and transaction_line
+        self._written = Written()
         self._otlp_names: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # the same, for OTLP
         self._hook_failed_before = False
         self.otlp = getattr(config, "exporter", None) == "otlp"
@@ -133,20 +202,62 @@ class Pipeline:
         return out
 
     def encode(self, record: Any) -> list[Any]:
-        """NDJSON lines of `record`: `events()` written out. A transaction's spans, the bulk
-        of all events, are written directly with each field processed (unless a
-        before_send hook wants them as dicts)."""
+        """NDJSON lines of `record`: `events()` written out. A transaction and its spans,
+        the bulk of all events, are written directly with each field processed, and each
+        context processed once for each content it comes with (unless a before_send hook
+        wants them as dicts: it may change what it is given)."""
         if self.otlp:
             return self.encode_otlp(record)
-        if type(record) is not Transaction or self.before_send is not None or not record.spans:
+        if type(record) is not Transaction or self.before_send is not None:
             return [intake_v2.line(kind, event) for kind, event in self.events(record)]
         secrets = record.secrets
-        event = self.process("transaction", intake_v2.transaction(record), secrets)
-        lines = [] if event is None else [intake_v2.line("transaction", event)]
         if secrets:
-            return lines + intake_v2.span_lines(
-                record, self.config, lambda key, value: self.field(key, value, secrets))
-        return lines + intake_v2.span_lines(record, self.config, self.field, self._span_names)
+            def field(key: str, value: Any) -> Any:
+                return self.field(key, value, secrets)
+            tx_names, span_names = None, None
+        else:
+            field, tx_names, span_names = self.field, self._tx_names, self._span_names
+        lines = [intake_v2.transaction_line(record, field, self._transaction_context,
+                                            tx_names)]
+        if record.spans:
+            lines += intake_v2.span_lines(record, self.config, field, span_names,
+                                          self._span_context)
+        return lines
+
+    def _transaction_context(self, tx: Transaction) -> str | None:
+        """The processed `context` of `tx` as JSON text (None: it has none), each member
+        (request, response, user, custom, ...) kept by content in `_written`."""
+        secrets = tx.secrets
+        raw = intake_v2.built_context(tx.context)
+        if secrets or tx.labels or "tags" in raw:  # members that depend on each other
+            ctx = intake_v2.context(raw, tx.labels, built=True)
+            return None if ctx is None else intake_v2.dumps(self.field("context", ctx, secrets))
+        written = self._written
+        parts = []
+        for member in raw.items():
+            key = content_key(("transaction", *member))
+            text = written.get(key)
+            if text is None:
+                ctx = intake_v2.context(dict((member,)), None, built=True)
+                # '"request":{...}': the member as the whole context's JSON holds it
+                text = "" if ctx is None else intake_v2.dumps(self.field("context", ctx))[1:-1]
+                written.put(key, text)
+            if text:
+                parts.append(text)
+        return "{%s}" % ",".join(parts) if parts else None
+
+    def _span_context(self, sp: Span) -> str:
+        """The processed `context` of `sp` as JSON text, kept by content in `_written`."""
+        secrets = sp.transaction.secrets
+        raw = intake_v2.built_context(sp.context)
+        key = None if secrets else content_key(("span", raw, sp.labels, sp.leaf, sp.type,
+                                                sp.subtype))
+        text = self._written.get(key)
+        if text is None:
+            ctx = intake_v2.exit_fields(sp, intake_v2.context(raw, sp.labels, built=True))
+            text = intake_v2.dumps(self.field("context", ctx or {}, secrets))
+            self._written.put(key, text)
+        return text
 
     def encode_otlp(self, record: Any) -> list[tuple[int, bytes]]:
         """`record` as OTLP JSON records, each part `(signal, records joined by commas)`:

@@ -142,8 +142,8 @@ FREE_FORM = frozenset(("headers", "cookies", "env", "body", "custom", "tags", "v
 # The context keys the schemas define; any other key under `context` is the app's own data.
 _CONTEXT_KEYS = frozenset(("request", "response", "user", "db", "http", "destination",
                            "service", "message", "page", "cloud", "tags", "custom"))
-_IDS = frozenset(("id", "trace_id", "transaction_id", "parent_id"))
-OWN_FIELDS = _IDS | {"statement", "argv", "context"}
+IDS = frozenset(("id", "trace_id", "transaction_id", "parent_id"))
+OWN_FIELDS = IDS | {"statement", "argv", "context"}
 _CACHE_BYTES = 2 * 1024 * 1024  # cleaned texts kept (names, statements and URLs repeat)
 _CACHE_TEXT = 2048  # longer texts are cleaned each time
 
@@ -313,7 +313,7 @@ class Sanitizer:
         return out
 
     def _own(self, key: str, item: Any, values: frozenset[str]) -> Any:
-        if key in _IDS:
+        if key in IDS:
             return item
         if key == "statement" and isinstance(item, str):
             return self.sql(item, values)
