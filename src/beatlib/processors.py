@@ -67,24 +67,34 @@ def content_key(value: Any) -> bytes | None:
         buffer.truncate()
 
 
+def _member_json(processed: Event) -> str:
+    """'"request":{...}': one member as the JSON of the whole context holds it."""
+    return intake_v2.dumps(processed)[1:-1]
+
+
+def _same(processed: Event) -> Event:
+    return processed
+
+
 class Written:
-    """Processed contexts as JSON text, by the content they were built from (`content_key`,
-    with the kind of context): the same query's span, the same request's headers repeat, and
-    their redaction, cuts and JSON are a function of that content and the client's rules.
-    Bounded: emptied when full."""
+    """Processed contexts (as JSON text, or as dicts for the OTLP encoder, which only reads
+    them) by the content they were built from (`content_key`, with the kind of context): the
+    same query's span, the same request's headers repeat, and their redaction, cuts and JSON
+    are a function of that content and the client's rules. Bounded: emptied when full."""
 
     def __init__(self, budget: int = WRITTEN_BYTES) -> None:
         self.budget = budget
-        self.texts: dict[bytes, str] = {}
+        self.texts: dict[bytes, Any] = {}
         self.size = 0
 
-    def get(self, key: bytes | None) -> str | None:
+    def get(self, key: bytes | None) -> Any:
         return None if key is None else self.texts.get(key)
 
-    def put(self, key: bytes | None, text: str) -> None:
+    def put(self, key: bytes | None, text: Any) -> None:
         if key is None:
             return
-        size = len(key) + len(text) + 100
+        # a processed dict is about as big as the content it was made from
+        size = len(key) + (len(text) if type(text) is str else len(key)) + 100
         if size > WRITTEN_ENTRY:
             return
         if self.size + size > self.budget:
@@ -179,7 +189,8 @@ class Pipeline:
         self.counts = {"dropped_by_hook": 0, "hook_errors": 0}  # written by the worker only
         self._span_names: dict[tuple[Any, ...], str] = {}  # see intake_v2.span_lines
         self._tx_names: dict[tuple[Any, ...], tuple[str, str]] = {}  # and transaction_line
-        self._written = Written()
+        self._written = Written()  # as JSON text (intake)
+        self._processed = Written()  # as dicts (OTLP)
         self._otlp_names: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # the same, for OTLP
         self._hook_failed_before = False
         self.otlp = getattr(config, "exporter", None) == "otlp"
@@ -225,39 +236,73 @@ class Pipeline:
         return lines
 
     def _transaction_context(self, tx: Transaction) -> str | None:
-        """The processed `context` of `tx` as JSON text (None: it has none), each member
-        (request, response, user, custom, ...) kept by content in `_written`."""
-        secrets = tx.secrets
-        raw = intake_v2.built_context(tx.context)
-        if secrets or tx.labels or "tags" in raw:  # members that depend on each other
+        """The processed `context` of `tx` as JSON text (None: it has none)."""
+        raw, members = self._context_members(tx, self._written, _member_json)
+        if members is None:
             ctx = intake_v2.context(raw, tx.labels, built=True)
-            return None if ctx is None else intake_v2.dumps(self.field("context", ctx, secrets))
-        written = self._written
-        parts = []
+            return None if ctx is None else intake_v2.dumps(
+                self.field("context", ctx, tx.secrets))
+        members = [member for member in members if member]
+        return "{%s}" % ",".join(members) if members else None
+
+    def _transaction_context_dict(self, tx: Transaction) -> Event | None:
+        """The processed `context` of `tx` (None: it has none); its members may be shared
+        with other transactions' (the OTLP encoder only reads them)."""
+        raw, members = self._context_members(tx, self._processed, _same)
+        if members is None:
+            ctx = intake_v2.context(raw, tx.labels, built=True)
+            return None if ctx is None else self.field(  # type: ignore[no-any-return]
+                "context", ctx, tx.secrets)
+        out: Event = {}
+        for member in members:
+            out.update(member)
+        return out or None
+
+    def _context_members(self, tx: Transaction, kept: Written, form: Callable[[Event], Any]
+                         ) -> tuple[dict[str, Any], list[Any] | None]:
+        """`tx`'s context with its deferred parts built, and `form(processed)` of each of its
+        members (request, response, user, custom, ...) processed alone, each kept by
+        content in `kept`; no members (None) when they depend on each other (labels merge
+        into tags, route values are redacted in all)."""
+        raw = intake_v2.built_context(tx.context)
+        if tx.secrets or tx.labels or "tags" in raw:
+            return raw, None
+        members = []
         for member in raw.items():
             key = content_key(("transaction", *member))
-            text = written.get(key)
-            if text is None:
+            formed = kept.get(key)
+            if formed is None:
                 ctx = intake_v2.context(dict((member,)), None, built=True)
-                # '"request":{...}': the member as the whole context's JSON holds it
-                text = "" if ctx is None else intake_v2.dumps(self.field("context", ctx))[1:-1]
-                written.put(key, text)
-            if text:
-                parts.append(text)
-        return "{%s}" % ",".join(parts) if parts else None
+                formed = form({} if ctx is None else self.field("context", ctx))
+                kept.put(key, formed)
+            members.append(formed)
+        return raw, members
 
     def _span_context(self, sp: Span) -> str:
-        """The processed `context` of `sp` as JSON text, kept by content in `_written`."""
+        """The processed `context` of `sp` as JSON text."""
+        return self._processed_span_context(sp, self._written,  # type: ignore[no-any-return]
+                                            intake_v2.dumps)
+
+    def _span_context_dict(self, sp: Span) -> Event:
+        """The processed `context` of `sp`, maybe shared with other spans' (see
+        `_transaction_context_dict`)."""
+        return self._processed_span_context(sp, self._processed,  # type: ignore[no-any-return]
+                                            _same)
+
+    def _processed_span_context(self, sp: Span, kept: Written, form: Callable[[Event], Any]
+                                ) -> Any:
+        """`form(processed context of sp)`, kept by content in `kept` (unless the
+        transaction has route values to redact)."""
         secrets = sp.transaction.secrets
         raw = intake_v2.built_context(sp.context)
         key = None if secrets else content_key(("span", raw, sp.labels, sp.leaf, sp.type,
                                                 sp.subtype))
-        text = self._written.get(key)
-        if text is None:
+        formed = kept.get(key)
+        if formed is None:
             ctx = intake_v2.exit_fields(sp, intake_v2.context(raw, sp.labels, built=True))
-            text = intake_v2.dumps(self.field("context", ctx or {}, secrets))
-            self._written.put(key, text)
-        return text
+            formed = form(self.field("context", ctx or {}, secrets))
+            kept.put(key, formed)
+        return formed
 
     def encode_otlp(self, record: Any) -> list[tuple[int, bytes]]:
         """`record` as OTLP JSON records, each part `(signal, records joined by commas)`:
@@ -303,15 +348,20 @@ class Pipeline:
         """`events(tx)`, with its spans processed field by field as `intake_v2.span_lines`
         does (the same result: a test holds the two ways equal), unless a before_send hook
         wants each span as a whole."""
-        if self.before_send is not None or not tx.spans:
+        if self.before_send is not None:
             return self.events(tx)
         secrets = tx.secrets
-        event = self.process("transaction", intake_v2.transaction(tx), secrets)
+        event = self.process("transaction", intake_v2.transaction(tx, with_context=False),
+                             secrets)
+        if tx.sampled and (tx.context or tx.labels):
+            ctx = self._transaction_context_dict(tx)
+            if ctx is not None:
+                event["context"] = ctx  # type: ignore[index]  # (no hook: not None)
         out = [] if event is None else [("transaction", event)]
         names = self._otlp_names if not secrets else None
         field = self.field
         for sp in tx.spans:
-            ev = intake_v2.span(tx, sp, self.config)
+            ev = intake_v2.span(tx, sp, self.config, self._span_context_dict)
             key = (sp.name, sp.type, sp.subtype, sp.action)
             cached = names is not None and type(sp.name) is str and type(sp.type) is str
             written = names.get(key) if cached else None  # type: ignore[union-attr]
@@ -325,9 +375,8 @@ class Pipeline:
             for k, v in zip(("name", "type", "subtype", "action"), written, strict=True):
                 if v is not None:
                     ev[k] = v
-            for k in ("context", "stacktrace"):
-                if k in ev:
-                    ev[k] = field(k, ev[k], secrets)
+            if "stacktrace" in ev:
+                ev["stacktrace"] = field("stacktrace", ev["stacktrace"], secrets)
             out.append(("span", ev))
         return out
 

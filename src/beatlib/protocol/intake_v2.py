@@ -224,8 +224,9 @@ def _target_name(ctx: Mapping[str, Any]) -> str | None:
     return f"{host}:{port}" if port else host
 
 
-def transaction(tx: Transaction) -> dict[str, Any]:
-    """The value under `transaction`; unsampled ones carry no context, only the counts."""
+def transaction(tx: Transaction, with_context: bool = True) -> dict[str, Any]:
+    """The value under `transaction`; unsampled ones carry no context, only the counts (nor
+    any without `with_context`: the caller adds it)."""
     event: dict[str, Any] = {
         "id": "%016x" % tx.id,
         "trace_id": tx.trace_id,
@@ -244,15 +245,17 @@ def transaction(tx: Transaction) -> dict[str, Any]:
         event["parent_id"] = tx.parent_id
     if tx.sample_rate is not None:
         event["sample_rate"] = tx.sample_rate
-    if tx.sampled and (tx.context or tx.labels):
+    if with_context and tx.sampled and (tx.context or tx.labels):
         ctx = context(tx.context, tx.labels)
         if ctx:
             event["context"] = ctx
     return event
 
 
-def span(tx: Transaction, sp: Span, config: Config) -> dict[str, Any]:
-    """The value under `span` for one span of `tx`."""
+def span(tx: Transaction, sp: Span, config: Config,
+         context_of: Callable[[Span], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The value under `span` for one span of `tx`; `context_of(sp)`, when given, is its
+    context (built and processed by the caller)."""
     tx_id = "%016x" % tx.id
     parent = sp.parent
     event: dict[str, Any] = {
@@ -273,7 +276,8 @@ def span(tx: Transaction, sp: Span, config: Config) -> dict[str, Any]:
     if sp.sync is not None:
         event["sync"] = bool(sp.sync)
     if sp.context or sp.labels or sp.leaf:
-        event["context"] = exit_fields(sp, context(sp.context, sp.labels)) or {}
+        event["context"] = context_of(sp) if context_of is not None else exit_fields(
+            sp, context(sp.context, sp.labels)) or {}
     if sp.stacktrace:
         event["stacktrace"] = frames(sp.stacktrace, config)
     if tx.sample_rate is not None:
