@@ -93,8 +93,8 @@ class Written:
     def put(self, key: bytes | None, text: Any) -> None:
         if key is None:
             return
-        # a processed dict is about as big as the content it was made from
-        size = len(key) + (len(text) if type(text) is str else len(key)) + 100
+        # a processed dict: its own dicts, its texts mostly shared with the text cache
+        size = len(key) + (len(text) if type(text) is str else 2 * len(key)) + 100
         if size > WRITTEN_ENTRY:
             return
         if self.size + size > self.budget:
