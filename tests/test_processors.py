@@ -411,3 +411,24 @@ def test_contexts_kept_by_content_are_bounded() -> None:
     assert written.get(b"999") == "x" * 50 and written.get(b"0") is None
     written.put(b"big", "x" * 100_000)  # too big to keep
     assert written.get(b"big") is None
+
+
+def test_contents_that_seldom_come_again_are_seldom_keyed() -> None:
+    from beatlib.processors import Written
+
+    written = Written()
+    keyed = 0
+    for i in range(2000):  # URLs with an id in them: each content once
+        key, found = written.find("http", {"url": "/orders/%d" % i})
+        assert found is None
+        if key is not None:
+            keyed += 1
+            written.put(key, "x")
+    assert 64 <= keyed < 300
+    for _ in range(200):  # a content that repeats is still found, once in a while
+        key, found = written.find("http", {"url": "/health"})
+        if key is not None and found is None:
+            written.put(key, "kept")
+    assert "kept" in written.texts.values()
+    key, found = written.find("db", {"statement": "SELECT 1"})  # other kinds: keyed each time
+    assert key is not None and found is None

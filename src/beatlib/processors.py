@@ -86,6 +86,31 @@ class Written:
         self.budget = budget
         self.texts: dict[bytes, Any] = {}
         self.size = 0
+        # By kind (a span's type and subtype, a member's name): [calls, keyed, found]. A kind
+        # whose contents seldom come again (URLs with ids in them) is keyed once in 16 calls.
+        self.seen: dict[Any, list[int]] = {}
+
+    def find(self, kind: Any, content: Any) -> tuple[bytes | None, Any]:
+        """The key of `content` (None: not to be kept) and what is kept for it (or None)."""
+        seen = self.seen.get(kind)
+        if seen is None:
+            if len(self.seen) >= 1024:
+                self.seen.clear()
+            seen = self.seen[kind] = [0, 0, 0]
+        seen[0] += 1
+        if seen[1] >= 64 and seen[2] * 8 < seen[1] and seen[0] % 16:
+            return None, None
+        key = content_key((kind, content))
+        if key is None:
+            return None, None
+        seen[1] += 1
+        found = self.texts.get(key)
+        if found is not None:
+            seen[2] += 1
+        if seen[1] >= 1024:  # the recent past counts
+            seen[1] //= 2
+            seen[2] //= 2
+        return key, found
 
     def get(self, key: bytes | None) -> Any:
         return None if key is None else self.texts.get(key)
@@ -269,8 +294,8 @@ class Pipeline:
             return raw, None
         members = []
         for member in raw.items():
-            key = content_key(("transaction", *member))
-            formed = kept.get(key)
+            name = member[0] if type(member[0]) is str else None
+            key, formed = kept.find(("transaction", name), member)
             if formed is None:
                 ctx = intake_v2.context(dict((member,)), None, built=True)
                 formed = form({} if ctx is None else self.field("context", ctx))
@@ -295,9 +320,10 @@ class Pipeline:
         transaction has route values to redact)."""
         secrets = sp.transaction.secrets
         raw = intake_v2.built_context(sp.context)
-        key = None if secrets else content_key(("span", raw, sp.labels, sp.leaf, sp.type,
-                                                sp.subtype))
-        formed = kept.get(key)
+        kind = ("span", sp.type, sp.subtype) if type(sp.type) is str and (
+            sp.subtype is None or type(sp.subtype) is str) else ("span",)
+        key, formed = (None, None) if secrets else kept.find(kind, (
+            raw, sp.labels, sp.leaf, sp.type, sp.subtype))
         if formed is None:
             ctx = intake_v2.exit_fields(sp, intake_v2.context(raw, sp.labels, built=True))
             formed = form(self.field("context", ctx or {}, secrets))
