@@ -3,6 +3,8 @@ the calling thread, truncation after redaction, metadata as the client is now.""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -254,3 +256,179 @@ def test_spans_written_directly_equal_the_processed_dicts(made) -> None:
     written = "".join(map(str, direct))
     assert "hunter2" not in written and "p4ss" not in written and "pw1" not in written
     assert intake_v2.span(tx, tx.spans[0], client.config)["name"] == "SELECT FROM t"
+
+
+class Text(str):
+    """A text of another type: redacted, but not cut by the truncate processor."""
+
+
+class Shown:
+    def __init__(self, shown: str) -> None:
+        self.shown = shown
+
+    def __repr__(self) -> str:
+        return self.shown
+
+
+def varied_transactions(client: beatlib.Client) -> list[Any]:
+    """Transactions whose contexts hold secrets, odd types, non-ASCII and over-long texts,
+    and pairs that differ only in the types of equal-looking values."""
+    from collections import OrderedDict
+
+    bearer = "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+    headers = {"Authorization": bearer, "X-Api-Key": "k-8c1f2a9d", "Accept": "text/html",
+               "Cookie": "sessionid=s3ss10n; theme=dark", "X-Note": "ünïcode \udc80 lone"}
+    request = {"method": "POST", "url": {"full": "https://u:p4ss@shop.test/pay?sig=abc&n=1",
+                                         "pathname": "/pay", "port": 443},
+               "headers": headers, "cookies": {"sessionid": "s3ss10n", "theme": "dark"},
+               "body": {"password": "hunter2", "card": "4111 1111 1111 1111",
+                        "note": "token: t0k3n-s3cr3t and more " + "x" * 12_000}}
+    values: list[Any] = [
+        "password=pw1", Text("password=pw1"), Text("t" * 3000), "t" * 3000, 1, True, 1.0,
+        b"bytes", bytearray(b"bytes"), (1, "a"), [1, "a"], Shown("password=pw1"),
+        OrderedDict(password="pw2"), {"password": "pw2"}, {1: "int key", "1": "text key"},
+        "é" * 1100, float("nan"), 2**70, None,
+    ]
+    made = []
+    for i, value in enumerate(values * 2):  # each twice: the second time from what is kept
+        tx = client.begin_transaction("request")
+        if i % 3 == 0:
+            tx.set_route_params({"token": "route-s3cr3t-%d" % (i % 2)})
+        tx.set_context("request", dict(request, method="GET" if i % 2 else "POST",
+                                       headers={**headers, "X-Value": value}), captured=True)
+        tx.set_context("response", {"status_code": 200, "headers": {"Set-Cookie": "sid=x1"}},
+                       captured=True)
+        tx.context["custom"] = {"value": value, "nested": [{"secret": value}, value]}
+        tx.context["vendor"] = {"api_key": value, "plain": value}
+        if i % 4 == 1:
+            tx.set_label("card_number", "4111111111111111")
+            tx.context["tags"] = {"a.b": value if type(value) in (int, str) else "x"}
+        if i % 5 == 2:
+            tx.set_context("user", {"id": 7, "email": "a@b.c", "username": value})
+        for statement in ("SELECT * FROM t /* api_key=abcdef123456 */ WHERE pw = 'hunter2'",
+                          "SELECT 1 FROM route-s3cr3t-1"):
+            with beatlib.capture_span(statement[:12], "db", "postgresql", "query",
+                                      labels={"card": "4111", "n": value if type(value) in (
+                                          int, float, bool, str) else 0}) as span:
+                assert span is not None
+                span.context = {"db": {"type": "sql", "statement": statement,
+                                       "instance": value, "user": value},
+                                "http": {"url": "http://u:p4ss@h/?sig=x&page=1"},
+                                "vendor": {"api_key": value, "blob": value}}
+        with beatlib.capture_span("GET /x?token=abc", "external", "http", "GET") as span:
+            assert span is not None
+            span.set_context("http", {"url": "https://api.test/v1?access_token=t0k",
+                                      "status_code": 200})
+        with beatlib.capture_span("render", "template", "jinja2", "render", leaf=False):
+            pass
+        client.end_transaction("POST /pay/route-s3cr3t-0" if i % 2 else "GET é" * 300,
+                               None if i % 7 == 3 else "HTTP 2xx")
+        made.append(tx)
+    unsampled = client.begin_transaction("request", beatlib.parse_traceparent(
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"))
+    client.end_transaction("GET /unsampled")
+    return [*made, unsampled]
+
+
+def field(pipeline: Any, secrets: frozenset[str], key: str, value: Any) -> Any:
+    return pipeline.field(key, value, secrets)
+
+
+def same(line: bytes) -> str:
+    """`line` with its members in one order (NaN is not equal to itself as a float)."""
+    return json.dumps(json.loads(line), sort_keys=True)
+
+
+@pytest.mark.parametrize("settings", [{}, {"max_string_length": 40, "max_message_length": 300},
+                                      {"capture_sql_literals": True}])
+def test_written_directly_equals_the_processed_dicts_for_varied_events(made, settings) -> None:
+    """A transaction and its spans written directly (fields processed one by one, contexts
+    kept by content) are byte for byte what the plain ways write: the transaction the line
+    of its processed event dict, each span as written field by field from scratch; and the
+    same events as the dicts a before_send hook gets, however often and in whatever order
+    the same contents come. The OTLP encoder's the same with and without a hook."""
+    from beatlib.protocol import intake_v2
+    from tests.events import pipeline
+
+    client, _ = memory_client(made, span_stack_trace_min_duration=0, **settings)
+    records = varied_transactions(client)
+    hooked = pipeline(beatlib.Config(environ={}, before_send=lambda kind, event: event,
+                                     **settings))
+    fast = client.pipeline
+    otlp = [pipeline(beatlib.Config(environ={}, exporter="otlp", **settings)),
+            pipeline(beatlib.Config(environ={}, exporter="otlp", **settings,
+                                    before_send=lambda kind, event: event))]
+    for order in (records, records[::-1], records):
+        plain = pipeline(client.config)
+        for tx in order:
+            assert otlp[0].encode(tx) == otlp[1].encode(tx)
+            events = plain.events(tx)
+            assert events[0][0] == "transaction"
+            expected = [intake_v2.line(*events[0]), *intake_v2.span_lines(
+                tx, client.config, functools.partial(field, plain, tx.secrets))]
+            written = fast.encode(tx)
+            assert written == expected
+            assert list(map(same, written)) == list(map(same, hooked.encode(tx))) == [
+                same(intake_v2.line(kind, event)) for kind, event in events]
+    events = [event for tx in records for line in fast.encode(tx)
+              for event in json.loads(line).values()]
+    shipped = json.dumps([{k: v for k, v in e.items() if k != "stacktrace"} for e in events])
+    for secret in ("p4ss", "s3ss10n", "k-8c1f2a9d", "t0k", "abcdef123456", "4111 1111",
+                   "eyJzdWIi"):  # (the source lines show them: not in stack traces)
+        assert secret not in shipped
+    assert ("hunter2" in shipped) is client.config.capture_sql_literals
+    for line in fast.encode(records[0]):
+        ((kind, event),) = json.loads(line).items()
+        validate(kind, event)
+
+
+def test_content_keys_tell_apart_what_is_written_apart() -> None:
+    from collections import OrderedDict
+
+    from beatlib.processors import content_key
+
+    shared = {"a": "x"}
+    assert content_key([shared, shared]) == content_key([{"a": "x"}, {"a": "x"}])
+    distinct = [1, True, 1.0, "1", b"1", bytearray(b"1"), (1,), [1], {"a": 1, "b": 2},
+                {"b": 2, "a": 1}, {1: "a"}, {"1": "a"}, -0.0, 0.0]
+    keys = [content_key(v) for v in distinct]
+    assert None not in keys and len(set(keys)) == len(distinct)
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    for unkeyed in (Text("x"), OrderedDict(a=1), Shown("x"), {"a": [Shown("x")]}, cycle,
+                    lambda: 1, 1j):
+        assert content_key(unkeyed) is None
+    assert content_key({"a": [1, "x"]}) == content_key({"a": [1, "x"]})  # and still works
+
+
+def test_contexts_kept_by_content_are_bounded() -> None:
+    from beatlib.processors import Written
+
+    written = Written(budget=10_000)
+    for i in range(1000):
+        written.put(b"%d" % i, "x" * 50)
+        assert written.size <= 10_000
+    assert written.get(b"999") == "x" * 50 and written.get(b"0") is None
+    written.put(b"big", "x" * 100_000)  # too big to keep
+    assert written.get(b"big") is None
+
+
+def test_contents_that_seldom_come_again_are_seldom_keyed() -> None:
+    from beatlib.processors import Written
+
+    written = Written()
+    keyed = 0
+    for i in range(2000):  # URLs with an id in them: each content once
+        key, found = written.find("http", {"url": "/orders/%d" % i})
+        assert found is None
+        if key is not None:
+            keyed += 1
+            written.put(key, "x")
+    assert 64 <= keyed < 300
+    for _ in range(200):  # a content that repeats is still found, once in a while
+        key, found = written.find("http", {"url": "/health"})
+        if key is not None and found is None:
+            written.put(key, "kept")
+    assert "kept" in written.texts.values()
+    key, found = written.find("db", {"statement": "SELECT 1"})  # other kinds: keyed each time
+    assert key is not None and found is None

@@ -153,6 +153,17 @@ def test_sql_literals_become_placeholders() -> None:
     assert keep.sql("SELECT 1 WHERE a = 'x'") == "SELECT 1 WHERE a = 'x'"
 
 
+def test_a_statement_seen_before_is_cleaned_again(sanitizer: Sanitizer) -> None:
+    """Only the literals step is kept for a statement: its secrets are found every time, and
+    the route values of each event are replaced in it."""
+    sql = "SELECT * FROM t /* api_key=abcdef123456 */ WHERE id = 5"
+    for _ in range(3):
+        assert sanitizer.sql(sql) == f"SELECT * FROM t /* api_key={REDACTED} */ WHERE id = ?"
+    route = "SELECT * FROM invites WHERE code_hash = md5(code)"
+    assert sanitizer.sql(route) == route
+    assert sanitizer.sql(route, frozenset({"md5"})) == route.replace("md5", REDACTED)
+
+
 def test_only_sql_statements_get_placeholders() -> None:
     span = {"context": {"db": {"type": "redis", "statement": "SET user:1 ?"}}}
     assert Sanitizer([]).clean(span)["context"]["db"]["statement"] == "SET user:1 ?"

@@ -10,7 +10,10 @@ raises drops that event.
 
 from __future__ import annotations
 
+import io
 import logging
+import pickle
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,8 +21,8 @@ from typing import Any
 
 from beatlib import release
 from beatlib.protocol import intake_v2, otlp
-from beatlib.sanitize import OWN_FIELDS, Sanitizer, truncate
-from beatlib.tracing import Transaction
+from beatlib.sanitize import IDS, OWN_FIELDS, Sanitizer, truncate
+from beatlib.tracing import Span, Transaction
 
 logger = logging.getLogger("beatlib")
 
@@ -27,6 +30,103 @@ Event = dict[str, Any]
 BeforeSend = Callable[[str, Event], Event | None]
 KEYWORD_LENGTH = 1024  # the schemas' maxLength for keyword fields
 HELD_EXCEPTIONS = 1024  # OTLP: transactions whose errors wait for them, at most
+WRITTEN_BYTES = 4 * 1024 * 1024  # processed contexts kept by content (see `Written`)
+WRITTEN_ENTRY = 64 * 1024  # a longer one is written each time
+
+
+class _BuiltinsPickler(pickle.Pickler):
+    """Pickles builtin scalars and containers of their exact types; anything else raises."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        raise TypeError(type(obj).__name__)
+
+
+_picklers = threading.local()
+
+
+def content_key(value: Any) -> bytes | None:
+    """The exact content of `value` as bytes (equal bytes: equal values of equal types, keys
+    and items in the same order), or None when it holds anything but builtin scalars and
+    containers of their exact types (a subclass or an object may be written otherwise than
+    its content says), a cycle or a nesting too deep."""
+    try:
+        pickler, buffer = _picklers.pickler
+    except AttributeError:
+        buffer = io.BytesIO()
+        pickler = _BuiltinsPickler(buffer, 5)
+        pickler.fast = True  # no memo: shared and distinct equal objects give equal bytes
+        _picklers.pickler = pickler, buffer
+    try:
+        pickler.dump(value)
+        return buffer.getvalue()
+    except Exception:  # not builtins only, or a cycle: no key, written each time
+        del _picklers.pickler  # a fresh pickler next time, whatever state this one was left in
+        return None
+    finally:
+        buffer.seek(0)
+        buffer.truncate()
+
+
+def _member_json(processed: Event) -> str:
+    """'"request":{...}': one member as the JSON of the whole context holds it."""
+    return intake_v2.dumps(processed)[1:-1]
+
+
+def _same(processed: Event) -> Event:
+    return processed
+
+
+class Written:
+    """Processed contexts (as JSON text, or as dicts for the OTLP encoder, which only reads
+    them) by the content they were built from (`content_key`, with the kind of context): the
+    same query's span, the same request's headers repeat, and their redaction, cuts and JSON
+    are a function of that content and the client's rules. Bounded: emptied when full."""
+
+    def __init__(self, budget: int = WRITTEN_BYTES) -> None:
+        self.budget = budget
+        self.texts: dict[bytes, Any] = {}
+        self.size = 0
+        # By kind (a span's type and subtype, a member's name): [calls, keyed, found]. A kind
+        # whose contents seldom come again (URLs with ids in them) is keyed once in 16 calls.
+        self.seen: dict[Any, list[int]] = {}
+
+    def find(self, kind: Any, content: Any) -> tuple[bytes | None, Any]:
+        """The key of `content` (None: not to be kept) and what is kept for it (or None)."""
+        seen = self.seen.get(kind)
+        if seen is None:
+            if len(self.seen) >= 1024:
+                self.seen.clear()
+            seen = self.seen[kind] = [0, 0, 0]
+        seen[0] += 1
+        if seen[1] >= 64 and seen[2] * 8 < seen[1] and seen[0] % 16:
+            return None, None
+        key = content_key((kind, content))
+        if key is None:
+            return None, None
+        seen[1] += 1
+        found = self.texts.get(key)
+        if found is not None:
+            seen[2] += 1
+        if seen[1] >= 1024:  # the recent past counts
+            seen[1] //= 2
+            seen[2] //= 2
+        return key, found
+
+    def get(self, key: bytes | None) -> Any:
+        return None if key is None else self.texts.get(key)
+
+    def put(self, key: bytes | None, text: Any) -> None:
+        if key is None:
+            return
+        # a processed dict: its own dicts, its texts mostly shared with the text cache
+        size = len(key) + (len(text) if type(text) is str else 2 * len(key)) + 100
+        if size > WRITTEN_ENTRY:
+            return
+        if self.size + size > self.budget:
+            self.texts.clear()
+            self.size = 0
+        self.texts[key] = text
+        self.size += size
 
 
 class Sanitize:
@@ -41,6 +141,8 @@ class Sanitize:
 
     def field(self, key: str, value: Any, secrets: frozenset[str] = frozenset()) -> Any:
         """One top-level field of an event, as `__call__` would leave it."""
+        if key in IDS:
+            return value
         if type(value) is str and key not in OWN_FIELDS:
             return self.sanitizer.text(value, secrets)
         return self.sanitizer.clean({key: value}, values=secrets)[key]
@@ -111,6 +213,9 @@ class Pipeline:
         self._metadata = metadata
         self.counts = {"dropped_by_hook": 0, "hook_errors": 0}  # written by the worker only
         self._span_names: dict[tuple[Any, ...], str] = {}  # see intake_v2.span_lines
+        self._tx_names: dict[tuple[Any, ...], tuple[str, str]] = {}  # and transaction_line
+        self._written = Written()  # as JSON text (intake)
+        self._processed = Written()  # as dicts (OTLP)
         self._otlp_names: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # the same, for OTLP
         self._hook_failed_before = False
         self.otlp = getattr(config, "exporter", None) == "otlp"
@@ -133,20 +238,97 @@ class Pipeline:
         return out
 
     def encode(self, record: Any) -> list[Any]:
-        """NDJSON lines of `record`: `events()` written out. A transaction's spans, the bulk
-        of all events, are written directly with each field processed (unless a
-        before_send hook wants them as dicts)."""
+        """NDJSON lines of `record`: `events()` written out. A transaction and its spans,
+        the bulk of all events, are written directly with each field processed, and each
+        context processed once for each content it comes with (unless a before_send hook
+        wants them as dicts: it may change what it is given)."""
         if self.otlp:
             return self.encode_otlp(record)
-        if type(record) is not Transaction or self.before_send is not None or not record.spans:
+        if type(record) is not Transaction or self.before_send is not None:
             return [intake_v2.line(kind, event) for kind, event in self.events(record)]
         secrets = record.secrets
-        event = self.process("transaction", intake_v2.transaction(record), secrets)
-        lines = [] if event is None else [intake_v2.line("transaction", event)]
         if secrets:
-            return lines + intake_v2.span_lines(
-                record, self.config, lambda key, value: self.field(key, value, secrets))
-        return lines + intake_v2.span_lines(record, self.config, self.field, self._span_names)
+            def field(key: str, value: Any) -> Any:
+                return self.field(key, value, secrets)
+            tx_names, span_names = None, None
+        else:
+            field, tx_names, span_names = self.field, self._tx_names, self._span_names
+        lines = [intake_v2.transaction_line(record, field, self._transaction_context,
+                                            tx_names)]
+        if record.spans:
+            lines += intake_v2.span_lines(record, self.config, field, span_names,
+                                          self._span_context)
+        return lines
+
+    def _transaction_context(self, tx: Transaction) -> str | None:
+        """The processed `context` of `tx` as JSON text (None: it has none)."""
+        raw, members = self._context_members(tx, self._written, _member_json)
+        if members is None:
+            ctx = intake_v2.context(raw, tx.labels, built=True)
+            return None if ctx is None else intake_v2.dumps(
+                self.field("context", ctx, tx.secrets))
+        members = [member for member in members if member]
+        return "{%s}" % ",".join(members) if members else None
+
+    def _transaction_context_dict(self, tx: Transaction) -> Event | None:
+        """The processed `context` of `tx` (None: it has none); its members may be shared
+        with other transactions' (the OTLP encoder only reads them)."""
+        raw, members = self._context_members(tx, self._processed, _same)
+        if members is None:
+            ctx = intake_v2.context(raw, tx.labels, built=True)
+            return None if ctx is None else self.field(  # type: ignore[no-any-return]
+                "context", ctx, tx.secrets)
+        out: Event = {}
+        for member in members:
+            out.update(member)
+        return out or None
+
+    def _context_members(self, tx: Transaction, kept: Written, form: Callable[[Event], Any]
+                         ) -> tuple[dict[str, Any], list[Any] | None]:
+        """`tx`'s context with its deferred parts built, and `form(processed)` of each of its
+        members (request, response, user, custom, ...) processed alone, each kept by
+        content in `kept`; no members (None) when they depend on each other (labels merge
+        into tags, route values are redacted in all)."""
+        raw = intake_v2.built_context(tx.context)
+        if tx.secrets or tx.labels or "tags" in raw:
+            return raw, None
+        members = []
+        for member in raw.items():
+            name = member[0] if type(member[0]) is str else None
+            key, formed = kept.find(("transaction", name), member)
+            if formed is None:
+                ctx = intake_v2.context(dict((member,)), None, built=True)
+                formed = form({} if ctx is None else self.field("context", ctx))
+                kept.put(key, formed)
+            members.append(formed)
+        return raw, members
+
+    def _span_context(self, sp: Span) -> str:
+        """The processed `context` of `sp` as JSON text."""
+        return self._processed_span_context(sp, self._written,  # type: ignore[no-any-return]
+                                            intake_v2.dumps)
+
+    def _span_context_dict(self, sp: Span) -> Event:
+        """The processed `context` of `sp`, maybe shared with other spans' (see
+        `_transaction_context_dict`)."""
+        return self._processed_span_context(sp, self._processed,  # type: ignore[no-any-return]
+                                            _same)
+
+    def _processed_span_context(self, sp: Span, kept: Written, form: Callable[[Event], Any]
+                                ) -> Any:
+        """`form(processed context of sp)`, kept by content in `kept` (unless the
+        transaction has route values to redact)."""
+        secrets = sp.transaction.secrets
+        raw = intake_v2.built_context(sp.context)
+        kind = ("span", sp.type, sp.subtype) if type(sp.type) is str and (
+            sp.subtype is None or type(sp.subtype) is str) else ("span",)
+        key, formed = (None, None) if secrets else kept.find(kind, (
+            raw, sp.labels, sp.leaf, sp.type, sp.subtype))
+        if formed is None:
+            ctx = intake_v2.exit_fields(sp, intake_v2.context(raw, sp.labels, built=True))
+            formed = form(self.field("context", ctx or {}, secrets))
+            kept.put(key, formed)
+        return formed
 
     def encode_otlp(self, record: Any) -> list[tuple[int, bytes]]:
         """`record` as OTLP JSON records, each part `(signal, records joined by commas)`:
@@ -192,15 +374,20 @@ class Pipeline:
         """`events(tx)`, with its spans processed field by field as `intake_v2.span_lines`
         does (the same result: a test holds the two ways equal), unless a before_send hook
         wants each span as a whole."""
-        if self.before_send is not None or not tx.spans:
+        if self.before_send is not None:
             return self.events(tx)
         secrets = tx.secrets
-        event = self.process("transaction", intake_v2.transaction(tx), secrets)
+        event = self.process("transaction", intake_v2.transaction(tx, with_context=False),
+                             secrets)
+        if tx.sampled and (tx.context or tx.labels):
+            ctx = self._transaction_context_dict(tx)
+            if ctx is not None:
+                event["context"] = ctx  # type: ignore[index]  # (no hook: not None)
         out = [] if event is None else [("transaction", event)]
         names = self._otlp_names if not secrets else None
         field = self.field
         for sp in tx.spans:
-            ev = intake_v2.span(tx, sp, self.config)
+            ev = intake_v2.span(tx, sp, self.config, self._span_context_dict)
             key = (sp.name, sp.type, sp.subtype, sp.action)
             cached = names is not None and type(sp.name) is str and type(sp.type) is str
             written = names.get(key) if cached else None  # type: ignore[union-attr]
@@ -214,9 +401,8 @@ class Pipeline:
             for k, v in zip(("name", "type", "subtype", "action"), written, strict=True):
                 if v is not None:
                     ev[k] = v
-            for k in ("context", "stacktrace"):
-                if k in ev:
-                    ev[k] = field(k, ev[k], secrets)
+            if "stacktrace" in ev:
+                ev["stacktrace"] = field("stacktrace", ev["stacktrace"], secrets)
             out.append(("span", ev))
         return out
 

@@ -142,8 +142,8 @@ FREE_FORM = frozenset(("headers", "cookies", "env", "body", "custom", "tags", "v
 # The context keys the schemas define; any other key under `context` is the app's own data.
 _CONTEXT_KEYS = frozenset(("request", "response", "user", "db", "http", "destination",
                            "service", "message", "page", "cloud", "tags", "custom"))
-_IDS = frozenset(("id", "trace_id", "transaction_id", "parent_id"))
-OWN_FIELDS = _IDS | {"statement", "argv", "context"}
+IDS = frozenset(("id", "trace_id", "transaction_id", "parent_id"))
+OWN_FIELDS = IDS | {"statement", "argv", "context"}
 _CACHE_BYTES = 2 * 1024 * 1024  # cleaned texts kept (names, statements and URLs repeat)
 _CACHE_TEXT = 2048  # longer texts are cleaned each time
 
@@ -171,7 +171,8 @@ def _luhn(digits: str) -> bool:
 class Sanitizer:
     """One client's redaction rules, compiled once; see the module docstring."""
 
-    __slots__ = ("patterns", "sql_literals", "_match", "_names", "_texts", "_text_bytes")
+    __slots__ = ("patterns", "sql_literals", "_match", "_names", "_texts", "_text_bytes",
+                 "_plain", "_plain_bytes")
 
     def __init__(self, patterns: Iterable[str], sql_literals: bool = False) -> None:
         self.patterns = tuple(p.strip() for p in patterns if p and p.strip())
@@ -180,6 +181,8 @@ class Sanitizer:
         self._names: dict[str, bool] = {}
         self._texts: dict[str, str] = {}
         self._text_bytes = 0
+        self._plain: dict[str, str] = {}  # statements with their literals as `?`
+        self._plain_bytes = 0
 
     @classmethod
     def from_config(cls, config: Any) -> Sanitizer:
@@ -310,7 +313,7 @@ class Sanitizer:
         return out
 
     def _own(self, key: str, item: Any, values: frozenset[str]) -> Any:
-        if key in _IDS:
+        if key in IDS:
             return item
         if key == "statement" and isinstance(item, str):
             return self.sql(item, values)
@@ -322,15 +325,18 @@ class Sanitizer:
         return self.clean(item, False, values)
 
     def sql(self, statement: str, values: frozenset[str] = frozenset()) -> str:
-        """A SQL statement with its literals as `?` (unless `sql_literals`), then cleaned."""
+        """A SQL statement with its literals as `?` (unless `sql_literals`), then cleaned
+        (each time: only the literals step is kept for a statement seen before)."""
         if not self.sql_literals:
-            cached = self._texts.get("\0sql" + statement)
-            if cached is not None:
-                return cached
-            plain = placeholders(statement)
-            if len(statement) <= _CACHE_TEXT:
-                self._texts["\0sql" + statement] = plain
-                self._text_bytes += 2 * len(statement) + 100
+            plain = self._plain.get(statement)
+            if plain is None:
+                plain = placeholders(statement)
+                if len(statement) <= _CACHE_TEXT:
+                    if self._plain_bytes > _CACHE_BYTES:
+                        self._plain.clear()
+                        self._plain_bytes = 0
+                    self._plain[statement] = plain
+                    self._plain_bytes += len(statement) + len(plain) + 100
             statement = plain
         return self.text(statement, values)
 

@@ -194,3 +194,26 @@ def test_multipart_body_is_not_recorded(served, receiver):
     (tx,) = receiver.events("transaction")
     assert tx["context"]["request"]["body"].endswith("bytes not recorded]")
     assert "hunter2" not in str(receiver.events())
+
+
+def test_the_same_request_again_gives_the_same_context(served, receiver):
+    """What the request context keeps from one request to the next (header names, parsed
+    cookies) changes nothing: the same context each time, quoted where the path needs it."""
+    from beatlib.contrib.wsgi import request_context
+
+    url, client = served()
+    for _ in range(3):
+        requests.get(url + "/caf%C3%A9 x(1)", headers={"Cookie": "sessionid=s3; theme=dark",
+                                                       "X-Custom-Thing": "1"})
+    requests.get(url + "/plain", headers={"Cookie": "theme=light"})
+    assert client.flush(5)
+    *same, other = [tx["context"]["request"] for tx in receiver.events("transaction")]
+    assert len(same) == 3 and same[0] == same[1] == same[2]
+    assert same[0]["cookies"] == {"sessionid": "[REDACTED]", "theme": "dark"}
+    assert same[0]["headers"]["X-Custom-Thing"] == "1"
+    assert same[0]["url"]["pathname"] == "/café x(1)"
+    assert same[0]["url"]["full"] == url + "/caf%C3%A9%20x(1)"
+    assert other["cookies"] == {"theme": "light"} and other["url"]["full"] == url + "/plain"
+    environ = {"HTTP_COOKIE": "a=1; b=2", "PATH_INFO": "/p"}
+    request_context(environ, client.config, False)["cookies"]["a"] = "changed"
+    assert request_context(environ, client.config, False)["cookies"] == {"a": "1", "b": "2"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from http.cookies import CookieError, SimpleCookie
@@ -26,6 +27,14 @@ from beatlib.tracing import Transaction, parse_traceparent
 BODY_LIMIT = 64 * 1024  # bytes of a request body kept; longer bodies are not read ahead
 _FORM = "application/x-www-form-urlencoded"
 _ignore_matchers: dict[tuple[str, ...], Callable[[str], bool] | None] = {}
+# What request_context computes again and again for the same input (bounded): header names
+# from environ keys (few: once full, new ones are not kept), parsed Cookie headers (emptied
+# when full: they come and go with sessions).
+_HEADER_NAMES: dict[str, str] = {}
+_COOKIES: dict[str, dict[str, str] | None] = {}
+_KEPT = 512
+_COOKIE_KEPT = 4096  # characters of a Cookie header kept parsed, at most
+_QUOTED = re.compile(r"[A-Za-z0-9_.~/%;:@&=+$,!*()-]*")  # what `_quote_path` leaves as it is
 
 
 def ignored(path: str, config: Config) -> bool:
@@ -60,6 +69,8 @@ def set_active_for(segment: Any) -> Any:
 def _path(environ: dict[str, Any]) -> str:
     # WSGI hands the path over as latin-1 decoded bytes; browsers send UTF-8.
     raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    if raw.isascii():
+        return raw
     try:
         return raw.encode("latin-1").decode("utf-8")
     except UnicodeError:
@@ -97,7 +108,7 @@ def request_context(environ: dict[str, Any], config: Config, for_error: bool) ->
     port = port or str(environ.get("SERVER_PORT", ""))
     path = _path(environ)
     query = environ.get("QUERY_STRING", "")
-    full = f"{scheme}://{host}{quote(path, safe='/%;:@&=+$,!~*()')}"
+    full = f"{scheme}://{host}{path if _QUOTED.fullmatch(path) else _quote_path(path)}"
     url: dict[str, Any] = {"full": f"{full}?{query}" if query else full, "protocol": scheme + ":",
                            "hostname": hostname, "pathname": path}
     if port.isdigit():
@@ -113,25 +124,49 @@ def request_context(environ: dict[str, Any], config: Config, for_error: bool) ->
     if protocol.startswith("HTTP/"):
         context["http_version"] = protocol[5:]
     if config.capture_headers:
-        context["headers"] = {
-            key[5:].replace("_", "-").title(): REDACTED if key == "HTTP_BAGGAGE" else value
-            for key, value in environ.items()
-            if key.startswith("HTTP_")
-        }
+        headers = context["headers"] = {}
+        names = _HEADER_NAMES
+        for key, value in environ.items():
+            if key.startswith("HTTP_"):
+                name = names.get(key)
+                if name is None:
+                    name = key[5:].replace("_", "-").title()
+                    if len(names) < _KEPT:
+                        names[key] = name
+                headers[name] = REDACTED if key == "HTTP_BAGGAGE" else value
         for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
             if environ.get(key):
-                context["headers"][key.replace("_", "-").title()] = environ[key]
+                headers[key.replace("_", "-").title()] = environ[key]
     cookie = environ.get("HTTP_COOKIE")
     if cookie:
-        try:
-            context["cookies"] = {k: m.value for k, m in SimpleCookie(cookie).items()}
-        except CookieError:
-            pass
+        cookies = _cookies(cookie)
+        if cookies is not None:
+            context["cookies"] = cookies
     body = environ.get("beatlib.body")
     if body is not None and config.capture_body in ("all", "errors" if for_error else
                                                      "transactions"):
         context["body"] = body
     return context
+
+
+def _quote_path(path: str) -> str:
+    return quote(path, safe="/%;:@&=+$,!~*()")
+
+
+def _cookies(header: str) -> dict[str, str] | None:
+    """The cookies of a Cookie header (a new dict each time), None when it does not parse."""
+    if header in _COOKIES:
+        parsed = _COOKIES[header]
+    else:
+        try:
+            parsed = {k: m.value for k, m in SimpleCookie(header).items()}
+        except CookieError:
+            parsed = None
+        if len(header) <= _COOKIE_KEPT:
+            if len(_COOKIES) >= _KEPT:
+                _COOKIES.clear()
+            _COOKIES[header] = parsed
+    return None if parsed is None else dict(parsed)
 
 
 def read_body(environ: dict[str, Any], config: Config) -> None:

@@ -34,6 +34,9 @@ _LABEL_KEY_TABLE = str.maketrans({".": "_", "*": "_", '"': "_"})
 _USER_FIELDS = ("id", "username", "email", "domain")
 
 
+dumps = _dumps  # a processed value as JSON text, as `line` writes it
+
+
 def line(kind: str, event: Mapping[str, Any]) -> bytes:
     """One NDJSON line, `{"<kind>": {...}}\\n`, UTF-8 (lone surrogates escaped)."""
     return (_dumps({kind: event}) + "\n").encode("utf-8", "backslashreplace")
@@ -80,14 +83,15 @@ def labels(raw: Mapping[Any, Any]) -> dict[str, Any]:
     return {text(key).translate(_LABEL_KEY_TABLE): scalar(value) for key, value in raw.items()}
 
 
-def context(raw: Mapping[str, Any] | None, raw_labels: Mapping[str, Any] | None
-            ) -> dict[str, Any] | None:
+def context(raw: Mapping[str, Any] | None, raw_labels: Mapping[str, Any] | None,
+            built: bool = False) -> dict[str, Any] | None:
     """Context given by the app or an integration, in the schema's shape (transactions,
     spans and errors alike). A value may be a callable that builds it: integrations defer
-    costly context to this (the worker) thread."""
+    costly context to this (the worker) thread; `built`: those were called already (see
+    `built_context`)."""
     out: dict[str, Any] = {}
     for key, value in (raw or {}).items():
-        if callable(value):
+        if not built and callable(value):
             value = value()
         if not isinstance(value, Mapping):
             continue
@@ -107,6 +111,12 @@ def context(raw: Mapping[str, Any] | None, raw_labels: Mapping[str, Any] | None
     if raw_labels:
         out["tags"] = {**out.get("tags", {}), **labels(raw_labels)}
     return out or None
+
+
+def built_context(raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`raw` with each deferred value built (each callable called, once); for
+    `context(..., built=True)`."""
+    return {key: value() if callable(value) else value for key, value in (raw or {}).items()}
 
 
 def _destination(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,8 +224,9 @@ def _target_name(ctx: Mapping[str, Any]) -> str | None:
     return f"{host}:{port}" if port else host
 
 
-def transaction(tx: Transaction) -> dict[str, Any]:
-    """The value under `transaction`; unsampled ones carry no context, only the counts."""
+def transaction(tx: Transaction, with_context: bool = True) -> dict[str, Any]:
+    """The value under `transaction`; unsampled ones carry no context, only the counts (nor
+    any without `with_context`: the caller adds it)."""
     event: dict[str, Any] = {
         "id": "%016x" % tx.id,
         "trace_id": tx.trace_id,
@@ -234,15 +245,17 @@ def transaction(tx: Transaction) -> dict[str, Any]:
         event["parent_id"] = tx.parent_id
     if tx.sample_rate is not None:
         event["sample_rate"] = tx.sample_rate
-    if tx.sampled and (tx.context or tx.labels):
+    if with_context and tx.sampled and (tx.context or tx.labels):
         ctx = context(tx.context, tx.labels)
         if ctx:
             event["context"] = ctx
     return event
 
 
-def span(tx: Transaction, sp: Span, config: Config) -> dict[str, Any]:
-    """The value under `span` for one span of `tx`."""
+def span(tx: Transaction, sp: Span, config: Config,
+         context_of: Callable[[Span], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The value under `span` for one span of `tx`; `context_of(sp)`, when given, is its
+    context (built and processed by the caller)."""
     tx_id = "%016x" % tx.id
     parent = sp.parent
     event: dict[str, Any] = {
@@ -263,7 +276,8 @@ def span(tx: Transaction, sp: Span, config: Config) -> dict[str, Any]:
     if sp.sync is not None:
         event["sync"] = bool(sp.sync)
     if sp.context or sp.labels or sp.leaf:
-        event["context"] = exit_fields(sp, context(sp.context, sp.labels)) or {}
+        event["context"] = context_of(sp) if context_of is not None else exit_fields(
+            sp, context(sp.context, sp.labels)) or {}
     if sp.stacktrace:
         event["stacktrace"] = frames(sp.stacktrace, config)
     if tx.sample_rate is not None:
@@ -347,13 +361,78 @@ def _source(path: str, lineno: int, around: int) -> dict[str, Any]:
     }
 
 
+def transaction_line(tx: Transaction, field: Callable[[str, Any], Any],
+                     write_context: Callable[[Transaction], str | None],
+                     names: dict[tuple[Any, ...], tuple[str, str]] | None = None) -> bytes:
+    """The `transaction` line of `tx`, written directly: the event of `transaction()` with
+    each field passed through `field(key, value)` (the processors' rules for one field) and
+    its context as `write_context(tx)` writes it (the processed context's JSON, None for
+    none). `names` keeps the written type, outcome, name and result (see `span_lines`)."""
+    outcome = tx.outcome or "unknown"
+    key = (tx.type, outcome, tx.name, tx.result)
+    cached = names is not None and type(tx.type) is str and type(outcome) is str and (
+        tx.name is None or type(tx.name) is str) and (tx.result is None or type(tx.result) is str)
+    written = names.get(key) if cached else None  # type: ignore[union-attr]
+    if written is None:
+        written = (',"type":' + _escape(field("type", text(tx.type))),
+                   ',"outcome":' + _escape(field("outcome", outcome))
+                   + ("" if tx.name is None else
+                      ',"name":' + _escape(field("name", text(tx.name))))
+                   + ("" if tx.result is None else
+                      ',"result":' + _escape(field("result", text(tx.result)))))
+        if cached:
+            if len(names) >= 4096:  # type: ignore[arg-type]  # names are few (routes)
+                names.clear()  # type: ignore[union-attr]
+            names[key] = written  # type: ignore[index]
+    sampled = tx.sampled
+    parts = [
+        '{"transaction":{"id":%s,"trace_id":%s%s,"duration":%s,"timestamp":%s,"sampled":%s'
+        ',"span_count":%s%s' % (
+            _escape(field("id", "%016x" % tx.id)),
+            _escape(field("trace_id", tx.trace_id)),
+            written[0],
+            _number(tx.duration),
+            _number(tx.timestamp),
+            "true" if sampled is True else "false" if sampled is False else _dumps(
+                field("sampled", sampled)),
+            '{"started":%d,"dropped":%d}' % (len(tx.spans), tx.spans_dropped)
+            if type(tx.spans_dropped) is int else _dumps(field("span_count", {
+                "started": len(tx.spans), "dropped": tx.spans_dropped})),
+            written[1],
+        ),
+    ]
+    if tx.parent_id is not None:
+        parts.append(',"parent_id":' + _escape(field("parent_id", tx.parent_id)))
+    if tx.sample_rate is not None:
+        parts.append(',"sample_rate":' + _number(tx.sample_rate))
+    if sampled and (tx.context or tx.labels):
+        ctx = write_context(tx)
+        if ctx is not None:
+            parts.append(',"context":' + ctx)
+    parts.append("}}\n")
+    return "".join(parts).encode("ascii")
+
+
+def _number(value: Any) -> str:
+    """A number as `_dumps` writes it (floats by repr; NaN and infinities as JSON names)."""
+    t = type(value)
+    if t is int:
+        return "%d" % value
+    if t is float and value - value == 0.0:  # finite
+        return repr(value)
+    return _dumps(value)
+
+
 def span_lines(tx: Transaction, config: Config, field: Callable[[str, Any], Any],
-               names: dict[tuple[Any, ...], str] | None = None) -> list[bytes]:
+               names: dict[tuple[Any, ...], str] | None = None,
+               write_context: Callable[[Span], str] | None = None) -> list[bytes]:
     """The `span` lines of `tx`, written directly: the hot path of encoding (most events are
     spans). The same events as `span()`, each app-supplied field passed through
     `field(key, value)`: the processors' rules for one field (a test holds the two ways
     equal). `names` keeps the written name, type, subtype and action of each kind of span
-    (spans repeat them; the caller owns it, and leaves it out when `field` varies)."""
+    (spans repeat them; the caller owns it, and leaves it out when `field` varies).
+    `write_context(sp)`, when given, writes a span's processed context (its JSON), in place
+    of `field("context", ...)` written out."""
     tx_id = "%016x" % tx.id
     head = '{"span":{"transaction_id":"%s","trace_id":"%s"' % (tx_id, tx.trace_id)
     tail = "" if tx.sample_rate is None else ',"sample_rate":%r' % tx.sample_rate
@@ -384,8 +463,11 @@ def span_lines(tx: Transaction, config: Config, field: Callable[[str, Any], Any]
         if sp.sync is not None:
             parts.append(',"sync":true' if sp.sync else ',"sync":false')
         if sp.context or sp.labels or sp.leaf:
-            ctx = exit_fields(sp, context(sp.context, sp.labels)) or {}
-            parts.append(',"context":' + _dumps(field("context", ctx)))
+            if write_context is not None:
+                parts.append(',"context":' + write_context(sp))
+            else:
+                ctx = exit_fields(sp, context(sp.context, sp.labels)) or {}
+                parts.append(',"context":' + _dumps(field("context", ctx)))
         if sp.stacktrace:
             parts.append(',"stacktrace":' + _dumps(field("stacktrace",
                                                          frames(sp.stacktrace, config))))

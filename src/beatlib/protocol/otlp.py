@@ -3,7 +3,8 @@ events, log records, metrics and a resource, and the request envelopes around th
 
 Pure functions, run on the worker after the processors: they read the same event dicts the
 intake encoder writes (redacted, truncated, through before_send), so both wire formats carry
-the same data. Attribute names follow the current OpenTelemetry semantic conventions.
+the same data; they never change them (processed contexts are shared between events).
+Attribute names follow the current OpenTelemetry semantic conventions.
 """
 
 from __future__ import annotations
