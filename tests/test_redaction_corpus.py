@@ -278,6 +278,14 @@ def run_manual(c: Corpus, client: beatlib.Client) -> None:
         raise KeyError("missing")
     except KeyError:
         client.capture_exception(custom={"session_token": c.new("manual error custom")})
+    try:
+        raise KeyError("missing")
+    except KeyError:
+        # the app's own keys beside the schema's, in the request and response contexts
+        client.capture_exception(
+            request={"method": "POST", "password": c.new("manual error request password"),
+                     "extra": {"api_token": c.new("manual error request extra api_token")}},
+            response={"status_code": 500, "secret": c.new("manual error response secret")})
     client.capture_message("password is %s" % c.new("manual message"))
     client.end_transaction(f"job for token={c.new('manual transaction name')}", "success")
 

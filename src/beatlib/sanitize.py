@@ -142,6 +142,15 @@ FREE_FORM = frozenset(("headers", "cookies", "env", "body", "custom", "tags", "v
 # The context keys the schemas define; any other key under `context` is the app's own data.
 _CONTEXT_KEYS = frozenset(("request", "response", "user", "db", "http", "destination",
                            "service", "message", "page", "cloud", "tags", "custom"))
+# The members the schemas define for these contexts; any other key there is the app's own
+# (`capture_exception(request={"password": ...})`), redacted by name as free-form data is.
+_SCHEMA_MEMBERS = {
+    "request": frozenset(("method", "url", "headers", "cookies", "body", "env", "socket",
+                          "http_version")),
+    "response": frozenset(("status_code", "headers", "finished", "headers_sent",
+                           "transfer_size", "encoded_body_size", "decoded_body_size")),
+    "user": frozenset(("id", "username", "email", "domain")),
+}
 IDS = frozenset(("id", "trace_id", "transaction_id", "parent_id"))
 OWN_FIELDS = IDS | {"statement", "argv", "context"}
 _CACHE_BYTES = 2 * 1024 * 1024  # cleaned texts kept (names, statements and URLs repeat)
@@ -320,9 +329,16 @@ class Sanitizer:
         if key == "argv" and isinstance(item, list):
             return self.argv(item)
         if key == "context" and isinstance(item, dict):
-            return {k: self.clean(v, k in FREE_FORM or k not in _CONTEXT_KEYS, values)
-                    for k, v in item.items()}
+            return {k: self._context_member(k, v, values) for k, v in item.items()}
         return self.clean(item, False, values)
+
+    def _context_member(self, name: Any, value: Any, values: frozenset[str]) -> Any:
+        members = _SCHEMA_MEMBERS.get(name)
+        if members is None or type(value) is not dict or value.keys() <= members:
+            return self.clean(value, name in FREE_FORM or name not in _CONTEXT_KEYS, values)
+        ours = self._mapping({k: v for k, v in value.items() if k in members}, False, values)
+        apps = self._mapping({k: v for k, v in value.items() if k not in members}, True, values)
+        return {k: (ours if k in members else apps)[k] for k in value}
 
     def sql(self, statement: str, values: frozenset[str] = frozenset()) -> str:
         """A SQL statement with its literals as `?` (unless `sql_literals`), then cleaned
