@@ -234,6 +234,13 @@ class Client:
         """Turn one queued item into NDJSON lines (worker thread)."""
         if isinstance(item, Transaction):
             self.metrics.record(item.name, item.type, item.duration or 0.0)
+            try:
+                return self.pipeline.encode(item)
+            finally:
+                # Encoded: its spans point back at it, so without this the record is a cycle
+                # left to the cyclic collector, which runs on whichever thread allocates next
+                # (the app's); dropped here, it is freed at once, on this thread.
+                item.spans = []
         return self.pipeline.encode(item)
 
     def collect_metrics(self) -> list[MetricSet]:
