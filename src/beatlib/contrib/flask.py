@@ -80,7 +80,7 @@ class Beat:
         # reaches the request through Flask's context proxies again.
         app.full_dispatch_request = _dispatching(  # type: ignore[method-assign]
             app.full_dispatch_request, client)
-        app.handle_exception = _handling(  # type: ignore[method-assign]
+        app.handle_exception = _handling(  # type: ignore[method-assign,assignment]
             app.handle_exception, client)
 
 
