@@ -64,11 +64,8 @@ class Client:
                  **settings: Any) -> None:
         global _default_client
         self.config = config if config is not None else Config(**settings)
-        # The default service_version is the app's git revision: where to look is taken now,
-        # git runs on the worker when it first builds the metadata (a process start costs
-        # the app 10-30 ms otherwise).
-        self._revision_dirs = (release.app_dirs() if self.config.service_version is None
-                               and self.config.enabled else None)
+        if self.config.service_version is None and self.config.enabled:
+            self.config.service_version = release.app_version()  # git, once per process
         if self.config.log_level:
             logger.setLevel(self.config.log_level.upper())
         self.sanitizer = Sanitizer.from_config(self.config)
@@ -76,33 +73,11 @@ class Client:
         self._error_mark = "_beatlib_error_id_%x" % id(self)  # per client: each captures once
         self.framework: tuple[str, str] | None = None
         self.pipeline = Pipeline(self.config, self.sanitizer, self._metadata)
-        self.transport: Any = self._exporter_process(sender)
-        if self.transport is None:
-            self.transport = Transport(self.config, self._encode, self.pipeline.metadata_line,
-                                       on_tick=self.collect_metrics, sender=sender)
+        self.transport = Transport(self.config, self._encode, self.pipeline.metadata_line,
+                                   on_tick=self.collect_metrics, sender=sender)
         self.tracer = Tracer(self.config, self.transport.queue, self._capture_span_stack,
                              self.sanitizer)
         _default_client = self
-
-    def _exporter_process(self, sender: Any) -> Any:
-        """The exporter process's transport, if `exporter_process` asks for it and it can
-        run everything the worker thread would (else None: the worker thread it is)."""
-        if not self.config.exporter_process or not self.config.enabled:
-            return None
-        from beatlib.transport import process
-
-        if not process.SUPPORTED or sender is not None:
-            logger.warning("beatlib: exporter_process needs Linux and the HTTP sender; "
-                           "encoding on the worker thread instead")
-            return None
-        if process.hook_reference(self.config.before_send) is None:
-            logger.warning("beatlib: exporter_process needs a before_send hook the exporter "
-                           "process can import (\"module:function\"); encoding on the worker "
-                           "thread instead")
-            return None
-        return process.ProcessTransport(
-            self.config, lambda: self.framework,
-            lambda: intake_v2.metadata(self.config)["process"], self._revision_dirs)
 
     # -- transactions --------------------------------------------------------------------
 
@@ -249,13 +224,10 @@ class Client:
         """What happened to the events so far: the transport's counters (queued, sent,
         dropped by reason), the pipeline's (dropped or failed in before_send), and how often
         beatlib's own code failed in this process (`internal_errors`, see beatlib.guard)."""
-        return {**self.pipeline.counts, **self.transport.stats(),
+        return {**self.transport.stats(), **self.pipeline.counts,
                 "internal_errors": sum(guard.counts().values())}
 
     def _metadata(self) -> dict[str, Any]:
-        if self._revision_dirs is not None:
-            self.config.service_version = release.app_version(self._revision_dirs)
-            self._revision_dirs = None
         return intake_v2.metadata(self.config, self.framework)
 
     def _encode(self, item: Any) -> list[bytes]:
