@@ -1,17 +1,19 @@
 """Flask: `Beat(app)` or `Beat().init_app(app)`. A transaction per request named by its URL
-rule, begun on `request_started`, errors captured on `got_request_exception`, the response on
-`request_finished` (signals connected per app), ended when the server closes the response body.
+rule, begun when the app dispatches the request (its `full_dispatch_request`, wrapped per app,
+just before `request_started`), errors captured on `got_request_exception` (connected per app),
+the response recorded as the app returns it, ended when the server closes the response body.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 try:
-    from flask import Flask, g, got_request_exception, request, request_finished, request_started
+    from flask import Flask, g, got_request_exception, request
 except ImportError as exc:  # pragma: no cover - only without Flask
     raise ImportError(
         "beatlib.contrib.flask needs Flask (pip install flask); it is not installed"
@@ -35,6 +37,9 @@ from beatlib.tracing import Transaction
 
 _END = guard("flask: ending the request's transaction")
 _CAPTURE = guard("flask: capturing the request's exception")
+_BEGIN = guard("flask: beginning the request's transaction")
+_RESPONSE = guard("flask: recording the response")
+_BODY = guard("flask: reading the request body")
 EXTENSION = "beatlib"  # app.extensions[EXTENSION] is the app's client
 _STATE = "beatlib.flask"  # environ key: the request's [transaction, status, headers]
 
@@ -65,13 +70,18 @@ class Beat:
             client.framework = ("flask", importlib.metadata.version("flask"))
         self.client = app.extensions[EXTENSION] = client
         instrument(client.config)
-        # Strong references: the signals hold the receivers as long as `app` lives.
-        request_started.connect(_started, sender=app, weak=False)
+        # A strong reference: the signal holds the receiver as long as `app` lives.
         got_request_exception.connect(_failed, sender=app, weak=False)
-        request_finished.connect(_finished, sender=app, weak=False)
         app.wsgi_app = _closing(app.wsgi_app, client)  # type: ignore[method-assign]
         app.handle_user_exception = _capturing(  # type: ignore[method-assign,assignment]
             app.handle_user_exception)
+        # Wrapped methods rather than the request_started/request_finished signals: a signal
+        # with receivers costs its sender a lookup of them per request, and each receiver
+        # reaches the request through Flask's context proxies again.
+        app.full_dispatch_request = _dispatching(  # type: ignore[method-assign]
+            app.full_dispatch_request, client)
+        app.handle_exception = _handling(  # type: ignore[method-assign,assignment]
+            app.handle_exception, client)
 
 
 def _capturing(handle: Callable[[Exception], Any]) -> Callable[[Exception], Any]:
@@ -96,20 +106,17 @@ def _capturing(handle: Callable[[Exception], Any]) -> Callable[[Exception], Any]
 
 def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callable[..., Any]:
     """The WSGI side: the body read ahead for `capture_body`, and the end of the transaction
-    when the server closes the response body (after the last streamed chunk).
-
-    The app's own `wsgi_app` method is held weakly: the app holds this wrapper, and a strong
-    reference back would keep an app alive after its last reference is gone."""
-    own = getattr(wsgi_app, "__self__", None) is not None
-    method: Callable[[], Any] = (weakref.WeakMethod(wsgi_app) if own  # type: ignore[arg-type]
-                                 else lambda: wsgi_app)
+    when the server closes the response body (after the last streamed chunk)."""
+    method = _weakly(wsgi_app)
+    config = client.config
 
     def traced_wsgi_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        # A list, filled by the signal receivers: a middleware copying environ still shares it.
+        # A list, filled by `_dispatching`: a middleware copying environ still shares it.
         state: list[Any] = []
         environ[_STATE] = state
-        with guard("flask: reading the request body"):
-            read_body(environ, client.config)
+        if config.capture_body != "off":
+            with _BODY:
+                read_body(environ, config)
         previous = get_active()
         try:
             body = method()(environ, start_response)
@@ -119,32 +126,83 @@ def _closing(wsgi_app: Callable[..., Iterable[bytes]], client: Client) -> Callab
                 _END.call(end_request, state[0], 500)
             raise
         finally:
-            set_active(previous)  # the request's transaction never outlives the call here
+            if get_active() is not previous:
+                set_active(previous)  # the request's transaction never outlives the call here
         if not state:
             return body
+        tx = state[0]
 
         def stream_failed() -> None:
             _CAPTURE.call(capture_request_error, client, environ)
-            state[0].outcome = state[0].outcome or "failure"  # the app's own wins
+            tx.outcome = tx.outcome or "failure"  # the app's own wins
 
-        return ClosingIterator(body, lambda: _END.call(end_request, *state), stream_failed,
-                               state[0])
+        # ClosingIterator guards on_close; `state` is read when the body is closed.
+        return ClosingIterator(body, lambda: end_request(*state), stream_failed, tx)
 
     return traced_wsgi_app
 
 
-def _started(app: Flask, **_: Any) -> None:
-    with guard("flask: beginning the request's transaction"):
-        state = request.environ.get(_STATE)
-        if state is None:
-            return  # the app is served without our WSGI wrapper: nothing would end the transaction
-        rule = request.url_rule
-        name = f"{request.method} {rule.rule if rule is not None else 'unknown route'}"
-        tx = begin_request(app.extensions[EXTENSION], request.environ, name)
-        if tx is not None:
-            state[:] = [tx, 500, None]
-            if request.view_args:
-                tx.set_route_params(request.view_args)
+def _weakly(bound: Callable[..., Any]) -> Callable[[], Any]:
+    """The app's own bound method, held weakly: the app holds our wrapper of it, and a strong
+    reference back would keep an app alive after its last reference is gone. A plain
+    function is held as it is."""
+    if getattr(bound, "__self__", None) is not None:
+        return weakref.WeakMethod(bound)  # type: ignore[arg-type]
+    return lambda: bound
+
+
+def _dispatching(dispatch: Callable[[], Any], client: Client) -> Callable[[], Any]:
+    """Flask's `full_dispatch_request`: the transaction begins here, first thing (where
+    `request_started` is sent), and the response it returns is recorded."""
+    method = _weakly(dispatch)
+
+    def full_dispatch_request() -> Any:
+        state = None
+        with _BEGIN:
+            req = request._get_current_object()  # type: ignore[attr-defined]
+            environ = req.environ
+            state = environ.get(_STATE)
+            if state is not None:  # else served without our WSGI wrapper: nothing would end it
+                rule = req.url_rule
+                tx = begin_request(client, environ, f"{req.method} "
+                                   f"{rule.rule if rule is not None else 'unknown route'}")
+                if tx is None:
+                    state = None
+                else:
+                    state[:] = [tx, 500, None]
+                    if req.view_args:
+                        tx.set_route_params(req.view_args)
+        response = method()()
+        if state:
+            _record(state, response, client)
+        return response
+
+    return full_dispatch_request
+
+
+def _handling(handle: Callable[[Exception], Any], client: Client) -> Callable[[Exception], Any]:
+    """Flask's `handle_exception` (an exception no errorhandler took): the response it
+    returns (the 500 page) is recorded; re-raised (PROPAGATE_EXCEPTIONS), nothing is."""
+    method = _weakly(handle)
+
+    def handle_exception(e: Exception) -> Any:
+        response = method()(e)
+        with _RESPONSE:
+            state = request.environ.get(_STATE)
+            if state:
+                _record(state, response, client)
+        return response
+
+    return handle_exception
+
+
+def _record(state: list[Any], response: Any, client: Client) -> None:
+    """The response's status and (a copy of) its headers, for `end_request`; the user."""
+    with _RESPONSE:
+        if response is not None:
+            headers = list(response.headers) if client.config.capture_headers else None
+            state[1:] = [response.status_code, headers]
+            _set_user(state[0])
 
 
 def _failed(app: Flask, exception: BaseException | None = None, **_: Any) -> None:
@@ -159,16 +217,6 @@ def _failed(app: Flask, exception: BaseException | None = None, **_: Any) -> Non
         capture_request_error(app.extensions[EXTENSION], request.environ, exc_info)
 
 
-def _finished(app: Flask, response: Any = None, **_: Any) -> None:
-    with guard("flask: recording the response"):
-        state = request.environ.get(_STATE)
-        if state and response is not None:
-            capture = app.extensions[EXTENSION].config.capture_headers
-            headers = list(response.headers.items()) if capture else None
-            state[1:] = [response.status_code, headers]
-            _set_user(state[0])
-
-
 def _transaction() -> Transaction | None:
     state = request.environ.get(_STATE)
     return state[0] if state else None
@@ -176,6 +224,8 @@ def _transaction() -> Transaction | None:
 
 def _set_user(tx: Transaction) -> None:
     """Flask-Login's user, when the request loaded it (we never load it: no extra query)."""
+    if "flask_login" not in sys.modules:
+        return  # what sets `g._login_user` is not even imported: no context lookup
     user = g.get("_login_user")
     if user is None or not tx.sampled or not getattr(user, "is_authenticated", False):
         return

@@ -90,13 +90,28 @@ def begin_request(
     return tx
 
 
+# What `request_context` reads of an environ besides the HTTP_* headers.
+_REQUEST_KEYS = frozenset((
+    "wsgi.url_scheme", "SERVER_NAME", "SERVER_PORT", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING",
+    "REQUEST_METHOD", "REMOTE_ADDR", "SERVER_PROTOCOL", "CONTENT_TYPE", "CONTENT_LENGTH",
+    "beatlib.body",
+))
+
+
 def record_request(tx: Transaction, environ: dict[str, Any], config: Config) -> None:
     """Set `tx`'s request context from `environ` as it is now (again when it changed: a body
     that arrived later)."""
     if tx.sampled:
-        # Built on the worker thread from a shallow copy: the request thread pays a dict copy.
-        tx.set_context("request", functools.partial(
-            request_context, dict(environ), config, False))
+        # Built on the worker thread from a copy of the keys it reads. Not the whole environ:
+        # its objects (the framework's request, the input stream, our own state, which holds
+        # `tx`) would keep the request's object graph alive in a cycle until the cyclic
+        # collector, which then runs more often, on the app's threads.
+        snapshot = {key: value for key, value in environ.items()
+                    if key[:5] == "HTTP_" or key in _REQUEST_KEYS}
+        context = tx.context
+        if context is None:
+            tx.context = context = {}
+        context["request"] = functools.partial(request_context, snapshot, config, False)
 
 
 def request_context(environ: dict[str, Any], config: Config, for_error: bool) -> dict[str, Any]:

@@ -31,7 +31,7 @@ class Jinja2(Instrumentation):
     )
 
     def patch(self, module: ModuleType) -> None:
-        self.wrap(module, "Template.render", render_wrapper(ENGINE, _name))
+        self.wrap_method(module, "Template.render", render_wrapper(ENGINE, _name))
         self.wrap(module, "Template.render_async", _render_async)
         self.wrap(module, "Template.generate", _streaming(_stream))
         self.wrap(module, "Template.generate_async", _streaming(_stream_async))

@@ -16,6 +16,7 @@ import logging
 import sys
 import sysconfig
 import threading
+import types
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, ClassVar, TypeGuard
@@ -90,6 +91,32 @@ class Instrumentation:
             _set_on_immutable_type(parent, attribute, wrapt.FunctionWrapper(original, wrapper))
         else:
             wrapt.wrap_function_wrapper(owner, path, wrapper)
+        self._replaced.append((parent, attribute, original, own))
+
+    def wrap_method(self, owner: Any, path: str, wrapper: Wrapper) -> None:
+        """Like `wrap`, for a hot plain method (a Python function or a C method of a class):
+        a plain function is put in its place, calling `wrapper(bound method, instance, args,
+        kwargs)` as wrapt would. A wrapt proxy builds a bound wrapper on every call and looks
+        attributes up by names made for the call, which misses the interpreter's type
+        attribute cache and evicts what else was in it; a plain function binds as any
+        method does. Anything else (classmethods, properties, module functions) goes to
+        `wrap`. `__wrapped__` is the original, so signatures are unchanged."""
+        parent, attribute, original = wrapt.resolve_path(owner, path)
+        if not isinstance(parent, type) or not isinstance(
+                original, types.FunctionType | types.MethodDescriptorType):
+            self.wrap(owner, path, wrapper)
+            return
+        own = attribute in vars(parent)
+        bind = types.MethodType
+
+        def method(instance: Any, /, *args: Any, **kwargs: Any) -> Any:
+            return wrapper(bind(original, instance), instance, args, kwargs)
+
+        functools.update_wrapper(method, original)
+        if _immutable(parent):
+            _set_on_immutable_type(parent, attribute, method)
+        else:
+            setattr(parent, attribute, method)
         self._replaced.append((parent, attribute, original, own))
 
     def unpatch(self) -> None:

@@ -49,11 +49,11 @@ class SQLAlchemy(Instrumentation):
         if hasattr(base.Connection, "_exec_single_context"):
             # 2.x: called once the execution context (the final SQL) is built; one cursor
             # execute/executemany, or all the batches of one "insertmanyvalues" statement.
-            self.wrap(base, "Connection._exec_single_context", _exec_context)
-            self.wrap(base, "Connection._exec_insertmany_context", _exec_context)
+            self.wrap_method(base, "Connection._exec_single_context", _exec_context)
+            self.wrap_method(base, "Connection._exec_insertmany_context", _exec_context)
         else:
             # 1.4: one method builds the context and runs the cursor.
-            self.wrap(base, "Connection._execute_context", _execute_context_14)
+            self.wrap_method(base, "Connection._execute_context", _execute_context_14)
 
 
 def _create_connection(

@@ -48,8 +48,8 @@ class SQLite3(DBAPIInstrumentation):
         # Connection.execute makes a cursor and runs it in C, not through Cursor.execute
         # (3.11+): both are wrapped, and the connection's span, a leaf, is the only one.
         for method in _STATEMENTS:
-            self.wrap(module, f"Connection.{method}", self.connection_statement)
-            self.wrap(module, f"Cursor.{method}", self.cursor_statement)
+            self.wrap_method(module, f"Connection.{method}", self.connection_statement)
+            self.wrap_method(module, f"Cursor.{method}", self.cursor_statement)
         self.wrap(module, "Connection.close", self.close)
 
     def unpatch(self) -> None:
