@@ -23,6 +23,7 @@ from beatlib.contrib.wsgi import (
     body_value,
     capture_request_error,
     request_context,
+    settle,
 )
 from beatlib.guard import guard, report
 from beatlib.instrumentation.registry import instrument
@@ -339,14 +340,7 @@ class Request:
         # 499 (as nginx logs it): the client closed the connection before any response.
         status = self.status if self.status is not None else 499 if left else 500
         # end_request's rules; the response context is built on the worker.
-        try:
-            code = status if type(status) is int else int(str(status).split(" ", 1)[0])
-        except ValueError:
-            code = 500
-        if tx.result is None:
-            tx.result = f"HTTP {code // 100}xx"
-        if tx.outcome is None:
-            tx.outcome = "failure" if code >= 500 else "success"
+        code = settle(tx, status)
         if tx.sampled:
             tx.set_context("response", functools.partial(
                 _response_context, code, not left, self.status is not None, self.headers))

@@ -246,6 +246,21 @@ def body_value(raw: bytes, content_type: str) -> str | dict[str, Any]:
     return text
 
 
+def settle(tx: Transaction, status: int | str | None) -> int:
+    """`tx`'s result (`HTTP 2xx`) and outcome (failure on 5xx) from the response status,
+    where the app set none; returns the status code (500 for none or one that is no number)."""
+    try:
+        code = (status if type(status) is int else int(str(status).split(" ", 1)[0])
+                if status is not None else 500)
+    except ValueError:
+        code = 500
+    if tx.result is None:
+        tx.result = f"HTTP {code // 100}xx"
+    if tx.outcome is None:
+        tx.outcome = "failure" if code >= 500 else "success"
+    return code
+
+
 def end_request(
     tx: Transaction | None,
     status: int | str | None,
@@ -259,14 +274,7 @@ def end_request(
     when the client left before the whole response was sent); then end `tx`."""
     if tx is None or tx.ended:
         return
-    try:
-        code = int(str(status).split(" ", 1)[0]) if status is not None else 500
-    except ValueError:
-        code = 500
-    if tx.result is None:
-        tx.result = f"HTTP {code // 100}xx"
-    if tx.outcome is None:
-        tx.outcome = "failure" if code >= 500 else "success"
+    code = settle(tx, status)
     if tx.sampled:
         response: dict[str, Any] = {"status_code": code, "finished": finished,
                                     "headers_sent": headers_sent}
