@@ -164,6 +164,21 @@ def test_a_statement_seen_before_is_cleaned_again(sanitizer: Sanitizer) -> None:
     assert sanitizer.sql(route, frozenset({"md5"})) == route.replace("md5", REDACTED)
 
 
+def test_a_column_compared_with_a_column_is_kept(sanitizer: Sanitizer) -> None:
+    """`authors.id = items.author_id` is a join, not a name=value pair (`*auth*`); the text
+    around it is cleaned as before, the event's route values replaced everywhere."""
+    join = ("SELECT items.name FROM items JOIN authors ON authors.id = items.author_id "
+            "AND authors.token <> items.token WHERE items.id = 5")
+    assert sanitizer.sql(join) == join.replace("= 5", "= ?")
+    sql = ("SELECT * FROM a JOIN b ON a.auth_id = b.id /* api_key=abcdef123456 */ "
+           "WHERE a.id = 'k3y'")
+    assert sanitizer.sql(sql, frozenset({"auth_id"})) == (
+        f"SELECT * FROM a JOIN b ON a.{REDACTED} = b.id /* api_key={REDACTED} */ "
+        "WHERE a.id = ?")
+    assert sanitizer.sql("SELECT * FROM t WHERE t.password = x") == (
+        f"SELECT * FROM t WHERE t.password = {REDACTED}")
+
+
 def test_only_sql_statements_get_placeholders() -> None:
     span = {"context": {"db": {"type": "redis", "statement": "SET user:1 ?"}}}
     assert Sanitizer([]).clean(span)["context"]["db"]["statement"] == "SET user:1 ?"

@@ -354,7 +354,15 @@ class Sanitizer:
                     self._plain[statement] = plain
                     self._plain_bytes += len(statement) + len(plain) + 100
             statement = plain
-        return self.text(statement, values)
+        for value in values:
+            if value in statement:
+                statement = statement.replace(value, REDACTED)
+        parts = _COLUMN_PAIR.split(statement)
+        if len(parts) == 1:
+            return self.text(statement)
+        # A column compared with a column (`authors.id = items.author_id`) is no name=value
+        # pair to redact (`*auth*` would take it for one): kept, the text around it cleaned.
+        return "".join(part if i % 2 else self.text(part) for i, part in enumerate(parts))
 
     def argv(self, args: Iterable[str]) -> list[str]:
         """Command-line arguments: `--password x` and `--password=x` redacted, values cleaned."""
@@ -374,6 +382,11 @@ class Sanitizer:
                     redact_next = True
             out.append(self.text(arg))
         return out
+
+
+_COLUMN_PAIR = re.compile(
+    r"(?<![\w.$])([A-Za-z_][\w$]*\.[A-Za-z_][\w$]*\s*(?:=|<>|!=)\s*"
+    r"[A-Za-z_][\w$]*\.[A-Za-z_][\w$]*)(?![\w.$])")
 
 
 def placeholders(statement: str) -> str:
