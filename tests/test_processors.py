@@ -258,6 +258,29 @@ def test_spans_written_directly_equal_the_processed_dicts(made) -> None:
     assert intake_v2.span(tx, tx.spans[0], client.config)["name"] == "SELECT FROM t"
 
 
+def test_an_outcome_the_schemas_do_not_allow_is_sent_as_unknown(made) -> None:
+    """Code that writes `outcome` itself may set anything: both ways give "unknown" and a
+    line that parses (one bad event makes the server refuse the whole request)."""
+    import json
+
+    client, _ = memory_client(made)
+    tx = client.begin_transaction("request")
+    with beatlib.capture_span("q", "db") as span:
+        assert span is not None
+        span.outcome = 'we"ird'
+    with beatlib.capture_span("r", "db") as span:
+        assert span is not None
+        span.outcome = ["not", "text"]  # type: ignore[assignment]
+    tx.outcome = "ok"
+    client.end_transaction("job", "done")
+    direct = [json.loads(line) for line in client.pipeline.encode(tx)]
+    assert direct == [{kind: event} for kind, event in client.pipeline.events(tx)]
+    assert [next(iter(line.values()))["outcome"] for line in direct] == ["unknown"] * 3
+    validate("transaction", direct[0]["transaction"])
+    for line in direct[1:]:
+        validate("span", line["span"])
+
+
 class Text(str):
     """A text of another type: redacted, but not cut by the truncate processor."""
 

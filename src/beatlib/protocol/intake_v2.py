@@ -57,6 +57,16 @@ def events(item: Any, config: Config) -> list[tuple[str, dict[str, Any]]]:
     return [("metricset", metricset(item))]
 
 
+_OUTCOMES = frozenset(("success", "failure", "unknown"))
+
+
+def outcome(value: Any) -> str:
+    """An outcome as the schemas allow it: success, failure or unknown (code that wrote the
+    attribute itself may have set anything, and one bad event makes the server refuse the
+    whole request)."""
+    return value if type(value) is str and value in _OUTCOMES else "unknown"
+
+
 def text(value: Any) -> str:
     """A text field: the value, or its str() (never raising)."""
     if isinstance(value, str):
@@ -235,7 +245,7 @@ def transaction(tx: Transaction, with_context: bool = True) -> dict[str, Any]:
         "timestamp": tx.timestamp,
         "sampled": tx.sampled,
         "span_count": {"started": len(tx.spans), "dropped": tx.spans_dropped},
-        "outcome": tx.outcome or "unknown",
+        "outcome": outcome(tx.outcome),
     }
     if tx.name is not None:
         event["name"] = text(tx.name)
@@ -267,7 +277,7 @@ def span(tx: Transaction, sp: Span, config: Config,
         "type": text(sp.type),
         "timestamp": tx.timestamp + (sp.start - tx.start) // 1000,
         "duration": sp.duration,
-        "outcome": sp.outcome or "unknown",
+        "outcome": outcome(sp.outcome),
     }
     if sp.subtype is not None:
         event["subtype"] = text(sp.subtype)
@@ -368,14 +378,14 @@ def transaction_line(tx: Transaction, field: Callable[[str, Any], Any],
     each field passed through `field(key, value)` (the processors' rules for one field) and
     its context as `write_context(tx)` writes it (the processed context's JSON, None for
     none). `names` keeps the written type, outcome, name and result (see `span_lines`)."""
-    outcome = tx.outcome or "unknown"
-    key = (tx.type, outcome, tx.name, tx.result)
-    cached = names is not None and type(tx.type) is str and type(outcome) is str and (
+    written_outcome = outcome(tx.outcome)
+    key = (tx.type, written_outcome, tx.name, tx.result)
+    cached = names is not None and type(tx.type) is str and (
         tx.name is None or type(tx.name) is str) and (tx.result is None or type(tx.result) is str)
     written = names.get(key) if cached else None  # type: ignore[union-attr]
     if written is None:
         written = (',"type":' + _escape(field("type", text(tx.type))),
-                   ',"outcome":' + _escape(field("outcome", outcome))
+                   ',"outcome":' + _escape(field("outcome", written_outcome))
                    + ("" if tx.name is None else
                       ',"name":' + _escape(field("name", text(tx.name))))
                    + ("" if tx.result is None else
@@ -457,7 +467,7 @@ def span_lines(tx: Transaction, config: Config, field: Callable[[str, Any], Any]
                 written,
                 base + (sp.start - start) // 1000,
                 sp.duration,
-                sp.outcome or "unknown",
+                outcome(sp.outcome),
             ),
         ]
         if sp.sync is not None:
