@@ -98,7 +98,6 @@ class LatencyMetrics:
             samples["system.process.memory.rss.bytes"] = ("gauge", rss)
         return samples
 
-
     def _cpu_seconds(self) -> float:
         if self._pid is None:
             return time.process_time()
