@@ -180,18 +180,10 @@ class Sender:
         """OTLP/HTTP's rules: only 429, 502, 503 and 504 are retried (Retry-After honoured);
         a 200 may report a partial success, which is final."""
         url = self.url + otlp.PATHS[signal]
-        try:
-            resp, data = self._post(url, body, timeout)
-        except (_pool().HTTPError, OSError) as exc:
-            self._log.log("unreachable", logging.WARNING, "OTLP endpoint %s unreachable (%s); "
-                          "will retry", url, self._hide(exc))
-            return Verdict.RETRY, None
-        except Exception as exc:
-            self._log.log("send_failed", logging.ERROR,
-                          "beatlib: could not send a batch (%s: %s); dropped it. This is a "
-                          "bug in beatlib, please report it", type(exc).__name__,
-                          self._hide(exc))
-            return Verdict.FAILED, None
+        attempt = self._attempt(url, body, timeout)
+        if isinstance(attempt, Verdict):
+            return attempt, None
+        resp, data = attempt
         status = resp.status
         text = data[:_MAX_REPLY].decode("utf-8", "replace")
         if 200 <= status < 300:
@@ -215,21 +207,27 @@ class Sender:
                       "%s", url, what, status, server_message(text)[:2000])
         return Verdict.DROP, None
 
-    def _send(self, body: bytes, timeout: float) -> tuple[Verdict, float | None]:
+    def _attempt(self, url: str, body: bytes, timeout: float) -> tuple[Any, bytes] | Verdict:
+        """`_post`, or the verdict when it raised: RETRY for the network, FAILED for ours."""
         try:
-            resp, data = self._post(self.url, body, timeout)
+            return self._post(url, body, timeout)
         except (_pool().HTTPError, OSError) as exc:
             # refused, reset, timeout, TLS, a broken reply: all mean "try later"
-            self._log.log("unreachable", logging.WARNING,
-                          "APM server %s unreachable (%s); will retry", self.url,
-                          self._hide(exc))
-            return Verdict.RETRY, None
+            self._log.log("unreachable", logging.WARNING, "%s %s unreachable (%s); will retry",
+                          self._peer, url, self._hide(exc))
+            return Verdict.RETRY
         except Exception as exc:  # not the network: ours, and sending again cannot help
             self._log.log("send_failed", logging.ERROR,
                           "beatlib: could not send a batch (%s: %s); dropped it. This is a "
                           "bug in beatlib, please report it", type(exc).__name__,
                           self._hide(exc))
-            return Verdict.FAILED, None
+            return Verdict.FAILED
+
+    def _send(self, body: bytes, timeout: float) -> tuple[Verdict, float | None]:
+        attempt = self._attempt(self.url, body, timeout)
+        if isinstance(attempt, Verdict):
+            return attempt, None
+        resp, data = attempt
         status = resp.status
         if 200 <= status < 300:
             return Verdict.SENT, None
