@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 
@@ -253,3 +254,33 @@ def test_message_carries_its_logger_name(client, receiver):
     assert client.flush(5)
     (error,) = receiver.events("error")
     assert error["log"]["logger_name"] == "app.jobs"
+
+
+def test_a_sent_transaction_nobody_holds_is_freed_without_the_collector(client, receiver):
+    """The worker lets go of a transaction's spans once it is encoded if nothing else holds
+    it: the transaction-span cycle would otherwise wait for the cyclic collector, which runs
+    on whichever thread allocates (the app's). One the app still holds stays whole."""
+    from beatlib.tracing import Transaction
+
+    def record(name: str) -> int:
+        tx = client.begin_transaction("task")
+        with beatlib.capture_span("outer"), beatlib.capture_span("inner"):
+            pass
+        client.end_transaction(name, "success")
+        return tx.id
+
+    gc.collect()
+    gc.disable()
+    try:
+        unheld = [record(f"unheld {i}") for i in range(5)]
+        held = client.begin_transaction("task")
+        with beatlib.capture_span("kept"):
+            pass
+        client.end_transaction("held", "success")
+        assert client.flush(5)
+        alive = {o.id for o in gc.get_objects() if type(o) is Transaction}
+    finally:
+        gc.enable()
+    assert not alive.intersection(unheld)
+    assert [s.name for s in held.spans] == ["kept"]
+    assert len(receiver.events("span")) == 11

@@ -20,7 +20,7 @@ from beatlib.metrics import LatencyMetrics, MetricSet
 from beatlib.processors import Pipeline
 from beatlib.protocol import intake_v2
 from beatlib.sanitize import Sanitizer
-from beatlib.tracing import Span, TraceParent, Tracer, Transaction
+from beatlib.tracing import Span, TraceParent, Tracer, Transaction, let_go
 from beatlib.transport import Transport
 
 logger = logging.getLogger("beatlib")
@@ -79,7 +79,8 @@ class Client:
         self.transport: Any = self._exporter_process(sender)
         if self.transport is None:
             self.transport = Transport(self.config, self._encode, self.pipeline.metadata_line,
-                                       on_tick=self.collect_metrics, sender=sender)
+                                       on_tick=self.collect_metrics, sender=sender,
+                                       encoded=let_go)
         self.tracer = Tracer(self.config, self.transport.queue, self._capture_span_stack,
                              self.sanitizer)
         _default_client = self

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -388,6 +389,35 @@ class Span(Segment):
             self.stacktrace = tracer.capture_stack()
         if get_active() is self:
             set_active(self.parent)
+
+
+def _held_in_callee(record: object) -> int:
+    return sys.getrefcount(record)
+
+
+def _calibrate() -> int:
+    probe = object()
+    return _held_in_callee(probe)
+
+
+# The reference count of a record held only by its caller's local variable, as seen in the
+# callee: what the interpreter itself adds differs between versions, so it is measured.
+_CALLER_ONLY = _calibrate()
+
+
+def let_go(record: object) -> None:
+    """Once the worker encoded `record`: if nothing holds a transaction but the worker (its
+    caller) and the transaction's own spans, it drops its span list, so the transaction and
+    its spans are freed now by reference counting, not later by the cyclic collector on
+    whichever thread allocates next (most often the app's). A transaction anyone else still
+    holds (the app, a test reading what was sent) keeps its spans."""
+    if type(record) is not Transaction or not record.spans:
+        return
+    inside = 0
+    for span in record.spans:
+        inside += (span.transaction is record) + (span.parent is record)
+    if sys.getrefcount(record) == _CALLER_ONLY + inside:
+        record.spans = []
 
 
 def start_span(

@@ -159,7 +159,8 @@ class Transport:
     `encode(item)` returns NDJSON lines (bytes ending in b"\\n"), `metadata()` the metadata
     line; both run on the worker thread. With config.exporter "otlp", `encode(item)` returns
     (signal, JSON records) pairs and `metadata()` the Resource as JSON. `on_tick()` (worker
-    thread, every flush_interval) returns items to send with that tick, e.g. metricsets.
+    thread, every flush_interval) returns items to send with that tick, e.g. metricsets;
+    `encoded(item)` (worker thread) is told of each item the app queued once it is encoded.
     The other keyword arguments tune retry spacing, compression and log rate (tests use
     short backoffs), and the sender.
     """
@@ -176,8 +177,10 @@ class Transport:
         log_interval: float = 60.0,
         on_tick: Callable[[], Iterable[object]] | None = None,
         sender: Any = None,
+        encoded: Callable[[object], None] | None = None,
     ) -> None:
         self._encode = encode
+        self._encoded = encoded
         self._otlp = getattr(config, "exporter", None) == "otlp"
         self._on_tick = on_tick
         self._metadata = metadata
@@ -396,6 +399,7 @@ class Transport:
     def _drain(self, limit: int = 1000) -> None:
         """Encodes up to `limit` queued items: a bound, so a busy app cannot starve sending."""
         q = self._queue
+        encoded = self._encoded
         handed_back = monotonic()
         while q and limit:
             limit -= 1
@@ -406,6 +410,8 @@ class Transport:
             else:
                 self._counts["queued"] += 1
                 self._add(item)
+                if encoded is not None:
+                    encoded(item)  # `item` is the only reference the worker holds here
                 # Hand the GIL back every half millisecond of encoding: an app thread that
                 # released it for I/O (a query, a socket) would otherwise wait up to the
                 # interpreter's switch interval (5 ms) for this run to end: the p99 of requests.
