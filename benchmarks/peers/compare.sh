@@ -5,7 +5,7 @@
 # Env: PY, N (3000), ROUNDS (3), OUT (results/compare_<time>)
 set -uo pipefail
 cd "$(dirname "$0")"
-OTHER=${1:?give the other version's src/ folder}
+OTHER=${1:?"give the other version's src/ folder"}
 PY=${PY:-../../.tox/bench/bin/python}
 N=${N:-3000}
 ROUNDS=${ROUNDS:-3}
