@@ -9,11 +9,15 @@
 # rotated by one each round), `none` again (slot b), so that the two no-agent runs bracket the
 # agents; the summary takes each agent's ratio against the mean of the round's two, and shows
 # how far the two differ from each other (the machine's own noise). Then per round: K x /items
-# with the agent's destination refusing connections (Flask; peak RSS), and micro.py.
+# with the agent's destination refusing connections (Flask; peak RSS; rounds 1..OUTAGE_ROUNDS
+# only), and micro.py.
 # After the rounds: startup.py (it interleaves its own repetitions).
 #
 # Env: PY (venv python), N, ROUNDS, APPS, AGENTS, OUT (jsonl path), K (outage requests, 0 skips),
-#      MICRO_ITERS (0 skips), STARTUP_REPS (0 skips), WARMUP, ERRORS, OUTBOUND, QUICK
+#      OUTAGE_ROUNDS (the outage part in rounds 1..this only; default 1: RSS needs no repeats,
+#      and it is a third of a round), MICRO_ITERS (0 skips), STARTUP_REPS (0 skips), WARMUP,
+#      ERRORS, OUTBOUND, QUICK, FIRST_ROUND (default 1; above 1 the run goes on from that
+#      round, appending to an existing OUT: a run of record stopped between rounds)
 set -uo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-../../.tox/bench/bin/python}
@@ -23,6 +27,8 @@ if [ "${QUICK:-0}" = 1 ]; then
 fi
 N=${N:-3000}
 ROUNDS=${ROUNDS:-3}
+FIRST_ROUND=${FIRST_ROUND:-1}
+OUTAGE_ROUNDS=${OUTAGE_ROUNDS:-1}
 APPS=${APPS:-"flask fastapi django"}
 AGENTS=${AGENTS:-"beatlib elasticapm sentry ddtrace otel"}
 K=${K:-10000}
@@ -34,10 +40,14 @@ OUTBOUND=${OUTBOUND:-200}
 mkdir -p results
 OUT=${OUT:-results/run_all_$(date +%Y%m%d_%H%M%S).jsonl}
 ERR=${OUT%.jsonl}.stderr.log
-: > "$OUT"
-: > "$ERR"
 echo "writing $OUT (stderr of runs: $ERR)" >&2
-echo "{\"kind\": \"params\", \"n\": $N, \"rounds\": $ROUNDS, \"k\": $K, \"micro_iters\": $MICRO_ITERS, \"startup_reps\": $STARTUP_REPS, \"warmup\": $WARMUP, \"errors\": $ERRORS, \"outbound\": $OUTBOUND, \"started\": \"$(date -u +%FT%TZ)\", \"nproc\": $(nproc)}" >> "$OUT"
+if [ "$FIRST_ROUND" -gt 1 ]; then
+  [ -s "$OUT" ] || { echo "FIRST_ROUND=$FIRST_ROUND needs the run's OUT to go on from" >&2; exit 2; }
+else
+  : > "$OUT"
+  : > "$ERR"
+  echo "{\"kind\": \"params\", \"n\": $N, \"rounds\": $ROUNDS, \"k\": $K, \"micro_iters\": $MICRO_ITERS, \"startup_reps\": $STARTUP_REPS, \"warmup\": $WARMUP, \"errors\": $ERRORS, \"outbound\": $OUTBOUND, \"started\": \"$(date -u +%FT%TZ)\", \"nproc\": $(nproc), \"outage_rounds\": $OUTAGE_ROUNDS}" >> "$OUT"
+fi
 
 one() {  # round app agent slot [extra args...]
   local r=$1 app=$2 a=$3 slot=$4 ts line
@@ -60,7 +70,7 @@ one() {  # round app agent slot [extra args...]
 
 t0=$(date +%s)
 read -r -a agents <<< "$AGENTS"
-for r in $(seq 1 "$ROUNDS"); do
+for r in $(seq "$FIRST_ROUND" "$ROUNDS"); do
   k=$(( (r - 1) % ${#agents[@]} ))
   order=("${agents[@]:k}" "${agents[@]:0:k}")
   for app in $APPS; do
@@ -70,7 +80,7 @@ for r in $(seq 1 "$ROUNDS"); do
     done
     one "$r" "$app" none b --warmup "$WARMUP" --errors "$ERRORS" --outbound "$OUTBOUND"
   done
-  if [ "$K" -gt 0 ]; then
+  if [ "$K" -gt 0 ] && [ "$r" -le "$OUTAGE_ROUNDS" ]; then
     for a in none "${order[@]}"; do
       N=$K one "$r" flask "$a" outage --outage --warmup "$WARMUP"
     done
