@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from beatlib import context, randomness
 from beatlib.context import get_active, set_active
@@ -30,6 +30,7 @@ _getrandbits = randomness.getrandbits
 _random = randomness.generator
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
+_new_object = object.__new__
 
 OUTCOMES = ("success", "failure", "unknown")
 
@@ -340,32 +341,22 @@ class Span(Segment):
         "duration", "outcome", "leaf", "sync", "stacktrace", "errored",
     )  # fmt: skip
 
-    def __init__(
-        self,
-        parent: Transaction | Span,
-        name: str,
-        span_type: str,
-        subtype: str | None,
-        action: str | None,
-        labels: dict[str, Any] | None,
-        leaf: bool,
-    ) -> None:
-        self.id = _getrandbits(64) or 1
-        self.parent = parent
-        self.transaction: Transaction = parent.transaction
-        self.name = name
-        self.type = span_type
-        self.subtype = subtype
-        self.action = action
-        self.labels = labels
-        self.context = None
-        self.leaf = leaf
-        self.sync: bool | None = None
-        self.duration: float | None = None
-        self.outcome: str | None = None
-        self.errored = False  # an exception was captured with this as its parent
-        self.stacktrace: Any = None
-        self.start = _perf_ns()
+    # Built by `start_span`, which sets every slot: no `__init__`, as the class call that
+    # runs one costs more than all the stores.
+    id: int
+    parent: Transaction | Span
+    transaction: Transaction
+    name: str
+    type: str
+    subtype: str | None
+    action: str | None
+    leaf: bool
+    sync: bool | None
+    duration: float | None
+    outcome: str | None
+    errored: bool  # an exception was captured with this as its parent
+    stacktrace: Any
+    start: int
 
     @property
     def ended(self) -> bool:
@@ -437,15 +428,33 @@ def start_span(
     parent = get_active()
     if parent is None or parent.leaf:
         return None
-    tx = parent.transaction
+    # The transaction's own `transaction` is a property: a call, read here for most spans.
+    tx: Transaction = parent if type(parent) is Transaction else parent.transaction
     if not tx.sampled or tx.ended:
         return None
-    if len(tx.spans) >= tx.tracer.max_spans:
+    spans = tx.spans
+    if len(spans) >= tx.tracer.max_spans:
         tx.spans_dropped += 1
         return None
-    span = Span(parent, name, span_type, subtype, action, labels, leaf)
-    tx.spans.append(span)
+    span = _new_object(Span)
+    span.id = _getrandbits(64) or 1
+    span.parent = parent
+    span.transaction = tx
+    span.name = name
+    span.type = span_type
+    span.subtype = subtype
+    span.action = action
+    span.labels = labels
+    span.context = None
+    span.leaf = leaf
+    span.sync = None
+    span.duration = None
+    span.outcome = None
+    span.errored = False
+    span.stacktrace = None
+    spans.append(span)
     set_active(span)
+    span.start = _perf_ns()
     return span
 
 
@@ -479,36 +488,19 @@ def outgoing_headers() -> dict[str, str] | None:
     return headers
 
 
-class capture_span:  # noqa: N801 - lower case: it reads as a function at call sites
-    """Record a span around a block (`with capture_span(...)`) or a function (decorator).
-
-    As a decorator it works on plain and `async def` functions; each call gets its own span,
-    named after the function unless a name is given.
-    """
+class SpanCapture:
+    """What `capture_span(...)` returns: a context manager recording a span around a block,
+    and a decorator recording one around each call of a function."""
 
     __slots__ = ("name", "span_type", "span_subtype", "span_action", "labels", "leaf", "span")
-
-    def __new__(cls, name: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if is_bare_decoration(name, args, kwargs):  # @capture_span, without parentheses
-            return cls()(name)
-        return super().__new__(cls)
-
-    def __init__(
-        self,
-        name: str | None = None,
-        span_type: str = "custom",
-        span_subtype: str | None = None,
-        span_action: str | None = None,
-        labels: dict[str, Any] | None = None,
-        leaf: bool = False,
-    ) -> None:
-        self.name = name
-        self.span_type = span_type
-        self.span_subtype = span_subtype
-        self.span_action = span_action
-        self.labels = labels
-        self.leaf = leaf
-        self.span: Span | None = None
+    # Set by `capture_span`, the one way to build one.
+    name: str | None
+    span_type: str
+    span_subtype: str | None
+    span_action: str | None
+    labels: dict[str, Any] | None
+    leaf: bool
+    span: Span | None
 
     def __enter__(self) -> Span | None:
         self.span = start_span(
@@ -538,6 +530,53 @@ class capture_span:  # noqa: N801 - lower case: it reads as a function at call s
         name = self.name or getattr(inner, "__qualname__", None) or repr(inner)
         args = (name, self.span_type, self.span_subtype, self.span_action, self.labels, self.leaf)
         return each_call_in(lambda: capture_span(*args), func)
+
+
+@overload
+def capture_span(name: F) -> F: ...
+
+
+@overload
+def capture_span(
+    name: str | None = None,
+    span_type: str = "custom",
+    span_subtype: str | None = None,
+    span_action: str | None = None,
+    labels: dict[str, Any] | None = None,
+    leaf: bool = False,
+) -> SpanCapture: ...
+
+
+def capture_span(
+    name: Any = None,
+    span_type: str = "custom",
+    span_subtype: str | None = None,
+    span_action: str | None = None,
+    labels: dict[str, Any] | None = None,
+    leaf: bool = False,
+) -> Any:
+    """Record a span around a block (`with capture_span(...)`) or a function (decorator).
+
+    As a decorator it works on plain and `async def` functions; each call gets its own span,
+    named after the function unless a name is given.
+    """
+    # A function, not a class: calling a class that runs a method of its own (with keyword
+    # arguments, as most callers pass them) costs the interpreter more than the span does.
+    if type(name) is not str and name is not None and is_bare_decoration(name, (), {}) \
+            and (span_type, span_subtype, span_action, labels, leaf) == _NO_OPTIONS:
+        return capture_span()(name)  # @capture_span, without parentheses
+    capture = _new_object(SpanCapture)
+    capture.name = name
+    capture.span_type = span_type
+    capture.span_subtype = span_subtype
+    capture.span_action = span_action
+    capture.labels = labels
+    capture.leaf = leaf
+    capture.span = None
+    return capture
+
+
+_NO_OPTIONS = ("custom", None, None, None, False)  # capture_span's defaults after the name
 
 
 def is_bare_decoration(first: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -123,22 +123,32 @@ def _traced(
     return result
 
 
-_places: weakref.WeakKeyDictionary[Any, tuple[str, str, Any, Any]] = (
-    weakref.WeakKeyDictionary()
-)
+# By the engine's id, with a weak reference to tell it from a later engine given that id: a
+# WeakKeyDictionary lookup makes a weak reference (and runs a method) for every statement.
+_places: dict[int, tuple[weakref.ref[Any], tuple[str, str, Any, Any]]] = {}
 
 
 def _where(engine: Any) -> tuple[str, str, Any, Any]:
     """(dialect, database, host, port) of an engine; read once per engine, not per statement."""
-    place = _places.get(engine)
-    if place is None:
-        url = engine.url
-        subtype = engine.dialect.name
-        instance = url.database
-        if subtype == "sqlite":
-            instance = os.path.basename(instance) if instance else ":memory:"
-        place = _places[engine] = (subtype, instance, url.host, url.port)
+    key = id(engine)
+    kept = _places.get(key)
+    if kept is not None and kept[0]() is engine:
+        return kept[1]
+    url = engine.url
+    subtype = engine.dialect.name
+    instance = url.database
+    if subtype == "sqlite":
+        instance = os.path.basename(instance) if instance else ":memory:"
+    place = (subtype, instance, url.host, url.port)
+    _places[key] = (weakref.ref(engine, lambda ref: _forget(key, ref)), place)
     return place
+
+
+def _forget(key: int, ref: weakref.ref[Any]) -> None:
+    """An engine is gone: its entry goes (unless a new engine with its id took it already)."""
+    kept = _places.get(key)
+    if kept is not None and kept[0] is ref:
+        del _places[key]
 
 
 def _read_rowcount(execution: Any) -> Any:
