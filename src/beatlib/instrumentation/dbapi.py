@@ -16,7 +16,7 @@ from typing import Any, ClassVar, NamedTuple
 import wrapt
 
 from beatlib.context import get_active
-from beatlib.guard import guard
+from beatlib.guard import report
 from beatlib.instrumentation import registry, sql
 from beatlib.instrumentation.registry import Instrumentation
 from beatlib.tracing import Span, start_span
@@ -45,24 +45,26 @@ def _text(statement: Any, raw: Any) -> str:
     return as_string(raw) if as_string is not None else str(statement)
 
 
-_SPAN = guard("dbapi: recording a statement")
+_SPAN = "dbapi: recording a statement"  # the guarded place: try, not a guard per step
 
 
 def _begin(db: Database, args: tuple[Any, ...], kwargs: dict[str, Any],
            proc: bool = False) -> tuple[Span | None, str]:
-    with _SPAN:
+    try:
         if db.source is not None and not db.source.patched:
             return None, ""
         statement = args[0] if args else next(
             (kwargs[k] for k in _STATEMENT_KEYWORDS if k in kwargs), "")
-        text = _text(statement, db.raw)
+        text = statement if type(statement) is str else _text(statement, db.raw)
         name = sql.signature(f"CALL {text}" if proc else text) or db.subtype
         return start_span(name, "db", db.subtype, "query", leaf=True), text
-    return None, ""
+    except Exception:
+        report(_SPAN)
+        return None, ""
 
 
 def _end(span: Span, db: Database, text: str, cursor: Any, exc: BaseException | None) -> None:
-    with _SPAN:  # never let recording break the query
+    try:  # never let recording break the query
         rows = None
         if exc is None and span.action == "query" and span.name.split(" ", 1)[0] in _DML:
             rows = getattr(cursor, "rowcount", None)
@@ -70,8 +72,12 @@ def _end(span: Span, db: Database, text: str, cursor: Any, exc: BaseException | 
                                         rows if isinstance(rows, int) else None)
         if not text:  # a connect span: no statement to show
             del span.context["db"]["statement"]
-    with _SPAN:
+    except Exception:
+        report(_SPAN)
+    try:
         span.end(exc)
+    except Exception:
+        report(_SPAN)
 
 
 def call_traced(db: Database, method: Callable[..., Any], args: tuple[Any, ...],
@@ -80,6 +86,12 @@ def call_traced(db: Database, method: Callable[..., Any], args: tuple[Any, ...],
     active = get_active()
     if active is None or active.leaf:  # under an exit span (SQLAlchemy's) nothing is recorded
         return method(*args, **kwargs)
+    return traced(db, method, args, kwargs, cursor, proc)
+
+
+def traced(db: Database, method: Callable[..., Any], args: tuple[Any, ...],
+           kwargs: dict[str, Any], cursor: Any = None, proc: bool = False) -> Any:
+    """`call_traced` once the caller checked that a span may be opened here."""
     span, text = _begin(db, args, kwargs, proc)
     if span is None:
         return method(*args, **kwargs)
@@ -265,9 +277,11 @@ class DBAPIInstrumentation(Instrumentation):
 
     def _wrap(self, connection: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               proxy: type[ConnectionProxy], span: Span | None) -> Any:
-        db = Database(self.subtype, raw=connection, source=self)
-        with guard("dbapi: reading where a connection goes"):
+        try:
             db = Database(self.subtype, *self.where(connection, args, kwargs), connection, self)
+        except Exception:
+            report("dbapi: reading where a connection goes")
+            db = Database(self.subtype, raw=connection, source=self)
         if span is not None:
             _end(span, db, "", None, None)
         return self.opened(connection, db, proxy)

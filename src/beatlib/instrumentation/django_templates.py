@@ -26,4 +26,4 @@ class DjangoTemplates(Instrumentation):
     def patch(self, module: ModuleType) -> None:
         # {% include %} calls render again (counted in the outer span); {% extends %} calls
         # the parent's _render, so the child template names the span.
-        self.wrap(module, "Template.render", render_wrapper("django", _name))
+        self.wrap_method(module, "Template.render", render_wrapper("django", _name))

@@ -9,12 +9,12 @@ from types import ModuleType
 from typing import Any
 
 from beatlib.context import get_active
-from beatlib.guard import guard
+from beatlib.guard import report
 from beatlib.instrumentation.dbapi import (
     ConnectionProxy,
     Database,
     DBAPIInstrumentation,
-    call_traced,
+    traced,
 )
 
 _STATEMENTS = ("execute", "executemany", "executescript")
@@ -39,6 +39,7 @@ class SQLite3(DBAPIInstrumentation):
     def __init__(self) -> None:
         super().__init__()
         self._places: dict[int, Database] = {}
+        self._names: dict[tuple[str, bool], tuple[str | None, None, None]] = {}
         self._unknown = Database(self.subtype, source=self)
 
     def patch(self, module: ModuleType) -> None:
@@ -50,26 +51,36 @@ class SQLite3(DBAPIInstrumentation):
         for method in _STATEMENTS:
             self.wrap_method(module, f"Connection.{method}", self.connection_statement)
             self.wrap_method(module, f"Cursor.{method}", self.cursor_statement)
-        self.wrap(module, "Connection.close", self.close)
+        self.wrap_method(module, "Connection.close", self.close)
 
     def unpatch(self) -> None:
         super().unpatch()
         self._places.clear()
+        self._names.clear()
 
     def where(self, connection: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> tuple[str | None, str | None, int | None]:
-        database = os.fsdecode(args[0] if args else kwargs["database"])
+        given = args[0] if args else kwargs["database"]
+        key = (given, bool(kwargs.get("uri"))) if type(given) is str else None
+        found = self._names.get(key) if key is not None else None
+        if found is not None:  # an app opens the same few databases again and again
+            return found
+        database = os.fsdecode(given)
         if kwargs.get("uri") and database.startswith("file:"):
             path, _, query = database[5:].partition("?")
             database = ":memory:" if "mode=memory" in query else path
-        return os.path.basename(database) or None, None, None
+        found = (os.path.basename(database) or None, None, None)
+        if key is not None and len(self._names) < _KEPT:
+            self._names[key] = found
+        return found
 
     def opened(self, connection: Any, db: Database, proxy: type[ConnectionProxy]) -> Any:
         places = self._places
-        places[id(connection)] = db._replace(raw=None)  # never keep the connection alive
-        with guard("sqlite3: forgetting old connections"):
-            while len(places) > _KEPT:
-                del places[next(iter(places))]
+        # Without the connection (`raw`): never keep it alive.
+        places[id(connection)] = Database(db.subtype, db.instance, db.host, db.port, None,
+                                          db.source)
+        while len(places) > _KEPT:
+            places.pop(next(iter(places)), None)  # another thread's may be gone already
         return connection
 
     def connection_statement(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
@@ -77,18 +88,20 @@ class SQLite3(DBAPIInstrumentation):
         active = get_active()
         if active is None or active.leaf:
             return wrapped(*args, **kwargs)
-        return call_traced(self._places.get(id(instance), self._unknown), wrapped, args, kwargs)
+        return traced(self._places.get(id(instance), self._unknown), wrapped, args, kwargs)
 
     def cursor_statement(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
                          kwargs: dict[str, Any]) -> Any:
         active = get_active()
         if active is None or active.leaf:
             return wrapped(*args, **kwargs)
-        db = self._unknown
-        with guard("sqlite3: finding a cursor's connection"):
+        try:
             # None for a cursor whose __init__ was not called: the driver says so below.
-            db = self._places.get(id(instance.connection), db)
-        return call_traced(db, wrapped, args, kwargs, instance)
+            db = self._places.get(id(instance.connection), self._unknown)
+        except Exception:
+            report("sqlite3: finding a cursor's connection")
+            db = self._unknown
+        return traced(db, wrapped, args, kwargs, instance)
 
     def close(self, wrapped: Any, instance: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:

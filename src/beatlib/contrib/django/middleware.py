@@ -118,7 +118,7 @@ class TracingMiddleware:
         name = transaction_name(request, response.status_code) if tx.name == unnamed else None
         record_user(request, tx)
         form_fields(request, tx)
-        status, headers = response.status_code, list(response.items())
+        status, headers = response.status_code, response_headers(response)
         if not response.streaming:
             end_request(tx, status, headers, name)
             return
@@ -186,6 +186,15 @@ def request_meta(request: HttpRequest) -> dict[str, Any]:
     if isinstance(scope.get("http_version"), str):
         extra["SERVER_PROTOCOL"] = "HTTP/" + scope["http_version"]
     return {**meta, **extra}
+
+
+def response_headers(response: HttpResponseBase) -> list[tuple[str, str]]:
+    """The response's headers as sent, copied: from Django's own store of them (what its
+    `items()` yields one by one, through a generator and a lookup per header)."""
+    store = getattr(getattr(response, "headers", None), "_store", None)
+    if type(store) is dict and type(response).items is HttpResponseBase.items:
+        return list(store.values())
+    return list(response.items())
 
 
 def _resolved(request: HttpRequest, kwargs: Any) -> None:
