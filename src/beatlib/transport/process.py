@@ -1,7 +1,8 @@
-"""The exporter process (`exporter_process=True`): processors, encoding, gzip and HTTP run in
-a child process, off the app's GIL. The app's threads turn each record into builtins, marshal
-it and hand it to a Unix socket without waiting (full: dropped and counted); the child
-rebuilds the record and runs the same `Client` pipeline and `Transport` as the thread path.
+"""The exporter process (`exporter_process=True`), the app's side: processors, encoding, gzip
+and HTTP run in a child process, off the app's GIL. The app's threads turn each record into
+builtins, marshal it and hand it to a Unix socket without waiting (full: dropped and counted);
+the child (beatlib/exporter_process.py) rebuilds the record and runs the same `Client`
+pipeline and `Transport` as the thread path.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ import marshal
 import os
 import pickle
 import select
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
@@ -336,7 +335,7 @@ class ProcessTransport:
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
             child = subprocess.Popen(
-                [sys.executable, "-m", "beatlib.transport.process", str(theirs.fileno())],
+                [sys.executable, "-m", "beatlib.exporter_process", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                 start_new_session=True, env=env)  # its own session: no ^C of ours
         except Exception:
@@ -415,73 +414,3 @@ class ProcessTransport:
         except Exception:
             report(f"exporter: {what}")
             return False
-
-
-# --- the child's side ------------------------------------------------------------------------
-
-def _child_client(init: dict[str, Any]) -> Any:
-    from beatlib.client import Client
-    from beatlib.config import Config, hook
-    from beatlib.metrics import LatencyMetrics
-
-    config = Config.__new__(Config)
-    for name, value in init["settings"].items():
-        setattr(config, name, value)
-    config.before_send = hook().parse(config.before_send) if config.before_send else None
-    process = init["process"]
-
-    class ExporterClient(Client):
-        def _metadata(self) -> dict[str, Any]:
-            metadata = super()._metadata()
-            metadata["process"] = process  # the app's, not ours
-            return metadata
-
-    client = ExporterClient(config)
-    client._revision_dirs = init["revision_dirs"]  # the app's folders, not ours
-    client.framework = init["framework"]
-    client.metrics = LatencyMetrics(pid=process["pid"])  # the app's CPU and memory
-    return client
-
-
-def _answer(sock: socket.socket, client: Any, what: str, seq: int, ok: bool) -> None:
-    sock.send(b"C" + pickle.dumps((what, seq, ok, client.stats())))
-
-
-def main(fd: int) -> None:
-    """The exporter process: records in, the client's transport out, until the app closes
-    the socket (it exited, or was killed: what reached the socket is still sent)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.socket(fileno=fd)
-    buffer = bytearray(MAX_MESSAGE + 1)
-    view = memoryview(buffer)
-    n = sock.recv_into(buffer)
-    client = _child_client(pickle.loads(view[1:n]))
-    while True:
-        try:
-            n = sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            time.sleep(READ_PAUSE)
-            n = sock.recv_into(buffer)
-        if n == 0:
-            break
-        try:
-            if buffer[0] != _CONTROL:
-                client.queue(decode_record(view[:n]))
-                continue
-            message = pickle.loads(view[1:n])
-            if message[0] == "framework":
-                client.framework = message[1]
-            elif message[0] == "flush":
-                threading.Thread(target=lambda m=message: _answer(
-                    sock, client, "flush", m[1], client.flush(m[2])), daemon=True).start()
-            elif message[0] == "close":
-                ok = client.close(message[2])
-                _answer(sock, client, "close", message[1], ok)
-                return
-        except Exception:
-            report("exporter process: a record (dropped)")
-    client.close()
-
-
-if __name__ == "__main__":
-    main(int(sys.argv[1]))
