@@ -7,6 +7,7 @@ pipeline and `Transport` as the thread path.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import marshal
 import os
@@ -16,11 +17,12 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
-from time import monotonic
+from time import monotonic, sleep
 from typing import Any
 
 from beatlib.errors import ErrorSnapshot
@@ -370,11 +372,11 @@ class ProcessTransport:
                 holding.notify_all()  # a flush waiting for the held records
 
     def _send_parts(self, sock: socket.socket, data: bytes) -> bool:
+        """Sends `data` in parts; each waits until the socket holds at most half its buffer
+        with it, so the app's threads still find room for the records they send meanwhile."""
         view = memoryview(data)
         step = self._part_size - PART_HEADER.size
         count = -(-len(data) // step)
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)
         for index in range(count):
             header = PART_HEADER.pack(_PART, index, count)
             piece = view[index * step:(index + 1) * step]
@@ -383,13 +385,14 @@ class ProcessTransport:
                 if self._sock is not sock:
                     return False
                 try:
+                    if _queued(sock) + len(piece) + PART_HEADER.size > self._part_size:
+                        raise BlockingIOError
                     sock.sendmsg([header, piece])
                     break
                 except BlockingIOError:
-                    left = deadline - monotonic()
-                    if left <= 0:
+                    if monotonic() >= deadline:
                         return False  # the child finds the next record's first part
-                    poller.poll(min(left, 0.1) * 1000)
+                    sleep(0.005)  # no wake-up says "below half": this thread looks again
                 except OSError:  # EPIPE, ECONNRESET: the child died
                     self._lost_child(sock)
                     return False
@@ -595,3 +598,11 @@ def _read_answers(ref: weakref.ref[ProcessTransport], sock: socket.socket) -> No
         except Exception:  # e.g. an app's log handler that raised: the next one counts
             report("exporter: a message of the exporter process")
         del transport
+
+
+def _queued(sock: socket.socket) -> int:
+    """Bytes in the socket not yet read by the child (SIOCOUTQ), 0 if the kernel will not say."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
