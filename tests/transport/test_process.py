@@ -3,8 +3,10 @@ sends them; what reaches the receiver is what the worker thread would have sent.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -254,3 +256,155 @@ def test_process_metrics_are_the_apps(receiver):
            if "system.process.memory.rss.bytes" in m["samples"]]
     assert rss and min(rss) > len(ballast)
     del ballast
+
+
+def big_transaction(client: beatlib.Client, name: str, spans: int = 300,
+                    statement: int = 20000) -> None:
+    """A transaction whose record (long statements: the truncation is the child's) is longer
+    than one message."""
+    client.begin_transaction("task")
+    for j in range(spans):
+        with beatlib.capture_span(f"INSERT {j}", "db", "postgresql", "query") as span:
+            span.context = {"db": {"statement": f"INSERT INTO t VALUES ({j}, '"
+                                   + "v" * statement + "')"}}
+    client.end_transaction(name, "ok")
+
+
+def sent_lines(receiver: Any) -> list[bytes]:
+    return [line for line in receiver.received().splitlines()
+            if line.startswith((b'{"transaction"', b'{"span"', b'{"error"'))]
+
+
+@pytest.mark.parametrize("send_buffer", [None, 64 << 10], ids=["4mb", "linux-default-cap"])
+def test_a_record_longer_than_a_message_arrives_in_parts(receiver, monkeypatch, send_buffer):
+    """A record over the message limit (or over what the socket's buffer takes in one
+    message: the kernel refuses it) goes in parts and is joined again in the child: the
+    lines that arrive are those the worker thread writes for it, whatever came between."""
+    if send_buffer is not None:
+        monkeypatch.setattr(exporter, "SEND_BUFFER", send_buffer)
+    client = process_client(receiver)
+    records: list[Any] = []
+    queue = client.tracer.queue
+    client.tracer.queue = lambda item: (records.append(item), queue(item))  # type: ignore
+    record(client, 2)
+    big_transaction(client, "big one")
+    record(client, 2)
+    big_transaction(client, "big two", spans=40)
+    assert len(exporter._encode_record(records[2])) > exporter.MAX_MESSAGE
+    assert client.flush(60)
+    expected = [line for item in records for line in b"".join(
+        client.pipeline.encode(item)).splitlines()]
+    assert sorted(sent_lines(receiver)) == sorted(expected)
+    assert len(receiver.events("span")) == 4 * 3 + 300 + 40
+    assert not receiver.invalid
+    stats = client.stats()
+    assert stats["exporter_records"] == 6 and stats["exporter_restarts"] == 0
+    assert not {k: v for k, v in stats.items() if k.startswith("dropped_") and v}
+    assert client.close(30)
+
+
+def test_a_record_in_parts_that_cannot_finish_is_dropped_and_counted(receiver, monkeypatch):
+    """A child that stops reading: the parts sender gives up after PART_WAIT (the app's
+    thread never waits), the child lets the unfinished record go at the next one's first
+    part; a record over MAX_HELD is refused at once."""
+    monkeypatch.setattr(exporter, "SEND_BUFFER", 64 << 10)
+    monkeypatch.setattr(exporter, "PART_WAIT", 0.3)
+    client = process_client(receiver)
+    record(client, 1)
+    assert client.flush(30)
+    child = client.transport.worker
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        start = time.perf_counter()
+        big_transaction(client, "never whole", spans=50)
+        assert time.perf_counter() - start < 1.0  # handed over, not sent, on this thread
+        deadline = time.monotonic() + 10
+        while client.stats()["dropped_queue_full"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.stats()["dropped_queue_full"] == 1
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    held = exporter.MAX_HELD
+    monkeypatch.setattr(exporter, "MAX_HELD", 256 << 10)
+    big_transaction(client, "too large", spans=50)
+    assert client.stats()["dropped_too_large"] == 1
+    monkeypatch.setattr(exporter, "MAX_HELD", held)
+    big_transaction(client, "whole", spans=50)
+    record(client, 1)
+    assert not client.flush(30)  # it lost two: the flush says so
+    assert client.flush(30)
+    names = sorted(t["name"] for t in receiver.events("transaction"))
+    assert names == ["GET /items/0", "GET /items/0", "whole"]
+    assert len(receiver.events("span")) == 3 + 3 + 50
+    assert client.transport.worker.pid == child.pid  # the same child all along
+    assert client.close(30)
+
+
+def test_stats_follow_the_exporter_without_a_flush(receiver):
+    client = process_client(receiver)
+    record(client, 5)
+    deadline = time.monotonic() + 20
+    while client.stats()["sent_events"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.stats()["sent_events"] == 5  # no flush: the child sent its counters
+    assert client.close(30)
+
+
+def closed_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_the_exporters_warnings_go_through_the_apps_logging(caplog, capfd):
+    """The operator finds the child's warnings where the worker thread's would be: in the
+    app's logging (its handlers, its format), marked as the exporter's, not on stderr."""
+    caplog.set_level(logging.INFO, logger="beatlib")
+    client = beatlib.Client(beatlib.config.Config(
+        environ={}, service_name="t", server_url=closed_port(), exporter_process=True,
+        flush_interval="100ms"))
+    record(client, 1)
+    deadline = time.monotonic() + 20
+    while "unreachable" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    found = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert found and found[0].name == "beatlib.transport"
+    assert found[0].levelno == logging.WARNING
+    assert found[0].processName == "beatlib-exporter"
+    assert found[0].process == client.transport.worker.pid
+    client.close(1)
+    assert "unreachable" not in capfd.readouterr().err
+
+
+@pytest.fixture
+def beatlib_logger():
+    """The app's "beatlib" logger, its level put back after the test."""
+    log = logging.getLogger("beatlib")
+    level = log.level
+    yield log
+    log.setLevel(level)
+
+
+def test_the_apps_log_level_holds_in_the_exporter(receiver, caplog, beatlib_logger):
+    """log_level="info": the child's info records (a server back after an outage) reach
+    the app, as the worker thread's do."""
+    caplog.set_level(logging.DEBUG)
+    receiver.respond_with(503, times=1)
+    client = process_client(receiver, log_level="info")
+    record(client, 1)
+    deadline = time.monotonic() + 30
+    while "taking data again" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "taking data again" in caplog.text
+    assert client.close(30)
+
+
+def test_a_quieter_beatlib_logger_in_the_app_quiets_the_exporter(capfd, beatlib_logger):
+    beatlib_logger.setLevel(logging.ERROR)
+    client = beatlib.Client(beatlib.config.Config(
+        environ={}, service_name="t", server_url=closed_port(), exporter_process=True,
+        flush_interval="100ms"))
+    record(client, 1)
+    assert not client.flush(3)
+    client.close(1)
+    assert "unreachable" not in capfd.readouterr().err
