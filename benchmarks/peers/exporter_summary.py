@@ -17,6 +17,9 @@ for r in sorted(by):
         it = x[v]["items"]
         m, p = it["median_us"] / n["median_us"], it["p99_us"] / n["p99_us"]
         agg[v + " median"].append(m); agg[v + " p99"].append(p)
+        if "p10_us" in it:  # runs before 2026-12-02 have no low quantiles
+            agg[v + " p10"].append(it["p10_us"] / n["p10_us"])
+            agg[v + " p25"].append(it["p25_us"] / n["p25_us"])
         agg[v + " app cpu"].append(it["cpu_us_per_req"] / n["cpu_us_per_req"])
         agg[v + " req-thread cpu - none (us)"].append(it["thread_cpu_us_per_req"] - n["thread_cpu_us_per_req"])
         if it["child_cpu_us_per_req"] is not None:

@@ -69,7 +69,8 @@ def timed(conn: http.client.HTTPConnection, pid: int, path: str, n: int, expect:
     cpu = cpu_ns(pid) - cpu0
     durs.sort()
     us = lambda ns: round(ns / 1000.0, 1)  # noqa: E731
-    return {"n": n, "median_us": us(statistics.median(durs)), "p90_us": us(pct(durs, 0.90)),
+    return {"n": n, "median_us": us(statistics.median(durs)),
+            "p10_us": us(pct(durs, 0.10)), "p25_us": us(pct(durs, 0.25)), "p90_us": us(pct(durs, 0.90)),
             "p99_us": us(pct(durs, 0.99)), "mean_us": us(sum(durs) / n), "min_us": us(durs[0]),
             "max_us": us(durs[-1]), "cpu_us_per_req": us(cpu / n),
             "wall_us_per_req": us(wall / n), "bad_status": bad}
