@@ -117,15 +117,17 @@ def _proc_cpu_ns(pid):
     return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
-# CPU (ns) of an agent's helper processes, when it has any (beatlib's exporter process)
+# CPU (ns) and RSS (kB) of an agent's helper processes, when it has any (beatlib's exporter
+# process)
 AGENT_CHILD_CPU = None
+AGENT_CHILD_RSS = None
 
 
 def setup_beatlib(sink_url, port):
     # As a user would: the Flask integration (which calls beatlib.instrument()), defaults
     # for everything but where to send; 100% sampling is the default.
     # PEERBENCH_BEATLIB_EXPORTER=process: the variant with exporter_process=True.
-    global AGENT_CHILD_CPU
+    global AGENT_CHILD_CPU, AGENT_CHILD_RSS
     import beatlib
     from beatlib.contrib.flask import Beat
 
@@ -141,6 +143,11 @@ def setup_beatlib(sink_url, port):
             child = client.transport.worker
             return None if child is None else _proc_cpu_ns(child.pid)
         AGENT_CHILD_CPU = child_cpu
+
+        def child_rss():
+            child = client.transport.worker
+            return None if child is None else rss_kb(child.pid)[0]
+        AGENT_CHILD_RSS = child_rss
 
     def shutdown():
         if not client.close(120):
@@ -500,6 +507,86 @@ def outage(client, k):
             "hwm_kb": hwm, "rss_samples_kb": samples}
 
 
+def background_cpu_ns():
+    """CPU of every thread of this process but the calling one, and of the agent's helper
+    process if it has one: the agent's background work, while the main thread drives."""
+    child = AGENT_CHILD_CPU() if AGENT_CHILD_CPU else None
+    return time.process_time_ns() - time.thread_time_ns() + (child or 0)
+
+
+QUIET_POLL = 0.005  # paired mode: the background threads are idle when their CPU did not
+QUIET_POLLS = 3  # move over this many polls (the helper process's CPU moves in 10 ms ticks)
+QUIET_MAX = 0.5  # seconds a member waits for its background threads, at most
+
+
+def paired(client, path):
+    """--paired (paired.py drives it): after the warm-up, say "ready"; then for each line
+    "slice M" on stdin run M x `path`, wait until the agent's background threads are idle
+    (so they never run beside another member's slice), and answer one JSON line: the
+    durations (us), the main thread's CPU and the background CPU during the slice and after
+    it. "end" ends the loop; returns the durations of all slices and the CPU totals."""
+    get = client.get
+    pc = time.perf_counter_ns
+    thread_ns = time.thread_time_ns
+    everything = []
+    totals = {"thread_ns": 0, "bg_slice_ns": 0, "bg_after_ns": 0, "bad": 0, "waited_ns": 0}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "end":
+            break
+        m = int(words[1])
+        durs = [0] * m
+        bad = 0
+        bg0 = background_cpu_ns()
+        th0 = thread_ns()
+        for i in range(m):
+            s = pc()
+            r = get(path)
+            r.close()
+            durs[i] = pc() - s
+            if r.status_code != 200:
+                bad += 1
+        th1 = thread_ns()
+        bg1 = last = background_cpu_ns()
+        w0 = pc()
+        quiet = 0
+        while quiet < QUIET_POLLS and pc() - w0 < QUIET_MAX * 1e9:
+            time.sleep(QUIET_POLL)
+            now = background_cpu_ns()
+            quiet = quiet + 1 if now == last else 0
+            last = now
+        bg2 = background_cpu_ns()
+        waited = pc() - w0
+        everything.extend(durs)
+        totals["thread_ns"] += th1 - th0
+        totals["bg_slice_ns"] += bg1 - bg0
+        totals["bg_after_ns"] += bg2 - bg1
+        totals["bad"] += bad
+        totals["waited_ns"] += waited
+        print(json.dumps({"durs_us": [round(d / 1000.0, 1) for d in durs], "bad": bad,
+                          "thread_us": (th1 - th0) // 1000, "bg_slice_us": (bg1 - bg0) // 1000,
+                          "bg_after_us": (bg2 - bg1) // 1000, "waited_us": waited // 1000}),
+              flush=True)
+    return everything, totals
+
+
+def summary(durs, totals):
+    """A paired member's figures over all its slices, in the fields `timed` gives."""
+    durs = sorted(durs)
+    n = len(durs) or 1
+    us = lambda ns: round(ns / 1000.0, 1)  # noqa: E731
+    return {"n": len(durs), "median_us": us(statistics.median(durs)) if durs else None,
+            "p10_us": us(pct(durs, 0.10)), "p25_us": us(pct(durs, 0.25)),
+            "p90_us": us(pct(durs, 0.90)), "p99_us": us(pct(durs, 0.99)),
+            "thread_cpu_us_per_req": us(totals["thread_ns"] / n),
+            "cpu_us_per_req": us((totals["thread_ns"] + totals["bg_slice_ns"]
+                                  + totals["bg_after_ns"]) / n),
+            "bg_after_share": round(totals["bg_after_ns"] / max(1, totals["bg_slice_ns"]
+                                                              + totals["bg_after_ns"]), 3),
+            "bad_status": totals["bad"]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("agent", choices=AGENTS)
@@ -512,7 +599,12 @@ def main():
                     help="no sink: the agent sends to a refusing port during N x /items")
     ap.add_argument("--round", type=int, default=0, help="label only")
     ap.add_argument("--slot", default="", help="label only (run_all.sh: a/b for the two none runs)")
+    ap.add_argument("--paired", action="store_true",
+                    help="/items in slices on command from paired.py (N ignored; no /error or "
+                         "/outbound timing)")
     args = ap.parse_args()
+    if args.paired:
+        args.errors = args.outbound = 0
 
     warnings.simplefilter("ignore")  # deprecation chatter must not cost time in the loop
     sys.path.insert(0, HERE)
@@ -556,9 +648,15 @@ def main():
             os._exit(0)  # no flush to a port that refuses: some agents would retry for minutes
         rss_warm, _ = rss_kb()
 
-        items = timed(client, "/items", args.n, 200)
+        if args.paired:
+            durs, totals = paired(client, "/items")
+            items = summary(durs, totals)
+            args.n = len(durs)
+        else:
+            items = timed(client, "/items", args.n, 200)
         rss_items, hwm_items = rss_kb()
-        errors = timed(client, "/error", args.errors, 500)
+        child_rss = AGENT_CHILD_RSS() if AGENT_CHILD_RSS else None
+        errors = timed(client, "/error", args.errors, 500) if args.errors else None
         outbound = timed(client, "/outbound", args.outbound, 200) if args.outbound else None
 
         t_fl = time.perf_counter()
@@ -588,7 +686,8 @@ def main():
         "items": items,
         "error": errors,
         "outbound": outbound,
-        "memory": {"rss_warm_kb": rss_warm, "rss_items_kb": rss_items, "hwm_items_kb": hwm_items},
+        "memory": {"rss_warm_kb": rss_warm, "rss_items_kb": rss_items, "hwm_items_kb": hwm_items,
+                   "child_rss_items_kb": child_rss},
         "setup_s": round(setup_s, 3),
         "flush_s": round(flush_s, 3),
         "expected_transactions": expected_txn,

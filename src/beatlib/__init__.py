@@ -5,13 +5,12 @@ The public API, re-exported from the modules that own it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from beatlib.client import Client, get_client
 from beatlib.config import Config, ConfigError
 from beatlib.context import current_span as get_current_span
 from beatlib.context import current_transaction as get_current_transaction
-from beatlib.instrumentation.registry import instrument, uninstrument
 from beatlib.jobs import transaction
 from beatlib.tracing import (
     OUTCOMES,
@@ -24,6 +23,9 @@ from beatlib.tracing import (
 )
 from beatlib.version import __version__
 
+if TYPE_CHECKING:
+    from beatlib.instrumentation.registry import instrument, uninstrument
+
 __all__ = [
     "Client", "Config", "ConfigError", "Span", "TraceParent", "Transaction", "__version__",
     "capture_span", "format_traceparent", "get_client", "get_current_span",
@@ -31,6 +33,17 @@ __all__ = [
     "set_transaction_name", "set_transaction_outcome", "set_transaction_result", "set_user",
     "transaction", "uninstrument",
 ]  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    # `instrument` and `uninstrument` from the registry on first use: it brings wrapt, which
+    # brings asyncio and importlib.metadata (70-140 ms, 5 MB), and a process that only
+    # records and sends (the exporter process; a job with its own spans) needs none of it.
+    if name in ("instrument", "uninstrument"):
+        from beatlib.instrumentation import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'beatlib' has no attribute {name!r}")
 
 
 def label(**labels: Any) -> None:

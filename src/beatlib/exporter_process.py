@@ -8,6 +8,7 @@ back to the app. The app's side is transport/process.py. Run as
 from __future__ import annotations
 
 import logging
+import mmap
 import pickle
 import signal
 import socket
@@ -112,7 +113,9 @@ def main(fd: int) -> None:
     or was killed: what reached the socket is still sent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    buffer = bytearray(MAX_MESSAGE + 1)
+    # Anonymous memory, not a bytearray: its pages are resident once a message reached them,
+    # not all 4 MB from the start.
+    buffer = mmap.mmap(-1, MAX_MESSAGE + 1)
     view = memoryview(buffer)
     n = sock.recv_into(buffer)
     init = pickle.loads(view[1:n])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import gc
 import importlib
-import importlib.metadata
 import logging
 import sys
 import sysconfig
@@ -19,11 +18,12 @@ import threading
 import types
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, ClassVar, TypeGuard
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 import wrapt
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.version import InvalidVersion, Version
+
+if TYPE_CHECKING:
+    from packaging.specifiers import SpecifierSet
 
 logger = logging.getLogger("beatlib.instrumentation")
 
@@ -133,6 +133,11 @@ class Instrumentation:
         """(whether the installed version is supported, that version)."""
         if self.distribution is None:
             return True, None
+        # Imported here: a process that never instruments (the exporter's) never needs them.
+        import importlib.metadata
+
+        from packaging.version import InvalidVersion, Version
+
         try:
             version = importlib.metadata.version(self.distribution)
         except importlib.metadata.PackageNotFoundError:
@@ -148,6 +153,7 @@ class Instrumentation:
 @functools.cache
 def specifiers(versions: str | tuple[str, str | None]) -> SpecifierSet:
     """An instrumentation's `versions` as a SpecifierSet (raises InvalidSpecifier)."""
+    from packaging.specifiers import SpecifierSet
     if isinstance(versions, tuple):
         lowest, below = versions
         versions = f">={lowest}" + (f",<{below}" if below is not None else "")
@@ -215,6 +221,8 @@ def _load_entry_points() -> None:
     """Other packages' instrumentations: each entry point of the group names an
     `Instrumentation` subclass (`fancydb = fancydb_beatlib:FancyDB`). beatlib's own win a
     clash of names; a broken one is logged and skipped."""
+    import importlib.metadata
+
     try:
         found = importlib.metadata.entry_points(group=ENTRY_POINTS)
     except Exception:
@@ -318,6 +326,8 @@ def _on_import(inst: Instrumentation, module: ModuleType) -> None:
     with _lock:
         if not inst.enabled or inst.patched:
             return
+        from packaging.specifiers import InvalidSpecifier
+
         try:
             ok, version = inst.supported()
         except InvalidSpecifier:

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""The agents side by side in one window of time: every member (an agent, or none) is its
+own `run_one.py --paired` process, set up and warmed up one after the other, then they take
+turns: each runs a slice of M x /items while the others wait, in an order rotated every
+cycle, for C cycles. Ratios are of all of a member's /items against all of the `none`
+member's, so every member saw the same moments of the machine.
+
+    python paired.py [--app flask|django] [--members none,none,beatlib,...] [--cycles 120]
+                     [--slice 25] [--warmup 300] [--blocks 6] [--out results/paired.jsonl]
+
+Why: this machine's speed flips between two modes, 1.75x apart, every half second to few
+seconds, driven from outside the VM (`machine_speed.py`, results/noise_20261202.md); a run of
+its own per agent (run_all.sh) catches a different mix of the two each time, so its ratios
+swing by more than the overheads being measured. Slices of about 0.1 s catch the same mix.
+
+A member named twice (`none,none`) is run twice: the second is the A/A control. A member
+`beatlib:process` is beatlib with exporter_process=True. After each slice a member waits
+until its agent's background threads (and helper process) are idle, so they never run
+beside another member's slice; the share of background CPU that fell after the slices is
+shown (`bg after`): what of the agent's work the turn-taking moved off its own requests.
+
+Prints a table; writes every member's final line and the per-block ratios as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def start(member: str, args: argparse.Namespace, py: str) -> subprocess.Popen:
+    agent, _, variant = member.partition(":")
+    env = dict(os.environ)
+    if variant == "process":
+        env["PEERBENCH_BEATLIB_EXPORTER"] = "process"
+    command = [py, os.path.join(HERE, "run_one.py"), agent, "0", "--app", args.app,
+               "--paired", "--warmup", str(args.warmup)]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=args.stderr, text=True, env=env, cwd=HERE)
+    if read_line(proc) != "ready":
+        raise RuntimeError(f"{member} did not start (see the stderr log)")
+    return proc
+
+
+def read_line(proc: subprocess.Popen) -> str:
+    """The member's next line of ours (anything an agent prints itself is skipped)."""
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("member exited early (see the stderr log)")
+        line = line.strip()
+        if line == "ready" or line.startswith("{"):
+            return line
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--app", choices=("flask", "django"), default="flask")
+    ap.add_argument("--members", default="none,none,beatlib,beatlib:process")
+    ap.add_argument("--cycles", type=int, default=120)
+    ap.add_argument("--slice", type=int, default=25)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--blocks", type=int, default=6, help="the cycles cut in this many blocks, "
+                    "for the spread of each ratio")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--py", default=sys.executable)
+    args = ap.parse_args()
+    members = args.members.split(",")
+    if members[0] != "none":
+        ap.error("the first member is the base: none")
+    labels = [m if members[:i].count(m) == 0 else f"{m}#{members[:i].count(m) + 1}"
+              for i, m in enumerate(members)]
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    out = args.out or os.path.join(HERE, "results", f"paired_{args.app}_{stamp}.jsonl")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    args.stderr = open(out[:-len(".jsonl")] + ".stderr.log", "w")
+    t0 = time.time()
+    load0 = os.getloadavg()
+    procs = {label: start(member, args, args.py)
+             for label, member in zip(labels, members, strict=True)}
+    slices: dict[str, list[dict]] = {label: [] for label in labels}
+    for cycle in range(args.cycles):
+        k = cycle % len(labels)
+        for label in labels[k:] + labels[:k]:
+            proc = procs[label]
+            proc.stdin.write(f"slice {args.slice}\n")
+            proc.stdin.flush()
+            slices[label].append(json.loads(read_line(proc)))
+    finals = {}
+    for label, proc in procs.items():
+        proc.stdin.write("end\n")
+        proc.stdin.flush()
+        finals[label] = json.loads(read_line(proc))
+        proc.wait(300)
+    elapsed = time.time() - t0
+
+    def durations(label: str, lo: int = 0, hi: int | None = None) -> list[float]:
+        return [d for s in slices[label][lo:hi] for d in s["durs_us"]]
+
+    base = statistics.median(durations("none"))
+    base_p99 = pct(durations("none"), 0.99)
+    per = max(1, args.cycles // args.blocks)
+    blocks = [(b * per, (b + 1) * per) for b in range(args.blocks)]
+    rows = []
+    with open(out, "w") as f:
+        f.write(json.dumps({"kind": "params", "app": args.app, "members": members,
+                            "cycles": args.cycles, "slice": args.slice, "warmup": args.warmup,
+                            "blocks": args.blocks, "started": time.strftime(
+                                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+                            "elapsed_s": round(elapsed, 1), "loadavg_start": load0,
+                            "nproc": os.cpu_count()}) + "\n")
+        for label in labels:
+            d = durations(label)
+            block_ratios = [statistics.median(durations(label, lo, hi))
+                            / statistics.median(durations("none", lo, hi)) for lo, hi in blocks]
+            s = slices[label]
+            thread = sum(x["thread_us"] for x in s) / len(d)
+            bg_slice = sum(x["bg_slice_us"] for x in s) / len(d)
+            bg_after = sum(x["bg_after_us"] for x in s) / len(d)
+            final = finals[label]
+            shipped = final["sink"]["decoded"].get("elastic", {}).get("transaction")
+            row = {"kind": "member", "label": label, "agent": final["agent"],
+                   "version": final["version"], "n": len(d),
+                   "median_us": statistics.median(d), "p99_us": pct(d, 0.99),
+                   "ratio": statistics.median(d) / base, "p99_ratio": pct(d, 0.99) / base_p99,
+                   "block_ratios": [round(r, 4) for r in block_ratios],
+                   "thread_cpu_us_per_req": thread, "bg_cpu_us_per_req": bg_slice + bg_after,
+                   "bg_after_share": bg_after / (bg_slice + bg_after) if bg_slice + bg_after else 0,
+                   "expected_transactions": final["expected_transactions"],
+                   "shipped_transactions": shipped,
+                   "memory": final["memory"], "bad_status": sum(x["bad"] for x in s),
+                   "final": final}
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+    none_cpu = rows[0]["thread_cpu_us_per_req"] + rows[0]["bg_cpu_us_per_req"]
+    print(f"{args.app}: {args.cycles} cycles x {args.slice} /items per member, "
+          f"{elapsed:.0f} s, load {load0[0]:.1f}; {out}")
+    print("| member | /items median vs none | blocks (min-max) | p99 vs none | CPU/req vs none | "
+          "request thread CPU µs/req | background CPU µs/req (after the slices) | shipped |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        cpu = (r["thread_cpu_us_per_req"] + r["bg_cpu_us_per_req"]) / none_cpu
+        shipped = ("-" if r["agent"] == "none" else
+                   "%d/%d" % (r["shipped_transactions"] or 0, r["expected_transactions"]))
+        print("| %s | %.3fx | %.3f-%.3f | %.2fx | %.3fx | %.0f | %.0f (%.0f%%) | %s |" % (
+            r["label"], r["ratio"], min(r["block_ratios"]), max(r["block_ratios"]),
+            r["p99_ratio"], cpu, r["thread_cpu_us_per_req"], r["bg_cpu_us_per_req"],
+            100 * r["bg_after_share"], shipped))
+
+
+if __name__ == "__main__":
+    main()
