@@ -2,8 +2,9 @@
 """The agents side by side in one window of time: every member (an agent, or none) is its
 own `run_one.py --paired` process, set up and warmed up one after the other, then they take
 turns: each runs a slice of M x /items while the others wait, in an order rotated every
-cycle, for C cycles. Ratios are of all of a member's /items against all of the `none`
-member's, so every member saw the same moments of the machine.
+cycle, for C cycles. A member's ratio is the median, over the cycles, of its slice's median
+/items time against the `none` member's slice of the same cycle: every member saw the same
+stretch of the machine's time, and each ratio compares slices a second apart at most.
 
     python paired.py [--app flask|django] [--members none,none,beatlib,...] [--cycles 120]
                      [--slice 25] [--warmup 300] [--blocks 6] [--out results/paired.jsonl]
@@ -38,6 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def start(member: str, args: argparse.Namespace, py: str) -> subprocess.Popen:
     agent, _, variant = member.partition(":")
     env = dict(os.environ)
+    # One hash seed for all: a member's dicts and sets then lay out as every other's.
+    env.setdefault("PYTHONHASHSEED", "0")
     if variant == "process":
         env["PEERBENCH_BEATLIB_EXPORTER"] = "process"
     command = [py, os.path.join(HERE, "run_one.py"), agent, "0", "--app", args.app,
@@ -100,7 +103,9 @@ def main() -> None:
             proc = procs[label]
             proc.stdin.write(f"slice {args.slice}\n")
             proc.stdin.flush()
-            slices[label].append(json.loads(read_line(proc)))
+            answer = json.loads(read_line(proc))
+            answer["ended"] = time.time() - t0
+            slices[label].append(answer)
     finals = {}
     for label, proc in procs.items():
         proc.stdin.write("end\n")
@@ -112,7 +117,12 @@ def main() -> None:
     def durations(label: str, lo: int = 0, hi: int | None = None) -> list[float]:
         return [d for s in slices[label][lo:hi] for d in s["durs_us"]]
 
-    base = statistics.median(durations("none"))
+    def cycle_ratios(label: str, lo: int = 0, hi: int | None = None) -> list[float]:
+        # Each cycle's slice median against the none member's of the same cycle: slices
+        # close in time, a ratio the machine's mode changes least.
+        return [statistics.median(a["durs_us"]) / statistics.median(b["durs_us"])
+                for a, b in zip(slices[label][lo:hi], slices["none"][lo:hi], strict=True)]
+
     base_p99 = pct(durations("none"), 0.99)
     per = max(1, args.cycles // args.blocks)
     blocks = [(b * per, (b + 1) * per) for b in range(args.blocks)]
@@ -126,8 +136,7 @@ def main() -> None:
                             "nproc": os.cpu_count()}) + "\n")
         for label in labels:
             d = durations(label)
-            block_ratios = [statistics.median(durations(label, lo, hi))
-                            / statistics.median(durations("none", lo, hi)) for lo, hi in blocks]
+            block_ratios = [statistics.median(cycle_ratios(label, lo, hi)) for lo, hi in blocks]
             s = slices[label]
             thread = sum(x["thread_us"] for x in s) / len(d)
             bg_slice = sum(x["bg_slice_us"] for x in s) / len(d)
@@ -137,7 +146,9 @@ def main() -> None:
             row = {"kind": "member", "label": label, "agent": final["agent"],
                    "version": final["version"], "n": len(d),
                    "median_us": statistics.median(d), "p99_us": pct(d, 0.99),
-                   "ratio": statistics.median(d) / base, "p99_ratio": pct(d, 0.99) / base_p99,
+                   "ratio": statistics.median(cycle_ratios(label)),
+                   "pooled_ratio": statistics.median(d) / statistics.median(durations("none")),
+                   "p99_ratio": pct(d, 0.99) / base_p99,
                    "block_ratios": [round(r, 4) for r in block_ratios],
                    "thread_cpu_us_per_req": thread, "bg_cpu_us_per_req": bg_slice + bg_after,
                    "bg_after_share": bg_after / (bg_slice + bg_after) if bg_slice + bg_after else 0,
@@ -147,20 +158,30 @@ def main() -> None:
                    "final": final}
             rows.append(row)
             f.write(json.dumps(row) + "\n")
+        for label in labels:  # each slice's median, when it ended: for a look at the noise
+            f.write(json.dumps({"kind": "slices", "label": label, "ended": [
+                round(x["ended"], 3) for x in slices[label]], "median_us": [
+                statistics.median(x["durs_us"]) for x in slices[label]]}) + "\n")
     none_cpu = rows[0]["thread_cpu_us_per_req"] + rows[0]["bg_cpu_us_per_req"]
     print(f"{args.app}: {args.cycles} cycles x {args.slice} /items per member, "
           f"{elapsed:.0f} s, load {load0[0]:.1f}; {out}")
-    print("| member | /items median vs none | blocks (min-max) | p99 vs none | CPU/req vs none | "
-          "request thread CPU µs/req | background CPU µs/req (after the slices) | shipped |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| member | /items vs none | blocks (min-max) | pooled median | p99 vs none | "
+          "CPU/req vs none | request thread CPU µs/req | background CPU µs/req (after the "
+          "slices) | RSS over none | shipped |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    none_rss = rows[0]["memory"]["rss_items_kb"]
     for r in rows:
         cpu = (r["thread_cpu_us_per_req"] + r["bg_cpu_us_per_req"]) / none_cpu
         shipped = ("-" if r["agent"] == "none" else
                    "%d/%d" % (r["shipped_transactions"] or 0, r["expected_transactions"]))
-        print("| %s | %.3fx | %.3f-%.3f | %.2fx | %.3fx | %.0f | %.0f (%.0f%%) | %s |" % (
-            r["label"], r["ratio"], min(r["block_ratios"]), max(r["block_ratios"]),
-            r["p99_ratio"], cpu, r["thread_cpu_us_per_req"], r["bg_cpu_us_per_req"],
-            100 * r["bg_after_share"], shipped))
+        rss = r["memory"]["rss_items_kb"] + (r["memory"].get("child_rss_items_kb") or 0)
+        print("| %s | %.3fx | %.3f-%.3f | %.3fx | %.2fx | %.3fx | %.0f | %.0f (%s) | "
+              "%+.1f MB | %s |" % (
+                  r["label"], r["ratio"], min(r["block_ratios"]), max(r["block_ratios"]),
+                  r["pooled_ratio"], r["p99_ratio"], cpu, r["thread_cpu_us_per_req"],
+                  r["bg_cpu_us_per_req"], "%.0f%%" % (100 * r["bg_after_share"])
+                  if r["bg_cpu_us_per_req"] >= 5 else "-",
+                  (rss - none_rss) / 1024, shipped))
 
 
 if __name__ == "__main__":

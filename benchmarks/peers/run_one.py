@@ -514,8 +514,9 @@ def background_cpu_ns():
     return time.process_time_ns() - time.thread_time_ns() + (child or 0)
 
 
-QUIET_POLL = 0.005  # paired mode: the background threads are idle when their CPU did not
-QUIET_POLLS = 3  # move over this many polls (the helper process's CPU moves in 10 ms ticks)
+QUIET_POLL = 0.005  # paired mode: the background threads are idle when their CPU moved less
+QUIET_NS = 200_000  # than this in each of QUIET_POLLS polls (the main thread's own polling
+QUIET_POLLS = 3  # shows in it a little; the helper process's CPU moves in 10 ms ticks)
 QUIET_MAX = 0.5  # seconds a member waits for its background threads, at most
 
 
@@ -551,10 +552,12 @@ def paired(client, path):
         bg1 = last = background_cpu_ns()
         w0 = pc()
         quiet = 0
-        while quiet < QUIET_POLLS and pc() - w0 < QUIET_MAX * 1e9:
+        # Background work neither in the slice nor since: nothing to wait for.
+        while (bg1 - bg0 >= QUIET_NS or background_cpu_ns() - bg1 >= QUIET_NS) and \
+                quiet < QUIET_POLLS and pc() - w0 < QUIET_MAX * 1e9:
             time.sleep(QUIET_POLL)
             now = background_cpu_ns()
-            quiet = quiet + 1 if now == last else 0
+            quiet = quiet + 1 if now - last < QUIET_NS else 0
             last = now
         bg2 = background_cpu_ns()
         waited = pc() - w0
