@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The agents side by side in one window of time: every member (an agent, or none) is its
 own `run_one.py --paired` process, set up and warmed up one after the other, then they take
-turns: each runs a slice of M x /items while the others wait, in an order rotated every
-cycle, for C cycles. A member's ratio is the median, over the cycles, of its slice's median
+turns: each runs a slice of M x /items while the others wait, in a new (seeded random) order
+every cycle, for C cycles. A member's ratio is the median, over the cycles, of its slice's median
 /items time against the `none` member's slice of the same cycle: every member saw the same
 stretch of the machine's time, and each ratio compares slices a second apart at most.
 
@@ -28,10 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import time
+
+import summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,6 +48,8 @@ def start(member: str, args: argparse.Namespace, py: str) -> subprocess.Popen:
         env["PEERBENCH_BEATLIB_EXPORTER"] = "process"
     command = [py, os.path.join(HERE, "run_one.py"), agent, "0", "--app", args.app,
                "--paired", "--warmup", str(args.warmup)]
+    if args.no_aslr:
+        command = ["setarch", "-R", *command]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=args.stderr, text=True, env=env, cwd=HERE)
     if read_line(proc) != "ready":
@@ -81,7 +86,10 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=6, help="the cycles cut in this many blocks, "
                     "for the spread of each ratio")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--seed", type=int, default=1, help="of the members' order in each cycle")
     ap.add_argument("--py", default=sys.executable)
+    ap.add_argument("--no-aslr", action="store_true",
+                    help="members without address space randomisation (setarch -R)")
     args = ap.parse_args()
     members = args.members.split(",")
     if members[0] != "none":
@@ -97,9 +105,14 @@ def main() -> None:
     procs = {label: start(member, args, args.py)
              for label, member in zip(labels, members, strict=True)}
     slices: dict[str, list[dict]] = {label: [] for label in labels}
-    for cycle in range(args.cycles):
-        k = cycle % len(labels)
-        for label in labels[k:] + labels[:k]:
+    # A new order each cycle (seeded: runs repeat it): every member follows every other
+    # equally often; a rotation would put each after the same one every time, and what a
+    # member leaves behind (its caches, its agent's late work) would always fall on that one.
+    shuffle = random.Random(args.seed).shuffle
+    for _ in range(args.cycles):
+        order = list(labels)
+        shuffle(order)
+        for label in order:
             proc = procs[label]
             proc.stdin.write(f"slice {args.slice}\n")
             proc.stdin.flush()
@@ -141,8 +154,9 @@ def main() -> None:
             thread = sum(x["thread_us"] for x in s) / len(d)
             bg_slice = sum(x["bg_slice_us"] for x in s) / len(d)
             bg_after = sum(x["bg_after_us"] for x in s) / len(d)
+            bg_between = sum(x["bg_between_us"] for x in s) / len(d)
             final = finals[label]
-            shipped = final["sink"]["decoded"].get("elastic", {}).get("transaction")
+            shipped = summarize.shipped(final)[0]
             row = {"kind": "member", "label": label, "agent": final["agent"],
                    "version": final["version"], "n": len(d),
                    "median_us": statistics.median(d), "p99_us": pct(d, 0.99),
@@ -150,8 +164,12 @@ def main() -> None:
                    "pooled_ratio": statistics.median(d) / statistics.median(durations("none")),
                    "p99_ratio": pct(d, 0.99) / base_p99,
                    "block_ratios": [round(r, 4) for r in block_ratios],
-                   "thread_cpu_us_per_req": thread, "bg_cpu_us_per_req": bg_slice + bg_after,
-                   "bg_after_share": bg_after / (bg_slice + bg_after) if bg_slice + bg_after else 0,
+                   "thread_cpu_us_per_req": thread,
+                   "bg_cpu_us_per_req": bg_slice + bg_after + bg_between,
+                   "bg_outside_share": (bg_after + bg_between) / (bg_slice + bg_after + bg_between)
+                   if bg_slice + bg_after + bg_between > 0 else 0,
+                   "bg_between_share": bg_between / (bg_slice + bg_after + bg_between)
+                   if bg_slice + bg_after + bg_between > 0 else 0,
                    "expected_transactions": final["expected_transactions"],
                    "shipped_transactions": shipped,
                    "memory": final["memory"], "bad_status": sum(x["bad"] for x in s),
@@ -167,7 +185,7 @@ def main() -> None:
           f"{elapsed:.0f} s, load {load0[0]:.1f}; {out}")
     print("| member | /items vs none | blocks (min-max) | pooled median | p99 vs none | "
           "CPU/req vs none | request thread CPU µs/req | background CPU µs/req (after the "
-          "slices) | RSS over none | shipped |")
+          "slices, beside others) | RSS over none | shipped |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     none_rss = rows[0]["memory"]["rss_items_kb"]
     for r in rows:
@@ -179,7 +197,8 @@ def main() -> None:
               "%+.1f MB | %s |" % (
                   r["label"], r["ratio"], min(r["block_ratios"]), max(r["block_ratios"]),
                   r["pooled_ratio"], r["p99_ratio"], cpu, r["thread_cpu_us_per_req"],
-                  r["bg_cpu_us_per_req"], "%.0f%%" % (100 * r["bg_after_share"])
+                  r["bg_cpu_us_per_req"], "%.0f%%, %.0f%%" % (
+                      100 * r["bg_outside_share"], 100 * r["bg_between_share"])
                   if r["bg_cpu_us_per_req"] >= 5 else "-",
                   (rss - none_rss) / 1024, shipped))
 

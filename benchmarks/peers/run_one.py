@@ -516,22 +516,25 @@ def background_cpu_ns():
 
 QUIET_POLL = 0.005  # paired mode: the background threads are idle when their CPU moved less
 QUIET_NS = 200_000  # than this in each of QUIET_POLLS polls (the main thread's own polling
-QUIET_POLLS = 3  # shows in it a little; the helper process's CPU moves in 10 ms ticks)
-QUIET_MAX = 0.5  # seconds a member waits for its background threads, at most
+QUIET_POLLS = 5  # shows in it a little; the helper process's CPU moves in 10 ms ticks)
+QUIET_MAX = 1.0  # seconds a member waits for its background threads, at most
 
 
 def paired(client, path):
     """--paired (paired.py drives it): after the warm-up, say "ready"; then for each line
     "slice M" on stdin run M x `path`, wait until the agent's background threads are idle
     (so they never run beside another member's slice), and answer one JSON line: the
-    durations (us), the main thread's CPU and the background CPU during the slice and after
-    it. "end" ends the loop; returns the durations of all slices and the CPU totals."""
+    durations (us), the main thread's CPU and the background CPU during the slice, after it
+    and between the last wait and this slice (what ran beside other members' slices: should
+    be near 0). "end" ends the loop; returns the durations of all slices and the CPU totals."""
     get = client.get
     pc = time.perf_counter_ns
     thread_ns = time.thread_time_ns
     everything = []
-    totals = {"thread_ns": 0, "bg_slice_ns": 0, "bg_after_ns": 0, "bad": 0, "waited_ns": 0}
+    totals = {"thread_ns": 0, "bg_slice_ns": 0, "bg_after_ns": 0, "bg_between_ns": 0, "bad": 0,
+              "waited_ns": 0}
     print("ready", flush=True)
+    bg_end = background_cpu_ns()
     for line in sys.stdin:
         words = line.split()
         if not words or words[0] == "end":
@@ -540,6 +543,7 @@ def paired(client, path):
         durs = [0] * m
         bad = 0
         bg0 = background_cpu_ns()
+        between = bg0 - bg_end  # what ran after the last wait: beside another member's slice
         th0 = thread_ns()
         for i in range(m):
             s = pc()
@@ -551,25 +555,30 @@ def paired(client, path):
         th1 = thread_ns()
         bg1 = last = background_cpu_ns()
         w0 = pc()
+        # At least one poll: a worker the slice woke gets the interpreter lock only once
+        # this thread lets go of it.
         quiet = 0
-        # Background work neither in the slice nor since: nothing to wait for.
-        while (bg1 - bg0 >= QUIET_NS or background_cpu_ns() - bg1 >= QUIET_NS) and \
-                quiet < QUIET_POLLS and pc() - w0 < QUIET_MAX * 1e9:
+        while True:
             time.sleep(QUIET_POLL)
             now = background_cpu_ns()
             quiet = quiet + 1 if now - last < QUIET_NS else 0
             last = now
-        bg2 = background_cpu_ns()
+            if (quiet and now - bg0 < QUIET_NS) or quiet >= QUIET_POLLS \
+                    or pc() - w0 >= QUIET_MAX * 1e9:
+                break  # idle through the slice and since, or idle now, or waited enough
+        bg_end = background_cpu_ns()
         waited = pc() - w0
         everything.extend(durs)
         totals["thread_ns"] += th1 - th0
         totals["bg_slice_ns"] += bg1 - bg0
-        totals["bg_after_ns"] += bg2 - bg1
+        totals["bg_after_ns"] += bg_end - bg1
+        totals["bg_between_ns"] += between
         totals["bad"] += bad
         totals["waited_ns"] += waited
         print(json.dumps({"durs_us": [round(d / 1000.0, 1) for d in durs], "bad": bad,
                           "thread_us": (th1 - th0) // 1000, "bg_slice_us": (bg1 - bg0) // 1000,
-                          "bg_after_us": (bg2 - bg1) // 1000, "waited_us": waited // 1000}),
+                          "bg_after_us": (bg_end - bg1) // 1000,
+                          "bg_between_us": between // 1000, "waited_us": waited // 1000}),
               flush=True)
     return everything, totals
 
@@ -584,7 +593,7 @@ def summary(durs, totals):
             "p90_us": us(pct(durs, 0.90)), "p99_us": us(pct(durs, 0.99)),
             "thread_cpu_us_per_req": us(totals["thread_ns"] / n),
             "cpu_us_per_req": us((totals["thread_ns"] + totals["bg_slice_ns"]
-                                  + totals["bg_after_ns"]) / n),
+                                  + totals["bg_after_ns"] + totals["bg_between_ns"]) / n),
             "bg_after_share": round(totals["bg_after_ns"] / max(1, totals["bg_slice_ns"]
                                                               + totals["bg_after_ns"]), 3),
             "bad_status": totals["bad"]}

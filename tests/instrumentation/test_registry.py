@@ -307,3 +307,36 @@ def test_entry_point_instrumentation_version_is_checked(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_recording_alone_never_imports_the_registry_or_asyncio():
+    # A process that records and sends but never instruments (the exporter process, a job
+    # with spans of its own) is spared the registry, wrapt, asyncio and importlib.metadata;
+    # `beatlib.instrument` is there on first use, as before.
+    code = textwrap.dedent("""
+        import sys
+        import beatlib
+        from beatlib.transport.memory import MemorySender
+        client = beatlib.Client(service_name="job", sender=MemorySender())
+        client.begin_transaction("job")
+        with beatlib.capture_span("step"):
+            pass
+        client.end_transaction("nightly", "success")
+        assert client.flush(10)
+        import beatlib.exporter_process
+        heavy = {"wrapt", "asyncio", "importlib.metadata", "packaging",
+                 "beatlib.instrumentation.registry"} & set(sys.modules)
+        assert not heavy, heavy
+        from beatlib import instrument
+        assert instrument is beatlib.instrument and callable(beatlib.uninstrument)
+        assert "wrapt" in sys.modules
+        try:
+            beatlib.no_such_name
+        except AttributeError as exc:
+            assert "no_such_name" in str(exc)
+        else:
+            raise AssertionError("beatlib.no_such_name")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
