@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def start(member: str, args: argparse.Namespace, py: str) -> subprocess.Popen:
         env["PEERBENCH_BEATLIB_EXPORTER"] = "process"
     command = [py, os.path.join(HERE, "run_one.py"), agent, "0", "--app", args.app,
                "--paired", "--warmup", str(args.warmup)]
-    if args.no_aslr:
+    if not args.aslr and shutil.which("setarch"):
         command = ["setarch", "-R", *command]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=args.stderr, text=True, env=env, cwd=HERE)
@@ -88,8 +89,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--seed", type=int, default=1, help="of the members' order in each cycle")
     ap.add_argument("--py", default=sys.executable)
-    ap.add_argument("--no-aslr", action="store_true",
-                    help="members without address space randomisation (setarch -R)")
+    ap.add_argument("--aslr", action="store_true", help="members with address space "
+                    "randomisation (by default without, by setarch -R: each process's layout "
+                    "then moves its speed by about ±5%% of its own, results/noise_20261202.md)")
     args = ap.parse_args()
     members = args.members.split(",")
     if members[0] != "none":

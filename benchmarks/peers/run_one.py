@@ -123,11 +123,27 @@ AGENT_CHILD_CPU = None
 AGENT_CHILD_RSS = None
 
 
+def watch_exporter(client):
+    """With beatlib's exporter process: the hooks that read its CPU and RSS."""
+    global AGENT_CHILD_CPU, AGENT_CHILD_RSS
+    if not client.config.exporter_process:
+        return
+
+    def child_cpu():
+        child = client.transport.worker
+        return None if child is None else _proc_cpu_ns(child.pid)
+
+    def child_rss():
+        child = client.transport.worker
+        return None if child is None else rss_kb(child.pid)[0]
+
+    AGENT_CHILD_CPU, AGENT_CHILD_RSS = child_cpu, child_rss
+
+
 def setup_beatlib(sink_url, port):
     # As a user would: the Flask integration (which calls beatlib.instrument()), defaults
     # for everything but where to send; 100% sampling is the default.
     # PEERBENCH_BEATLIB_EXPORTER=process: the variant with exporter_process=True.
-    global AGENT_CHILD_CPU, AGENT_CHILD_RSS
     import beatlib
     from beatlib.contrib.flask import Beat
 
@@ -138,16 +154,7 @@ def setup_beatlib(sink_url, port):
                             **({"exporter_process": True} if process else {}))
     app = appmod.create_app(sink_url)
     Beat(app, client=client)
-    if process:
-        def child_cpu():
-            child = client.transport.worker
-            return None if child is None else _proc_cpu_ns(child.pid)
-        AGENT_CHILD_CPU = child_cpu
-
-        def child_rss():
-            child = client.transport.worker
-            return None if child is None else rss_kb(child.pid)[0]
-        AGENT_CHILD_RSS = child_rss
+    watch_exporter(client)
 
     def shutdown():
         if not client.close(120):
@@ -289,10 +296,13 @@ def django_beatlib(sink_url, port):
     cfg = django_settings(sink_url)
     cfg["INSTALLED_APPS"] = cfg["INSTALLED_APPS"] + ["beatlib.contrib.django"]
     cfg["BEATLIB"] = {"SERVICE_NAME": SERVICE, "SERVER_URL": sink_url, "ENVIRONMENT": "bench"}
+    if os.environ.get("PEERBENCH_BEATLIB_EXPORTER") == "process":
+        cfg["BEATLIB"]["EXPORTER_PROCESS"] = True
     app = djangoshop.wsgi_app(cfg)
     from django.apps import apps
 
     client = apps.get_app_config("beatlib").client
+    watch_exporter(client)
 
     def shutdown():
         if not client.close(120):
