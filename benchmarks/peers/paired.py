@@ -2,25 +2,33 @@
 """The agents side by side in one window of time: every member (an agent, or none) is its
 own `run_one.py --paired` process, set up and warmed up one after the other, then they take
 turns: each runs a slice of M x /items while the others wait, in a new (seeded random) order
-every cycle, for C cycles. A member's ratio is the median, over the cycles, of its slice's median
-/items time against the `none` member's slice of the same cycle: every member saw the same
-stretch of the machine's time, and each ratio compares slices a second apart at most.
+every cycle, for C cycles. A member's ratio is the median, over the cycles, of its slice's
+median /items time against the `none` member's slice of the same cycle: every member saw the
+same stretch of the machine's time, and each ratio compares slices a few seconds apart at
+most.
 
     python paired.py [--app flask|django] [--members none,none,beatlib,...] [--cycles 120]
-                     [--slice 25] [--warmup 300] [--blocks 6] [--out results/paired.jsonl]
+                     [--slice 25] [--warmup 300] [--blocks 6] [--seed 1] [--aslr]
+                     [--out results/paired.jsonl]
 
 Why: this machine's speed flips between two modes, 1.75x apart, every half second to few
 seconds, driven from outside the VM (`machine_speed.py`, results/noise_20261202.md); a run of
 its own per agent (run_all.sh) catches a different mix of the two each time, so its ratios
-swing by more than the overheads being measured. Slices of about 0.1 s catch the same mix.
+swing by more than the overheads being measured. Interleaved slices catch the same mix.
+The members run without address randomisation (`setarch -R`) and with one hash seed: with
+it, one process's layout alone moved its speed by about 5% for a whole run.
 
 A member named twice (`none,none`) is run twice: the second is the A/A control. A member
 `beatlib:process` is beatlib with exporter_process=True. After each slice a member waits
-until its agent's background threads (and helper process) are idle, so they never run
-beside another member's slice; the share of background CPU that fell after the slices is
-shown (`bg after`): what of the agent's work the turn-taking moved off its own requests.
+until its agent's background threads (and helper process) are idle, so what its slice gave
+them is done before the next slice. Shown: the share of background CPU outside the member's
+slices (the turn-taking moved it off its own requests) and of it, the share that ran beside
+other members' slices (timer-driven flushes and exports). Each member is busy a fraction
+of the time: this measures the request path of an app that is not saturated; run_all.sh
+measures the saturated one.
 
-Prints a table; writes every member's final line and the per-block ratios as JSON lines.
+Prints a table; writes each member's figures (with run_one's final line) and each slice's
+median as JSON lines.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 
     python run_one.py AGENT N [--app flask|django] [--warmup 300] [--errors 500] [--outbound 200]
     python run_one.py AGENT K --outage [--app flask|django]
+    python run_one.py AGENT 0 --paired [--app flask|django]    # driven by paired.py
 
 AGENT is one of: none | beatlib | elasticapm | sentry | ddtrace | otel
 --app django runs the Django twin (djangoshop/) through the same in-process WSGI driver
@@ -467,8 +468,8 @@ def timed(client, path, n, expect):
     return {
         "n": n,
         "median_us": us(statistics.median(durs)),
-        # the machine's speed is bimodal (see results/noise_20261202.md): the low quantiles
-        # fall in its fast mode in every run, the median wherever the mix puts it
+        # for reading the machine's noise (results/noise_20261202.md); their ratios swing
+        # across runs as the median's do
         "p10_us": us(pct(durs, 0.10)),
         "p25_us": us(pct(durs, 0.25)),
         "p90_us": us(pct(durs, 0.90)),
@@ -533,10 +534,11 @@ QUIET_MAX = 1.0  # seconds a member waits for its background threads, at most
 def paired(client, path):
     """--paired (paired.py drives it): after the warm-up, say "ready"; then for each line
     "slice M" on stdin run M x `path`, wait until the agent's background threads are idle
-    (so they never run beside another member's slice), and answer one JSON line: the
+    (so what the slice gave them is done before the next member's slice), and answer one
+    JSON line: the
     durations (us), the main thread's CPU and the background CPU during the slice, after it
-    and between the last wait and this slice (what ran beside other members' slices: should
-    be near 0). "end" ends the loop; returns the durations of all slices and the CPU totals."""
+    and between the last wait and this slice (what ran beside other members' slices: timer-
+    driven work, flushes and exports). "end" ends the loop; returns the durations of all slices and the CPU totals."""
     get = client.get
     pc = time.perf_counter_ns
     thread_ns = time.thread_time_ns
@@ -604,8 +606,6 @@ def summary(durs, totals):
             "thread_cpu_us_per_req": us(totals["thread_ns"] / n),
             "cpu_us_per_req": us((totals["thread_ns"] + totals["bg_slice_ns"]
                                   + totals["bg_after_ns"] + totals["bg_between_ns"]) / n),
-            "bg_after_share": round(totals["bg_after_ns"] / max(1, totals["bg_slice_ns"]
-                                                              + totals["bg_after_ns"]), 3),
             "bad_status": totals["bad"]}
 
 
