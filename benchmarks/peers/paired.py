@@ -53,6 +53,7 @@ def start(member: str, args: argparse.Namespace, py: str) -> subprocess.Popen:
     env = dict(os.environ)
     # One hash seed for all: a member's dicts and sets then lay out as every other's.
     env.setdefault("PYTHONHASHSEED", "0")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode for a source tree too (run_all.sh)
     if variant == "process":
         env["PEERBENCH_BEATLIB_EXPORTER"] = "process"
     command = [py, os.path.join(HERE, "run_one.py"), agent, "0", "--app", args.app,

@@ -21,6 +21,9 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-../../.tox/bench/bin/python}
+# Bytecode written for a source tree too (beatlib on PYTHONPATH or installed editable), as an
+# installed package has it: otherwise every run compiles beatlib's modules again.
+unset PYTHONDONTWRITEBYTECODE
 if [ "${QUICK:-0}" = 1 ]; then
   N=${N:-300}; ROUNDS=${ROUNDS:-1}; K=${K:-1000}; MICRO_ITERS=${MICRO_ITERS:-2000}
   STARTUP_REPS=${STARTUP_REPS:-5}; ERRORS=${ERRORS:-100}; OUTBOUND=${OUTBOUND:-50}

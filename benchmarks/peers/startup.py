@@ -145,6 +145,10 @@ def main() -> None:
     ap.add_argument("agents", nargs="*")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=None, help="append one JSON line (all figures) here")
+    # Bytecode for every agent, as an installed package has it: with this set (some
+    # sandboxes set it), the uncounted first run writes none for a source tree (beatlib on
+    # PYTHONPATH, or installed editable), and each counted run would compile it again.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     a = ap.parse_args()
     agents = a.agents or list(AGENTS)
     port = closed_port()
