@@ -260,6 +260,27 @@ def test_deadline_exceeded(traced):
     assert errors == []
 
 
+@pytest.mark.parametrize(("remaining", "code"), [
+    (None, "CANCELLED"), (5.0, "CANCELLED"), (0.05, "DEADLINE_EXCEEDED"),
+    (0.0, "DEADLINE_EXCEEDED"), (-1.0, "DEADLINE_EXCEEDED")])
+def test_a_cancel_at_the_callers_deadline_is_the_deadline(remaining, code):
+    # The server's deadline starts after the caller's: a caller giving up at its deadline
+    # cancels while the server has about the transit time left (a race on a busy machine).
+    from types import SimpleNamespace
+
+    from beatlib.instrumentation import grpc_aio
+
+    inst = SimpleNamespace(grpc=grpc)  # what _stopped_code reads of the instrumentation
+
+    class Context:
+        def time_remaining(self):
+            return remaining
+
+    assert grpc_aio._stopped_code(inst, Context(), asyncio.CancelledError()) == getattr(
+        grpc.StatusCode, code)
+    assert grpc_aio._stopped_code(inst, Context(), ValueError()) is None
+
+
 @client_streams_traced
 @pytest.mark.parametrize("ended_by", ["deadline", "channel closed"])
 def test_app_stops_reading_and_drops_the_call(traced, ended_by):

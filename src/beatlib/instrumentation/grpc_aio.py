@@ -207,17 +207,23 @@ def _traced(inst: Grpc, behaviour: Callable[..., Any],
     return None
 
 
+# The server's deadline starts when the call reaches it, after the caller's: a caller that
+# gives up at its deadline cancels the call while the server still has about the request's
+# transit time left (more on a busy machine). A cancel this close to the deadline is it.
+DEADLINE_GRACE = 0.1
+
+
 def _stopped_code(inst: Grpc, context: Any, exc: BaseException) -> Any:
-    """CANCELLED, or DEADLINE_EXCEEDED when the deadline has passed, for a handler stopped
-    from outside (cancelled where it awaits, or its generator closed where it yields); None
-    (the handler's own code) otherwise."""
+    """CANCELLED, or DEADLINE_EXCEEDED when the deadline has passed (or is less than
+    DEADLINE_GRACE away), for a handler stopped from outside (cancelled where it awaits, or
+    its generator closed where it yields); None (the handler's own code) otherwise."""
     if not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return None
     try:
         remaining = context.time_remaining()
         codes = inst.grpc.StatusCode
-        return codes.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-            else codes.CANCELLED
+        return codes.DEADLINE_EXCEEDED if remaining is not None \
+            and remaining <= DEADLINE_GRACE else codes.CANCELLED
     except Exception:
         report("grpc: reading how a served call stopped")
         return None
