@@ -44,6 +44,7 @@ import sys
 import time
 
 import summarize
+from run_one import pct
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,14 +77,6 @@ def read_line(proc: subprocess.Popen) -> str:
         line = line.strip()
         if line == "ready" or line.startswith("{"):
             return line
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def main() -> None:
@@ -147,7 +140,7 @@ def main() -> None:
         return [statistics.median(a["durs_us"]) / statistics.median(b["durs_us"])
                 for a, b in zip(slices[label][lo:hi], slices["none"][lo:hi], strict=True)]
 
-    base_p99 = pct(durations("none"), 0.99)
+    base_p99 = pct(sorted(durations("none")), 0.99)
     per = max(1, args.cycles // args.blocks)
     blocks = [(b * per, (b + 1) * per) for b in range(args.blocks)]
     rows = []
@@ -160,6 +153,7 @@ def main() -> None:
                             "nproc": os.cpu_count()}) + "\n")
         for label in labels:
             d = durations(label)
+            p99 = pct(sorted(d), 0.99)
             block_ratios = [statistics.median(cycle_ratios(label, lo, hi)) for lo, hi in blocks]
             s = slices[label]
             thread = sum(x["thread_us"] for x in s) / len(d)
@@ -170,10 +164,10 @@ def main() -> None:
             shipped = summarize.shipped(final)[0]
             row = {"kind": "member", "label": label, "agent": final["agent"],
                    "version": final["version"], "n": len(d),
-                   "median_us": statistics.median(d), "p99_us": pct(d, 0.99),
+                   "median_us": statistics.median(d), "p99_us": p99,
                    "ratio": statistics.median(cycle_ratios(label)),
                    "pooled_ratio": statistics.median(d) / statistics.median(durations("none")),
-                   "p99_ratio": pct(d, 0.99) / base_p99,
+                   "p99_ratio": p99 / base_p99,
                    "block_ratios": [round(r, 4) for r in block_ratios],
                    "thread_cpu_us_per_req": thread,
                    "bg_cpu_us_per_req": bg_slice + bg_after + bg_between,

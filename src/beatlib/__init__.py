@@ -42,7 +42,8 @@ def __getattr__(name: str) -> Any:
     if name in ("instrument", "uninstrument"):
         from beatlib.instrumentation import registry
 
-        return getattr(registry, name)
+        value = globals()[name] = getattr(registry, name)  # found directly from now on
+        return value
     raise AttributeError(f"module 'beatlib' has no attribute {name!r}")
 
 
