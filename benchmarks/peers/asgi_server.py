@@ -3,15 +3,17 @@
 
     python asgi_server.py AGENT SINK_PORT
 
-Prints `READY <port> <json: version, notes>` once listening on 127.0.0.1; on SIGTERM uvicorn
-stops, the agent is flushed and shut down, and `FLUSHED <seconds>` is printed.
+Prints `READY <port> <json: version, notes>` once listening on 127.0.0.1, `THREADS <json>` on
+SIGUSR1 (its threads' names by native id); on SIGTERM uvicorn stops, the agent is flushed and shut down, and `FLUSHED <seconds>` is printed.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 
@@ -32,7 +34,10 @@ def setup_beatlib(sink_url, port):
 
     import asgi_app
 
-    client = beatlib.Client(service_name=SERVICE, server_url=sink_url, environment="bench")
+    # PEERBENCH_BEATLIB_EXPORTER=process: the variant with exporter_process=True.
+    process = os.environ.get("PEERBENCH_BEATLIB_EXPORTER") == "process"
+    client = beatlib.Client(service_name=SERVICE, server_url=sink_url, environment="bench",
+                            **({"exporter_process": True} if process else {}))
     app = asgi_app.create_app(sink_url)
     app.add_middleware(BeatMiddleware, client=client)
 
@@ -135,6 +140,13 @@ def setup_otel(sink_url, port):
     return app, shutdown, sdk_version, {"sampler": "ParentBased(AlwaysOn) (default)"}
 
 
+def say_threads(signum, frame):
+    """SIGUSR1 (run_one_asgi.py --paired): print `THREADS <json: native id -> name>`, so the
+    driver can tell the app's threads (the event loop's, the thread pool's) from the agent's."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    print("THREADS", json.dumps(names), flush=True)
+
+
 SETUP = {name[6:]: fn for name, fn in globals().items() if name.startswith("setup_")}
 
 
@@ -154,6 +166,11 @@ def main() -> None:
     notes["server"] = "uvicorn %s, 1 worker" % uvicorn.__version__
     print("READY", sock.getsockname()[1], json.dumps({"version": version, "notes": notes}),
           flush=True)
+    signal.signal(signal.SIGUSR1, say_threads)
+    # uvicorn ends by raising the SIGTERM it caught again, under the handler it found: this
+    # one lets the agent's shutdown below run (with the default one, the process just ended
+    # and only agents flushing on the ASGI lifespan's shutdown sent their last events).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run(sockets=[sock])  # until SIGTERM
     started = time.perf_counter()
     shutdown()

@@ -7,7 +7,7 @@ median /items time against the `none` member's slice of the same cycle: every me
 same stretch of the machine's time, and each ratio compares slices a few seconds apart at
 most.
 
-    python paired.py [--app flask|django] [--members none,none,beatlib,...] [--cycles 120]
+    python paired.py [--app flask|django|fastapi] [--members none,none,beatlib,...] [--cycles 120]
                      [--slice 25] [--warmup 300] [--blocks 6] [--seed 1] [--aslr]
                      [--out results/paired.jsonl]
 
@@ -57,8 +57,11 @@ def start(member: str, args: argparse.Namespace, py: str) -> subprocess.Popen:
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode for a source tree too (run_all.sh)
     if variant == "process":
         env["PEERBENCH_BEATLIB_EXPORTER"] = "process"
-    command = [py, os.path.join(HERE, "run_one.py"), agent, "0", "--app", args.app,
-               "--paired", "--warmup", str(args.warmup)]
+    if args.app == "fastapi":  # uvicorn in a process of its own, driven over loopback
+        command = [py, os.path.join(HERE, "run_one_asgi.py"), agent, "0"]
+    else:
+        command = [py, os.path.join(HERE, "run_one.py"), agent, "0", "--app", args.app]
+    command += ["--paired", "--warmup", str(args.warmup)]
     if not args.aslr and shutil.which("setarch"):
         command = ["setarch", "-R", *command]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -81,7 +84,7 @@ def read_line(proc: subprocess.Popen) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--app", choices=("flask", "django"), default="flask")
+    ap.add_argument("--app", choices=("flask", "django", "fastapi"), default="flask")
     ap.add_argument("--members", default="none,none,beatlib,beatlib:process")
     ap.add_argument("--cycles", type=int, default=120)
     ap.add_argument("--slice", type=int, default=25)

@@ -531,22 +531,21 @@ QUIET_POLLS = 5  # shows in it a little; the helper process's CPU moves in 10 ms
 QUIET_MAX = 1.0  # seconds a member waits for its background threads, at most
 
 
-def paired(client, path):
+def paired(request, cpu):
     """--paired (paired.py drives it): after the warm-up, say "ready"; then for each line
-    "slice M" on stdin run M x `path`, wait until the agent's background threads are idle
-    (so what the slice gave them is done before the next member's slice), and answer one
-    JSON line: the
-    durations (us), the main thread's CPU and the background CPU during the slice, after it
-    and between the last wait and this slice (what ran beside other members' slices: timer-
-    driven work, flushes and exports). "end" ends the loop; returns the durations of all slices and the CPU totals."""
-    get = client.get
+    "slice M" on stdin run M x `request()` (True when the answer was as expected), wait
+    until the agent's background work is idle (so what the slice gave it is done before the
+    next member's slice), and answer one JSON line: the durations (us), the app's CPU and the
+    background CPU during the slice, after it and between the last wait and this slice (what
+    ran beside other members' slices: timer-driven work, flushes and exports). `cpu()` gives
+    the app's and the background's CPU so far (ns). "end" ends the loop; returns the
+    durations of all slices and the CPU totals."""
     pc = time.perf_counter_ns
-    thread_ns = time.thread_time_ns
     everything = []
     totals = {"thread_ns": 0, "bg_slice_ns": 0, "bg_after_ns": 0, "bg_between_ns": 0, "bad": 0,
               "waited_ns": 0}
     print("ready", flush=True)
-    bg_end = background_cpu_ns()
+    bg_end = cpu()[1]
     for line in sys.stdin:
         words = line.split()
         if not words or words[0] == "end":
@@ -554,31 +553,29 @@ def paired(client, path):
         m = int(words[1])
         durs = [0] * m
         bad = 0
-        bg0 = background_cpu_ns()
+        th0, bg0 = cpu()
         between = bg0 - bg_end  # what ran after the last wait: beside another member's slice
-        th0 = thread_ns()
         for i in range(m):
             s = pc()
-            r = get(path)
-            r.close()
+            ok = request()
             durs[i] = pc() - s
-            if r.status_code != 200:
+            if not ok:
                 bad += 1
-        th1 = thread_ns()
-        bg1 = last = background_cpu_ns()
+        th1, bg1 = cpu()
+        last = bg1
         w0 = pc()
         # At least one poll: a worker the slice woke gets the interpreter lock only once
         # this thread lets go of it.
         quiet = 0
         while True:
             time.sleep(QUIET_POLL)
-            now = background_cpu_ns()
+            now = cpu()[1]
             quiet = quiet + 1 if now - last < QUIET_NS else 0
             last = now
             if (quiet and now - bg0 < QUIET_NS) or quiet >= QUIET_POLLS \
                     or pc() - w0 >= QUIET_MAX * 1e9:
                 break  # idle through the slice and since, or idle now, or waited enough
-        bg_end = background_cpu_ns()
+        bg_end = cpu()[1]
         waited = pc() - w0
         everything.extend(durs)
         totals["thread_ns"] += th1 - th0
@@ -593,6 +590,18 @@ def paired(client, path):
                           "bg_between_us": between // 1000, "waited_us": waited // 1000}),
               flush=True)
     return everything, totals
+
+
+def flask_request(client, path):
+    """One GET of `path` through the test client, as `paired` calls it."""
+    get = client.get
+
+    def request():
+        r = get(path)
+        r.close()
+        return r.status_code == 200
+
+    return request
 
 
 def summary(durs, totals):
@@ -671,7 +680,8 @@ def main():
         rss_warm, _ = rss_kb()
 
         if args.paired:
-            durs, totals = paired(client, "/items")
+            durs, totals = paired(flask_request(client, "/items"),
+                                  lambda: (time.thread_time_ns(), background_cpu_ns()))
             items = summary(durs, totals)
             args.n = len(durs)
         else:
