@@ -162,7 +162,10 @@ def main() -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)  # connections wait in the backlog until uvicorn accepts
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    # The keep-alive connection stays open however long the driver waits (uvicorn closes an
+    # idle one after 5 s by default: paired.py's members wait their turn longer than that).
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
+                                           timeout_keep_alive=3600))
     notes["server"] = "uvicorn %s, 1 worker" % uvicorn.__version__
     print("READY", sock.getsockname()[1], json.dumps({"version": version, "notes": notes}),
           flush=True)
