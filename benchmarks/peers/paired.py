@@ -19,7 +19,8 @@ The members run without address randomisation (`setarch -R`) and with one hash s
 it, one process's layout alone moved its speed by about 5% for a whole run.
 
 A member named twice (`none,none`) is run twice: the second is the A/A control. A member
-`beatlib:process` is beatlib with exporter_process=True. After each slice a member waits
+`beatlib:process` is beatlib with exporter_process=True; `beatlib@../other/src` is
+beatlib from another checkout (PYTHONPATH), to set two versions side by side. After each slice a member waits
 until its agent's background threads (and helper process) are idle, so what its slice gave
 them is done before the next slice. Shown: the share of background CPU outside the member's
 slices (the turn-taking moved it off its own requests) and of it, the share that ran beside
@@ -50,8 +51,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def start(member: str, args: argparse.Namespace, py: str) -> subprocess.Popen:
+    member, _, src = member.partition("@")
     agent, _, variant = member.partition(":")
     env = dict(os.environ)
+    if src:  # this member's agent from another checkout: two versions side by side
+        env["PYTHONPATH"] = os.path.abspath(src)
     # One hash seed for all: a member's dicts and sets then lay out as every other's.
     env.setdefault("PYTHONHASHSEED", "0")
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode for a source tree too (run_all.sh)
