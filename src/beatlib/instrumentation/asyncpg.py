@@ -107,7 +107,7 @@ def _context(span: Span, connection: Any, statement: str | None, result: Any) ->
         if isinstance(result, str) and span.name.split(" ", 1)[0] in _COUNTED:
             count = result.rsplit(" ", 1)[-1]  # the command tag: "UPDATE 2", "INSERT 0 3"
             rows = int(count) if count.isdigit() else None
-        span.context = sql.span_context(statement or "", SUBTYPE, *_where(connection), rows)
+        span.context = sql.span_context(statement or "", *_where(connection), rows)
         if statement is None:  # a connect, or a table copy: no statement written by the app
             del span.context["db"]["statement"]
     except Exception:

@@ -68,7 +68,7 @@ def _end(span: Span, db: Database, text: str, cursor: Any, exc: BaseException | 
         rows = None
         if exc is None and span.action == "query" and span.name.split(" ", 1)[0] in _DML:
             rows = getattr(cursor, "rowcount", None)
-        span.context = sql.span_context(text, db.subtype, db.instance, db.host, db.port,
+        span.context = sql.span_context(text, db.instance, db.host, db.port,
                                         rows if isinstance(rows, int) else None)
         if not text:  # a connect span: no statement to show
             del span.context["db"]["statement"]

@@ -163,7 +163,7 @@ def _read_rowcount(execution: Any) -> Any:
 def _describe(span: Span, connection: Any, statement: Any, execution: Any) -> None:
     """Fill in `span.context`: statement, database, where it is, rows affected by DML."""
     try:
-        subtype, instance, host, port = _where(connection.engine)
+        _, instance, host, port = _where(connection.engine)
         rows = None
         if execution is not None and span.name.startswith(_DML):
             rows = _read_rowcount(execution)
@@ -173,7 +173,7 @@ def _describe(span: Span, connection: Any, statement: Any, execution: Any) -> No
                 except Exception:  # a driver that forgets rowcount once the cursor closed
                     pass
         span.context = sql.span_context(
-            statement if isinstance(statement, str) else "", subtype, instance,
+            statement if isinstance(statement, str) else "", instance,
             host, port, rows if isinstance(rows, int) else None,
         )
     except Exception:
