@@ -42,6 +42,7 @@ STAT_KEYS = ("queued", "sent_events", "sent_internal", "sent_requests", "retried
              "backpressure_waits")
 _ENCODE_SLICE = 0.0005  # seconds of encoding between GIL hand-backs (see _drain)
 _YIELD_SECONDS = 0.001  # what one queue() call may wait for the worker, at most about this
+_WAKE_AT = 16  # queued items that wake an idle worker before its flush tick (see __init__)
 
 # Every live transport, for the fork and exit hooks; weak so short-lived ones are collected.
 _transports: weakref.WeakSet[Transport] = weakref.WeakSet()
@@ -192,8 +193,15 @@ class Transport:
         self._on_tick = on_tick
         self._metadata = metadata
         self._max_queue_events = config.max_queue_events
-        # Wake the worker early only when this many items wait; otherwise the flush tick does.
-        self._wake_at = max(1, min(config.max_queue_events // 4, 256))
+        # Wake the worker once this many items wait (else the flush tick does): few enough
+        # that a transaction is encoded and freed soon after it ended. Its objects are what
+        # the app's garbage collector walks while they wait, and those still alive at a
+        # collection of the middle generation are moved to the oldest and count towards the
+        # next full collection, on whichever thread allocates: most often the app's. Waking
+        # at 256 made full collections on the request thread 4-5 times as frequent as
+        # without the agent (benchmarks/peers/gc_cost.py); waking for every event costs a
+        # thread switch per event. 16 keeps most wake-ups to one per 16 requests.
+        self._wake_at = max(1, min(config.max_queue_events // 4, _WAKE_AT))
         # Past this, the worker is far behind (the app records faster than events can be
         # encoded and sent): the recording thread yields briefly instead of data being lost.
         self._yield_at = max(1, config.max_queue_events // 4)
