@@ -33,6 +33,7 @@ def setup_beatlib(sink_url, port):
     from beatlib.contrib.asgi import BeatMiddleware
 
     import asgi_app
+    from run_one import wake_at
 
     # PEERBENCH_BEATLIB_EXPORTER=process: the variant with exporter_process=True.
     process = os.environ.get("PEERBENCH_BEATLIB_EXPORTER") == "process"
@@ -40,6 +41,7 @@ def setup_beatlib(sink_url, port):
                             **({"exporter_process": True} if process else {}))
     app = asgi_app.create_app(sink_url)
     app.add_middleware(BeatMiddleware, client=client)
+    wake_at(client)
 
     def shutdown():
         if not client.close(120):

@@ -19,7 +19,8 @@ The members run without address randomisation (`setarch -R`) and with one hash s
 it, one process's layout alone moved its speed by about 5% for a whole run.
 
 A member named twice (`none,none`) is run twice: the second is the A/A control. A member
-`beatlib:process` is beatlib with exporter_process=True; `beatlib@../other/src` is
+`beatlib:process` is beatlib with exporter_process=True; `beatlib:wake16` wakes beatlib's
+worker once 16 events wait (run_one.wake_at); `beatlib@../other/src` is
 beatlib from another checkout (PYTHONPATH), to set two versions side by side. After each slice a member waits
 until its agent's background threads (and helper process) are idle, so what its slice gave
 them is done before the next slice. Shown: the share of background CPU outside the member's
@@ -59,6 +60,8 @@ def start(member: str, args: argparse.Namespace, py: str) -> subprocess.Popen:
     # One hash seed for all: a member's dicts and sets then lay out as every other's.
     env.setdefault("PYTHONHASHSEED", "0")
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode for a source tree too (run_all.sh)
+    if variant.startswith("wake"):  # the worker's wake-up threshold (run_one.wake_at)
+        env["PEERBENCH_BEATLIB_WAKE"] = variant[4:]
     if variant == "process":
         env["PEERBENCH_BEATLIB_EXPORTER"] = "process"
     if args.app == "fastapi":  # uvicorn in a process of its own, driven over loopback

@@ -141,6 +141,14 @@ def watch_exporter(client):
     AGENT_CHILD_CPU, AGENT_CHILD_RSS = child_cpu, child_rss
 
 
+def wake_at(client):
+    """PEERBENCH_BEATLIB_WAKE=N (paired.py's `beatlib:wakeN`): the worker woken once N events
+    wait instead of beatlib's default; an experiment on a private setting, for
+    results/wake_*.jsonl."""
+    if os.environ.get("PEERBENCH_BEATLIB_WAKE"):
+        client.transport._wake_at = int(os.environ["PEERBENCH_BEATLIB_WAKE"])
+
+
 def setup_beatlib(sink_url, port):
     # As a user would: the Flask integration (which calls beatlib.instrument()), defaults
     # for everything but where to send; 100% sampling is the default.
@@ -156,6 +164,7 @@ def setup_beatlib(sink_url, port):
     app = appmod.create_app(sink_url)
     Beat(app, client=client)
     watch_exporter(client)
+    wake_at(client)
 
     def shutdown():
         if not client.close(120):
