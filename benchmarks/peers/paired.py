@@ -105,6 +105,7 @@ def main() -> None:
                     "randomisation (by default without, by setarch -R: each process's layout "
                     "then moves its speed by about ±5%% of its own, results/noise_20261202.md)")
     args = ap.parse_args()
+    args.blocks = max(1, min(args.blocks, args.cycles))
     members = args.members.split(",")
     if members[0] != "none":
         ap.error("the first member is the base: none")
