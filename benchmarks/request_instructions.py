@@ -87,6 +87,8 @@ def child(args: argparse.Namespace) -> None:
 
         requests(args.warmup)
         settle()
+        if args.gc_off:
+            gc.disable()
         if client is not None:
             worker = client.transport.worker
             assert worker is not None and worker.is_alive()
@@ -178,7 +180,7 @@ def callgrind(variant: str, args: argparse.Namespace, out_dir: str) -> float:
            "--toggle-collect=sys_call_tracing", "--callgrind-out-file=" + out,
            sys.executable, os.path.abspath(__file__), "--child", variant,
            "--requests", str(args.requests), "--chunks", str(args.chunks),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), *(["--gc-off"] if args.gc_off else [])]
     if shutil.which("setarch"):
         cmd = ["setarch", os.uname().machine, "-R", *cmd]
     env = dict(os.environ, PYTHONHASHSEED="0")
@@ -204,6 +206,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=1, help="measured chunks per run")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--variants", default="plain,beatlib")
+    parser.add_argument("--gc-off", action="store_true",
+                        help="the cyclic collector off in the measured loops (what it costs)")
     parser.add_argument("--out-dir", help="keep the callgrind files here")
     parser.add_argument("--child", choices=("plain", "beatlib"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="cProfile beatlib's functions")
