@@ -122,7 +122,7 @@ def record_request(tx: Transaction, environ: dict[str, Any], config: Config) -> 
         # `tx`) would keep the request's object graph alive in a cycle until the cyclic
         # collector, which then runs more often, on the app's threads.
         keys = _read_keys(environ)
-        snapshot = dict(zip(keys, map(environ.__getitem__, keys)))
+        snapshot = dict(zip(keys, map(environ.__getitem__, keys), strict=True))
         context = tx.context
         if context is None:
             tx.context = context = {}
