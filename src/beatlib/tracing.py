@@ -33,7 +33,6 @@ _wall_ns = time.time_ns
 _new_object = object.__new__
 
 OUTCOMES = ("success", "failure", "unknown")
-_NO_SECRETS: frozenset[str] = frozenset()  # one for all: `frozenset()` makes a new one each time
 
 
 class TraceParent:
@@ -261,7 +260,7 @@ class Transaction(Segment):
         self.labels = None
         self.context = None
         self.leaf = False
-        self.secrets = _NO_SECRETS
+        self.secrets: frozenset[str] = frozenset()
         rate = tracer.sample_rate
         if trace_parent is None:
             self.trace_id = "%032x" % (_getrandbits(128) or 1)
