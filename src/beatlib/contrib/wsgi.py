@@ -98,6 +98,21 @@ _REQUEST_KEYS = frozenset((
 ))
 
 
+# The keys `request_context` reads of each environ layout (its keys in order) seen: a server
+# makes the same few layouts again and again (once full, new ones are not kept).
+_READ_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _read_keys(environ: dict[str, Any]) -> tuple[str, ...]:
+    layout = tuple(environ)
+    keys = _READ_KEYS.get(layout)
+    if keys is None:
+        keys = tuple(key for key in layout if key[:5] == "HTTP_" or key in _REQUEST_KEYS)
+        if len(_READ_KEYS) < _KEPT:
+            _READ_KEYS[layout] = keys
+    return keys
+
+
 def record_request(tx: Transaction, environ: dict[str, Any], config: Config) -> None:
     """Set `tx`'s request context from `environ` as it is now (again when it changed: a body
     that arrived later)."""
@@ -106,8 +121,8 @@ def record_request(tx: Transaction, environ: dict[str, Any], config: Config) -> 
         # its objects (the framework's request, the input stream, our own state, which holds
         # `tx`) would keep the request's object graph alive in a cycle until the cyclic
         # collector, which then runs more often, on the app's threads.
-        snapshot = {key: value for key, value in environ.items()
-                    if key[:5] == "HTTP_" or key in _REQUEST_KEYS}
+        keys = _read_keys(environ)
+        snapshot = dict(zip(keys, map(environ.__getitem__, keys), strict=True))
         context = tx.context
         if context is None:
             tx.context = context = {}

@@ -172,9 +172,10 @@ def _describe(span: Span, connection: Any, statement: Any, execution: Any) -> No
                     rows = execution.rowcount
                 except Exception:  # a driver that forgets rowcount once the cursor closed
                     pass
-        span.context = sql.span_context(
-            statement if isinstance(statement, str) else "", instance,
-            host, port, rows if isinstance(rows, int) else None,
-        )
+        statement = statement if isinstance(statement, str) else ""
+        span.context = (
+            sql.span_context(statement, instance, host, port, rows)
+            if isinstance(rows, int)
+            else sql.shared_span_context(statement, instance, host, port))
     except Exception:
         report("sqlalchemy: a statement span's context")
