@@ -198,7 +198,7 @@ class Transport:
         # the app's garbage collector walks while they wait, and those still alive at a
         # collection of the middle generation are moved to the oldest and count towards the
         # next full collection, on whichever thread allocates: most often the app's. Waking
-        # at 256 made full collections on the request thread 4-5 times as frequent as
+        # at 256 made full collections on the request thread 3-5 times as frequent as
         # without the agent (benchmarks/peers/gc_cost.py); waking for every event costs a
         # thread switch per event. 16 keeps most wake-ups to one per 16 requests.
         self._wake_at = max(1, min(config.max_queue_events // 4, _WAKE_AT))
