@@ -262,6 +262,32 @@ def test_abandoned_transport_is_collected_and_its_worker_ends(make_transport, re
     assert not worker.is_alive()
 
 
+def test_abandoned_transport_sends_what_it_holds_before_it_is_collected(receiver):
+    import gc
+    import weakref
+
+    from beatlib.transport import Transport
+    from tests.transport.conftest import encode, make_config, metadata
+
+    # A client dropped with events still queued (a Django app config made anew, then let go):
+    # the collector must not take its last events with it.
+    transport = Transport(make_config(receiver, flush_interval="300ms"), encode, metadata)
+    transport.queue(7)
+    worker, ref = transport.worker, weakref.ref(transport)
+    del transport
+    gc.collect()
+    assert receiver.wait_for("transaction", 1, timeout=5)
+    assert sent_numbers(receiver) == [7]
+    for _ in range(50):  # once sent, nothing holds it: collected, and its worker ends
+        gc.collect()
+        if ref() is None:
+            break
+        worker.join(0.1)
+    assert ref() is None
+    worker.join(2)
+    assert not worker.is_alive()
+
+
 def test_on_tick_items_ship_every_flush_interval(make_transport, receiver):
     ticks = []
 

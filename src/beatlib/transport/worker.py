@@ -323,6 +323,10 @@ class Transport:
         """The worker thread of this process, once something was queued (None before)."""
         return self._worker
 
+    def _holds_data(self) -> bool:
+        """Events queued, encoded into the open batch, or in batches not yet sent."""
+        return bool(self._queue) or self._batch is not None or bool(self._pending)
+
     @property
     def backlog(self) -> int:
         """Items queued and not yet taken by the worker."""
@@ -344,9 +348,12 @@ class Transport:
                 self._next_flush = monotonic() + self._flush_interval
                 # An empty context: the worker never sees (and never traces its own requests
                 # under) the transaction of the thread that happened to start it.
+                # The transport itself, held for the first round (in a list the thread
+                # empties: a thread keeps its arguments), so what was queued is not
+                # collected with it before the worker looks (see _run).
                 worker = threading.Thread(
                     target=contextvars.Context().run,
-                    args=(_run, weakref.ref(self)),
+                    args=(_run, weakref.ref(self), [self]),
                     name="beatlib-transport",
                     daemon=True,
                 )
@@ -675,11 +682,14 @@ class Transport:
         close.done.set()
 
 
-def _run(ref: weakref.ref[Transport]) -> None:
-    """The worker thread. Holds its transport weakly between rounds, so an abandoned
-    transport is collected and its worker ends."""
+def _run(ref: weakref.ref[Transport], held: list[Transport]) -> None:
+    """The worker thread. Holds its transport weakly between rounds while it has nothing to
+    send, so an abandoned transport is collected and its worker ends; one holding data (an
+    abandoned client's last events: a Django app config made anew by a test's
+    `modify_settings`, then dropped) is kept through the wait, and sends it first."""
     while True:
         transport = ref()
+        held.clear()  # what kept it until now (the first round, a wait): `transport` does
         if transport is None or transport._worker is not threading.current_thread():
             return  # collected, or replaced after a fork
         transport._idle = False
@@ -692,6 +702,8 @@ def _run(ref: weakref.ref[Transport]) -> None:
             return
         wakeup = transport._wakeup
         transport._idle = True
+        if transport._holds_data():
+            held.append(transport)  # kept through the wait
         del transport
         wakeup.wait(wait)
         wakeup.clear()
