@@ -69,30 +69,46 @@ def _comment_end(sql: str, i: int) -> int:
     return len(sql)
 
 
-_cache: dict[str, str] = {}
-_cached_bytes = 0
-# Apps repeat a few hundred statements; inlined literals just churn the cache. Bounded by the
-# characters it holds (statements can be long), and long statements are not kept at all.
+# Apps repeat a few hundred statements; inlined literals just churn a cache. Each cache of
+# this module is bounded by the characters it holds (statements can be long), and long
+# statements are not kept at all.
 CACHE_CHARS = 1024 * 1024
 _CACHED_STATEMENT = 4096
 
 
+class _Kept:
+    """What was made of statements, by key (`items`, read directly on the hot path); emptied
+    when the next statement would take it past CACHE_CHARS."""
+
+    __slots__ = ("items", "chars")
+
+    def __init__(self) -> None:
+        self.items: dict[Any, Any] = {}
+        self.chars = 0
+
+    def put(self, key: Any, value: Any, statement: str, extra_chars: int = 0) -> None:
+        if len(statement) > _CACHED_STATEMENT:
+            return
+        if self.chars + len(statement) > CACHE_CHARS:
+            self.items.clear()
+            self.chars = 0
+        self.items[key] = value
+        self.chars += len(statement) + extra_chars
+
+
+_signatures = _Kept()
+
+
 def signature(sql: str) -> str:
     """The signature of one statement; "" for an empty one. Cached: apps repeat statements."""
-    global _cached_bytes
-    cached = _cache.get(sql)
+    cached = _signatures.items.get(sql)
     if cached is not None:
         return cached
     try:
         result = _signature(_tokens(sql), 0)
     except Exception:  # never let naming a span break a query
         return ""
-    if len(sql) <= _CACHED_STATEMENT:
-        if _cached_bytes + len(sql) > CACHE_CHARS:
-            _cache.clear()
-            _cached_bytes = 0
-        _cache[sql] = result
-        _cached_bytes += len(sql) + len(result)
+    _signatures.put(sql, result, sql, len(result))
     return result
 
 
@@ -221,10 +237,7 @@ def span_context(
     return context
 
 
-# The contexts `shared_span_context` gave, by statement and place; bounded by the statement
-# characters they hold, as the signature cache is.
-_contexts: dict[tuple[Any, ...], dict[str, Any]] = {}
-_context_chars = 0
+_contexts = _Kept()  # what `shared_span_context` gave, by statement and place
 
 
 def shared_span_context(
@@ -235,15 +248,9 @@ def shared_span_context(
     the spans of its runs: fewer objects wait for the worker, so the cyclic collector runs
     less often on the app's threads. Nothing may change those parts (the encoders copy
     what they change); a span's own `context` dict is its own."""
-    global _context_chars
     key = (statement, instance, host, port)
-    kept = _contexts.get(key)
+    kept = _contexts.items.get(key)
     if kept is None:
         kept = span_context(statement, instance, host, port)
-        if len(statement) <= _CACHED_STATEMENT:
-            if _context_chars + len(statement) > CACHE_CHARS:
-                _contexts.clear()
-                _context_chars = 0
-            _contexts[key] = kept
-            _context_chars += len(statement)
+        _contexts.put(key, kept, statement)
     return dict(kept)
